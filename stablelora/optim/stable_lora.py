@@ -1,0 +1,266 @@
+"""Stable-LoRA: AdamW with an early, self-stopping shrink of every LoRA ``A`` factor.
+
+Algorithm (Stable-LoRA, Wu et al., ICLR 2026, Algorithm 1), for every optimizer step t and
+every LoRA layer with ``A`` of shape (r, n) and ``B`` of shape (m, r), each with a flag
+``shrinking`` initialised True:
+
+1. gradients are computed at the current, unshrunk ``A_t, B_t`` (by the caller);
+2. if ``shrinking`` and ``||A_t||_F < (numel(A) / numel(B)) * ||B_t||_F`` (strict, B before
+   this step's update), the flag becomes False for good and this step does not shrink;
+   otherwise, while the flag is True, ``A_t <- (1 - shrink_ratio) * A_t``;
+3. the ordinary AdamW step (decoupled weight decay, bias-corrected moments) on all
+   parameters, with ``A`` already shrunk. The Adam moments are never shrunk.
+
+The norms, the stop test and the shrink run batched over all layers with foreach kernels and
+tensor-valued flags, so a step never compares one layer's norm in Python and never blocks on
+the device: once every layer has stopped (learnt through a non-blocking copy on CUDA), the
+shrink costs nothing at all.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from stablelora.optim.pairs import LoRAPair
+
+STOP_RULES = ("norm", "never", "steps:N")
+
+
+@dataclass(frozen=True)
+class StopRule:
+    """When a layer stops shrinking: ``norm`` (the paper), ``never``, or after ``steps`` steps."""
+
+    kind: str
+    steps: int | None = None
+
+    @classmethod
+    def parse(cls, rule: str | StopRule) -> StopRule:
+        """Parse ``"norm"``, ``"never"`` or ``"steps:N"`` (N >= 0)."""
+        if isinstance(rule, StopRule):
+            return rule
+        text = str(rule).strip()
+        if text in ("norm", "never"):
+            return cls(text)
+        if text.startswith("steps:"):
+            count = text.removeprefix("steps:")
+            if count.isdigit():
+                return cls("steps", int(count))
+        raise ValueError(
+            f"Unknown stop_rule {rule!r}: use 'norm' (the paper's rule), 'never' (shrink all run) "
+            "or 'steps:N' (shrink for the first N steps), e.g. stop_rule='steps:200'."
+        )
+
+    def __str__(self) -> str:
+        return f"steps:{self.steps}" if self.kind == "steps" else self.kind
+
+
+def check_shrink_ratio(shrink_ratio: float) -> float:
+    """Return ``shrink_ratio`` as a float if it lies in [0, 1), else raise a ValueError."""
+    if not isinstance(shrink_ratio, (int, float)) or not 0.0 <= float(shrink_ratio) < 1.0:
+        raise ValueError(
+            f"shrink_ratio must be in [0, 1) (A is multiplied by 1 - shrink_ratio each step), "
+            f"got {shrink_ratio!r}; the paper uses 5e-4."
+        )
+    return float(shrink_ratio)
+
+
+class _LayerGroup:
+    """The layers whose A and B share one device and dtype: foreach kernels need that."""
+
+    def __init__(self, indices: list[int], pairs: Sequence[LoRAPair]):
+        self.indices = indices
+        self.A = [pairs[i].A for i in indices]
+        self.B = [pairs[i].B for i in indices]
+        device, dtype = self.A[0].device, self.A[0].dtype
+        # Compare norms at least in float32, and in float64 when the factors are float64.
+        self.norm_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        self.numel_ratio = torch.tensor(
+            [pairs[i].numel_ratio for i in indices], dtype=self.norm_dtype, device=device
+        )
+        self.shrinking = torch.ones(len(indices), dtype=torch.bool, device=device)
+        self.stop_step = torch.full((len(indices),), -1, dtype=torch.long, device=device)
+        self.one = torch.ones((), dtype=dtype, device=device)
+
+
+class StableLoRA(torch.optim.AdamW):
+    """AdamW plus Stable-LoRA's shrink of the LoRA ``A`` factors (see the module docstring).
+
+    Args:
+        params: parameters or parameter groups, exactly as for ``torch.optim.AdamW`` (any
+            grouping, e.g. LoRA+'s). Every ``A`` and ``B`` in ``lora_pairs`` must be among them.
+        lora_pairs: the LoRA layers, from :func:`stablelora.find_lora_pairs`.
+        shrink_ratio: lambda in ``A <- (1 - lambda) A``, in [0, 1). Paper default 5e-4.
+        stop_rule: ``"norm"`` (paper), ``"never"`` (shrink every step) or ``"steps:N"``
+            (shrink on steps 1..N, then stop).
+        lr, betas, eps, weight_decay, foreach, fused, **adamw_kwargs: passed to AdamW.
+
+    The per-layer flags and stop steps are part of :meth:`state_dict`, so a run resumed
+    mid-shrink continues exactly where it stopped.
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        lora_pairs: Sequence[LoRAPair],
+        *,
+        shrink_ratio: float = 5e-4,
+        stop_rule: str | StopRule = "norm",
+        lr: float = 1e-4,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.01,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        **adamw_kwargs,
+    ):
+        self.shrink_ratio = check_shrink_ratio(shrink_ratio)
+        self.stop_rule = StopRule.parse(stop_rule)
+        super().__init__(
+            params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+            foreach=foreach, fused=fused, **adamw_kwargs,
+        )  # fmt: skip
+        self.lora_pairs = list(lora_pairs)
+        if not self.lora_pairs:
+            raise ValueError(
+                "StableLoRA got no LoRA layers to shrink: apply LoRA first "
+                "(stablelora.apply_lora) and pass stablelora.find_lora_pairs(model)."
+            )
+        optimized = {id(p) for group in self.param_groups for p in group["params"]}
+        for pair in self.lora_pairs:
+            if id(pair.A) not in optimized or id(pair.B) not in optimized:
+                raise ValueError(
+                    f"LoRA layer {pair.name!r} is not among the optimizer's parameters: pass "
+                    "every trainable parameter (e.g. model.parameters()) as params."
+                )
+            if pair.A.dtype in (torch.float16, torch.bfloat16) and self.shrink_ratio > 0:
+                warnings.warn(
+                    f"LoRA factor A of {pair.name!r} is {pair.A.dtype}: a shrink of "
+                    f"{self.shrink_ratio:g} per step is below its resolution. Keep adapters in "
+                    "float32 (peft's default autocast_adapter_dtype=True) and use autocast.",
+                    stacklevel=2,
+                )
+                break
+        by_key: dict[tuple, list[int]] = {}
+        for index, pair in enumerate(self.lora_pairs):
+            by_key.setdefault((pair.A.device, pair.A.dtype), []).append(index)
+        self._groups = [_LayerGroup(indices, self.lora_pairs) for indices in by_key.values()]
+        self.shrink_step = 0  # how many times step() has run
+        self._all_stopped = False
+        self._pending_check: tuple[torch.Tensor, torch.cuda.Event] | None = None
+
+    # ------------------------------------------------------------------ the algorithm
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Shrink the A factors that are still shrinking, then take the AdamW step."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.shrink_()
+        super().step()
+        return loss
+
+    @torch.no_grad()
+    def shrink_(self) -> None:
+        """Step 2 of the algorithm for all layers at once (called by :meth:`step`)."""
+        self.shrink_step += 1
+        if self._all_stopped or self._poll_all_stopped():
+            return
+        keep = 1.0 - self.shrink_ratio
+        rule = self.stop_rule
+        if rule.kind == "never" or (rule.kind == "steps" and self.shrink_step <= rule.steps):
+            for group in self._groups:
+                torch._foreach_mul_(group.A, keep)
+            return
+        if rule.kind == "steps":  # the first step past N: every layer stops now
+            for group in self._groups:
+                group.stop_step.fill_(self.shrink_step)
+                group.shrinking.fill_(False)
+            self._all_stopped = True
+            return
+        for group in self._groups:
+            norm_A = torch.stack(torch._foreach_norm(group.A)).to(group.norm_dtype)
+            norm_B = torch.stack(torch._foreach_norm(group.B)).to(group.norm_dtype)
+            stops_now = group.shrinking & (norm_A < group.numel_ratio * norm_B)
+            group.stop_step.masked_fill_(stops_now, self.shrink_step)
+            group.shrinking &= ~stops_now
+            factors = torch.where(group.shrinking, group.one * keep, group.one)
+            torch._foreach_mul_(group.A, list(factors.unbind()))
+        self._queue_all_stopped_check()
+
+    def _queue_all_stopped_check(self) -> None:
+        any_shrinking = torch.stack([group.shrinking.any() for group in self._groups]).any()
+        if any_shrinking.device.type == "cuda":
+            # Read the answer a step later through pinned memory: no host-device sync.
+            host = torch.empty((), dtype=torch.bool, pin_memory=True)
+            host.copy_(any_shrinking, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            self._pending_check = (host, event)
+        else:
+            self._all_stopped = not bool(any_shrinking)
+
+    def _poll_all_stopped(self) -> bool:
+        if self._pending_check is not None and self._pending_check[1].query():
+            self._all_stopped = not bool(self._pending_check[0])
+            self._pending_check = None
+        return self._all_stopped
+
+    # ------------------------------------------------------------------ inspection
+    def _gather(self, attribute: str) -> torch.Tensor:
+        out = torch.empty(len(self.lora_pairs), dtype=getattr(self._groups[0], attribute).dtype)
+        for group in self._groups:
+            out[group.indices] = getattr(group, attribute).cpu()
+        return out
+
+    @property
+    def layer_names(self) -> list[str]:
+        """Names of the LoRA layers, in the order of :meth:`shrink_state`."""
+        return [pair.name for pair in self.lora_pairs]
+
+    def shrink_state(self) -> dict[str, dict[str, int | bool | None]]:
+        """Per layer: ``{"shrinking": bool, "stop_step": int or None}`` (one host sync)."""
+        shrinking, stop_step = self._gather("shrinking"), self._gather("stop_step")
+        return {
+            name: {"shrinking": bool(s), "stop_step": int(t) if t >= 0 else None}
+            for name, s, t in zip(self.layer_names, shrinking.tolist(), stop_step.tolist())
+        }
+
+    # ------------------------------------------------------------------ checkpointing
+    def state_dict(self) -> dict:
+        """AdamW's state dict plus ``"stable_lora"``: the step count, flags and stop steps."""
+        state = super().state_dict()
+        state["stable_lora"] = {
+            "shrink_step": self.shrink_step,
+            "layer_names": self.layer_names,
+            "shrinking": self._gather("shrinking"),
+            "stop_step": self._gather("stop_step"),
+            "shrink_ratio": self.shrink_ratio,
+            "stop_rule": str(self.stop_rule),
+        }
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load AdamW's state and, when present, the shrink flags, matched by layer name."""
+        state_dict = dict(state_dict)
+        shrink = state_dict.pop("stable_lora", None)
+        super().load_state_dict(state_dict)
+        if shrink is None:
+            return
+        if list(shrink["layer_names"]) != self.layer_names:
+            raise ValueError(
+                "The checkpoint's LoRA layers differ from this optimizer's: resume with the same "
+                "model, target_modules and rank as the run that saved it."
+            )
+        self.shrink_step = int(shrink["shrink_step"])
+        for group in self._groups:
+            group.shrinking.copy_(torch.as_tensor(shrink["shrinking"])[group.indices])
+            group.stop_step.copy_(torch.as_tensor(shrink["stop_step"])[group.indices])
+        self._pending_check = None
+        self._all_stopped = (
+            self.stop_rule.kind != "never" and not bool(torch.as_tensor(shrink["shrinking"]).any())
+        )
