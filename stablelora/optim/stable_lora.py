@@ -248,19 +248,19 @@ class StableLoRA(torch.optim.AdamW):
         """Load AdamW's state and, when present, the shrink flags, matched by layer name."""
         state_dict = dict(state_dict)
         shrink = state_dict.pop("stable_lora", None)
-        super().load_state_dict(state_dict)
-        if shrink is None:
-            return
-        if list(shrink["layer_names"]) != self.layer_names:
+        if shrink is not None and list(shrink["layer_names"]) != self.layer_names:
             raise ValueError(
                 "The checkpoint's LoRA layers differ from this optimizer's: resume with the same "
                 "model, target_modules and rank as the run that saved it."
             )
+        super().load_state_dict(state_dict)
+        if shrink is None:
+            return
         self.shrink_step = int(shrink["shrink_step"])
         for group in self._groups:
             group.shrinking.copy_(torch.as_tensor(shrink["shrinking"])[group.indices])
             group.stop_step.copy_(torch.as_tensor(shrink["stop_step"])[group.indices])
         self._pending_check = None
-        self._all_stopped = (
-            self.stop_rule.kind != "never" and not bool(torch.as_tensor(shrink["shrinking"]).any())
+        self._all_stopped = self.stop_rule.kind != "never" and not bool(
+            torch.as_tensor(shrink["shrinking"]).any()
         )

@@ -1,0 +1,417 @@
+"""Feature-update instrumentation: measure the paper's delta1, delta2, delta3 in training.
+
+For a LoRA layer ``W = W0 + s * B @ A`` with ``A`` (r, n), ``B`` (m, r) and layer input ``Z``
+(n, T) (T token positions of the step's batch as columns), one optimizer step takes
+``A, B`` to ``A', B'`` (Stable-LoRA's shrink of ``A`` included) and changes the LoRA output by::
+
+    dY     = s * (B'A' - BA) Z  =  delta1 + delta2 + delta3      (exactly)
+    delta1 = s * (B' - B) A Z            B moves, A fixed
+    delta2 = s * B (A' - A) Z            A moves, B fixed
+    delta3 = s * (B' - B)(A' - A) Z      both move
+
+This is the Stable-LoRA paper's numbering. The LoRA+ paper numbers delta1 and delta2 the
+other way round (its delta1 is our delta2).
+
+Each is summarised by its RMS over output coordinates and tokens, ``sqrt(mean(x**2))``, and
+by its gamma-value ``log(rms) / log(n)`` with n the layer's input width: the exponent of
+width at which the magnitude would sit if its prefactor were one. A single width only gives
+this proxy; the exponent itself is the slope of log(rms) against log(n) over a width sweep
+(``experiments/width_sweep.py``, ``analysis/width_fit.py``). gamma is ``-inf`` when the RMS
+is exactly zero (delta2 on step 1, where B = 0).
+
+Usage (the contract with the training loop)::
+
+    probe = FeatureProbe(model, find_lora_pairs(model), first_steps=200, every=50)
+    for step in range(1, num_steps + 1):        # optimizer steps, counted from 1
+        probe.arm(step)                         # before the step's first forward
+        ... forward / backward, one or several micro-batches ...
+        probe.before_update()                   # right before optimizer.step()
+        optimizer.step()
+        metrics = probe.after_update(optimizer) # {} on steps that do not log
+        optimizer.zero_grad()
+    probe.close()
+
+What is measured, and how:
+
+- Z is the input ``x`` of the peft LoRA layer (a forward pre-hook on that module), that is the
+  input *before* LoRA dropout; with dropout the gradient saw a dropped-out copy of it. It is
+  captured on the first forward after :meth:`FeatureProbe.arm` of a logging step (the first
+  micro-batch under gradient accumulation, the first call under activation checkpointing),
+  flattened to token rows and subsampled to at most ``max_tokens`` evenly spaced rows (a
+  deterministic choice; padding positions are not excluded).
+- A, B are snapshot in :meth:`FeatureProbe.before_update` on logging steps only; A', B' are
+  the parameters after ``optimizer.step()``. All products are computed in float32, outside
+  autocast, whatever the parameters' or activations' dtype.
+- gAZ (the paper's Assumption 1, ``gamma[g_A Z] = 1``) uses the optimizer's direction for A:
+  for Adam-type optimizers (state ``exp_avg``/``exp_avg_sq``, e.g. AdamW, StableLoRA, LoRA+)
+  the bias-corrected Adam direction ``m_hat / (sqrt(v_hat) + eps)`` of this step, which is the
+  update without lr, weight decay or shrink; for other optimizers the raw gradient of A
+  (summed over micro-batches).
+- Wrapped models (DDP, ``torch.compile``'s module wrapper) work: layers are found through the
+  pairs' tensors, never through module paths. FSDP's flattened parameters are not supported.
+
+Metric keys returned by :meth:`FeatureProbe.after_update` (``<layer>`` is
+``LoRAPair.name``, e.g. ``model.layers.0.self_attn.q_proj``). ``<q>`` stands for each of
+``delta1``, ``delta2``, ``delta3``, ``dY`` (the decomposition above), ``gAZ`` (Assumption 1),
+``AZ`` (``A Z``, A before the step: the factor delta1 multiplies) and ``Z`` (the layer input).
+
+Aggregates over the layers logged on the step:
+
+- ``feat/<q>``: the mean over layers of the per-layer RMS.
+- ``gamma/<q>``: the mean over layers of the per-layer gamma (each with its own n), so layers
+  of different widths each contribute their own exponent.
+- ``lora/norm_A``, ``lora/norm_B``: the mean over layers of ``||A'||_F``, ``||B'||_F``.
+- ``lora/shrinking``: the fraction of layers still shrinking (only with an optimizer that has
+  ``shrink_state()``, i.e. StableLoRA).
+
+Per layer (with ``per_layer=True``):
+
+- ``feat/<layer>/<q>``: the RMS of q for that layer.
+- ``gamma/<layer>/<q>``: ``log(feat/<layer>/<q>) / log(n)``.
+- ``lora/<layer>/norm_A``, ``lora/<layer>/norm_B``: ``||A'||_F``, ``||B'||_F`` after the step.
+- ``lora/<layer>/shrinking``: 1.0 while the layer shrinks, 0.0 after it stopped (StableLoRA).
+- ``lora/<layer>/stop_step``: the step at which the layer stopped shrinking; present once it
+  has stopped (StableLoRA).
+
+Cost: nothing when ``enabled=False`` (no hooks, no snapshots). Otherwise a pre-hook that
+returns at once on non-logging steps, and on logging steps a copy of A, B and of at most
+``max_tokens`` input rows per layer, a few (r x n) @ (n x T) products and one device-to-host
+transfer for all the numbers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from stablelora.optim.pairs import LoRAPair
+
+DECOMPOSITION = ("delta1", "delta2", "delta3", "dY")
+QUANTITIES = (*DECOMPOSITION, "gAZ", "AZ", "Z")
+
+
+def rms(x: torch.Tensor) -> torch.Tensor:
+    """Root mean square of all entries, a 0-d tensor."""
+    return x.square().mean().sqrt()
+
+
+def gamma_value(magnitude: float, width: int) -> float:
+    """``log(magnitude) / log(width)``: -inf for a zero magnitude, nan for width <= 1."""
+    if width <= 1 or not magnitude >= 0:
+        return math.nan
+    return math.log(magnitude) / math.log(width) if magnitude > 0 else -math.inf
+
+
+def feature_update_terms(
+    A: torch.Tensor,
+    B: torch.Tensor,
+    A_new: torch.Tensor,
+    B_new: torch.Tensor,
+    Z: torch.Tensor,
+    scale: float,
+) -> dict[str, torch.Tensor]:
+    """The decomposition of one step's output change, in the dtype of the inputs.
+
+    Args:
+        A, A_new: (r, n), the down-projection before and after the step.
+        B, B_new: (m, r), the up-projection before and after the step.
+        Z: (T, n), T layer inputs as rows.
+        scale: the LoRA scale s.
+
+    Returns:
+        ``delta1``, ``delta2``, ``delta3``, ``dY``, each (m, T), and ``AZ`` (r, T). ``dY`` is
+        computed directly as ``s * (B'A'Z - BAZ)``, so ``delta1 + delta2 + delta3 == dY`` up to
+        rounding is a real check of the decomposition.
+    """
+    Zt = Z.T  # (n, T)
+    AZ = A @ Zt  # (r, T)
+    dAZ = (A_new - A) @ Zt  # (r, T)
+    dB = B_new - B  # (m, r)
+    return {
+        "delta1": scale * (dB @ AZ),
+        "delta2": scale * (B @ dAZ),
+        "delta3": scale * (dB @ dAZ),
+        "dY": scale * (B_new @ (A_new @ Zt) - B @ AZ),
+        "AZ": AZ,
+    }
+
+
+def adam_direction(state: dict, group: dict) -> torch.Tensor | None:
+    """The bias-corrected Adam direction ``m_hat / (sqrt(v_hat) + eps)`` of a parameter's last
+    step, in float32, from its optimizer ``state`` and param ``group``; None without Adam
+    moments (not an Adam-type optimizer, or no step taken yet)."""
+    if "exp_avg" not in state or "exp_avg_sq" not in state or "step" not in state:
+        return None
+    beta1, beta2 = group["betas"]
+    step = float(state["step"])
+    amsgrad = group.get("amsgrad", False) and "max_exp_avg_sq" in state
+    second_moment = state["max_exp_avg_sq"] if amsgrad else state["exp_avg_sq"]
+    m_hat = state["exp_avg"].float() / (1 - beta1**step)
+    v_hat = second_moment.float() / (1 - beta2**step)
+    return m_hat / (v_hat.sqrt() + group["eps"])
+
+
+@dataclass
+class _Layer:
+    """What the probe holds for one LoRA pair between arm() and after_update()."""
+
+    pair: LoRAPair
+    width: int  # n, the input width
+    Z: torch.Tensor | None = None  # (T, n) float32, T <= max_tokens
+    A: torch.Tensor | None = None  # (r, n) float32 snapshot before the step
+    B: torch.Tensor | None = None  # (m, r) float32 snapshot before the step
+    grad_A: torch.Tensor | None = None  # (r, n) float32, the fallback direction for gAZ
+
+    def clear(self) -> None:
+        self.Z = self.A = self.B = self.grad_A = None
+
+
+def _owning_modules(model: nn.Module, pairs: Sequence[LoRAPair]) -> list[tuple[nn.Module, list]]:
+    """(peft layer module, indices of the pairs whose A it owns), found by tensor identity."""
+    index_of_A = {id(pair.A): i for i, pair in enumerate(pairs)}
+    owners, seen = [], set()
+    for module in model.modules():
+        lora_A = getattr(module, "lora_A", None)
+        if not isinstance(lora_A, (nn.ModuleDict, nn.ParameterDict)) or id(module) in seen:
+            continue
+        seen.add(id(module))
+        factors = [f.weight if isinstance(f, nn.Module) else f for f in lora_A.values()]
+        indices = [index_of_A[id(f)] for f in factors if id(f) in index_of_A]
+        if indices:
+            owners.append((module, indices))
+    found = {i for _, indices in owners for i in indices}
+    missing = [pairs[i].name for i in range(len(pairs)) if i not in found]
+    if missing:
+        raise ValueError(
+            f"FeatureProbe found no LoRA module owning the A factor of {missing}: pass pairs "
+            "from stablelora.find_lora_pairs(model) of this very model."
+        )
+    return owners
+
+
+class FeatureProbe:
+    """Logs the feature-update decomposition of every LoRA layer on chosen steps.
+
+    Args:
+        model: the model holding the LoRA layers (possibly wrapped, e.g. in DDP).
+        pairs: its LoRA layers, from :func:`stablelora.find_lora_pairs`.
+        first_steps: log every step t <= first_steps (the shrink phase).
+        every: after that, log every step that is a multiple of ``every`` (0: never).
+        max_tokens: at most this many token positions of Z per layer (evenly spaced).
+        enabled: False turns the probe off entirely: no hooks, no snapshots, no metrics.
+        per_layer: also return the per-layer keys (the aggregates are always returned).
+
+    See the module docstring for the metric keys and for what exactly is measured.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        pairs: Sequence[LoRAPair],
+        *,
+        first_steps: int = 200,
+        every: int = 50,
+        max_tokens: int = 256,
+        enabled: bool = True,
+        per_layer: bool = True,
+    ):
+        if first_steps < 0 or every < 0 or max_tokens < 1:
+            raise ValueError(
+                f"FeatureProbe needs first_steps >= 0, every >= 0 and max_tokens >= 1, got "
+                f"{first_steps}, {every}, {max_tokens}."
+            )
+        self.first_steps, self.every, self.max_tokens = first_steps, every, max_tokens
+        self.enabled, self.per_layer = enabled, per_layer
+        self.layers = [_Layer(pair, width=pair.A.shape[1]) for pair in pairs]
+        self.step: int | None = None
+        self.armed = False
+        self._snapshotted = False
+        self._hooks = []
+        if enabled:
+            for module, indices in _owning_modules(model, pairs):
+                hook = module.register_forward_pre_hook(
+                    self._capture_hook(indices), with_kwargs=True
+                )
+                self._hooks.append(hook)
+
+    # ------------------------------------------------------------------ cadence
+    def is_logging_step(self, step: int) -> bool:
+        """True on steps 1..first_steps and on every multiple of ``every`` after them."""
+        if not self.enabled:
+            return False
+        return step <= self.first_steps or (self.every > 0 and step % self.every == 0)
+
+    def arm(self, step: int) -> bool:
+        """Start optimizer step ``step`` (counted from 1); return whether it logs."""
+        for layer in self.layers:
+            layer.clear()
+        self.step, self.armed, self._snapshotted = step, self.is_logging_step(step), False
+        return self.armed
+
+    # ------------------------------------------------------------------ capture
+    def _capture_hook(self, indices: list[int]):
+        layers = [self.layers[i] for i in indices]
+
+        def hook(module, args, kwargs):
+            # Only the first forward of an armed step: later micro-batches, or the re-run of
+            # an activation-checkpointed forward, must not replace the captured Z.
+            if not self.armed or layers[0].Z is not None:
+                return None
+            x = args[0] if args else kwargs["x"]
+            Z = self._subsample(x.detach())
+            for layer in layers:
+                layer.Z = Z
+            return None
+
+        return hook
+
+    def _subsample(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., n) -> (T, n) float32 copy, T <= max_tokens rows evenly spaced over the batch."""
+        rows = x.reshape(-1, x.shape[-1])
+        if rows.shape[0] > self.max_tokens:
+            index = torch.linspace(0, rows.shape[0] - 1, self.max_tokens, device=rows.device)
+            rows = rows.index_select(0, index.round().long())
+        return rows.to(torch.float32, copy=True)
+
+    @torch.no_grad()
+    def before_update(self) -> None:
+        """Snapshot A and B (and A's gradient) of every layer, on logging steps only."""
+        if not self.armed:
+            return
+        for layer in self.layers:
+            if layer.Z is None:  # the layer took no part in this step's forward
+                continue
+            layer.A = layer.pair.A.detach().to(torch.float32, copy=True)
+            layer.B = layer.pair.B.detach().to(torch.float32, copy=True)
+            grad = layer.pair.A.grad
+            layer.grad_A = None if grad is None else grad.detach().to(torch.float32, copy=True)
+        self._snapshotted = True
+
+    # ------------------------------------------------------------------ measure
+    @torch.no_grad()
+    def after_update(self, optimizer: torch.optim.Optimizer | None = None) -> dict[str, float]:
+        """The metrics of this step (see the module docstring); {} when it does not log."""
+        if not self.armed:
+            return {}
+        if not self._snapshotted:
+            raise RuntimeError(
+                f"FeatureProbe.after_update on logging step {self.step} without before_update: "
+                "call probe.before_update() right before optimizer.step()."
+            )
+        self.armed = False
+        measured = [layer for layer in self.layers if layer.A is not None]
+        if not measured:
+            return {}
+        inner = getattr(optimizer, "optimizer", optimizer)  # e.g. accelerate's wrapper
+        # One stack of numbers per layer, moved to the host in one transfer at the end.
+        group_of = {} if inner is None else {
+            id(p): group for group in inner.param_groups for p in group["params"]
+        }  # fmt: skip
+        stats = []
+        device = measured[0].pair.A.device
+        with torch.autocast(device.type, enabled=False):
+            for layer in measured:
+                A = layer.pair.A
+                direction = None
+                if id(A) in group_of:
+                    direction = adam_direction(inner.state.get(A, {}), group_of[id(A)])
+                direction = layer.grad_A if direction is None else direction
+                stats.append(self._layer_stats(layer, direction).to(device))
+        values = torch.stack(stats).cpu().tolist()
+        for layer in measured:
+            layer.clear()
+        return self._metrics(measured, values, inner)
+
+    @staticmethod
+    def _layer_stats(layer: _Layer, direction: torch.Tensor | None) -> torch.Tensor:
+        """RMS of each of QUANTITIES (gAZ from ``direction``, (r, n), nan if None), then
+        ||A'||_F and ||B'||_F: a (len(QUANTITIES) + 2,) float32 tensor."""
+        A_new = layer.pair.A.detach().float()
+        B_new = layer.pair.B.detach().float()
+        terms = feature_update_terms(layer.A, layer.B, A_new, B_new, layer.Z, layer.pair.scale)
+        gAZ = rms(direction @ layer.Z.T) if direction is not None else torch.tensor(math.nan)
+        return torch.stack(
+            [rms(terms[q]) for q in DECOMPOSITION]
+            + [gAZ.to(A_new.device), rms(terms["AZ"]), rms(layer.Z)]
+            + [torch.linalg.vector_norm(A_new), torch.linalg.vector_norm(B_new)]
+        )
+
+    def _metrics(self, measured: list[_Layer], values: list[list[float]], optimizer) -> dict:
+        metrics: dict[str, float] = {}
+        sums = dict.fromkeys(
+            [f"feat/{q}" for q in QUANTITIES] + [f"gamma/{q}" for q in QUANTITIES], 0.0
+        )
+        sums.update({"lora/norm_A": 0.0, "lora/norm_B": 0.0})
+        for layer, row in zip(measured, values):
+            name = layer.pair.name
+            for q, value in zip(QUANTITIES, row):
+                gamma = gamma_value(value, layer.width)
+                sums[f"feat/{q}"] += value
+                sums[f"gamma/{q}"] += gamma
+                if self.per_layer:
+                    metrics[f"feat/{name}/{q}"] = value
+                    metrics[f"gamma/{name}/{q}"] = gamma
+            norm_A, norm_B = row[len(QUANTITIES) :]
+            sums["lora/norm_A"] += norm_A
+            sums["lora/norm_B"] += norm_B
+            if self.per_layer:
+                metrics[f"lora/{name}/norm_A"] = norm_A
+                metrics[f"lora/{name}/norm_B"] = norm_B
+        metrics.update({key: total / len(measured) for key, total in sums.items()})
+        metrics.update(self._shrink_metrics(measured, optimizer))
+        return metrics
+
+    def _shrink_metrics(self, measured: list[_Layer], optimizer) -> dict[str, float]:
+        shrink_state = getattr(optimizer, "shrink_state", None)
+        if shrink_state is None:
+            return {}
+        state = shrink_state()
+        # Match layers by their A tensor: the optimizer's names may differ from ours (DDP).
+        names = {id(p.A): p.name for p in getattr(optimizer, "lora_pairs", [])}
+        metrics, shrinking = {}, []
+        for layer in measured:
+            entry = state.get(names.get(id(layer.pair.A), layer.pair.name))
+            if entry is None:
+                continue
+            shrinking.append(float(entry["shrinking"]))
+            if self.per_layer:
+                metrics[f"lora/{layer.pair.name}/shrinking"] = float(entry["shrinking"])
+                if entry["stop_step"] is not None:
+                    metrics[f"lora/{layer.pair.name}/stop_step"] = float(entry["stop_step"])
+        if shrinking:
+            metrics["lora/shrinking"] = sum(shrinking) / len(shrinking)
+        return metrics
+
+    # ------------------------------------------------------------------ teardown
+    @property
+    def num_hooks(self) -> int:
+        """How many forward pre-hooks the probe has registered (0 when disabled or closed)."""
+        return len(self._hooks)
+
+    @property
+    def holds_snapshots(self) -> bool:
+        """Whether any captured input or parameter snapshot is held right now."""
+        return any(
+            t is not None
+            for layer in self.layers
+            for t in (layer.Z, layer.A, layer.B, layer.grad_A)
+        )
+
+    def close(self) -> None:
+        """Remove the hooks and drop every snapshot; the probe logs nothing afterwards."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
+        for layer in self.layers:
+            layer.clear()
+        self.enabled = self.armed = False
+
+    def __enter__(self) -> FeatureProbe:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
