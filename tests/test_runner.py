@@ -132,7 +132,7 @@ def test_nan_loss_stops_the_run_as_diverged(tmp_path):
 def test_cli_smoke_run_and_rerun_is_a_no_op(tmp_path):
     result = run_cli("run.py", *SMOKE, f"output_root={tmp_path}")
     assert result.returncode == 0, result.stderr[-3000:]
-    run_dir = tmp_path / "runs" / "logger.mode=disabled"
+    run_dir = tmp_path / "runs" / "smoke"
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
     assert "| eval/acc |" in result.stdout
     again = run_cli("run.py", *SMOKE, f"output_root={tmp_path}")
@@ -147,9 +147,9 @@ def test_multirun_records_a_failing_job_and_runs_the_others(tmp_path):
     statuses = {
         p.parent.name: json.loads(p.read_text())["status"] for p in sweep.glob("*/summary.json")
     }
-    assert statuses == {"logger.mode=disabled,method.rank=4": "completed",
-                        "logger.mode=disabled,method.rank=0": "failed"}  # fmt: skip
-    error = json.loads((sweep / "logger.mode=disabled,method.rank=0" / "summary.json").read_text())
+    assert statuses == {"method.rank=4": "completed",
+                        "method.rank=0": "failed"}  # fmt: skip
+    error = json.loads((sweep / "method.rank=0" / "summary.json").read_text())
     assert "method.rank must be a positive integer" in error["error"]
 
 
@@ -178,7 +178,7 @@ def test_ddp_with_two_gloo_processes(tmp_path):
         env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    summary = json.loads((tmp_path / "runs" / "logger.mode=disabled" / "summary.json").read_text())
+    summary = json.loads((tmp_path / "runs" / "smoke" / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["world_size"] == 2
     assert summary["final"]["eval/n"] == 8
 

@@ -1,0 +1,142 @@
+"""Tokens per second of the runner's training loop against a bare PyTorch loop.
+
+Both train the same model (same LoRA layers, optimizer, batches) side by side in one process,
+alternating repetitions so that a noisy shared machine hits both alike. The runner is timed
+through ``stablelora.train.train`` itself (its ``train_time_s``: the loop only, without model
+loading and evaluation), once with the feature probe off and once at its default cadence.
+
+    python benchmarks/throughput.py                          # tiny Llama, quick
+    python benchmarks/throughput.py --model smollm2_135m --steps 30 --repeats 2
+
+Target: runner / bare >= 0.95 (probe off).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+def compose(overrides):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from stablelora.config import register_resolvers
+
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return hydra_compose("config", overrides=overrides)
+
+
+def count_tokens(cfg) -> int:
+    """Tokens (attention mask sum) the run reads in ``max_steps`` steps."""
+    from stablelora.models import load_tokenizer
+    from stablelora.tasks import build_task
+    from stablelora.train import batch_indices
+
+    tokenizer = load_tokenizer(cfg.model.tokenizer or "smollm2")
+    task = build_task(cfg.task, tokenizer, seed=cfg.seed)
+    batch = cfg.trainer.batch_size
+    return sum(
+        int(task.collate(batch_indices(task.num_train_examples, cfg.seed, step * batch, batch))["attention_mask"].sum())
+        for step in range(cfg.trainer.max_steps)
+    )  # fmt: skip
+
+
+def runner_seconds(cfg) -> float:
+    from stablelora.train import train
+
+    with tempfile.TemporaryDirectory() as run_dir:
+        return train(cfg, Path(run_dir))["train_time_s"]
+
+
+def bare_seconds(cfg) -> float:
+    """The same training written as the shortest loop: no records, probes or checks."""
+    from stablelora.lora import apply_lora
+    from stablelora.models import load_model
+    from stablelora.optim import create_optimizer
+    from stablelora.tasks import build_task
+    from stablelora.train import batch_indices
+
+    torch.manual_seed(cfg.seed)
+    model, tokenizer = load_model(cfg.model)
+    method = cfg.method
+    model = apply_lora(model, rank=method.rank, alpha=method.alpha,
+                       target_modules=list(method.target_modules))  # fmt: skip
+    task = build_task(cfg.task, tokenizer, seed=cfg.seed)
+    optimizer = create_optimizer(model, method.optimizer, lr=cfg.optim.lr,
+                                 shrink_ratio=method.shrink_ratio)  # fmt: skip
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    batch_size = cfg.trainer.batch_size
+    model.train()
+    start = time.perf_counter()
+    for step in range(cfg.trainer.max_steps):
+        indices = batch_indices(task.num_train_examples, cfg.seed, step * batch_size, batch_size)
+        loss = model(**task.collate(indices)).loss
+        loss.backward()
+        loss.item()  # the runner reads the loss every step (NaN check): so does this loop
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="tiny_llama")
+    parser.add_argument("--task", default="bbc_news")
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    base = [
+        f"model={args.model}", f"task={args.task}", "method=stable_lora", "logger.mode=disabled",
+        f"trainer.max_steps={args.steps}", f"trainer.batch_size={args.batch_size}",
+        "trainer.eval_before=false", "trainer.max_eval_examples=1", "trainer.checkpoint_every=0",
+        "trainer.progress_bar=false", "trainer.resume=false", "trainer.log_every=10",
+    ]  # fmt: skip
+    configs = {
+        "bare loop": compose(base),
+        "runner, probe off": compose(base + ["probe=off"]),
+        "runner, probe default": compose(base),
+    }
+    tokens = count_tokens(configs["bare loop"])
+    times = {name: [] for name in configs}
+    for _ in range(args.repeats):  # interleaved: ABCABC...
+        times["bare loop"].append(bare_seconds(configs["bare loop"]))
+        for name in ("runner, probe off", "runner, probe default"):
+            times[name].append(runner_seconds(configs[name]))
+    bare = statistics.median(times["bare loop"])
+    device = "cuda" if torch.cuda.is_available() else f"cpu x {torch.get_num_threads()} threads"
+    print(f"{args.model} on {args.task}, {args.steps} steps x batch {args.batch_size}, "
+          f"{tokens} tokens, {device}, median of {args.repeats}")  # fmt: skip
+    print("| loop | seconds | tokens/s | ratio to bare |")
+    print("|---|---|---|---|")
+    for name, samples in times.items():
+        seconds = statistics.median(samples)
+        print(f"| {name} | {seconds:.2f} | {tokens / seconds:.0f} | {bare / seconds:.3f} |")
+    if torch.cuda.is_available():
+        print(f"peak CUDA memory: {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB")
+    else:
+        import resource
+
+        print(f"peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()

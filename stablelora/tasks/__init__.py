@@ -1,0 +1,103 @@
+"""Fine-tuning tasks: load a dataset, build prompts, make training batches, score a model.
+
+Usage (``task_cfg`` is the composed ``task`` node of the Hydra config, or a plain dict)::
+
+    from stablelora.tasks import build_task, check_task_config
+    check_task_config(cfg.task)                      # cheap: before loading any model
+    task = build_task(cfg.task, tokenizer, seed=cfg.seed)
+    loss = model(**task.collate(indices)).loss       # indices into range(task.num_train_examples)
+    metrics = task.evaluate(model, batch_size=16)    # {"acc": ..., "n": ...}; task.main_metric
+
+One module per task family, ``stablelora/tasks/<family>.py``, defines ``KIND``
+("multiple_choice" or "math"), ``sources(cfg)`` (the Hub datasets it reads, for the offline
+check), ``build(cfg, tokenizer, *, seed)`` and optionally ``check(cfg)``.
+
+Main metrics: ``acc_norm`` for HellaSwag under loglik, ``acc`` otherwise (multiple choice:
+argmax of the summed log-probs, or exact answer label under generation; merged_qa: the mean of
+the subtasks' ``acc``; maths: final number within 1e-3).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from stablelora.tasks.base import MathTask, MultipleChoiceTask, Task
+from stablelora.tasks.data import PROMPT_FORMATS, PROTOCOLS, TaskConfig, check_source
+
+FAMILIES = ("hellaswag", "siqa", "obqa", "arc", "merged_qa", "gsm8k", "bbc_news", "arithmetic")
+
+__all__ = [
+    "FAMILIES",
+    "MathTask",
+    "MultipleChoiceTask",
+    "Task",
+    "TaskConfig",
+    "build_task",
+    "check_task_config",
+]
+
+
+def family_module(cfg: TaskConfig):
+    """The module ``stablelora.tasks.<family>`` of a task."""
+    if cfg.family not in FAMILIES:
+        raise ValueError(
+            f"task {cfg.name} has unknown family {cfg.family!r}: set task.family to one of "
+            f"{', '.join(FAMILIES)}"
+        )
+    return importlib.import_module(f"stablelora.tasks.{cfg.family}")
+
+
+def check_task_config(task_cfg: Any) -> None:
+    """Validate a task config without loading any data or model.
+
+    Raises ValueError with one line saying what is wrong and how to fix it: unknown family,
+    invalid protocol or prompt format (or a combination the task cannot score), bad lengths,
+    a Hub dataset needed while ``HF_DATASETS_OFFLINE``/``HF_HUB_OFFLINE`` is set and no
+    ``task.data_dir`` is given, or a ``data_dir`` that lacks a split file.
+    """
+    cfg = TaskConfig.from_any(task_cfg)
+    module = family_module(cfg)
+    if cfg.protocol not in PROTOCOLS:
+        raise ValueError(
+            f"task {cfg.name}: protocol {cfg.protocol!r} is not one of {PROTOCOLS}: "
+            "set task.protocol"
+        )
+    if cfg.prompt_format not in PROMPT_FORMATS:
+        raise ValueError(
+            f"task {cfg.name}: prompt_format {cfg.prompt_format!r} is not one of "
+            f"{PROMPT_FORMATS}: set task.prompt_format"
+        )
+    if module.KIND == "math" and cfg.protocol != "generate":
+        raise ValueError(
+            f"task {cfg.name} is scored by generating an answer: set task.protocol=generate"
+        )
+    if (
+        module.KIND == "multiple_choice"
+        and cfg.protocol == "generate"
+        and cfg.prompt_format == "plain"
+    ):
+        raise ValueError(
+            f"task {cfg.name}: protocol=generate extracts an answer label (answer1...), which "
+            "plain prompts do not teach: set task.prompt_format=llm_adapters or protocol=loglik"
+        )
+    for key in ("max_length", "max_new_tokens", "max_train_examples", "max_eval_examples"):
+        value = getattr(cfg, key)
+        optional = key.startswith("max_") and key.endswith("examples")
+        if not (value is None and optional) and (not isinstance(value, int) or value < 1):
+            raise ValueError(f"task {cfg.name}: task.{key}={value!r} must be a positive integer")
+    if hasattr(module, "check"):
+        module.check(cfg)
+    for source in module.sources(cfg):
+        check_source(source)
+
+
+def build_task(task_cfg: Any, tokenizer, *, seed: int) -> Task:
+    """Check ``task_cfg``, load its data and return the Task.
+
+    ``seed`` picks the training subsample (``max_train_examples``); evaluation examples do
+    not depend on it, so that runs with different seeds are scored on the same examples.
+    """
+    check_task_config(task_cfg)
+    cfg = TaskConfig.from_any(task_cfg)
+    return family_module(cfg).build(cfg, tokenizer, seed=seed)

@@ -1,0 +1,242 @@
+"""Task objects: training batches from (prompt, target) pairs, and evaluation.
+
+``MultipleChoiceTask`` scores by log-likelihood (lm-evaluation-harness: ``acc`` is the argmax
+of the summed log-probs of ``" " + choice``, ``acc_norm`` the argmax of that sum divided by the
+choice's length in characters) or by greedy generation and LLM-Adapters' answer extraction
+(``acc`` only). ``MathTask`` generates greedily and compares the last number of the output
+with the gold answer (tolerance 1e-3). LLM-Adapters decodes with 4-beam search; we decode
+greedily, which is cheaper and deterministic.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from stablelora.tasks.data import (
+    EVAL_SHUFFLE_SEED,
+    DataSource,
+    TaskConfig,
+    load_examples,
+    split_source,
+)
+from stablelora.tasks.prompts import (
+    MathExample,
+    MultipleChoiceExample,
+    alpaca_prompt,
+    cut_at_stop_strings,
+    extract_choice_label,
+    extract_last_number,
+    math_prompt,
+    math_train_pair,
+    multiple_choice_requests,
+    multiple_choice_train_pair,
+    numbers_match,
+)
+from stablelora.tasks.scoring import (
+    PairEncoder,
+    collate_train,
+    generate_greedy,
+    loglikelihoods,
+)
+
+
+class Task:
+    """A fine-tuning task: ``collate`` makes training batches, ``evaluate`` scores a model.
+
+    Subclasses hold their evaluation examples and implement ``_evaluate``.
+    """
+
+    def __init__(
+        self, cfg: TaskConfig, tokenizer, train_pairs: list[tuple[str, str]], main_metric: str
+    ):
+        self.name = cfg.name
+        self.main_metric = main_metric
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.encoder = PairEncoder(tokenizer)
+        self.train_pairs = train_pairs
+
+    @property
+    def num_train_examples(self) -> int:
+        return len(self.train_pairs)
+
+    def collate(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        """Training batch of the train examples at ``indices``: right-padded ``input_ids``,
+        ``attention_mask`` and ``labels`` (-100 on prompt and padding)."""
+        encoded = [
+            self.encoder.train_example(*self.train_pairs[i], self.cfg.max_length) for i in indices
+        ]
+        return collate_train(encoded, self.encoder.pad_id)
+
+    def evaluate(
+        self, model: torch.nn.Module, *, batch_size: int, max_examples: int | None = None
+    ) -> dict[str, float]:
+        """Metrics of ``model`` on the eval split (at most ``max_examples`` per (sub)task).
+
+        Runs in eval mode under ``torch.no_grad()`` on the model's device and restores every
+        module's train/eval mode afterwards. ``batch_size`` is the number of sequences per
+        forward pass (loglik: (context, choice) pairs; generate: prompts).
+        """
+        modes = {module: module.training for module in model.modules()}
+        model.eval()
+        try:
+            with torch.no_grad():
+                return self._evaluate(model, batch_size=batch_size, max_examples=max_examples)
+        finally:
+            for module, training in modes.items():
+                module.training = training
+
+    def _evaluate(self, model, *, batch_size: int, max_examples: int | None) -> dict[str, float]:
+        raise NotImplementedError
+
+    def _generate_texts(self, model, prompts: list[str], batch_size: int) -> list[str]:
+        prompt_ids = [self.encoder.prompt(p, self.cfg.max_length) for p in prompts]
+        outputs = generate_greedy(
+            model,
+            prompt_ids,
+            batch_size=batch_size,
+            max_new_tokens=self.cfg.max_new_tokens,
+            pad_id=self.encoder.pad_id,
+            eos_id=self.encoder.eos_id,
+        )
+        return [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in outputs]
+
+
+class MultipleChoiceTask(Task):
+    """Multiple-choice QA; ``eval_sets`` maps each (sub)task name to its eval examples.
+
+    With several eval sets the metrics are per set (``acc/<name>``, ``acc_norm/<name>``,
+    ``n/<name>``) plus their unweighted mean over the sets (``acc``, ``acc_norm``).
+    """
+
+    def __init__(
+        self,
+        cfg: TaskConfig,
+        tokenizer,
+        train_examples: list[MultipleChoiceExample],
+        eval_sets: dict[str, list[MultipleChoiceExample]],
+        main_metric: str = "acc",
+    ):
+        train_pairs = [multiple_choice_train_pair(ex, cfg.prompt_format) for ex in train_examples]
+        super().__init__(cfg, tokenizer, train_pairs, main_metric)
+        self.eval_sets = eval_sets
+
+    def _evaluate(self, model, *, batch_size, max_examples):
+        score = self._score_loglik if self.cfg.protocol == "loglik" else self._score_generate
+        metrics: dict[str, float] = {}
+        for name, examples in self.eval_sets.items():
+            examples = examples[:max_examples]
+            scores = {**score(model, examples, batch_size), "n": float(len(examples))}
+            if len(self.eval_sets) == 1:
+                return scores
+            metrics.update({f"{metric}/{name}": value for metric, value in scores.items()})
+        for metric in scores:
+            values = [metrics[f"{metric}/{name}"] for name in self.eval_sets]
+            metrics[metric] = sum(values) if metric == "n" else sum(values) / len(values)
+        return metrics
+
+    def _score_loglik(self, model, examples, batch_size) -> dict[str, float]:
+        requests, choice_lists = [], []
+        for example in examples:
+            context, choices = multiple_choice_requests(example, self.cfg.prompt_format)
+            choice_lists.append(choices)
+            requests += [
+                self.encoder.loglik_request(context, " " + choice, self.cfg.max_length)
+                for choice in choices
+            ]
+        sums = loglikelihoods(model, requests, batch_size=batch_size, pad_id=self.encoder.pad_id)
+        hits, norm_hits, offset = 0, 0, 0
+        for example, choices in zip(examples, choice_lists):
+            lls = sums[offset : offset + len(choices)]
+            offset += len(choices)
+            hits += argmax(lls) == example.gold
+            # acc_norm divides by the choice's length in characters, without the delimiter
+            norm_hits += (
+                argmax([ll / max(len(c), 1) for ll, c in zip(lls, choices)]) == example.gold
+            )
+        return {"acc": hits / len(examples), "acc_norm": norm_hits / len(examples)}
+
+    def _score_generate(self, model, examples, batch_size) -> dict[str, float]:
+        prompts = [alpaca_prompt(example.instruction) for example in examples]
+        texts = self._generate_texts(model, prompts, batch_size)
+        hits = sum(
+            extract_choice_label(text, example.label_word) == example.gold_label
+            for text, example in zip(texts, examples)
+        )
+        return {"acc": hits / len(examples)}
+
+
+class MathTask(Task):
+    """Maths word problems scored by greedy generation and final-number comparison."""
+
+    def __init__(
+        self,
+        cfg: TaskConfig,
+        tokenizer,
+        train_examples: list[MathExample],
+        eval_examples: list[MathExample],
+    ):
+        train_pairs = [math_train_pair(ex, cfg.prompt_format) for ex in train_examples]
+        super().__init__(cfg, tokenizer, train_pairs, main_metric="acc")
+        self.eval_examples = eval_examples
+
+    def _evaluate(self, model, *, batch_size, max_examples):
+        examples = self.eval_examples[:max_examples]
+        prompts = [math_prompt(example.question, self.cfg.prompt_format) for example in examples]
+        texts = self._generate_texts(model, prompts, batch_size)
+        hits = sum(
+            numbers_match(extract_last_number(cut_at_stop_strings(text)), example.gold)
+            for text, example in zip(texts, examples)
+        )
+        return {"acc": hits / len(examples), "n": float(len(examples))}
+
+
+def argmax(values: list[float]) -> int:
+    """Index of the first largest value (ties go to the earlier choice, like numpy)."""
+    return max(range(len(values)), key=values.__getitem__)
+
+
+def load_train_and_eval(
+    cfg: TaskConfig,
+    train_source: DataSource,
+    eval_source: DataSource,
+    to_example: Callable[[dict], object],
+    *,
+    seed: int,
+    to_eval_example: Callable[[dict], object] | None = None,
+) -> tuple[list, list]:
+    """Train examples subsampled with ``seed``; eval examples in a fixed shuffled order."""
+    train = load_examples(
+        train_source, to_example, limit=cfg.max_train_examples, seed=seed, shuffle=False
+    )
+    evals = load_examples(
+        eval_source,
+        to_eval_example or to_example,
+        limit=cfg.max_eval_examples,
+        seed=EVAL_SHUFFLE_SEED,
+        shuffle=True,
+    )
+    return train, evals
+
+
+def build_multiple_choice(
+    cfg: TaskConfig,
+    tokenizer,
+    *,
+    seed: int,
+    to_example: Callable[[dict], MultipleChoiceExample | None],
+    main_metric: str = "acc",
+) -> MultipleChoiceTask:
+    """A single-dataset multiple-choice task read from ``cfg``'s Hub id or ``data_dir``."""
+    train, evals = load_train_and_eval(
+        cfg,
+        split_source(cfg, cfg.train_split),
+        split_source(cfg, cfg.eval_split),
+        to_example,
+        seed=seed,
+    )
+    if cfg.protocol == "generate":
+        main_metric = "acc"
+    return MultipleChoiceTask(cfg, tokenizer, train, {cfg.name: evals}, main_metric)

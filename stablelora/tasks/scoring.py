@@ -1,0 +1,174 @@
+"""Tokenization of (prompt, answer) pairs, training batches, loglik scoring and generation."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+IGNORE_INDEX = -100  # label value that torch's cross-entropy (and HF's loss) skips
+
+
+class PairEncoder:
+    """Tokenizes (context, continuation) pairs the way lm-evaluation-harness does.
+
+    The continuation's tokens are the tail of the tokenization of ``context + continuation``
+    after the tokens of ``context`` alone, so that they are exactly the tokens the model sees
+    in the full text; trailing whitespace of the context is moved to the continuation first.
+    Special tokens the tokenizer puts before a text (a BOS) are kept separately in
+    ``prefix_ids`` so that left truncation never drops them.
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        with_special = tokenizer("a").input_ids
+        plain = tokenizer("a", add_special_tokens=False).input_ids
+        start = next(
+            (i for i in range(len(with_special)) if with_special[i : i + len(plain)] == plain), 0
+        )
+        self.prefix_ids: list[int] = list(with_special[:start])
+        self.eos_id: int | None = tokenizer.eos_token_id
+        pad = tokenizer.pad_token_id
+        self.pad_id: int = pad if pad is not None else (self.eos_id or 0)
+
+    def body(self, text: str) -> list[int]:
+        """Token ids of ``text`` without special tokens."""
+        return self.tokenizer(text, add_special_tokens=False).input_ids
+
+    def pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        """(context ids, continuation ids), both without special tokens."""
+        n_spaces = len(context) - len(context.rstrip())
+        if n_spaces:
+            context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+        whole = self.body(context + continuation)
+        n_context = len(self.body(context))
+        if n_context >= len(whole):  # a merge swallowed the continuation: encode it alone
+            return whole, self.body(continuation)
+        return whole[:n_context], whole[n_context:]
+
+    def prompt(self, text: str, max_length: int) -> list[int]:
+        """Generation prompt ids: no trailing whitespace, cut from the left to ``max_length``."""
+        budget = max_length - len(self.prefix_ids)
+        return self.prefix_ids + self.body(text.rstrip())[-budget:]
+
+    def train_example(
+        self, prompt: str, target: str, max_length: int
+    ) -> tuple[list[int], list[int]]:
+        """(input ids, labels) of one training sequence: loss on ``target`` plus EOS only.
+
+        The prompt is cut from the left so that the answer is kept. Only when the answer (with
+        EOS) is longer than half of ``max_length`` and the whole does not fit is the answer cut
+        too, from the right: the prompt always keeps half of ``max_length`` (or all of itself).
+        """
+        context, answer = self.pair(prompt, target)
+        if self.eos_id is not None:
+            answer = answer + [self.eos_id]
+        budget = max_length - len(self.prefix_ids)
+        keep = min(len(context), max(budget - len(answer), budget // 2))
+        context, answer = context[len(context) - keep :], answer[: budget - keep]
+        input_ids = self.prefix_ids + context + answer
+        labels = [IGNORE_INDEX] * (len(self.prefix_ids) + len(context)) + answer
+        return input_ids, labels
+
+    def loglik_request(self, context: str, continuation: str, max_length: int):
+        """(input ids, number of continuation tokens) of one loglik request, cut from the left
+        of the context to ``max_length`` tokens (at least one context token is kept)."""
+        context_ids, continuation_ids = self.pair(context, continuation)
+        budget = max_length - len(self.prefix_ids)
+        continuation_ids = continuation_ids[-(budget - 1) :]
+        keep = max(budget - len(continuation_ids), 1)
+        ids = self.prefix_ids + context_ids[-keep:] + continuation_ids
+        return ids, len(continuation_ids)
+
+
+def pad_right(sequences: Sequence[list[int]], pad_value: int) -> torch.Tensor:
+    width = max(len(s) for s in sequences)
+    return torch.tensor([s + [pad_value] * (width - len(s)) for s in sequences])
+
+
+def pad_left(sequences: Sequence[list[int]], pad_value: int) -> torch.Tensor:
+    width = max(len(s) for s in sequences)
+    return torch.tensor([[pad_value] * (width - len(s)) + s for s in sequences])
+
+
+def collate_train(encoded: Sequence[tuple[list[int], list[int]]], pad_id: int) -> dict:
+    """Right-padded batch of (input ids, labels): ``input_ids``, ``attention_mask``, ``labels``."""
+    input_ids = pad_right([ids for ids, _ in encoded], pad_id)
+    attention_mask = pad_right([[1] * len(ids) for ids, _ in encoded], 0)
+    labels = pad_right([labels for _, labels in encoded], IGNORE_INDEX)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def loglikelihoods(
+    model, requests: Sequence[tuple[list[int], int]], *, batch_size: int, pad_id: int
+) -> list[float]:
+    """Sum of log-probs of the last ``n`` tokens of each ``(ids, n)`` given the tokens before.
+
+    As in lm-evaluation-harness, the model reads ``ids[:-1]`` (the last token is only ever a
+    target), and requests with the same ``ids[:-1]`` share one forward pass: the choices of a
+    question that differ only in their last token (single-token choices, ``answer1``...) cost
+    one sequence, not one each. Sequences are sorted longest first (the first batch shows the
+    peak memory) and run ``batch_size`` at a time, right-padded. Returns the sums in the
+    order of ``requests``.
+    """
+    device = model_device(model)
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, (ids, _) in enumerate(requests):
+        groups.setdefault(tuple(ids[:-1]), []).append(i)
+    inputs = sorted(groups, key=len, reverse=True)
+    sums = [0.0] * len(requests)
+    for start in range(0, len(inputs), batch_size):
+        batch = inputs[start : start + batch_size]
+        input_ids = pad_right([list(ids) for ids in batch], pad_id).to(device)
+        attention_mask = pad_right([[1] * len(ids) for ids in batch], 0).to(device)
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        for row, inp in enumerate(batch):
+            for i in groups[inp]:
+                ids, n_continuation = requests[i]
+                # logits at position t predict token t + 1
+                positions = slice(len(inp) - n_continuation, len(inp))
+                log_probs = logits[row, positions].float().log_softmax(-1)
+                targets = torch.tensor(ids[-n_continuation:], device=device)
+                sums[i] = log_probs.gather(-1, targets[:, None]).sum().item()
+    return sums
+
+
+def generate_greedy(
+    model,
+    prompts: Sequence[list[int]],
+    *,
+    batch_size: int,
+    max_new_tokens: int,
+    pad_id: int,
+    eos_id: int | None,
+) -> list[list[int]]:
+    """Greedy continuations (new token ids, cut at EOS) of left-padded, batched prompts."""
+    from transformers import GenerationConfig
+
+    # A fresh config so that sampling defaults shipped with a checkpoint do not apply.
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        num_beams=1,
+        pad_token_id=pad_id,
+        eos_token_id=eos_id,
+    )
+    device = model_device(model)
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    outputs: list[list[int]] = [[] for _ in prompts]
+    for start in range(0, len(order), batch_size):
+        batch = [prompts[i] for i in order[start : start + batch_size]]
+        input_ids = pad_left(batch, pad_id).to(device)
+        attention_mask = pad_left([[1] * len(p) for p in batch], 0).to(device)
+        sequences = model.generate(
+            input_ids=input_ids, attention_mask=attention_mask, generation_config=config
+        )
+        for row, new_ids in enumerate(sequences[:, input_ids.shape[1] :].tolist()):
+            if eos_id is not None and eos_id in new_ids:
+                new_ids = new_ids[: new_ids.index(eos_id)]
+            outputs[order[start + row]] = new_ids
+    return outputs
