@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 SCALINGS = ("lora", "rslora")
+ADAPTERS = ("lora", "adalora")
 
 
 def linear_layer_names(model: nn.Module) -> list[str]:
@@ -61,6 +62,8 @@ def apply_lora(
     use_dora: bool = False,
     modules_to_save: Sequence[str] | None = None,
     task_type: str | None = None,
+    adapter: str = "lora",
+    adalora: dict | None = None,
 ):
     """Inject LoRA adapters into ``model`` with peft and return the ``PeftModel``.
 
@@ -82,6 +85,11 @@ def apply_lora(
         use_dora: DoRA (a trainable magnitude vector per output row).
         modules_to_save: extra modules trained in full (e.g. a classifier ``score``).
         task_type: peft's task type (e.g. ``"CAUSAL_LM"``), optional.
+        adapter: ``"lora"`` (LoRA / rsLoRA / DoRA) or ``"adalora"`` (peft's AdaLoRA: ``rank`` is
+            the target rank; ``adalora`` gives ``init_r``, ``total_step`` (required), ``tinit``,
+            ``tfinal``, ``deltaT``, ``beta1``, ``beta2``, ``orth_reg_weight``). With AdaLoRA the
+            training loop must call ``model.base_model.update_and_allocate(step)`` after each
+            optimizer step; its B0 is random, not 0.
 
     Returns:
         ``peft.PeftModel``; save with ``save_pretrained``, reload with
@@ -101,21 +109,34 @@ def apply_lora(
         raise ValueError(f"dropout must be in [0, 1), got {dropout!r}.")
     if not (math.isfinite(init_scale) and init_scale >= 0):
         raise ValueError(f"init_scale must be a finite number >= 0, got {init_scale!r}.")
+    if adapter not in ADAPTERS:
+        raise ValueError(f"adapter must be one of {ADAPTERS}, got {adapter!r}.")
     check_target_modules(model, target_modules)
 
-    from peft import LoraConfig, get_peft_model
+    from peft import AdaLoraConfig, LoraConfig, get_peft_model
 
-    config = LoraConfig(
-        r=rank,
+    common = dict(
         lora_alpha=alpha,
         target_modules=target_modules if isinstance(target_modules, str) else list(target_modules),
         lora_dropout=dropout,
-        use_rslora=scaling == "rslora",
-        init_lora_weights=True if init == "default" else init,
-        use_dora=use_dora,
         modules_to_save=list(modules_to_save) if modules_to_save else None,
         task_type=task_type,
     )
+    if adapter == "adalora":
+        options = dict(adalora or {})
+        if not options.get("total_step"):
+            raise ValueError("AdaLoRA needs adalora={'total_step': <training steps>, ...}.")
+        if use_dora or scaling != "lora":
+            raise ValueError("AdaLoRA supports neither DoRA nor rsLoRA: use scaling='lora'.")
+        config = AdaLoraConfig(target_r=rank, **options, **common)
+    else:
+        config = LoraConfig(
+            r=rank,
+            use_rslora=scaling == "rslora",
+            init_lora_weights=True if init == "default" else init,
+            use_dora=use_dora,
+            **common,
+        )
     peft_model = get_peft_model(model, config)
     if init_scale != 1.0:
         scale_lora_init_(peft_model, init_scale)

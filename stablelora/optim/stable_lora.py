@@ -86,6 +86,15 @@ class _LayerGroup:
         self.one = torch.ones((), dtype=dtype, device=device)
 
 
+def _adamw_step(optimizer: torch.optim.AdamW) -> None:
+    """AdamW's own step, without the hook wrapper torch puts on ``AdamW.step``: our ``step``
+    is wrapped already, and step hooks must run once per step, not twice."""
+    step = torch.optim.AdamW.step
+    if getattr(step, "hooked", False):
+        step = step.__wrapped__
+    step(optimizer)
+
+
 class StableLoRA(torch.optim.AdamW):
     """AdamW plus Stable-LoRA's shrink of the LoRA ``A`` factors (see the module docstring).
 
@@ -148,6 +157,9 @@ class StableLoRA(torch.optim.AdamW):
         for index, pair in enumerate(self.lora_pairs):
             by_key.setdefault((pair.A.device, pair.A.dtype), []).append(index)
         self._groups = [_LayerGroup(indices, self.lora_pairs) for indices in by_key.values()]
+        # With a GradScaler, an overflow step must skip the shrink too: let the scaler skip
+        # step() as a whole instead of handing the inf check to a fused kernel.
+        self._step_supports_amp_scaling = False
         self.shrink_step = 0  # how many times step() has run
         self._all_stopped = False
         self._pending_check: tuple[torch.Tensor, torch.cuda.Event] | None = None
@@ -161,7 +173,7 @@ class StableLoRA(torch.optim.AdamW):
             with torch.enable_grad():
                 loss = closure()
         self.shrink_()
-        super().step()
+        _adamw_step(self)
         return loss
 
     @torch.no_grad()

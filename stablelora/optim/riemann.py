@@ -1,0 +1,310 @@
+"""Riemannian-preconditioned AdamW for LoRA (Zhang & Pilanci, ICML 2024, arXiv 2402.02347).
+
+For every LoRA layer ``W = W0 + s * B @ A`` with ``A`` of shape (r, n) and ``B`` of shape
+(m, r), each factor's gradient is preconditioned by the damped inverse Gram matrix of the
+*other* factor before it enters the Adam moments (baselines.md section 1.3)::
+
+    g~_A = (B^T B + reg * I_r)^-1 @ g_A      (r, r) @ (r, n)
+    g~_B = g_B @ (A A^T + reg * I_r)^-1      (m, r) @ (r, r)
+
+With ``reg = 0`` a step of scaled gradient descent projects the full fine-tuning gradient on the
+tangent space of the rank-r manifold, so it does not depend on how ``B @ A`` is factored.
+
+Variants:
+
+- default (peft's semantics): both preconditioners come from the factors before the step
+  (Jacobi), then torch's AdamW formulas with bias correction and the decoupled weight decay
+  ``p *= 1 - lr * wd`` before the Adam step.
+- ``authors_variant=True`` (pilancilab's ``AdamWr`` as run in their Mistral/GPT-2 code): B's
+  preconditioner is built from the *already updated* A (Gauss-Seidel), the Adam step has no
+  bias correction (the first step is about ``3.16 * lr`` per coordinate), and weight decay is
+  applied after the Adam step.
+- ``scaled_gd=True`` (pilancilab's ``SGDr``): ``p <- p * (1 - lr * wd) - lr * g~``, Jacobi.
+
+Every trainable parameter that is not a LoRA factor (classifier head, biases, DoRA magnitude
+vectors) gets the plain ``torch.optim.AdamW`` step of its parameter group, in every variant.
+
+Why not ``peft.optimizers.create_riemannian_optimizer``: peft 0.21.2's helper reproduces the
+numbers of baselines.md 1.9 for the Jacobi/bias-corrected variant (``tests/test_baselines.py``
+checks this), but it inverts each layer's Gram matrices with its own ``pinv`` (an SVD launch per
+factor per layer), overwrites the caller's ``.grad`` in place, and has neither the authors'
+variant nor scaled GD. Here the Gram matrices of all layers are stacked and factorised with one
+batched Cholesky per (rank, dtype, device), and the preconditioned gradients never replace
+``.grad``.
+
+Failure rule (pilancilab): where ``Gram + reg * I`` is not positive definite (e.g. ``reg = 0``
+and ``B = 0`` at init), that layer's preconditioner is the identity.
+
+State: Adam's ``step``, ``exp_avg``, ``exp_avg_sq`` per parameter under torch's names (scaled GD
+keeps only ``step``), so :meth:`state_dict` resumes exactly; the preconditioners are recomputed
+every step from the factors and need no state.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import Tensor
+
+from stablelora.optim import register_optimizer
+from stablelora.optim.factor_adamw import LoRAFactorAdamW, by_layout, compute_dtype, stack_as
+from stablelora.optim.pairs import LoRAPair
+
+# ---------------------------------------------------------------------------- preconditioner
+
+
+def damped_gram_inverses(grams: Sequence[Tensor], reg: float) -> list[Tensor]:
+    """``(gram + reg * I)^-1`` for stacks of Gram matrices, batched.
+
+    Args:
+        grams: tensors of shape (k_i, r_i, r_i), symmetric positive semi-definite.
+        reg: the damping delta >= 0.
+
+    Returns:
+        Tensors like ``grams``. All stacks with the same (r, dtype, device) are concatenated
+        and factorised by ONE batched Cholesky in float64 (r x r, so the cost is nothing, and
+        a tiny ``reg`` such as 1e-6 stays well conditioned). Where a matrix is not positive
+        definite its inverse is replaced by the identity (pilancilab's fallback), without a
+        host-device sync.
+    """
+    inverses: list[Tensor | None] = [None] * len(grams)
+    by_kind: dict[tuple, list[int]] = {}
+    for index, gram in enumerate(grams):
+        by_kind.setdefault((gram.shape[-1], gram.dtype, gram.device), []).append(index)
+    for (rank, dtype, device), indices in by_kind.items():
+        batch = torch.cat([grams[i] for i in indices]).to(torch.float64)
+        batch.diagonal(dim1=-2, dim2=-1).add_(reg)
+        cholesky, info = torch.linalg.cholesky_ex(batch)
+        inverse = torch.cholesky_inverse(cholesky)
+        identity = torch.eye(rank, dtype=torch.float64, device=device)
+        inverse = torch.where((info != 0)[:, None, None], identity, inverse).to(dtype)
+        for i, block in zip(indices, inverse.split([grams[i].shape[0] for i in indices])):
+            inverses[i] = block
+    return inverses  # type: ignore[return-value]
+
+
+def riemannian_gradients(
+    grads_A: Sequence[Tensor],
+    factors_B: Sequence[Tensor],
+    grads_B: Sequence[Tensor],
+    factors_A: Sequence[Tensor],
+    reg: float,
+) -> tuple[list[Tensor], list[Tensor]]:
+    """Preconditioned gradients of LoRA factors, batched over layers.
+
+    Args:
+        grads_A: gradients of A factors, each (r, n).
+        factors_B: the B factor (m, r) of the same layer as each entry of ``grads_A``.
+        grads_B: gradients of B factors, each (m, r).
+        factors_A: the A factor (r, n) of the same layer as each entry of ``grads_B``.
+        reg: the damping delta.
+
+    Returns:
+        ``(g~_A, g~_B)``: ``(B^T B + reg I)^-1 g_A`` and ``g_B (A A^T + reg I)^-1``, with the
+        shapes and dtypes of the gradients. Layers of equal shapes are stacked and multiplied
+        by one ``bmm``; the Gram matrices of all layers are inverted together.
+    """
+    # Layers whose (gradient, other factor) shapes agree are stacked; Gram matrices (k, r, r).
+    a_side = by_layout(grads_A, factors_B)
+    b_side = by_layout(grads_B, factors_A)
+    grams = []
+    for indices in a_side:
+        B = stack_as([factors_B[i] for i in indices], compute_dtype(factors_B[indices[0]].dtype))
+        grams.append(B.mT @ B)  # (k, m, r) -> (k, r, r)
+    for indices in b_side:
+        A = stack_as([factors_A[i] for i in indices], compute_dtype(factors_A[indices[0]].dtype))
+        grams.append(A @ A.mT)  # (k, r, n) -> (k, r, r)
+    inverses = damped_gram_inverses(grams, reg)
+
+    # One stack of gradients at a time, so that the transient memory stays near 1x the factors.
+    out_A: list[Tensor | None] = [None] * len(grads_A)
+    out_B: list[Tensor | None] = [None] * len(grads_B)
+    for slot, indices in enumerate(a_side):
+        inverse = inverses[slot]
+        stacked = stack_as([grads_A[i] for i in indices], inverse.dtype)  # (k, r, n)
+        for i, grad in zip(indices, torch.bmm(inverse, stacked).unbind(0)):  # left-multiply
+            out_A[i] = grad.to(grads_A[i].dtype)
+    for slot, indices in enumerate(b_side, start=len(a_side)):
+        inverse = inverses[slot]
+        stacked = stack_as([grads_B[i] for i in indices], inverse.dtype)  # (k, m, r)
+        for i, grad in zip(indices, torch.bmm(stacked, inverse).unbind(0)):  # right-multiply
+            out_B[i] = grad.to(grads_B[i].dtype)
+    return out_A, out_B  # type: ignore[return-value]
+
+
+# ---------------------------------------------------------------------------- updates
+
+
+def _adam_update_(
+    params: list[Tensor],
+    grads: list[Tensor],
+    states: list[dict],
+    *,
+    lr: float,
+    betas: tuple[float, float],
+    eps: float,
+    weight_decay: float,
+    correct_bias: bool,
+    decay_after_step: bool,
+) -> None:
+    """Adam with decoupled weight decay on ``params`` from (preconditioned) ``grads``, foreach.
+
+    ``exp_avg = lerp(exp_avg, g, 1 - beta1)``, ``exp_avg_sq = beta2 exp_avg_sq + (1-beta2) g^2``,
+    ``p -= lr_t * exp_avg / (sqrt(exp_avg_sq / bc2) + eps)`` with ``lr_t = lr / bc1`` and the
+    bias corrections ``bc = 1 - beta^t`` when ``correct_bias``, else ``lr_t = lr``, ``bc2 = 1``.
+    Weight decay ``p *= 1 - lr * wd`` before the Adam step (torch) or after it (pilancilab).
+    """
+    beta1, beta2 = betas
+    steps = [state["step"] for state in states]
+    exp_avgs = [state["exp_avg"] for state in states]
+    exp_avg_sqs = [state["exp_avg_sq"] for state in states]
+    torch._foreach_add_(steps, 1.0)
+    if weight_decay and not decay_after_step:
+        torch._foreach_mul_(params, 1.0 - lr * weight_decay)
+    torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1.0 - beta2)
+    denom = torch._foreach_sqrt(exp_avg_sqs)
+    if correct_bias:
+        counts = [float(step) for step in steps]
+        torch._foreach_div_(denom, [math.sqrt(1.0 - beta2**t) for t in counts])
+        step_sizes: float | list[float] = [-lr / (1.0 - beta1**t) for t in counts]
+    else:
+        step_sizes = -lr
+    torch._foreach_add_(denom, eps)
+    torch._foreach_addcdiv_(params, exp_avgs, denom, step_sizes)
+    if weight_decay and decay_after_step:
+        torch._foreach_mul_(params, 1.0 - lr * weight_decay)
+
+
+def _scaled_gd_update_(params, grads, states, *, lr: float, weight_decay: float) -> None:
+    """``p <- p * (1 - lr * wd) - lr * g~`` (pilancilab SGDr: weight decay first)."""
+    torch._foreach_add_([state["step"] for state in states], 1.0)
+    if weight_decay:
+        torch._foreach_mul_(params, 1.0 - lr * weight_decay)
+    torch._foreach_add_(params, grads, alpha=-lr)
+
+
+class RiemannianAdamW(LoRAFactorAdamW):
+    """AdamW whose LoRA-factor gradients are Riemannian-preconditioned (module docstring).
+
+    Args:
+        params: all trainable parameters or parameter groups, as for ``torch.optim.AdamW``.
+        lora_pairs: the LoRA layers (:func:`stablelora.find_lora_pairs`); pairing is by module.
+        reg: the damping delta added to the Gram matrices' diagonal. Default 1e-6, the
+            pilancilab class default; peft uses 1e-2 and the Mistral GLUE table up to 100 (with
+            a large reg the method degenerates to AdamW, see baselines.md 1.4).
+        authors_variant: pilancilab's ``AdamWr``: Gauss-Seidel B preconditioner (from the
+            updated A), no bias correction, weight decay after the Adam step.
+        scaled_gd: pilancilab's ``SGDr`` for the factors instead of Adam (Jacobi).
+        lr, betas, eps, weight_decay, foreach, fused, **adamw_kwargs: AdamW's, for every
+            parameter (factors included: ``betas``/``eps`` of a factor's group drive its Adam).
+    """
+
+    _STATE_KEY = "riemann"
+
+    def __init__(
+        self,
+        params: Iterable,
+        lora_pairs: Sequence[LoRAPair],
+        *,
+        reg: float = 1e-6,
+        authors_variant: bool = False,
+        scaled_gd: bool = False,
+        lr: float = 1e-4,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.01,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        **adamw_kwargs,
+    ):
+        if not (isinstance(reg, (int, float)) and math.isfinite(reg) and reg >= 0):
+            raise ValueError(f"reg (the damping delta) must be a finite number >= 0, got {reg!r}.")
+        if authors_variant and scaled_gd:
+            raise ValueError(
+                "authors_variant (pilancilab AdamWr) and scaled_gd (pilancilab SGDr) are two "
+                "different optimizers: choose one."
+            )
+        self.reg = float(reg)
+        self.authors_variant = bool(authors_variant)
+        self.scaled_gd = bool(scaled_gd)
+        super().__init__(
+            params, lora_pairs, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+            foreach=foreach, fused=fused, **adamw_kwargs,
+        )  # fmt: skip
+
+    def _options(self) -> dict:
+        return {
+            "reg": self.reg,
+            "authors_variant": self.authors_variant,
+            "scaled_gd": self.scaled_gd,
+        }
+
+    def _step_lora_factors(self) -> None:
+        with_grad_A = [pair for pair in self.lora_pairs if pair.A.grad is not None]
+        with_grad_B = [pair for pair in self.lora_pairs if pair.B.grad is not None]
+        A_params = [pair.A for pair in with_grad_A]
+        B_params = [pair.B for pair in with_grad_B]
+        if self.authors_variant:
+            # Gauss-Seidel: B's preconditioner must see A after its update.
+            grads_A, _ = riemannian_gradients(
+                [p.grad for p in A_params], [pair.B for pair in with_grad_A], [], [], self.reg
+            )
+            self._update(A_params, grads_A)
+            _, grads_B = riemannian_gradients(
+                [], [], [p.grad for p in B_params], [pair.A for pair in with_grad_B], self.reg
+            )
+            self._update(B_params, grads_B)
+            return
+        grads_A, grads_B = riemannian_gradients(
+            [p.grad for p in A_params], [pair.B for pair in with_grad_A],
+            [p.grad for p in B_params], [pair.A for pair in with_grad_B], self.reg,
+        )  # fmt: skip
+        self._update(A_params + B_params, grads_A + grads_B)
+
+    def _update(self, params: list[Tensor], grads: list[Tensor]) -> None:
+        """Adam (or scaled GD) with each parameter's group hyper-parameters."""
+        group_of = self._group_index()
+        by_group: dict[int, list[int]] = {}
+        for index, param in enumerate(params):
+            by_group.setdefault(group_of[id(param)], []).append(index)
+        for group_index, indices in by_group.items():
+            group = self.param_groups[group_index]
+            members = [params[i] for i in indices]
+            states = [self._factor_state(p) for p in members]
+            member_grads = [grads[i] for i in indices]
+            if self.scaled_gd:
+                _scaled_gd_update_(
+                    members, member_grads, states, lr=group["lr"],
+                    weight_decay=group["weight_decay"],
+                )  # fmt: skip
+            else:
+                _adam_update_(
+                    members, member_grads, states, lr=group["lr"], betas=group["betas"],
+                    eps=group["eps"], weight_decay=group["weight_decay"],
+                    correct_bias=not self.authors_variant,
+                    decay_after_step=self.authors_variant,
+                )  # fmt: skip
+
+    def _factor_state(self, param: Tensor) -> dict:
+        state = self.state[param]
+        if not state:
+            # torch's AdamW names and dtypes, so a checkpoint reads like AdamW's.
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            if not self.scaled_gd:
+                state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        return state
+
+
+@register_optimizer("riemann")
+def _build_riemann(model, pairs, *, lr, weight_decay, betas, eps, foreach, fused,
+                   reg=1e-6, authors_variant=False, scaled_gd=False, **unused):  # fmt: skip
+    return RiemannianAdamW(
+        [p for p in model.parameters() if p.requires_grad], pairs, reg=reg,
+        authors_variant=authors_variant, scaled_gd=scaled_gd, lr=lr, betas=tuple(betas),
+        eps=eps, weight_decay=weight_decay, foreach=foreach, fused=fused,
+    )  # fmt: skip
