@@ -1,7 +1,8 @@
 """Feature-update instrumentation: measure the paper's delta1, delta2, delta3 in training.
 
 For a LoRA layer ``W = W0 + s * B @ A`` with ``A`` (r, n), ``B`` (m, r) and layer input ``Z``
-(n, T) (T token positions of the step's batch as columns), one optimizer step takes
+(n, T) (T token positions of the step's batch as columns; the code keeps them as rows, (T, n)),
+one optimizer step takes
 ``A, B`` to ``A', B'`` (Stable-LoRA's shrink of ``A`` included) and changes the LoRA output by::
 
     dY     = s * (B'A' - BA) Z  =  delta1 + delta2 + delta3      (exactly)
@@ -28,7 +29,7 @@ Usage (the contract with the training loop)::
         probe.before_update()                   # right before optimizer.step()
         optimizer.step()
         metrics = probe.after_update(optimizer) # {} on steps that do not log
-        optimizer.zero_grad()
+        optimizer.zero_grad()                   # before or after after_update: either works
     probe.close()
 
 What is measured, and how:
@@ -40,15 +41,19 @@ What is measured, and how:
   flattened to token rows and subsampled to at most ``max_tokens`` evenly spaced rows (a
   deterministic choice; padding positions are not excluded).
 - A, B are snapshot in :meth:`FeatureProbe.before_update` on logging steps only; A', B' are
-  the parameters after ``optimizer.step()``. All products are computed in float32, outside
-  autocast, whatever the parameters' or activations' dtype.
+  the parameters after ``optimizer.step()`` (a step the optimizer skips, e.g. on an fp16
+  GradScaler overflow, logs zero updates). All products are computed in float32 (the r x r
+  Gram matrices behind the norms in float64), outside autocast, whatever the parameters' or
+  activations' dtype.
 - gAZ (the paper's Assumption 1, ``gamma[g_A Z] = 1``) uses the optimizer's direction for A:
   for Adam-type optimizers (state ``exp_avg``/``exp_avg_sq``, e.g. AdamW, StableLoRA, LoRA+)
   the bias-corrected Adam direction ``m_hat / (sqrt(v_hat) + eps)`` of this step, which is the
-  update without lr, weight decay or shrink; for other optimizers the raw gradient of A
-  (summed over micro-batches).
-- Wrapped models (DDP, ``torch.compile``'s module wrapper) work: layers are found through the
-  pairs' tensors, never through module paths. FSDP's flattened parameters are not supported.
+  update without lr, weight decay or shrink; for other optimizers A's gradient as it stands
+  at :meth:`FeatureProbe.before_update` (accumulated over micro-batches, clipped if the loop
+  clips first). gAZ is the RMS of that (r, n) direction applied to Z, over r rows and T tokens.
+- A model wrapped in DDP works: layers are found through the pairs' tensors, never through
+  module paths. FSDP's flattened parameters are not supported, nor is tracing the hooks with
+  ``torch.compile`` (they store tensors on the probe: expect a graph break on logging steps).
 
 Metric keys returned by :meth:`FeatureProbe.after_update` (``<layer>`` is
 ``LoRAPair.name``, e.g. ``model.layers.0.self_attn.q_proj``). ``<q>`` stands for each of
@@ -76,7 +81,9 @@ Per layer (with ``per_layer=True``):
 Cost: nothing when ``enabled=False`` (no hooks, no snapshots). Otherwise a pre-hook that
 returns at once on non-logging steps, and on logging steps a copy of A, B and of at most
 ``max_tokens`` input rows per layer, a few (r x n) @ (n x T) products and one device-to-host
-transfer for all the numbers.
+transfer for all the numbers. The (m x T) matrices delta1 ... dY are never formed: their
+norms come from r x r Gram matrices (:func:`update_rms`), so memory stays O(r (n + m + T))
+per layer even when many wide layers are measured at once.
 """
 
 from __future__ import annotations
@@ -95,8 +102,8 @@ QUANTITIES = (*DECOMPOSITION, "gAZ", "AZ", "Z")
 
 
 def rms(x: torch.Tensor) -> torch.Tensor:
-    """Root mean square of all entries, a 0-d tensor."""
-    return x.square().mean().sqrt()
+    """Root mean square over the last two dimensions: (..., a, b) -> (...)."""
+    return torch.linalg.vector_norm(x, dim=(-2, -1)) / math.sqrt(x.shape[-2] * x.shape[-1])
 
 
 def gamma_value(magnitude: float, width: int) -> float:
@@ -106,31 +113,82 @@ def gamma_value(magnitude: float, width: int) -> float:
     return math.log(magnitude) / math.log(width) if magnitude > 0 else -math.inf
 
 
+def product_norm(M: torch.Tensor, N: torch.Tensor) -> torch.Tensor:
+    """``||M @ N||_F`` over the last two dims, without forming ``M @ N``.
+
+    M (..., m, r) and N (..., r, T) with a small inner size r: ``||MN||_F^2 = tr(M^T M N N^T)
+    = sum((M^T M) * (N N^T))`` costs O(r^2 (m + T)) time and O(r^2) memory instead of
+    O(m r T) and O(m T). The Gram matrices are in float64 (float32 on MPS, which has no
+    float64): the sum of their products cancels when MN is much smaller than |M| |N|.
+    """
+    dtype = torch.float32 if M.device.type == "mps" else torch.float64
+    M, N = M.to(dtype), N.to(dtype)
+    gram_M = M.transpose(-2, -1) @ M  # (..., r, r)
+    gram_N = N @ N.transpose(-2, -1)  # (..., r, r)
+    return (gram_M * gram_N).sum(dim=(-2, -1)).clamp_min(0).sqrt()
+
+
+def update_rms(
+    A: torch.Tensor,
+    B: torch.Tensor,
+    A_new: torch.Tensor,
+    B_new: torch.Tensor,
+    Z: torch.Tensor,
+    scale: float | torch.Tensor,
+) -> dict[str, torch.Tensor]:
+    """The RMS of each term of :func:`feature_update_terms`, without forming the terms.
+
+    Same arguments (``scale`` a number or a tensor of shape (...)); returns ``delta1``,
+    ``delta2``, ``delta3``, ``dY`` and ``AZ``, each of shape (...), in float32. ``dY`` uses
+    ``dY = s * ((B' - B) A' Z + B (A' - A) Z)``, the same update without the cancellation of
+    two large products that ``B'A'Z - BAZ`` suffers at small learning rates.
+    """
+    Zt = Z.transpose(-2, -1)  # (..., n, T)
+    AZ = A @ Zt  # (..., r, T)
+    dAZ = (A_new - A) @ Zt  # (..., r, T)
+    dB = B_new - B  # (..., m, r)
+    m, T = B.shape[-2], Z.shape[-2]
+    to_rms = abs(torch.as_tensor(scale, device=Z.device)) / math.sqrt(m * T)
+    norms = {
+        "delta1": product_norm(dB, AZ),
+        "delta2": product_norm(B, dAZ),
+        "delta3": product_norm(dB, dAZ),
+        "dY": product_norm(torch.cat([dB, B], dim=-1), torch.cat([AZ + dAZ, dAZ], dim=-2)),
+    }
+    out = {q: (norm * to_rms).float() for q, norm in norms.items()}
+    out["AZ"] = rms(AZ)
+    return out
+
+
 def feature_update_terms(
     A: torch.Tensor,
     B: torch.Tensor,
     A_new: torch.Tensor,
     B_new: torch.Tensor,
     Z: torch.Tensor,
-    scale: float,
+    scale: float | torch.Tensor,
 ) -> dict[str, torch.Tensor]:
     """The decomposition of one step's output change, in the dtype of the inputs.
 
     Args:
-        A, A_new: (r, n), the down-projection before and after the step.
-        B, B_new: (m, r), the up-projection before and after the step.
-        Z: (T, n), T layer inputs as rows.
-        scale: the LoRA scale s.
+        A, A_new: (..., r, n), the down-projection before and after the step.
+        B, B_new: (..., m, r), the up-projection before and after the step.
+        Z: (..., T, n), T layer inputs as rows.
+        scale: the LoRA scale s (a number, or a tensor that broadcasts against (..., m, T)).
+
+    Leading dimensions, if any, index layers measured together. This is the reference
+    definition; the probe measures the same RMS values with :func:`update_rms`, which never
+    forms the (m, T) matrices.
 
     Returns:
-        ``delta1``, ``delta2``, ``delta3``, ``dY``, each (m, T), and ``AZ`` (r, T). ``dY`` is
-        computed directly as ``s * (B'A'Z - BAZ)``, so ``delta1 + delta2 + delta3 == dY`` up to
-        rounding is a real check of the decomposition.
+        ``delta1``, ``delta2``, ``delta3``, ``dY``, each (..., m, T), and ``AZ`` (..., r, T).
+        ``dY`` is computed directly as ``s * (B'A'Z - BAZ)``, so ``delta1 + delta2 + delta3 ==
+        dY`` up to rounding is a real check of the decomposition.
     """
-    Zt = Z.T  # (n, T)
-    AZ = A @ Zt  # (r, T)
-    dAZ = (A_new - A) @ Zt  # (r, T)
-    dB = B_new - B  # (m, r)
+    Zt = Z.transpose(-2, -1)  # (..., n, T)
+    AZ = A @ Zt  # (..., r, T)
+    dAZ = (A_new - A) @ Zt  # (..., r, T)
+    dB = B_new - B  # (..., m, r)
     return {
         "delta1": scale * (dB @ AZ),
         "delta2": scale * (B @ dAZ),
@@ -140,51 +198,105 @@ def feature_update_terms(
     }
 
 
-def adam_direction(state: dict, group: dict) -> torch.Tensor | None:
-    """The bias-corrected Adam direction ``m_hat / (sqrt(v_hat) + eps)`` of a parameter's last
-    step, in float32, from its optimizer ``state`` and param ``group``; None without Adam
-    moments (not an Adam-type optimizer, or no step taken yet)."""
-    if "exp_avg" not in state or "exp_avg_sq" not in state or "step" not in state:
+def adam_directions(
+    optimizer: torch.optim.Optimizer | None, params: Sequence[torch.Tensor]
+) -> torch.Tensor | None:
+    """The bias-corrected Adam directions ``m_hat / (sqrt(v_hat) + eps)`` of the last step of
+    ``params`` (all of one shape), stacked in float32: (len(params), *shape). None unless the
+    optimizer keeps Adam moments for every one of them."""
+    if optimizer is None:
         return None
-    beta1, beta2 = group["betas"]
-    step = float(state["step"])
-    amsgrad = group.get("amsgrad", False) and "max_exp_avg_sq" in state
-    second_moment = state["max_exp_avg_sq"] if amsgrad else state["exp_avg_sq"]
-    m_hat = state["exp_avg"].float() / (1 - beta1**step)
-    v_hat = second_moment.float() / (1 - beta2**step)
-    return m_hat / (v_hat.sqrt() + group["eps"])
+    states = [optimizer.state.get(p, {}) for p in params]
+    if not all("exp_avg" in s and "exp_avg_sq" in s and "step" in s for s in states):
+        return None
+    wanted = {id(p) for p in params}
+    group_of = {id(p): g for g in optimizer.param_groups for p in g["params"] if id(p) in wanted}
+    groups = [group_of[id(p)] for p in params]
+    steps = [float(s["step"]) for s in states]
+    second = [
+        s["max_exp_avg_sq"] if g.get("amsgrad") and "max_exp_avg_sq" in s else s["exp_avg_sq"]
+        for s, g in zip(states, groups)
+    ]
+    shape = (-1,) + (1,) * params[0].ndim
+
+    def per_param(values: list[float]) -> torch.Tensor:
+        return torch.tensor(values, device=params[0].device).view(shape)
+
+    m_hat = torch.stack([s["exp_avg"] for s in states]).float() / per_param(
+        [1 - g["betas"][0] ** t for g, t in zip(groups, steps)]
+    )
+    v_hat = torch.stack(second).float() / per_param(
+        [1 - g["betas"][1] ** t for g, t in zip(groups, steps)]
+    )
+    return m_hat / (v_hat.sqrt() + per_param([g["eps"] for g in groups]))
 
 
 @dataclass
 class _Layer:
-    """What the probe holds for one LoRA pair between arm() and after_update()."""
+    """One LoRA pair and its input captured on the armed step."""
 
     pair: LoRAPair
     width: int  # n, the input width
     Z: torch.Tensor | None = None  # (T, n) float32, T <= max_tokens
-    A: torch.Tensor | None = None  # (r, n) float32 snapshot before the step
-    B: torch.Tensor | None = None  # (m, r) float32 snapshot before the step
-    grad_A: torch.Tensor | None = None  # (r, n) float32, the fallback direction for gAZ
 
-    def clear(self) -> None:
-        self.Z = self.A = self.B = self.grad_A = None
+
+@dataclass
+class _Snapshot:
+    """Layers measured together with batched ops (same shapes of A, B and Z, same device),
+    and their factors before the step, stacked (stacking is the copy)."""
+
+    layers: list[_Layer]
+    A: torch.Tensor  # (L, r, n) float32
+    B: torch.Tensor  # (L, m, r) float32
+    grad_A: torch.Tensor | None  # (L, r, n) float32: gAZ's direction without Adam moments
+
+    @classmethod
+    def take(cls, layers: list[_Layer]) -> _Snapshot:
+        grads = [layer.pair.A.grad for layer in layers]
+        return cls(
+            layers=layers,
+            A=torch.stack([layer.pair.A.detach() for layer in layers]).float(),
+            B=torch.stack([layer.pair.B.detach() for layer in layers]).float(),
+            grad_A=None if any(g is None for g in grads) else torch.stack(grads).float(),
+        )
+
+    def stats(self, optimizer) -> torch.Tensor:
+        """(L, len(QUANTITIES) + 2): the RMS of each quantity, then ||A'||_F and ||B'||_F."""
+        pairs = [layer.pair for layer in self.layers]
+        A_new = torch.stack([pair.A.detach() for pair in pairs]).float()
+        B_new = torch.stack([pair.B.detach() for pair in pairs]).float()
+        Z = torch.stack([layer.Z for layer in self.layers])  # (L, T, n)
+        scale = torch.tensor([pair.scale for pair in pairs], device=Z.device)
+        terms = update_rms(self.A, self.B, A_new, B_new, Z, scale)
+        direction = adam_directions(optimizer, [pair.A for pair in pairs])
+        direction = self.grad_A if direction is None else direction
+        gAZ = (
+            rms(direction @ Z.transpose(-2, -1))
+            if direction is not None
+            else torch.full((len(pairs),), math.nan, device=Z.device)
+        )
+        return torch.stack(
+            [terms[q] for q in DECOMPOSITION]
+            + [gAZ, terms["AZ"], rms(Z)]
+            + [torch.linalg.vector_norm(x, dim=(-2, -1)) for x in (A_new, B_new)],
+            dim=1,
+        )
 
 
 def _owning_modules(model: nn.Module, pairs: Sequence[LoRAPair]) -> list[tuple[nn.Module, list]]:
     """(peft layer module, indices of the pairs whose A it owns), found by tensor identity."""
     index_of_A = {id(pair.A): i for i, pair in enumerate(pairs)}
-    owners, seen = [], set()
-    for module in model.modules():
+    owners = []
+    for module in model.modules():  # each module once, even if registered twice
         lora_A = getattr(module, "lora_A", None)
-        if not isinstance(lora_A, (nn.ModuleDict, nn.ParameterDict)) or id(module) in seen:
+        if not isinstance(lora_A, (nn.ModuleDict, nn.ParameterDict)):
             continue
-        seen.add(id(module))
         factors = [f.weight if isinstance(f, nn.Module) else f for f in lora_A.values()]
         indices = [index_of_A[id(f)] for f in factors if id(f) in index_of_A]
         if indices:
             owners.append((module, indices))
     found = {i for _, indices in owners for i in indices}
-    missing = [pairs[i].name for i in range(len(pairs)) if i not in found]
+    missing = [pair.name for i, pair in enumerate(pairs) if i not in found]
     if missing:
         raise ValueError(
             f"FeatureProbe found no LoRA module owning the A factor of {missing}: pass pairs "
@@ -205,7 +317,9 @@ class FeatureProbe:
         enabled: False turns the probe off entirely: no hooks, no snapshots, no metrics.
         per_layer: also return the per-layer keys (the aggregates are always returned).
 
-    See the module docstring for the metric keys and for what exactly is measured.
+    See the module docstring for the metric keys and for what exactly is measured. Layers
+    whose A, B and Z have the same shapes are measured together with batched matrix products,
+    so a logging step costs a few dozen kernels per distinct layer shape, not per layer.
     """
 
     def __init__(
@@ -229,7 +343,8 @@ class FeatureProbe:
         self.layers = [_Layer(pair, width=pair.A.shape[1]) for pair in pairs]
         self.step: int | None = None
         self.armed = False
-        self._snapshotted = False
+        self._snapshots: list[_Snapshot] | None = None
+        self._row_index: dict[tuple, torch.Tensor] = {}  # (rows, device) -> subsample rows
         self._hooks = []
         if enabled:
             for module, indices in _owning_modules(model, pairs):
@@ -247,10 +362,14 @@ class FeatureProbe:
 
     def arm(self, step: int) -> bool:
         """Start optimizer step ``step`` (counted from 1); return whether it logs."""
-        for layer in self.layers:
-            layer.clear()
-        self.step, self.armed, self._snapshotted = step, self.is_logging_step(step), False
+        self._clear()
+        self.step, self.armed = step, self.is_logging_step(step)
         return self.armed
+
+    def _clear(self) -> None:
+        for layer in self.layers:
+            layer.Z = None
+        self._snapshots = None
 
     # ------------------------------------------------------------------ capture
     def _capture_hook(self, indices: list[int]):
@@ -272,24 +391,27 @@ class FeatureProbe:
     def _subsample(self, x: torch.Tensor) -> torch.Tensor:
         """(..., n) -> (T, n) float32 copy, T <= max_tokens rows evenly spaced over the batch."""
         rows = x.reshape(-1, x.shape[-1])
-        if rows.shape[0] > self.max_tokens:
+        if rows.shape[0] <= self.max_tokens:
+            return rows.to(torch.float32, copy=True)
+        key = (rows.shape[0], rows.device)
+        if key not in self._row_index:
             index = torch.linspace(0, rows.shape[0] - 1, self.max_tokens, device=rows.device)
-            rows = rows.index_select(0, index.round().long())
-        return rows.to(torch.float32, copy=True)
+            self._row_index[key] = index.round().long()
+        return rows.index_select(0, self._row_index[key]).float()
 
     @torch.no_grad()
     def before_update(self) -> None:
         """Snapshot A and B (and A's gradient) of every layer, on logging steps only."""
         if not self.armed:
             return
+        same_shapes: dict[tuple, list[_Layer]] = {}
         for layer in self.layers:
             if layer.Z is None:  # the layer took no part in this step's forward
                 continue
-            layer.A = layer.pair.A.detach().to(torch.float32, copy=True)
-            layer.B = layer.pair.B.detach().to(torch.float32, copy=True)
-            grad = layer.pair.A.grad
-            layer.grad_A = None if grad is None else grad.detach().to(torch.float32, copy=True)
-        self._snapshotted = True
+            A, B = layer.pair.A, layer.pair.B
+            key = (A.shape, B.shape, layer.Z.shape, A.device, A.dtype, B.dtype)
+            same_shapes.setdefault(key, []).append(layer)
+        self._snapshots = [_Snapshot.take(layers) for layers in same_shapes.values()]
 
     # ------------------------------------------------------------------ measure
     @torch.no_grad()
@@ -297,55 +419,31 @@ class FeatureProbe:
         """The metrics of this step (see the module docstring); {} when it does not log."""
         if not self.armed:
             return {}
-        if not self._snapshotted:
+        if self._snapshots is None:
             raise RuntimeError(
                 f"FeatureProbe.after_update on logging step {self.step} without before_update: "
                 "call probe.before_update() right before optimizer.step()."
             )
         self.armed = False
-        measured = [layer for layer in self.layers if layer.A is not None]
-        if not measured:
+        snapshots = self._snapshots
+        if not snapshots:
             return {}
         inner = getattr(optimizer, "optimizer", optimizer)  # e.g. accelerate's wrapper
-        # One stack of numbers per layer, moved to the host in one transfer at the end.
-        group_of = {} if inner is None else {
-            id(p): group for group in inner.param_groups for p in group["params"]
-        }  # fmt: skip
-        stats = []
-        device = measured[0].pair.A.device
+        device = snapshots[0].A.device
         with torch.autocast(device.type, enabled=False):
-            for layer in measured:
-                A = layer.pair.A
-                direction = None
-                if id(A) in group_of:
-                    direction = adam_direction(inner.state.get(A, {}), group_of[id(A)])
-                direction = layer.grad_A if direction is None else direction
-                stats.append(self._layer_stats(layer, direction).to(device))
-        values = torch.stack(stats).cpu().tolist()
-        for layer in measured:
-            layer.clear()
+            stats = torch.cat([snapshot.stats(inner).to(device) for snapshot in snapshots])
+        values = stats.cpu().tolist()  # the one device-to-host transfer
+        measured = [layer for snapshot in snapshots for layer in snapshot.layers]
+        self._clear()
         return self._metrics(measured, values, inner)
-
-    @staticmethod
-    def _layer_stats(layer: _Layer, direction: torch.Tensor | None) -> torch.Tensor:
-        """RMS of each of QUANTITIES (gAZ from ``direction``, (r, n), nan if None), then
-        ||A'||_F and ||B'||_F: a (len(QUANTITIES) + 2,) float32 tensor."""
-        A_new = layer.pair.A.detach().float()
-        B_new = layer.pair.B.detach().float()
-        terms = feature_update_terms(layer.A, layer.B, A_new, B_new, layer.Z, layer.pair.scale)
-        gAZ = rms(direction @ layer.Z.T) if direction is not None else torch.tensor(math.nan)
-        return torch.stack(
-            [rms(terms[q]) for q in DECOMPOSITION]
-            + [gAZ.to(A_new.device), rms(terms["AZ"]), rms(layer.Z)]
-            + [torch.linalg.vector_norm(A_new), torch.linalg.vector_norm(B_new)]
-        )
 
     def _metrics(self, measured: list[_Layer], values: list[list[float]], optimizer) -> dict:
         metrics: dict[str, float] = {}
         sums = dict.fromkeys(
-            [f"feat/{q}" for q in QUANTITIES] + [f"gamma/{q}" for q in QUANTITIES], 0.0
+            [f"{kind}/{q}" for kind in ("feat", "gamma") for q in QUANTITIES]
+            + ["lora/norm_A", "lora/norm_B"],
+            0.0,
         )
-        sums.update({"lora/norm_A": 0.0, "lora/norm_B": 0.0})
         for layer, row in zip(measured, values):
             name = layer.pair.name
             for q, value in zip(QUANTITIES, row):
@@ -395,19 +493,14 @@ class FeatureProbe:
     @property
     def holds_snapshots(self) -> bool:
         """Whether any captured input or parameter snapshot is held right now."""
-        return any(
-            t is not None
-            for layer in self.layers
-            for t in (layer.Z, layer.A, layer.B, layer.grad_A)
-        )
+        return bool(self._snapshots) or any(layer.Z is not None for layer in self.layers)
 
     def close(self) -> None:
         """Remove the hooks and drop every snapshot; the probe logs nothing afterwards."""
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
-        for layer in self.layers:
-            layer.clear()
+        self._clear()
         self.enabled = self.armed = False
 
     def __enter__(self) -> FeatureProbe:

@@ -85,7 +85,8 @@ def check_config(cfg) -> None:
         try:
             check_target_modules(model_tree, list(method.target_modules))
         except ValueError as error:
-            raise ConfigError(str(error).replace("target_modules", "method.target_modules", 1))
+            message = str(error).replace("target_modules", "method.target_modules", 1)
+            raise ConfigError(message) from None
     if trainer.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError(
             "trainer.device=cuda, but no CUDA device is visible: use trainer.device=cpu."
