@@ -48,11 +48,11 @@ def count_tokens(cfg) -> int:
 
     tokenizer = load_tokenizer(cfg.model.tokenizer or "smollm2")
     task = build_task(cfg.task, tokenizer, seed=cfg.seed)
-    batch = cfg.trainer.batch_size
-    return sum(
-        int(task.collate(batch_indices(task.num_train_examples, cfg.seed, step * batch, batch))["attention_mask"].sum())
-        for step in range(cfg.trainer.max_steps)
-    )  # fmt: skip
+    batch, total = cfg.trainer.batch_size, 0
+    for step in range(cfg.trainer.max_steps):
+        indices = batch_indices(task.num_train_examples, cfg.seed, step * batch, batch)
+        total += int(task.collate(indices)["attention_mask"].sum())
+    return total
 
 
 def runner_seconds(cfg) -> float:
