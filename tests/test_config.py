@@ -109,3 +109,22 @@ def test_bad_values_are_one_clear_line(override, message, monkeypatch):
     with pytest.raises(ConfigError, match=message) as error:
         check_config(compose_config(["model=tiny_llama", override]))
     assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("launcher,target", [
+    ("joblib", "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"),
+    ("submitit_slurm", "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"),
+])  # fmt: skip
+def test_launchers_compose_with_the_local_example(launcher, target, tmp_path):
+    import shutil
+
+    # The documented cluster settings (conf/local/slurm.example.yaml) apply on top of submitit.
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF, conf)
+    if launcher == "submitit_slurm":
+        shutil.copy(conf / "local" / "slurm.example.yaml", conf / "local" / "default.yaml")
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        cfg = compose("config", overrides=[f"hydra/launcher={launcher}"], return_hydra_config=True)
+    assert cfg.hydra.launcher._target_ == target
+    if launcher == "submitit_slurm":
+        assert cfg.hydra.launcher.partition == "gpu" and cfg.logger.mode == "online"
