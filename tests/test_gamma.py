@@ -1,0 +1,408 @@
+"""The feature-update probe (stablelora.gamma), the toy width model and the width sweep."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from stablelora import apply_lora, create_optimizer, find_lora_pairs
+from stablelora.gamma import (
+    QUANTITIES,
+    FeatureProbe,
+    feature_update_terms,
+    gamma_value,
+    rms,
+    update_rms,
+)
+from stablelora.toy import TOY_TARGET_MODULES, ToyTeacherTask, build_toy_model
+
+torch.set_num_threads(1)
+
+
+class OneLayer(nn.Module):
+    """y = proj(x), a single 4 -> 3 linear layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(4, 3, bias=False)
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+def toy_lora(width=32, depth=2, seed=0):
+    torch.manual_seed(seed)
+    model = apply_lora(build_toy_model(width, depth, seed), rank=4, alpha=8,
+                       target_modules=list(TOY_TARGET_MODULES))  # fmt: skip
+    return model, ToyTeacherTask(width, depth, seed, num_train=64, num_eval=32)
+
+
+def train_steps(model, task, optimizer, probe, steps, batch_size=8):
+    """The training-loop contract; returns the metrics dict of every step."""
+    out = []
+    for step in range(1, steps + 1):
+        probe.arm(step)
+        start = step * batch_size % task.num_train_examples
+        model(**task.collate(list(range(start, start + batch_size)))).loss.backward()
+        probe.before_update()
+        optimizer.step()
+        out.append(probe.after_update(optimizer))
+        optimizer.zero_grad()
+    return out
+
+
+def forward_pre_hooks(model):
+    return sum(len(m._forward_pre_hooks) for m in model.modules())
+
+
+# ---------------------------------------------------------------------- the decomposition
+def test_decomposition_sums_to_dY():
+    g = torch.Generator().manual_seed(0)
+    r, n, m, T = 3, 7, 5, 11
+    A, A_new = torch.randn(2, r, n, generator=g, dtype=torch.float64).unbind()
+    B, B_new = torch.randn(2, m, r, generator=g, dtype=torch.float64).unbind()
+    Z = torch.randn(T, n, generator=g, dtype=torch.float64)
+    terms = feature_update_terms(A, B, A_new, B_new, Z, scale=2.5)
+    total = terms["delta1"] + terms["delta2"] + terms["delta3"]
+    assert terms["dY"].shape == (m, T)
+    torch.testing.assert_close(total, terms["dY"], rtol=1e-12, atol=1e-12)
+    # float32 as the probe computes it: equal to rounding.
+    terms32 = feature_update_terms(*(t.float() for t in (A, B, A_new, B_new, Z)), scale=2.5)
+    total32 = terms32["delta1"] + terms32["delta2"] + terms32["delta3"]
+    torch.testing.assert_close(total32, terms32["dY"], rtol=1e-5, atol=1e-5)
+
+
+def test_update_rms_matches_the_materialised_terms():
+    g = torch.Generator().manual_seed(1)
+    L, r, n, m, T = 3, 4, 9, 6, 13
+    A, B, Z = (
+        torch.randn(L, r, n, generator=g),
+        torch.randn(L, m, r, generator=g),
+        torch.randn(L, T, n, generator=g),
+    )
+    scale = torch.tensor([0.5, -2.0, 3.0])
+    for step_size in (1.0, 1e-4):  # 1e-4: dY is 1e-4 of BAZ, where B'A'Z - BAZ cancels
+        A_new = A + step_size * torch.randn(L, r, n, generator=g)
+        B_new = B + step_size * torch.randn(L, m, r, generator=g)
+        reference = feature_update_terms(
+            *(t.double() for t in (A, B, A_new, B_new, Z)), scale.double().view(-1, 1, 1)
+        )
+        fast = update_rms(A, B, A_new, B_new, Z, scale)
+        for q in ("delta1", "delta2", "delta3", "dY", "AZ"):
+            assert fast[q].shape == (L,) and fast[q].dtype == torch.float32
+            expected = rms(reference[q]).float()
+            torch.testing.assert_close(fast[q], expected, rtol=2e-4, atol=0, msg=f"{q} {step_size}")
+
+
+def test_gamma_value():
+    assert gamma_value(16.0, 4) == pytest.approx(2.0)
+    assert gamma_value(0.5, 4) == pytest.approx(-0.5)
+    assert gamma_value(0.0, 4) == -math.inf
+    assert math.isnan(gamma_value(1.0, 1))
+
+
+def _one_layer_setup(optimizer_name):
+    """A 4 -> 3 LoRA layer (r = 2, s = 1) with A, B and the input X set by hand."""
+    model = apply_lora(OneLayer(), rank=2, alpha=2.0, target_modules=["proj"])
+    (pair,) = find_lora_pairs(model)
+    A = np.array([[1.0, 0.0, 2.0, 0.0], [0.0, 1.0, 0.0, -1.0]])
+    B = np.array([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]])
+    X = np.array([[1.0, 2.0, 0.0, 1.0], [0.0, 1.0, 1.0, 0.0], [2.0, 0.0, 1.0, 1.0]])
+    with torch.no_grad():
+        pair.A.copy_(torch.tensor(A))
+        pair.B.copy_(torch.tensor(B))
+    params = [pair.A, pair.B]
+    if optimizer_name == "sgd":
+        optimizer = torch.optim.SGD(params, lr=0.1)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=0.1, weight_decay=0.0, eps=1e-8)
+    return model, pair, optimizer, A, B, X
+
+
+@pytest.mark.parametrize("optimizer_name", ["sgd", "adamw"])
+def test_values_match_an_independent_numpy_computation(optimizer_name):
+    model, pair, optimizer, A, B, X = _one_layer_setup(optimizer_name)
+    assert pair.name == "proj" and pair.scale == 1.0
+    probe = FeatureProbe(model, [pair], first_steps=5, every=0)
+    probe.arm(1)
+    model(torch.tensor(X, dtype=torch.float32)).sum().backward()
+    probe.before_update()
+    optimizer.step()
+    metrics = probe.after_update(optimizer)
+
+    # Independent computation. loss = sum_t sum_i y_ti with y = x W0^T + s x A^T B^T, so
+    # grad_B = s * 1_m (A X^T 1_T)^T and grad_A = s * (B^T 1_m)(X^T 1_T)^T.
+    ones_m, x_sum = np.ones(3), X.sum(axis=0)  # (m,), (n,)
+    grad_B = np.outer(ones_m, A @ x_sum)  # (m, r)
+    grad_A = np.outer(B.T @ ones_m, x_sum)  # (r, n)
+    if optimizer_name == "sgd":
+        A_new, B_new = A - 0.1 * grad_A, B - 0.1 * grad_B
+        direction_A = grad_A  # no Adam moments: the probe falls back to the gradient
+    else:  # the first Adam step moves every entry by lr * g / (|g| + eps)
+        direction_A = grad_A / (np.abs(grad_A) + 1e-8)
+        A_new = A - 0.1 * direction_A
+        B_new = B - 0.1 * grad_B / (np.abs(grad_B) + 1e-8)
+    Zt = X.T
+    expected = {
+        "delta1": (B_new - B) @ A @ Zt,
+        "delta2": B @ (A_new - A) @ Zt,
+        "delta3": (B_new - B) @ (A_new - A) @ Zt,
+        "dY": B_new @ A_new @ Zt - B @ A @ Zt,
+        "gAZ": direction_A @ Zt,
+        "AZ": A @ Zt,
+        "Z": X,
+    }
+    for q, value in expected.items():
+        rms = np.sqrt(np.mean(value**2))
+        assert metrics[f"feat/proj/{q}"] == pytest.approx(rms, rel=1e-5), q
+        assert metrics[f"gamma/proj/{q}"] == pytest.approx(math.log(rms) / math.log(4), rel=1e-5)
+        assert metrics[f"feat/{q}"] == pytest.approx(rms, rel=1e-5)  # one layer: mean = itself
+    assert metrics["lora/proj/norm_A"] == pytest.approx(np.linalg.norm(A_new), rel=1e-6)
+    assert metrics["lora/proj/norm_B"] == pytest.approx(np.linalg.norm(B_new), rel=1e-6)
+    assert "lora/shrinking" not in metrics  # SGD / AdamW have no shrink state
+    probe.close()
+
+
+# ---------------------------------------------------------------------- cadence, on / off
+def test_cadence():
+    model, _ = toy_lora()
+    pairs = find_lora_pairs(model)
+    probe = FeatureProbe(model, pairs, first_steps=3, every=5)
+    assert [t for t in range(1, 21) if probe.is_logging_step(t)] == [1, 2, 3, 5, 10, 15, 20]
+    only_first = FeatureProbe(model, pairs, first_steps=3, every=0)
+    assert [t for t in range(1, 21) if only_first.is_logging_step(t)] == [1, 2, 3]
+    only_first.close()
+    probe.close()
+
+
+def test_logs_exactly_on_logging_steps_and_keeps_nothing_between():
+    model, task = toy_lora()
+    pairs = find_lora_pairs(model)
+    optimizer = create_optimizer(model, "lora", lr=1e-3)
+    probe = FeatureProbe(model, pairs, first_steps=2, every=3)
+    held = []
+    for step in range(1, 8):
+        probe.arm(step)
+        model(**task.collate(list(range(8)))).loss.backward()
+        probe.before_update()
+        held.append(probe.holds_snapshots)
+        optimizer.step()
+        metrics = probe.after_update(optimizer)
+        optimizer.zero_grad()
+        assert bool(metrics) == (step in (1, 2, 3, 6)), step
+        assert not probe.holds_snapshots
+    assert held == [True, True, True, False, False, True, False]
+    probe.close()
+
+
+def test_disabled_registers_no_hooks_and_keeps_no_snapshots():
+    model, task = toy_lora()
+    optimizer = create_optimizer(model, "stable_lora", lr=1e-3)
+    probe = FeatureProbe(model, find_lora_pairs(model), enabled=False)
+    assert probe.num_hooks == 0 and forward_pre_hooks(model) == 0
+    for step in range(1, 4):
+        assert probe.arm(step) is False
+        model(**task.collate(list(range(8)))).loss.backward()
+        probe.before_update()
+        assert not probe.holds_snapshots
+        optimizer.step()
+        assert probe.after_update(optimizer) == {}
+        optimizer.zero_grad()
+
+
+def test_close_removes_the_hooks():
+    model, _ = toy_lora(depth=3)
+    probe = FeatureProbe(model, find_lora_pairs(model))
+    assert probe.num_hooks == 3 and forward_pre_hooks(model) == 3
+    probe.close()
+    assert probe.num_hooks == 0 and forward_pre_hooks(model) == 0
+
+
+def test_after_update_without_before_update_is_an_error():
+    model, task = toy_lora()
+    probe = FeatureProbe(model, find_lora_pairs(model))
+    probe.arm(1)
+    model(**task.collate([0, 1]))
+    with pytest.raises(RuntimeError, match="before_update"):
+        probe.after_update()
+    probe.close()
+
+
+# ---------------------------------------------------------------------- keys and state
+def test_per_layer_and_aggregate_keys_with_shrink_state():
+    model, task = toy_lora(depth=2)
+    pairs = find_lora_pairs(model)
+    names = [pair.name for pair in pairs]
+    assert names == ["blocks.0.fc", "blocks.1.fc"]
+    optimizer = create_optimizer(model, "stable_lora", lr=1e-3, shrink_ratio=1e-2)
+    probe = FeatureProbe(model, pairs, first_steps=1)
+    (metrics,) = train_steps(model, task, optimizer, probe, steps=1)
+    for q in QUANTITIES:
+        assert f"feat/{q}" in metrics and f"gamma/{q}" in metrics
+        for name in names:
+            assert f"feat/{name}/{q}" in metrics and f"gamma/{name}/{q}" in metrics
+        mean = np.mean([metrics[f"feat/{name}/{q}"] for name in names])
+        assert metrics[f"feat/{q}"] == pytest.approx(mean)
+    for name in names:
+        assert metrics[f"lora/{name}/norm_A"] > 0
+        assert metrics[f"lora/{name}/shrinking"] == 1.0  # B = 0 on step 1: every layer shrinks
+        assert f"lora/{name}/stop_step" not in metrics
+    assert metrics["lora/shrinking"] == 1.0
+    assert metrics["feat/delta2"] == 0.0 and metrics["gamma/delta2"] == -math.inf  # B0 = 0
+
+    probe.close()
+    aggregates_only = FeatureProbe(model, pairs, first_steps=1, per_layer=False)
+    (metrics,) = train_steps(model, task, optimizer, aggregates_only, steps=1)
+    assert all(key.count("/") == 1 for key in metrics)
+    aggregates_only.close()
+
+
+def test_stop_step_is_logged_once_a_layer_stops():
+    model, task = toy_lora(width=16, depth=1)
+    optimizer = create_optimizer(model, "stable_lora", lr=5e-2, shrink_ratio=0.2)
+    probe = FeatureProbe(model, find_lora_pairs(model), first_steps=30)
+    history = train_steps(model, task, optimizer, probe, steps=30)
+    stopped = [m for m in history if m["lora/blocks.0.fc/shrinking"] == 0.0]
+    assert stopped, "the layer should stop shrinking within 30 steps"
+    state = optimizer.shrink_state()["blocks.0.fc"]
+    assert stopped[-1]["lora/blocks.0.fc/stop_step"] == state["stop_step"]
+
+
+def test_a_wrapped_model_is_probed_through_the_pairs_tensors():
+    model, task = toy_lora(width=16, depth=2)
+
+    class Wrapper(nn.Module):  # like DDP: the model under .module, forward passed through
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+        def forward(self, **batch):
+            return self.module(**batch)
+
+    wrapped = Wrapper(model)
+    pairs = find_lora_pairs(model)  # names without the wrapper's prefix
+    optimizer = create_optimizer(model, "stable_lora", lr=1e-3)
+    probe = FeatureProbe(wrapped, pairs, first_steps=1)
+    (metrics,) = train_steps(wrapped, task, optimizer, probe, steps=1)
+    assert metrics["feat/blocks.1.fc/dY"] > 0 and metrics["lora/blocks.1.fc/shrinking"] == 1.0
+    with pytest.raises(ValueError, match="find_lora_pairs"):
+        FeatureProbe(toy_lora(width=16)[0], pairs)  # pairs of another model
+    probe.close()
+
+
+# ---------------------------------------------------------------------- capture
+def test_inputs_are_subsampled_deterministically():
+    model, _ = toy_lora(width=16, depth=1)
+    probe = FeatureProbe(model, find_lora_pairs(model), max_tokens=10)
+    probe.arm(1)
+    embedded = []
+    handle = model.base_model.model.embed.register_forward_hook(
+        lambda m, a, out: embedded.append(out)
+    )
+    model(inputs=torch.randn(4, 25, 16))  # (batch, seq, d_in): 100 token positions
+    handle.remove()
+    Z = probe.layers[0].Z
+    rows = embedded[0].reshape(-1, 16)
+    assert Z.shape == (10, 16) and Z.dtype == torch.float32
+    torch.testing.assert_close(Z[0], rows[0])
+    torch.testing.assert_close(Z[-1], rows[-1])  # evenly spaced, ends included
+    # Z is the LoRA layer's input, which for the first block is the embedding's output.
+    index = torch.linspace(0, 99, 10).round().long()
+    torch.testing.assert_close(Z, rows[index])
+    probe.close()
+
+
+def test_gradient_accumulation_captures_the_first_micro_batch_only():
+    model, task = toy_lora(width=16, depth=1)
+    optimizer = create_optimizer(model, "lora", lr=1e-3)
+    probe = FeatureProbe(model, find_lora_pairs(model))
+    probe.arm(1)
+    first, second = task.collate([0, 1, 2]), task.collate([3, 4, 5])
+    model(**first).loss.backward()
+    Z_first = probe.layers[0].Z.clone()
+    model(**second).loss.backward()
+    torch.testing.assert_close(probe.layers[0].Z, Z_first)
+    probe.before_update()
+    optimizer.step()
+    assert probe.after_update(optimizer)
+    probe.close()
+
+
+def test_bf16_autocast():
+    model, task = toy_lora(width=32, depth=2)
+    optimizer = create_optimizer(model, "stable_lora", lr=1e-3)
+    probe = FeatureProbe(model, find_lora_pairs(model), first_steps=2)
+    history = []
+    for step in (1, 2):
+        probe.arm(step)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(**task.collate(list(range(8)))).loss.backward()
+        probe.before_update()
+        optimizer.step()
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # the probe turns autocast off
+            history.append(probe.after_update(optimizer))
+        optimizer.zero_grad()
+    for q in ("delta1", "delta3", "dY", "AZ", "Z"):
+        assert math.isfinite(history[-1][f"feat/{q}"]) and history[-1][f"feat/{q}"] > 0
+    probe.close()
+
+
+# ---------------------------------------------------------------------- the toy model
+def test_toy_activations_are_order_one_at_every_width():
+    for width in (64, 1024):
+        model = build_toy_model(width, depth=3, seed=0)
+        h = model.embed(torch.randn(256, 16))
+        for block in model.blocks:
+            h = block(h)
+            assert 0.7 < h.square().mean().sqrt() < 1.4, width
+        assert not any(p.requires_grad for p in model.parameters())
+    torch.testing.assert_close(build_toy_model(32, 2, 5).blocks[1].fc.weight,
+                               build_toy_model(32, 2, 5).blocks[1].fc.weight)  # fmt: skip
+
+
+def test_toy_task_contract_and_learnability():
+    model, task = toy_lora(width=64, depth=2)
+    batch = task.collate([0, 1, 2])
+    assert set(batch) == {"inputs", "targets"} and batch["inputs"].shape == (3, 16)
+    assert task.num_train_examples == 64 and task.main_metric == "loss" and task.name
+    before = task.evaluate(model, batch_size=16)
+    assert before["n"] == 32 and 0.1 < before["loss"] < 20  # Theta(1) signal
+    assert task.evaluate(model, batch_size=16, max_examples=10)["n"] == 10
+    optimizer = create_optimizer(model, "lora", lr=1e-2)
+    probe = FeatureProbe(model, find_lora_pairs(model), enabled=False)
+    train_steps(model, task, optimizer, probe, steps=60, batch_size=16)
+    assert task.evaluate(model, batch_size=16)["loss"] < 0.7 * before["loss"]
+
+
+# ---------------------------------------------------------------------- the width fit
+def test_t_quantile_and_slope_fit():
+    from analysis.width_fit import fit_slope, t_quantile
+
+    assert t_quantile(0.975, 1) == pytest.approx(12.706, abs=2e-3)
+    assert t_quantile(0.975, 10) == pytest.approx(2.228, abs=2e-3)
+    assert t_quantile(0.975, 1000) == pytest.approx(1.962, abs=2e-3)
+    log_n = np.log(np.array([128.0, 256, 512, 1024]))
+    exact = fit_slope(log_n, 0.5 * log_n + 1.0)
+    assert exact["exponent"] == pytest.approx(0.5) and exact["r2"] == pytest.approx(1.0)
+    noisy = fit_slope(np.repeat(log_n, 3), 0.5 * np.repeat(log_n, 3) + np.tile([0.1, -0.1, 0], 4))
+    assert noisy["ci_low"] < 0.5 < noisy["ci_high"] and noisy["points"] == 12
+
+
+def test_width_sweep_smoke_writes_the_exponent_table(tmp_path):
+    from experiments.width_sweep import METHODS, main
+
+    result = main(["--smoke", "--steps", "8", "--out", str(tmp_path)])
+    table = result["table"]
+    assert set(table["method"]) == set(METHODS)
+    assert {"delta1", "delta2", "delta3", "dY", "gAZ"} <= set(table.columns)
+    for name in ("records.jsonl", "exponents.csv", "exponents.md", "width_fit.png",
+                 "width_fit.pdf", "exponents_vs_step.png", "exponents_vs_step.pdf"):  # fmt: skip
+        assert (tmp_path / name).stat().st_size > 0, name
+    assert "Assumption 1" in (tmp_path / "exponents.md").read_text()
+    fits = result["fits"]
+    gaz = fits[(fits["quantity"] == "gAZ") & (fits["step"] == 2)]
+    assert len(gaz) == len(METHODS) and gaz["exponent"].between(0.3, 1.7).all()
