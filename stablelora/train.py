@@ -403,7 +403,8 @@ def train(cfg, run_dir: Path, override_dirname: str = "") -> dict:
 def better(best: dict, result: dict, task, step: int) -> dict:
     """The better of two evaluations by the task's main metric (the earlier one on ties)."""
     key = f"eval/{task.main_metric}"
-    if result and result.get(key, -math.inf) > best.get(key, -math.inf):
+    sign = 1.0 if getattr(task, "greater_is_better", True) else -1.0
+    if result and sign * result.get(key, -sign * math.inf) > sign * best.get(key, -sign * math.inf):
         return {**result, "step": step}
     return best
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -392,17 +393,23 @@ def test_t_quantile_and_slope_fit():
     assert noisy["ci_low"] < 0.5 < noisy["ci_high"] and noisy["points"] == 12
 
 
-def test_width_sweep_smoke_writes_the_exponent_table(tmp_path):
-    from experiments.width_sweep import METHODS, main
+@pytest.mark.slow
+def test_width_sweep_smoke_runs_through_the_runner_and_writes_the_exponent_table(tmp_path):
+    from experiments.width_sweep import main
 
-    result = main(["--smoke", "--steps", "8", "--out", str(tmp_path)])
+    result = main(["--smoke", "--output-root", str(tmp_path), "trainer.max_steps=8"])
+    sweep = tmp_path / "sweeps" / "width_sweep_smoke"
+    summaries = [json.loads(p.read_text()) for p in sweep.glob("*/summary.json")]
+    assert len(summaries) == 6 and {s["status"] for s in summaries} == {"completed"}
     table = result["table"]
-    assert set(table["method"]) == set(METHODS)
+    assert set(table["method"]) == {"lora", "stable_lora"}
     assert {"delta1", "delta2", "delta3", "dY", "gAZ"} <= set(table.columns)
-    for name in ("records.jsonl", "exponents.csv", "exponents.md", "width_fit.png",
+    assert (sweep / "records.jsonl").stat().st_size > 0
+    for name in ("exponents.csv", "exponents.md", "width_fit.png",
                  "width_fit.pdf", "exponents_vs_step.png", "exponents_vs_step.pdf"):  # fmt: skip
-        assert (tmp_path / name).stat().st_size > 0, name
-    assert "Assumption 1" in (tmp_path / "exponents.md").read_text()
+        assert (sweep / "report" / name).stat().st_size > 0, name
+    assert "Assumption 1" in (sweep / "report" / "exponents.md").read_text()
     fits = result["fits"]
     gaz = fits[(fits["quantity"] == "gAZ") & (fits["step"] == 2)]
-    assert len(gaz) == len(METHODS) and gaz["exponent"].between(0.3, 1.7).all()
+    # Assumption 1 at step 2: g_A Z grows like n (Adam directions have entries of order one).
+    assert len(gaz) == 2 and gaz["exponent"].between(0.7, 1.3).all()

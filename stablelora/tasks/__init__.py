@@ -25,7 +25,10 @@ from typing import Any
 from stablelora.tasks.base import MathTask, MultipleChoiceTask, Task
 from stablelora.tasks.data import PROMPT_FORMATS, PROTOCOLS, TaskConfig, check_source
 
-FAMILIES = ("hellaswag", "siqa", "obqa", "arc", "merged_qa", "gsm8k", "bbc_news", "arithmetic")
+FAMILIES = (
+    "hellaswag", "siqa", "obqa", "arc", "merged_qa", "gsm8k", "bbc_news", "arithmetic",
+    "toy_teacher",
+)  # fmt: skip
 
 __all__ = [
     "FAMILIES",
