@@ -148,7 +148,7 @@ class RunRecorder:
         row = {"step": step, **{k: _finite_or_none(v) for k, v in metrics.items()}}
         with self.metrics_path.open("a") as stream:
             stream.write(json.dumps(row, default=_jsonable) + "\n")
-        self._wandb(lambda run: run.log(metrics, step=step))
+        self._wandb(lambda run: run.log(wandb_keys(metrics), step=step))
 
     def write_summary(self, summary: dict) -> None:
         """Write ``summary.json`` (and the W&B summary)."""
@@ -166,6 +166,21 @@ class RunRecorder:
         """Close the W&B run."""
         self._wandb(lambda run: run.finish(exit_code=exit_code))
         self.wandb_run = None
+
+
+PROBE_SECTIONS = ("feat", "gamma", "lora")
+
+
+def wandb_keys(metrics: dict[str, float]) -> dict[str, float]:
+    """W&B names: per-layer probe values (``feat/<layer>/delta1``...) move to one ``per_layer/``
+    section, so the aggregates stay a short set of charts and hundreds of per-layer charts sit
+    in a single collapsed panel."""
+    renamed = {}
+    for key, value in metrics.items():
+        parts = key.split("/")
+        per_layer = len(parts) >= 3 and parts[0] in PROBE_SECTIONS
+        renamed[f"per_layer/{key}" if per_layer else key] = value
+    return renamed
 
 
 def _finite_or_none(value):

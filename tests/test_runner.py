@@ -231,6 +231,8 @@ def test_wandb_offline_run_can_be_read_back(tmp_path):
             updates = record.config.update if kind == "config" else record.run.config.update
             config |= {item.key or "/".join(item.nested_key) for item in updates}
     assert {"train/loss", "eval/acc", "feat/delta1", "shrink/num_shrinking"} <= logged
+    layer = "model.layers.0.self_attn.q_proj"
+    assert f"per_layer/feat/{layer}/delta1" in logged and f"feat/{layer}/delta1" not in logged
     assert {"status", "final/eval/acc"} <= summary
     assert {"method", "model", "task", "optim"} <= config
     assert (tmp_path / "wandb_id.txt").read_text().strip() in run_files[0].name
