@@ -236,3 +236,21 @@ def test_wandb_offline_run_can_be_read_back(tmp_path):
     assert {"status", "final/eval/acc"} <= summary
     assert {"method", "model", "task", "optim"} <= config
     assert (tmp_path / "wandb_id.txt").read_text().strip() in run_files[0].name
+
+
+def test_gradient_checkpointing_gives_the_same_training(tmp_path):
+    # Non-reentrant checkpointing recomputes the forward: same gradients, so the same adapter.
+    base = SMOKE + ["probe=off", "trainer.max_steps=3", "trainer.checkpoint_every=0"]
+    train(compose_config(base), tmp_path / "plain")
+    summary = train(compose_config(base + ["model.gradient_checkpointing=true"]), tmp_path / "gc")
+    assert summary["status"] == "completed"
+    plain, checkpointed = adapter_state(tmp_path / "plain"), adapter_state(tmp_path / "gc")
+    for name in plain:
+        torch.testing.assert_close(plain[name], checkpointed[name], rtol=1e-5, atol=1e-7)
+
+
+def test_bf16_autocast_path_runs_on_cpu(tmp_path):
+    # The CUDA default (model.precision=auto -> bf16) exercised on CPU: adapters stay float32.
+    summary = train(compose_config(SMOKE + ["model.precision=bf16"]), tmp_path)
+    assert summary["status"] == "completed"
+    assert all(t.dtype == torch.float32 for t in adapter_state(tmp_path).values())
