@@ -335,6 +335,8 @@ def train(cfg, run_dir: Path, override_dirname: str = "") -> dict:
     if trainer.num_threads:
         torch.set_num_threads(trainer.num_threads)
     dist = Distributed(trainer.device)
+    if dist.device.type == "cuda":  # jobs of a multirun share the process: one peak per job
+        torch.cuda.reset_peak_memory_stats(dist.device)
     seed_everything(cfg.seed, trainer.deterministic)
     recorder = RunRecorder(run_dir, OmegaConf.to_container(cfg, resolve=True), cfg.logger,
                            run_name(cfg, override_dirname), enabled=dist.is_main)  # fmt: skip

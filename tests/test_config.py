@@ -40,10 +40,12 @@ def test_default_is_the_embedded_offline_job():
 def test_every_option_of_every_group_composes(group):
     options = group_options(group)
     assert options, f"conf/{group} is empty"
+    needs = {"task=toy_teacher": ["model=toy_width"]}  # the teacher has the model's width
     for option in options:
         if option.startswith("_"):
             continue
-        cfg = compose_config([f"{group}={option}"])
+        choice = f"{group}={option}"
+        cfg = compose_config([choice, *needs.get(choice, [])])
         OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
 
 

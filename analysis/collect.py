@@ -1,0 +1,486 @@
+"""Collect run records into pandas DataFrames: from sweep directories on disk, or from W&B.
+
+A run directory (see the README's "Run records") holds ``summary.json``, ``config.yaml`` (the
+resolved config; ``.hydra/config.yaml`` when the job failed before writing it) and
+``metrics.jsonl``. :func:`collect` finds every run under the given directories and returns a
+:class:`Collection`:
+
+- ``runs``: one row per run: ``run_id``, ``sweep``, ``run``, ``status`` (``completed``,
+  ``diverged``, ``failed``, or ``incomplete`` for a run without a summary), ``error``,
+  ``steps``, ``max_steps``, ``main_metric``, ``model``, ``task``, ``method``, ``seed``,
+  ``score`` (the final value of the main metric), ``initial/<metric>``, ``final/<metric>``,
+  ``best/<metric>`` and ``best/step``, ``train_loss_final``, ``wall_time_s``,
+  ``train_time_s``, ``peak_memory_mb``, shrink statistics (``shrink/layers``,
+  ``shrink/stopped``, ``shrink/stop_step_median``) and the flattened config (``optim.lr``,
+  ``method.target_modules`` as ``"q_proj,v_proj"``, ...). ``label`` names the method and the
+  hyper-parameters that distinguish its runs (see :func:`label_runs`).
+- ``history``: the metric histories, long: ``run_id``, ``step``, ``key``, ``value``.
+- ``shrink``: Stable-LoRA's stop steps, long: ``run_id``, ``layer``, ``shrinking``,
+  ``stop_step`` (null for a layer still shrinking at the end).
+
+Runs that failed, diverged or never finished are kept, with their status: the tables count
+them and say so. :func:`collect_wandb` builds the same frames from a W&B project.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+RUN_FILES = ("summary.json", "config.yaml", "metrics.jsonl")
+#: Folders inside a run (or a report) that never hold runs: not walked.
+SKIP_DIRS = {".hydra", "adapter", "wandb", "report", "plots", "tables", "__pycache__"}
+HISTORY_COLUMNS = ["run_id", "step", "key", "value"]
+SHRINK_COLUMNS = ["run_id", "layer", "shrinking", "stop_step"]
+#: The probe's per-layer feature magnitudes and gamma estimates: many keys per row, and the
+#: tables and plots use only their means over layers (``feat/delta1``) and the per-layer
+#: norms (``lora/<layer>/norm_A``), so by default they are not loaded.
+PER_LAYER_PROBE = re.compile(r"^(feat|gamma)/.+/")
+#: Config keys that can tell runs of one method apart (besides the seed): the label of a run
+#: shows those that vary within its (model, task, method), and every ``method.options.*``.
+VARIANT_KEYS = (
+    "method.target_modules",
+    "method.rank",
+    "method.alpha",
+    "method.scaling",
+    "method.init",
+    "method.init_scale",
+    "method.use_dora",
+    "method.dropout",
+    "method.shrink_ratio",
+    "method.stop_rule",
+    "method.loraplus_lr_ratio",
+    "optim.lr",
+    "optim.weight_decay",
+    "optim.schedule",
+    "optim.warmup_steps",
+    "trainer.max_steps",
+    "trainer.batch_size",
+    "trainer.grad_accum",
+    "model.config.hidden_size",
+    "model.width",
+    "lr_width_exponent",
+)
+#: W&B run states for runs whose summary has no ``status`` (the runner writes one at the end).
+WANDB_STATES = {
+    "finished": "completed",
+    "running": "incomplete",
+    "crashed": "failed",
+    "failed": "failed",
+    "killed": "failed",
+    "preempted": "incomplete",
+}
+
+
+@dataclass
+class Collection:
+    """The runs of one or more sweeps: ``runs`` (one row per run), ``history`` (long metric
+    histories) and ``shrink`` (long per-layer shrink stops); see the module docstring."""
+
+    runs: pd.DataFrame
+    history: pd.DataFrame
+    shrink: pd.DataFrame
+
+    def __len__(self) -> int:
+        return len(self.runs)
+
+    def subset(self, run_ids: Iterable[str]) -> Collection:
+        """The collection restricted to ``run_ids`` (histories and shrink stops included)."""
+        keep = set(run_ids)
+        return Collection(
+            self.runs[self.runs["run_id"].isin(keep)].reset_index(drop=True),
+            self.history[self.history["run_id"].isin(keep)].reset_index(drop=True),
+            self.shrink[self.shrink["run_id"].isin(keep)].reset_index(drop=True),
+        )
+
+
+# ---------------------------------------------------------------------------- files
+def find_run_dirs(root: str | Path) -> list[Path]:
+    """Every run directory under ``root`` (``root`` itself if it is one), sorted.
+
+    A run directory holds ``summary.json``, ``config.yaml`` or ``metrics.jsonl``; run folders
+    are not nested, so the walk stops at the first one on each branch.
+    """
+    root = Path(root)
+    found = []
+    for folder, subdirs, files in os.walk(root):
+        if any(name in files for name in RUN_FILES):
+            found.append(Path(folder))
+            subdirs[:] = []
+            continue
+        subdirs[:] = sorted(d for d in subdirs if d not in SKIP_DIRS)
+    return sorted(found)
+
+
+def _yaml_loader():
+    import yaml
+
+    return getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+def read_config(run_dir: Path) -> dict:
+    """The run's resolved ``config.yaml``, else Hydra's ``.hydra/config.yaml`` (written before
+    the job starts, so a job that failed early still has it), else ``{}``."""
+    import yaml
+
+    for path in (run_dir / "config.yaml", run_dir / ".hydra" / "config.yaml"):
+        if path.exists():
+            try:
+                return yaml.load(path.read_text(), Loader=_yaml_loader()) or {}
+            except yaml.YAMLError:
+                continue
+    return {}
+
+
+def read_summary(run_dir: Path) -> dict:
+    path = run_dir / "summary.json"
+    if not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:  # written atomically, so only a foreign or damaged file
+        return {}
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """The rows of ``metrics.jsonl`` (a torn last line, from a killed run, is skipped)."""
+    path = run_dir / "metrics.jsonl"
+    rows = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return rows
+
+
+# ---------------------------------------------------------------------------- one run
+def flatten(config: dict, prefix: str = "") -> dict:
+    """Nested config -> ``{"optim.lr": 1e-4, ...}``; lists become comma-joined strings so that
+    they can be grouped on (``method.target_modules`` -> ``"q_proj,v_proj"``)."""
+    flat = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        elif isinstance(value, (list, tuple)):
+            flat[name] = ",".join(str(item) for item in value)
+        else:
+            flat[name] = value
+    return flat
+
+
+def run_row(
+    config: dict,
+    summary: dict,
+    *,
+    run_id: str,
+    sweep: str,
+    run: str,
+    history_steps: int | None = None,
+) -> dict:
+    """One row of ``Collection.runs`` from a run's resolved config and its summary.
+
+    The summary has the runner's schema (``status``, ``initial``/``final``/``best`` dicts,
+    ...); a run with no summary is ``incomplete`` and its ``steps`` are the last logged step.
+    """
+    config = {k: v for k, v in config.items() if k != "hydra"}
+    flat = flatten(config)
+    status = summary.get("status") or "incomplete"
+    if status == "running":  # a summary written mid-run by an older runner
+        status = "incomplete"
+    main_metric = summary.get("main_metric") or "eval/acc"
+    final = summary.get("final") or {}
+    row = {
+        "run_id": run_id,
+        "sweep": sweep,
+        "run": run,
+        "status": status,
+        "error": summary.get("error"),
+        "steps": summary.get("steps", history_steps),
+        "max_steps": summary.get("max_steps", flat.get("trainer.max_steps")),
+        "main_metric": main_metric,
+        # Never missing, so that grouping on them keeps every run.
+        "model": summary.get("model") or flat.get("model.name") or "—",
+        "task": summary.get("task") or flat.get("task.name") or "—",
+        "method": summary.get("method") or flat.get("method.name") or "—",
+        "seed": summary.get("seed", flat.get("seed")),
+        "score": final.get(main_metric, math.nan) if status == "completed" else math.nan,
+    }
+    for section in ("initial", "final", "best"):
+        for key, value in (summary.get(section) or {}).items():
+            row[f"{section}/{key}"] = value
+    for key in ("train_loss_final", "wall_time_s", "train_time_s", "peak_memory_mb"):
+        row[key] = summary.get(key)
+    row.update(_shrink_stats(summary.get("shrink")))
+    row.update(flat)
+    return row
+
+
+def _shrink_stats(shrink: dict | None) -> dict:
+    if not shrink:
+        return {}
+    stops = [layer.get("stop_step") for layer in shrink.values()]
+    stopped = sorted(s for s in stops if s is not None)
+    return {
+        "shrink/layers": len(stops),
+        "shrink/stopped": len(stopped),
+        "shrink/stop_step_median": stopped[len(stopped) // 2] if stopped else math.nan,
+        "shrink/stop_step_max": stopped[-1] if stopped else math.nan,
+    }
+
+
+def shrink_rows(run_id: str, shrink: dict | None) -> list[tuple]:
+    return [
+        (run_id, layer, bool(state.get("shrinking")), state.get("stop_step"))
+        for layer, state in (shrink or {}).items()
+    ]
+
+
+def _key_filter(per_layer_probes: bool) -> Callable[[str], bool]:
+    if per_layer_probes:
+        return lambda key: True
+    cache: dict[str, bool] = {}
+
+    def keep(key: str) -> bool:
+        if key not in cache:
+            cache[key] = PER_LAYER_PROBE.match(key) is None
+        return cache[key]
+
+    return keep
+
+
+# ---------------------------------------------------------------------------- frames
+def _frames(
+    records: list[tuple[dict, list[dict], list[tuple]]], per_layer_probes: bool
+) -> Collection:
+    """(run row, metric rows, shrink rows) of every run -> a :class:`Collection`."""
+    runs = pd.DataFrame([record[0] for record in records])
+    if runs.empty:
+        runs = pd.DataFrame(columns=["run_id", "status", "model", "task", "method", "seed"])
+    keep = _key_filter(per_layer_probes)
+    # One wide frame of every logged row, then a single melt: much faster than building the
+    # long frame value by value (1,000 runs in about a second).
+    wide_rows, owners = [], []
+    for row, metrics, _ in records:
+        for metric_row in metrics:
+            wide_rows.append({k: v for k, v in metric_row.items() if keep(k)})
+            owners.append(row["run_id"])
+    if wide_rows:
+        wide = pd.DataFrame.from_records(wide_rows)
+        wide["run_id"] = owners
+        history = wide.melt(id_vars=["run_id", "step"], var_name="key", value_name="value")
+        history["value"] = pd.to_numeric(history["value"], errors="coerce")
+        history = history.dropna(subset=["value"])
+        history = history.astype({"run_id": "category", "key": "category", "step": "int64"})
+        history = history.sort_values(["run_id", "key", "step"], kind="stable")
+        history = history[HISTORY_COLUMNS].reset_index(drop=True)
+    else:
+        history = pd.DataFrame(columns=HISTORY_COLUMNS)
+    shrink = pd.DataFrame([r for record in records for r in record[2]], columns=SHRINK_COLUMNS)
+    collection = Collection(runs, history, shrink)
+    label_runs(collection.runs)
+    return collection
+
+
+def collect(
+    paths: str | Path | Iterable[str | Path],
+    *,
+    history: bool = True,
+    per_layer_probes: bool = False,
+) -> Collection:
+    """Read every run under ``paths`` (sweep directories, or run directories).
+
+    Args:
+        paths: one or more directories, searched recursively for run directories.
+        history: also load ``metrics.jsonl`` (the plots and step tables need it).
+        per_layer_probes: keep the probe's per-layer ``feat/<layer>/...`` and
+            ``gamma/<layer>/...`` keys in the history (off by default: see
+            :data:`PER_LAYER_PROBE`; the per-layer ``lora/<layer>/norm_A`` keys are always kept).
+
+    Returns:
+        A :class:`Collection`; ``run_id`` is the run directory's path, ``sweep`` the given
+        directory and ``run`` the run's path relative to it.
+    """
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    records = []
+    for root in map(Path, paths):
+        if not root.exists():
+            raise FileNotFoundError(f"{root} does not exist: give a sweep or run directory.")
+        for run_dir in find_run_dirs(root):
+            metrics = read_metrics(run_dir) if history else []
+            summary = read_summary(run_dir)
+            run_id = str(run_dir)
+            row = run_row(
+                read_config(run_dir),
+                summary,
+                run_id=run_id,
+                sweep=str(root),
+                run=run_dir.relative_to(root).as_posix(),
+                history_steps=max((m.get("step", 0) for m in metrics), default=None),
+            )
+            records.append((row, metrics, shrink_rows(run_id, summary.get("shrink"))))
+    return _frames(records, per_layer_probes)
+
+
+def concat(collections: Iterable[Collection]) -> Collection:
+    """Several collections as one (labels recomputed over all runs)."""
+    collections = list(collections)
+    runs = pd.concat([c.runs for c in collections], ignore_index=True)
+    history = pd.concat(
+        [c.history.astype({"run_id": str, "key": str}) for c in collections], ignore_index=True
+    )
+    history = history.astype({"run_id": "category", "key": "category"})
+    shrink = pd.concat([c.shrink for c in collections], ignore_index=True)
+    label_runs(runs)
+    return Collection(runs, history, shrink)
+
+
+# ---------------------------------------------------------------------------- labels
+def format_value(value) -> str:
+    """A config value as it appears in a label or a table: compact and exact enough."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def short_key(key: str) -> str:
+    """``method.options.large_weight_decay`` -> ``large_weight_decay``."""
+    return key.rsplit(".", 1)[-1]
+
+
+def _group_ids(runs: pd.DataFrame, within: Iterable[str]) -> pd.Series:
+    return runs[list(within)].astype(str).agg("\x1f".join, axis=1)
+
+
+def variant_keys(
+    runs: pd.DataFrame,
+    exclude: Iterable[str] = (),
+    within: tuple[str, ...] = ("model", "task", "method"),
+) -> list[str]:
+    """The config keys whose value differs between runs of some (model, task, method)."""
+    exclude = set(exclude)
+    candidates = [
+        *VARIANT_KEYS,
+        *sorted(c for c in runs.columns if c.startswith("method.options.")),
+    ]
+    groups = _group_ids(runs, within)
+    keys = []
+    for key in candidates:
+        if key in exclude or key not in runs.columns:
+            continue
+        if (runs[key].map(format_value).groupby(groups).nunique() > 1).any():
+            keys.append(key)
+    return keys
+
+
+def label_runs(runs: pd.DataFrame, exclude: Iterable[str] = ()) -> pd.DataFrame:
+    """Set ``runs["variant"]`` and ``runs["label"]`` in place and return ``runs``.
+
+    The variant names the hyper-parameters that tell a run apart from the other runs of its
+    (model, task, method), e.g. ``"stop_rule=never, lr=0.0002"`` (see :data:`VARIANT_KEYS`
+    and ``method.options.*``); the label is the method name followed by the variant
+    (``"stable_lora, stop_rule=never"``; just ``"lora"`` when its runs differ only in seed).
+    ``exclude`` keys are left out: a table that shows them in a column of their own.
+    """
+    if runs.empty:
+        runs["variant"], runs["label"] = pd.Series(dtype=str), pd.Series(dtype=str)
+        return runs
+    groups = _group_ids(runs, ("model", "task", "method"))
+    variant = pd.Series("", index=runs.index)
+    for key in variant_keys(runs, exclude):
+        values = runs[key].map(format_value)
+        varies = values.groupby(groups).transform("nunique") > 1
+        part = (short_key(key) + "=" + values).where(varies, "")
+        variant = variant.str.cat(part, sep=", ").str.strip(", ")
+    runs["variant"] = variant
+    methods = runs["method"].map(format_value)
+    runs["label"] = methods.where(variant == "", methods + ", " + variant)
+    return runs
+
+
+# ---------------------------------------------------------------------------- W&B
+def wandb_run_records(run, *, history: bool = True) -> tuple[dict, list[dict], list[tuple]]:
+    """One W&B run (an object of ``wandb.Api().runs(...)``) -> (run row, metric rows, shrink
+    rows), the same shapes as a run read from disk.
+
+    The runner's W&B run holds the resolved config, the metrics logged with ``step=`` (W&B's
+    ``_step``) and a flat summary: the scalar fields of ``summary.json`` plus ``final/<k>`` and
+    ``best/<k>`` (the initial metrics and the shrink stops are only on disk).
+    """
+    config = dict(run.config or {})
+    raw = getattr(run.summary, "_json_dict", None)
+    flat_summary = dict(raw if raw is not None else run.summary or {})
+    summary = {k: v for k, v in flat_summary.items() if "/" not in k and not k.startswith("_")}
+    for section in ("initial", "final", "best"):
+        prefix = f"{section}/"
+        values = {k[len(prefix) :]: v for k, v in flat_summary.items() if k.startswith(prefix)}
+        summary[section] = {k: v for k, v in values.items() if k != "step"}
+        if section == "best" and "step" in values:
+            summary[section]["step"] = values["step"]
+    if not summary.get("status"):
+        summary["status"] = WANDB_STATES.get(getattr(run, "state", None), "incomplete")
+    metrics = []
+    if history:
+        for row in run.scan_history():
+            if "_step" not in row:
+                continue
+            values = {k: v for k, v in row.items() if not k.startswith("_") and v is not None}
+            if values:
+                metrics.append({"step": int(row["_step"]), **values})
+    path = "/".join(getattr(run, "path", None) or [run.id])
+    row = run_row(
+        config,
+        summary,
+        run_id=f"wandb:{path}",
+        sweep=f"wandb:{getattr(run, 'group', '')}",
+        run=getattr(run, "name", None) or run.id,
+        history_steps=max((m["step"] for m in metrics), default=None),
+    )
+    return row, metrics, shrink_rows(row["run_id"], summary.get("shrink"))
+
+
+def collect_wandb(
+    path: str,
+    *,
+    group: str | None = None,
+    tags: Iterable[str] = (),
+    filters: dict | None = None,
+    history: bool = True,
+    per_layer_probes: bool = False,
+    api=None,
+) -> Collection:
+    """The runs of a W&B project (``"entity/project"``) that were synced, as a Collection.
+
+    Args:
+        path: ``"entity/project"``.
+        group: keep runs of this W&B group (the runner's group is the sweep name).
+        tags: keep runs having any of these tags.
+        filters: further W&B (MongoDB-style) filters, e.g. ``{"config.task.name": "hellaswag"}``.
+        history: also download the metric histories (``run.scan_history()``).
+        per_layer_probes: as in :func:`collect`.
+        api: a ``wandb.Api()`` (made here when None).
+    """
+    if api is None:
+        import wandb
+
+        api = wandb.Api()
+    query = dict(filters or {})
+    if group:
+        query["group"] = group
+    tags = list(tags)
+    if tags:
+        query["tags"] = {"$in": tags}
+    records = [wandb_run_records(run, history=history) for run in api.runs(path, filters=query)]
+    return _frames(records, per_layer_probes)

@@ -1,0 +1,521 @@
+"""analysis/: collect, tables, plots and the report command.
+
+The ``sweep`` fixture makes real records once per module (a smoke sweep of 2 methods x 2
+seeds, a job that fails with ``method.rank=0``, and copies of real runs turned into a third
+seed with another accuracy, a diverged run and an unfinished run); the tests read its
+summary.json files directly to compute the expected numbers by hand. The other tests write
+small synthetic records to check the published-number comparisons, W&B conversion and lr
+selection without training anything.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pandas as pd
+import pytest
+import yaml
+
+from analysis import published
+from analysis.collect import collect, collect_wandb, wandb_run_records
+from analysis.plots import build_plots
+from analysis.report import width_tables
+from analysis.tables import build_tables, latex_escape, select_learning_rate
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled"}
+
+
+def run_python(*args, timeout=600):
+    result = subprocess.run([sys.executable, *args], cwd=ROOT, env=ENV, capture_output=True,
+                            text=True, timeout=timeout)  # fmt: skip
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return result
+
+
+# ---------------------------------------------------------------------------- real records
+def _retag(run_dir: Path, seed: int, **summary_changes) -> None:
+    """Make a copied run a different seed (config and summary), with summary changes."""
+    for path in (run_dir / "config.yaml", run_dir / ".hydra" / "config.yaml"):
+        config = yaml.safe_load(path.read_text())
+        config["seed"] = seed
+        path.write_text(yaml.safe_dump(config))
+    summary_path = run_dir / "summary.json"
+    summary = json.loads(summary_path.read_text())
+    summary.update(seed=seed, **summary_changes)
+    summary_path.write_text(json.dumps(summary))
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("analysis")
+    run_python("run.py", "-m", "experiment=table1_qa_smoke", f"output_root={root}")
+    run_python("run.py", "-m", "experiment=table1_qa_smoke", f"output_root={root}",
+               "method=lora", "method.rank=0", "seed=0")  # fmt: skip
+    sweep_dir = root / "sweeps" / "table1_qa_smoke"
+    # A third stable_lora seed with a different accuracy, so that mean and best differ.
+    third = sweep_dir / "method=stable_lora,seed=2"
+    shutil.copytree(sweep_dir / "method=stable_lora,seed=1", third)
+    summary = json.loads((third / "summary.json").read_text())
+    _retag(third, 2, final={**summary["final"], "eval/acc": 0.875})
+    # A diverged lora run and one that never finished (no summary).
+    diverged = sweep_dir / "method=lora,seed=3"
+    shutil.copytree(sweep_dir / "method=lora,seed=1", diverged)
+    _retag(diverged, 3, status="diverged", error="loss is nan at step 3", final={}, best={})
+    unfinished = sweep_dir / "method=lora,seed=4"
+    shutil.copytree(sweep_dir / "method=lora,seed=0", unfinished)
+    _retag(unfinished, 4)
+    (unfinished / "summary.json").unlink()
+    return sweep_dir
+
+
+def hand_records(sweep_dir: Path) -> pd.DataFrame:
+    """Every run of the sweep read directly from its files: method, rank, seed, status and
+    the final accuracy in %."""
+    rows = []
+    for run_dir in sorted(p for p in sweep_dir.iterdir() if p.is_dir() and p.name != "report"):
+        config_path = run_dir / "config.yaml"
+        if not config_path.exists():
+            config_path = run_dir / ".hydra" / "config.yaml"
+        config = yaml.safe_load(config_path.read_text())
+        summary_path = run_dir / "summary.json"
+        summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+        status = summary.get("status", "incomplete")
+        final = summary.get("final", {}).get("eval/acc") if status == "completed" else None
+        rows.append({"run": run_dir.name, "method": config["method"]["name"],
+                     "rank": config["method"]["rank"], "seed": config["seed"], "status": status,
+                     "acc": math.nan if final is None else 100 * final})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def expected_cells(records: pd.DataFrame, mode: str) -> dict:
+    """{(method, rank): (value, n, runs)} by hand: mean (or max) of the completed runs."""
+    cells = {}
+    for (method, rank), group in records.groupby(["method", "rank"]):
+        values = group["acc"].dropna()
+        value = values.max() if mode == "best" else values.mean()
+        std = values.std() if mode == "mean" and len(values) > 1 else math.nan
+        cells[(method, rank)] = (value, std, len(values), len(group))
+    return cells
+
+
+def label_of(method: str, rank: int) -> str:
+    return f"lora, rank={rank}" if method == "lora" else method
+
+
+@pytest.mark.slow
+def test_collect_keeps_every_run_with_its_status(sweep):
+    coll = collect(sweep)
+    records = hand_records(sweep)
+    assert len(coll.runs) == len(records) == 8
+    statuses = dict(zip(coll.runs["run"], coll.runs["status"]))
+    assert statuses == dict(zip(records["run"], records["status"]))
+    assert sorted(statuses.values()).count("completed") == 5
+    failed = coll.runs[coll.runs["status"] == "failed"].iloc[0]
+    assert failed["method.rank"] == 0 and "method.rank" in failed["error"]
+    for row in coll.runs.itertuples():
+        summary_path = Path(row.run_id) / "summary.json"
+        if row.status == "completed":
+            summary = json.loads(summary_path.read_text())
+            assert row.score == summary["final"][summary["main_metric"]]
+            assert row.train_time_s == summary["train_time_s"]
+        else:
+            assert math.isnan(row.score)
+    # Histories: every logged key of a completed run, the shrink stops of stable_lora.
+    first = coll.runs[coll.runs["run"] == "method=lora,seed=0"].iloc[0]
+    history = coll.history[coll.history["run_id"] == first["run_id"]]
+    logged = [json.loads(line) for line in (Path(first["run_id"]) / "metrics.jsonl").open()]
+    assert sorted(history.loc[history["key"] == "train/loss", "step"]) == sorted(
+        r["step"] for r in logged if "train/loss" in r
+    )
+    assert set(coll.shrink["run_id"]) == set(
+        coll.runs.loc[(coll.runs["method"] == "stable_lora"), "run_id"]
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["mean", "best"])
+def test_table1_matches_the_summaries(sweep, mode):
+    table = {t.name: t for t in build_tables(collect(sweep), mode)}["table1"]
+    expected = expected_cells(hand_records(sweep), mode)
+    data = table.data.set_index("label")
+    assert set(data.index) == {label_of(m, r) for m, r in expected}
+    for (method, rank), (value, std, n, runs) in expected.items():
+        row = data.loc[label_of(method, rank)]
+        assert row["method"] == method
+        assert row["bbc_news_n"] == n and row["bbc_news_runs"] == runs
+        if n:
+            assert row["bbc_news"] == pytest.approx(value)
+            assert row["avg"] == pytest.approx(value)  # one task: the average is the task
+        else:
+            assert math.isnan(row["bbc_news"])
+        if mode == "mean" and n > 1:
+            assert row["bbc_news_std"] == pytest.approx(std)
+    # The failed, diverged and unfinished runs are in the table, not dropped.
+    shown = table.display.set_index("method")
+    assert "failed (0/1)" in shown.loc["lora, rank=0", "bbc_news"]
+    assert "2/4" in shown.loc["lora, rank=8", "bbc_news"]
+    notes = " ".join(table.notes)
+    assert "diverged" in notes and "incomplete" in notes and "failed" in notes
+
+
+@pytest.mark.slow
+def test_best_of_seeds_differs_from_mean(sweep):
+    coll = collect(sweep)
+    mean = {t.name: t for t in build_tables(coll, "mean")}["table1"].data.set_index("label")
+    best = {t.name: t for t in build_tables(coll, "best")}["table1"].data.set_index("label")
+    values = hand_records(sweep).query("method == 'stable_lora'")["acc"]
+    assert best.loc["stable_lora", "bbc_news"] == pytest.approx(values.max()) == 87.5
+    assert mean.loc["stable_lora", "bbc_news"] == pytest.approx(values.mean())
+    assert mean.loc["stable_lora", "bbc_news"] < best.loc["stable_lora", "bbc_news"]
+
+
+@pytest.mark.slow
+def test_runs_not_completed_lists_every_other_status(sweep):
+    table = {t.name: t for t in build_tables(collect(sweep))}["runs_not_completed"]
+    shown = dict(zip(table.display["run"], table.display["status"]))
+    assert shown == {
+        "method.rank=0,method=lora,seed=0": "failed",
+        "method=lora,seed=3": "diverged",
+        "method=lora,seed=4": "incomplete",
+    }
+
+
+def check_latex(text: str) -> None:
+    """A parse check of a booktabs table fragment."""
+    environments = re.findall(r"\\(begin|end)\{(\w+)\}", text)
+    stack = []
+    for kind, name in environments:
+        if kind == "begin":
+            stack.append(name)
+        else:
+            assert stack and stack.pop() == name, f"unbalanced \\end{{{name}}}"
+    assert not stack, f"unclosed environments {stack}"
+    assert "\\begin{tabular}" in text and "\\end{tabular}" in text
+    body = text[text.index("\\begin{tabular}") : text.index("\\end{tabular}")]
+    assert body.count("\\toprule") == body.count("\\midrule") == body.count("\\bottomrule") == 1
+    spec = re.search(r"\\begin\{tabular\}\{([lrc]+)\}", body).group(1)
+    rows = [line for line in body.splitlines() if line.endswith("\\\\")]
+    assert rows, "no rows"
+    for line in rows:
+        assert len(re.findall(r"(?<!\\)&", line)) == len(spec) - 1, line
+    assert text.count("{") - text.count("\\{") == text.count("}") - text.count("\\}")
+
+
+@pytest.mark.slow
+def test_report_command_writes_tables_and_plots(sweep, tmp_path):
+    out = tmp_path / "report"
+    result = run_python("-m", "analysis.report", str(sweep), "--out", str(out))
+    assert "### Table 1" in result.stdout and "Runs that did not complete" in result.stdout
+    for name in ("table1", "table1_avg", "summary", "shrink_stops", "runs_not_completed"):
+        for ext in ("md", "tex", "csv"):
+            assert (out / "tables" / f"{name}.{ext}").stat().st_size > 0, (name, ext)
+        check_latex((out / "tables" / f"{name}.tex").read_text())
+    main = pd.read_csv(out / "tables" / "table1.csv")
+    assert set(main["method"]) == {"lora", "stable_lora"}  # the method configs' names
+    assert not main.duplicated(["model", "training", "label"]).any()  # one row per method
+    for name in ("figure2_norms", "deltas", "delta_ratio", "shrink_stops", "loss", "eval"):
+        png, pdf = out / "plots" / f"{name}.png", out / "plots" / f"{name}.pdf"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000, name
+        assert pdf.read_bytes()[:5] == b"%PDF-" and pdf.stat().st_size > 1000, name
+    assert (out / "report.md").exists() and (out / "tables" / "runs.csv").exists()
+    # Best of seeds by the flag; the default output folder is report/ in the sweep.
+    run_python("-m", "analysis.report", str(sweep), "--seeds", "best", "--no-plots")
+    best = pd.read_csv(sweep / "report" / "tables" / "table1.csv").set_index("label")
+    assert best.loc["stable_lora", "bbc_news"] == 87.5
+
+
+def test_report_imports_no_torch():
+    code = ("import sys, analysis.report, analysis.plots; "
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers')]; "
+            "assert not bad, bad")  # fmt: skip
+    run_python("-c", code)
+
+
+# ---------------------------------------------------------------------------- synthetic
+def _set(config: dict, dotted: str, value) -> None:
+    *parents, last = dotted.split(".")
+    for key in parents:
+        config = config.setdefault(key, {})
+    config[last] = value
+
+
+def write_run(root: Path, name: str, *, model="tiny_llama", task="bbc_news", method="lora",
+              seed=0, acc=0.5, status="completed", config=None, final=None, metrics=(),
+              main_metric="eval/acc", train_time=10.0, shrink=None) -> Path:  # fmt: skip
+    """A run directory in the runner's format, with the values given."""
+    run_dir = root / name
+    run_dir.mkdir(parents=True)
+    shrinks = method.startswith("stable")
+    cfg = {"model": {"name": model}, "task": {"name": task, "protocol": "loglik"},
+           "method": {"name": method, "optimizer": "stable_lora" if shrinks else method,
+                      "rank": 8, "target_modules": ["q_proj", "v_proj"], "init_scale": 1.0,
+                      "shrink_ratio": 5e-4 if shrinks else 0.0, "stop_rule": "norm"},
+           "optim": {"lr": 1e-4}, "trainer": {"max_steps": 10}, "seed": seed}  # fmt: skip
+    for key, value in (config or {}).items():
+        _set(cfg, key, value)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg))
+    final = {main_metric: acc} if final is None else final
+    summary = {"status": status, "error": None if status == "completed" else "boom",
+               "steps": 10, "max_steps": 10, "main_metric": main_metric,
+               "initial": {main_metric: 0.25}, "final": final if status == "completed" else {},
+               "best": {}, "train_loss_final": 1.0, "wall_time_s": train_time + 1,
+               "train_time_s": train_time, "peak_memory_mb": 1000.0, "method": method,
+               "task": task, "model": model, "seed": seed, "shrink": shrink}  # fmt: skip
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
+    return run_dir
+
+
+def tables_of(root: Path, mode="mean") -> dict:
+    return {t.name: t for t in build_tables(collect(root), mode)}
+
+
+def test_table1_published_average_and_difference(tmp_path):
+    accuracies = {"lora": [0.60, 0.62, 0.61], "stable_lora": [0.64, 0.66, 0.65]}
+    for method, values in accuracies.items():
+        for seed, acc in enumerate(values):
+            for offset, task in enumerate(published.QA_TASKS):
+                write_run(tmp_path, f"{method}-{task}-{seed}", model="qwen2_0.5b", task=task,
+                          method=method, seed=seed, acc=acc + offset / 100)  # fmt: skip
+    for mode in ("mean", "best"):
+        table = tables_of(tmp_path, mode)["table1"]
+        data = table.data.set_index("method")
+        for method, values in accuracies.items():
+            per_seed = pd.Series(values) * 100 + 2  # the tasks' mean offset is 2 points
+            ours = per_seed.max() if mode == "best" else per_seed.mean()
+            assert data.loc[method, "avg"] == pytest.approx(ours)
+            paper = published.TABLE1_QA_AVERAGE["qwen2_0.5b"][method]
+            assert data.loc[method, "paper"] == paper
+            assert data.loc[method, "diff"] == pytest.approx(ours - paper)
+        assert list(table.display.columns[-2:]) == ["Paper", "Δ"]
+    layout = tables_of(tmp_path)["table1_avg"].display
+    assert list(layout["source"]) == ["ours", "paper", "Δ"]
+    assert layout.loc[1, "stable_lora"] == "64.01"
+
+
+def test_merged_mixture_and_stop_rule_ablation(tmp_path):
+    subtasks = {f"eval/acc/{t}": 0.5 + i / 100 for i, t in enumerate(published.QA_TASKS)}
+    for rule, acc in (("norm", 0.63), ("never", 0.62)):
+        for seed in (0, 1):
+            write_run(tmp_path, f"{rule}-{seed}", model="qwen2_0.5b", task="merged_qa",
+                      method="stable_lora", seed=seed, config={"method.stop_rule": rule},
+                      final={"eval/acc": acc + seed / 100, **subtasks})  # fmt: skip
+    tables = tables_of(tmp_path)
+    main = tables["table1"].data.set_index("label")
+    assert main.loc["stable_lora, stop_rule=norm", "avg"] == pytest.approx(63.5)
+    assert main.loc["stable_lora, stop_rule=norm", "hellaswag"] == pytest.approx(50.0)
+    assert math.isnan(main.loc["stable_lora, stop_rule=norm", "paper"])  # not per-task training
+    ablation = tables["ablation_stop_rule"].data.set_index("stop_rule")
+    for rule, expected in (("norm", 63.5), ("never", 62.5)):
+        assert ablation.loc[rule, "value"] == pytest.approx(expected)
+        paper = published.STOP_RULE_ABLATION["qwen2_0.5b"][rule]
+        assert ablation.loc[rule, "paper"] == paper
+        assert ablation.loc[rule, "diff"] == pytest.approx(expected - paper)
+    check_latex(tables["ablation_stop_rule"].latex())
+
+
+def test_target_modules_ablation_with_published(tmp_path):
+    sets = {"q_proj,v_proj": 0.80, "q_proj,k_proj,v_proj,o_proj": 0.82,
+            ",".join(published.ALL_PROJECTIONS): 0.84}  # fmt: skip
+    for modules, acc in sets.items():
+        for method in ("lora", "stable_lora"):
+            write_run(tmp_path, f"{method}-{len(modules)}", model="llama3.2_3b",
+                      task="merged_qa", method=method, acc=acc,
+                      config={"method.target_modules": modules.split(",")})  # fmt: skip
+    table = tables_of(tmp_path)["ablation_target_modules"]
+    data = table.data.set_index(["modules", "label"])
+    paper = published.TARGET_MODULES_ABLATION[("llama3.2_3b", "merged_qa")]
+    assert (
+        data.loc[("q_proj,v_proj", "stable_lora"), "paper"]
+        == paper[("q_proj", "v_proj")]["stable_lora"]
+    )
+    assert data.loc[("q_proj,v_proj", "lora"), "diff"] == pytest.approx(80 - 83.79)
+    assert list(table.display["modules"].loc[lambda s: s != ""]) == [
+        "q,v", "q,k,v,o", "q,k,v,o,gate,up,down"
+    ]  # fmt: skip
+
+
+def test_gsm8k_by_step_budget(tmp_path):
+    for method, accs in (("lora", (0.40, 0.50, 0.58)), ("stable_lora", (0.42, 0.52, 0.60))):
+        metrics = [{"step": s, "eval/acc": a} for s, a in zip((1000, 2000, 5000), accs)]
+        write_run(tmp_path, method, model="llama3.2_3b", task="metamath_gsm8k", method=method,
+                  acc=accs[-1], metrics=[{"step": 0, "eval/acc": 0.1}, *metrics],
+                  config={"task.protocol": "generate"})  # fmt: skip
+    write_run(tmp_path, "failed", model="llama3.2_3b", task="metamath_gsm8k", method="lora",
+              seed=1, status="failed", config={"task.protocol": "generate"})  # fmt: skip
+    tables = tables_of(tmp_path)
+    assert "table1" not in tables  # generation runs are not QA accuracy
+    data = tables["gsm8k"].data.set_index(["label", "step"])
+    assert data.loc[("stable_lora", 5000), "value"] == pytest.approx(60.0)
+    assert data.loc[("stable_lora", 5000), "paper"] == 59.44
+    assert data.loc[("lora", 2000), "n"] == 1 and data.loc[("lora", 2000), "runs"] == 2
+    assert list(tables["gsm8k"].display.columns[-3:]) == ["step 1000", "step 2000", "step 5000"]
+
+
+def test_overhead_relative_to_lora(tmp_path):
+    for method, seconds in (("lora", (100.0, 110.0)), ("stable_lora", (105.0, 115.5))):
+        for seed, time_s in enumerate(seconds):
+            write_run(tmp_path, f"{method}-{seed}", model="qwen2_0.5b", task="hellaswag",
+                      method=method, seed=seed, train_time=time_s)  # fmt: skip
+    data = tables_of(tmp_path)["overhead"].data.set_index("method")
+    assert data.loc["stable_lora", "time_rel"] == pytest.approx((110.25 / 105 - 1) * 100)
+    assert data.loc["lora", "time_rel"] == 0
+    assert data.loc["stable_lora", "paper_time_rel"] == 0.6
+
+
+def test_init_scale_tables_from_histories(tmp_path):
+    for scale in (0.0, 4.0):
+        for method in ("lora", "stable_lora"):
+            ratio = 10.0 if method == "lora" and scale else 1.0
+            metrics = [{"step": s, "feat/delta1": ratio * s, "feat/delta2": float(s),
+                        "lora/norm_A": 2.0 + s} for s in (1, 2)]  # fmt: skip
+            write_run(tmp_path, f"{method}-{scale}", method=method, metrics=metrics,
+                      config={"method.init_scale": scale})  # fmt: skip
+    tables = tables_of(tmp_path)
+    assert list(tables["init_scale"].display.columns[-2:]) == ["A0 × 0", "A0 × 4"]
+    stability = tables["init_scale_stability"].data.set_index(
+        ["label", "quantity", "method.init_scale"]
+    )
+    assert stability.loc[("lora", "delta1/delta2 (last probe)", 4.0), "value"] == pytest.approx(10)
+    assert stability.loc[("lora", "||A|| last/first", 4.0), "value"] == pytest.approx(4 / 3)
+    paths = build_plots(collect(tmp_path), tmp_path / "plots", ["init_scale", "delta_ratio"])
+    assert {p.name for p in paths} >= {"init_scale.png", "init_scale.pdf", "delta_ratio.png"}
+
+
+def test_reviewer_controls_and_shrink_stops(tmp_path):
+    stops = {"layer.0.q_proj": {"shrinking": False, "stop_step": 30},
+             "layer.0.v_proj": {"shrinking": True, "stop_step": None}}  # fmt: skip
+    write_run(tmp_path, "lora", acc=0.60)
+    write_run(tmp_path, "stable", method="stable_lora", acc=0.64, shrink=stops)
+    write_run(tmp_path, "steps", method="stable_lora", acc=0.62, shrink=stops,
+              config={"method.stop_rule": "steps:20"})  # fmt: skip
+    write_run(tmp_path, "wd", method="adamw_large_wd", acc=0.61)
+    tables = tables_of(tmp_path)
+    controls = tables["reviewer_controls"].data.set_index("label")
+    assert controls.loc["stable_lora, stop_rule=steps:20", "diff_lora"] == pytest.approx(2.0)
+    assert controls.loc["adamw_large_wd", "diff_stable_lora"] == pytest.approx(-3.0)
+    shrink = tables["shrink_stops"].data.set_index("label")
+    assert shrink.loc["stable_lora, stop_rule=norm", "stopped"] == 1
+    assert shrink.loc["stable_lora, stop_rule=norm", "median"] == 30
+
+
+def test_select_learning_rate_keeps_the_best_lr_per_method(tmp_path):
+    for lr, acc in ((1e-4, 0.60), (2e-4, 0.70), (4e-4, 0.65)):
+        for seed in (0, 1):
+            write_run(tmp_path, f"lora-{lr}-{seed}", acc=acc, seed=seed,
+                      config={"optim.lr": lr})  # fmt: skip
+    write_run(tmp_path, "stable-1", method="stable_lora", acc=0.5, config={"optim.lr": 1e-4})
+    write_run(tmp_path, "stable-4", method="stable_lora", acc=0.9, config={"optim.lr": 4e-4})
+    coll = collect(tmp_path)
+    assert set(coll.runs["label"]) == {f"{m}, lr={lr:g}" for m, lr in
+                                       [("lora", 1e-4), ("lora", 2e-4), ("lora", 4e-4),
+                                        ("stable_lora", 1e-4), ("stable_lora", 4e-4)]}  # fmt: skip
+    kept, table = select_learning_rate(coll.runs)
+    assert dict(zip(kept["method"], kept["optim.lr"])) == {"lora": 2e-4, "stable_lora": 4e-4}
+    assert len(kept) == 3 and set(kept["label"]) == {"lora", "stable_lora"}
+    assert table.display["chosen"].tolist().count("yes") == 2
+
+
+def test_unfinished_run_without_summary_is_incomplete(tmp_path):
+    run_dir = write_run(tmp_path, "running", metrics=[{"step": 3, "train/loss": 1.0}])
+    (run_dir / "summary.json").unlink()
+    coll = collect(tmp_path)
+    assert coll.runs.loc[0, "status"] == "incomplete" and coll.runs.loc[0, "steps"] == 3
+    assert tables_of(tmp_path)["runs_not_completed"].display.loc[0, "status"] == "incomplete"
+
+
+def test_width_exponents_are_delegated_to_width_fit(tmp_path):
+    pytest.importorskip("analysis.width_fit")
+    for width in (128, 256, 512):
+        for seed in (0, 1):
+            # delta1 ~ n^0, gAZ ~ n^1: the fits must find the exponents.
+            metrics = [{"step": s, "feat/delta1": 0.1 * (1 + seed / 10),
+                        "feat/gAZ": width * (1 + seed / 10), "feat/Z": 1.0}
+                       for s in (2, 10)]  # fmt: skip
+            write_run(tmp_path, f"w{width}-{seed}", model="toy_width", task="toy_teacher",
+                      seed=seed, metrics=metrics, config={"model.width": width})  # fmt: skip
+    found, files = width_tables(collect(tmp_path), [tmp_path], tmp_path / "out")
+    (table,) = found
+    fits = table.data.set_index(["quantity", "step"])
+    assert fits.loc[("gAZ", 10), "exponent"] == pytest.approx(1.0)
+    assert fits.loc[("delta1", 10), "exponent"] == pytest.approx(0.0, abs=1e-9)
+    assert any(p.name == "gamma_width.png" for p in files)
+
+
+def test_latex_escape_specials():
+    assert latex_escape("a_b & 5% ± Δ") == r"a\_b \& 5\% $\pm$ $\Delta$"
+
+
+# ---------------------------------------------------------------------------- W&B
+class FakeSummary(dict):
+    @property
+    def _json_dict(self):
+        return dict(self)
+
+
+def fake_wandb_run(**changes):
+    """An object with the attributes of a ``wandb.apis.public.Run`` that the conversion uses,
+    holding what the runner logs: the resolved config, a flat summary and the history."""
+    config = {"model": {"name": "qwen2_0.5b"}, "task": {"name": "hellaswag"},
+              "method": {"name": "stable_lora", "rank": 8, "target_modules": ["q_proj", "v_proj"]},
+              "optim": {"lr": 1e-4}, "seed": 1}  # fmt: skip
+    summary = FakeSummary({"status": "completed", "steps": 20, "main_metric": "eval/acc_norm",
+                           "method": "stable_lora", "task": "hellaswag", "model": "qwen2_0.5b",
+                           "seed": 1, "train_time_s": 12.5, "final/eval/acc_norm": 0.41,
+                           "final/eval/acc": 0.38, "best/eval/acc_norm": 0.42, "best/step": 10,
+                           "_runtime": 99, "train/loss": 1.7})  # fmt: skip
+    history = [{"_step": 0, "eval/acc_norm": 0.3, "_runtime": 1},
+               {"_step": 10, "train/loss": 2.0, "lora/norm_A": 1.5},
+               {"_step": 20, "train/loss": 1.7, "eval/acc_norm": 0.41}]  # fmt: skip
+    run = SimpleNamespace(id="abc123", name="method=stable_lora,seed=1", group="table1_qa",
+                          path=["me", "stablelora", "abc123"], state="finished", config=config,
+                          summary=summary, scan_history=lambda: iter(history))  # fmt: skip
+    for key, value in changes.items():
+        setattr(run, key, value)
+    return run
+
+
+def test_wandb_run_converts_like_a_run_directory():
+    row, metrics, shrink = wandb_run_records(fake_wandb_run())
+    assert row["run_id"] == "wandb:me/stablelora/abc123" and row["sweep"] == "wandb:table1_qa"
+    assert row["status"] == "completed" and row["score"] == 0.41
+    assert row["final/eval/acc"] == 0.38 and row["best/step"] == 10
+    assert row["method.target_modules"] == "q_proj,v_proj" and row["optim.lr"] == 1e-4
+    assert row["train_time_s"] == 12.5 and shrink == []
+    assert metrics == [{"step": 0, "eval/acc_norm": 0.3},
+                       {"step": 10, "train/loss": 2.0, "lora/norm_A": 1.5},
+                       {"step": 20, "train/loss": 1.7, "eval/acc_norm": 0.41}]  # fmt: skip
+    crashed = fake_wandb_run(state="crashed", summary=FakeSummary({"_step": 3}))
+    row, _, _ = wandb_run_records(crashed)
+    assert row["status"] == "failed" and row["method"] == "stable_lora"  # from the config
+
+
+def test_collect_wandb_filters_by_group_and_tags():
+    calls = []
+
+    class FakeApi:
+        def runs(self, path, filters=None):
+            calls.append((path, filters))
+            return [fake_wandb_run(), fake_wandb_run(id="def456", path=["me", "p", "def456"],
+                                                     state="running", summary=FakeSummary())]  # fmt: skip
+
+    coll = collect_wandb("me/stablelora", group="table1_qa", tags=["paper"], api=FakeApi())
+    assert calls == [("me/stablelora", {"group": "table1_qa", "tags": {"$in": ["paper"]}})]
+    assert list(coll.runs["status"]) == ["completed", "incomplete"]
+    assert set(coll.history["key"]) == {"eval/acc_norm", "train/loss", "lora/norm_A"}
+    assert tables_of_collection(coll)["runs_not_completed"].display.loc[0, "status"] == (
+        "incomplete"
+    )
+
+
+def tables_of_collection(coll) -> dict:
+    return {t.name: t for t in build_tables(coll)}

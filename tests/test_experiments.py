@@ -1,0 +1,237 @@
+"""experiments/: every artefact's smoke variant end to end, and every full preset composes.
+
+An experiment is ``conf/experiment/<name>.yaml`` (the paper's settings, the sweep under
+``hydra.sweeper.params``), ``conf/experiment/<name>_smoke.yaml`` (CI-sized) and
+``experiments/<name>.py`` (sweep, then ``python -m analysis.report``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import itertools
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+from test_config import compose_config
+
+from analysis import published
+
+ROOT = Path(__file__).resolve().parent.parent
+CONF = ROOT / "conf"
+EXPERIMENTS = ["table1_qa", "gsm8k", "ablation_stop_rule", "ablation_target_modules",
+               "overhead", "figure2_norms", "init_scale", "reviewer_controls"]  # fmt: skip
+CONTROLS_GROUP = "+experiment/controls"
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled"}
+
+
+def exists(group: str, option: str) -> bool:
+    return (CONF / group / f"{option}.yaml").exists()
+
+
+def sweep_params(preset: str) -> dict[str, list[str]]:
+    """The preset's ``hydra.sweeper.params`` as {key: [values]}, read through Hydra."""
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=[f"experiment={preset}"], return_hydra_config=True)
+    params = OmegaConf.to_container(cfg.hydra.sweeper.params)
+    return {key: split_values(str(value)) for key, value in params.items()}
+
+
+def split_values(text: str) -> list[str]:
+    """Hydra's choice sweep ``a,b,[c,d]`` -> ``["a", "b", "[c,d]"]`` (commas inside brackets
+    belong to a list value)."""
+    values, depth, current = [], 0, ""
+    for char in text:
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            values.append(current.strip())
+            current = ""
+        else:
+            current += char
+    return [*values, current.strip()]
+
+
+def override(key: str, value: str) -> str:
+    return f"{key}={value}"
+
+
+# ---------------------------------------------------------------------------- full presets
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_full_preset_composes_and_declares_its_sweep(name):
+    cfg = compose_config([f"experiment={name}"])
+    OmegaConf.to_container(cfg, resolve=True)
+    assert cfg.experiment_name == name and cfg.sweep_name == name
+    params = sweep_params(name)
+    assert params.get("seed") == ["0", "1", "2"], "the paper's protocol: three seeds"
+    assert cfg.model.name in published.PAPER_MODELS or "model" in params
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_every_swept_value_composes(name):
+    """Each value of each swept key composes into a job config (one key at a time); method
+    configs that other work has not added yet are reported as a skip, after the rest passed."""
+    pending = []
+    for key, values in sweep_params(name).items():
+        for value in values:
+            if key == "method" and not exists("method", value):
+                pending.append(value)
+                continue
+            if key == CONTROLS_GROUP:
+                variant = (CONF / "experiment" / "controls" / f"{value}.yaml").read_text()
+                method = variant.split("override /method: ")[1].split()[0]
+                if not exists("method", method):
+                    pending.append(f"{method} (controls/{value})")
+                    continue
+            for group in ("model", "task"):
+                if key == group:
+                    assert exists(group, value), f"{name}: no conf/{group}/{value}.yaml"
+            cfg = compose_config([f"experiment={name}", override(key, value)])
+            OmegaConf.to_container(cfg, resolve=True)
+    if pending:
+        pytest.skip(f"{name}: method configs not in conf/method yet: {sorted(set(pending))}")
+
+
+def test_full_presets_use_the_papers_settings():
+    table1 = sweep_params("table1_qa")
+    assert set(table1["model"]) == set(published.PAPER_MODELS)
+    assert set(table1["task"]) == set(published.QA_TASKS)
+    assert set(table1["method"]) == set(published.PAPER_METHODS)
+    gsm8k = compose_config(["experiment=gsm8k"])
+    assert gsm8k.task.name == "metamath_gsm8k" and gsm8k.trainer.max_steps == 5000
+    assert 5000 % gsm8k.trainer.eval_every == 0 and gsm8k.trainer.eval_every <= 1000
+    stop = sweep_params("ablation_stop_rule")
+    assert set(stop["method.stop_rule"]) == {"norm", "never"}
+    assert compose_config(["experiment=ablation_stop_rule"]).task.name == "merged_qa"
+    modules = sweep_params("ablation_target_modules")["method.target_modules"]
+    assert len(modules) == 3 and "gate_proj" in modules[-1]
+    overhead = compose_config(["experiment=overhead"])
+    assert (overhead.model.name, overhead.task.name) == ("qwen2_0.5b", "hellaswag")
+    assert not overhead.probe.enabled
+    assert set(sweep_params("overhead")["method"]) == set(published.PAPER_METHODS)
+    assert set(sweep_params("init_scale")["method.init_scale"]) == {"0", "0.25", "1", "4"}
+    controls = set(sweep_params("reviewer_controls")[CONTROLS_GROUP])
+    assert {"lora", "stable_lora", "large_wd_a", "large_wd_ab"} <= controls
+    assert any(c.startswith("shrink_steps_") for c in controls)
+
+
+@pytest.mark.parametrize(
+    "variant", sorted(p.stem for p in (CONF / "experiment" / "controls").glob("*.yaml"))
+)
+def test_reviewer_control_variants(variant):
+    text = (CONF / "experiment" / "controls" / f"{variant}.yaml").read_text()
+    method = text.split("override /method: ")[1].split()[0]
+    if not exists("method", method):
+        pytest.skip(f"conf/method/{method}.yaml is not there yet")
+    cfg = compose_config(["experiment=reviewer_controls", f"{CONTROLS_GROUP}={variant}"])
+    OmegaConf.to_container(cfg, resolve=True)
+    if variant.startswith("shrink_steps_"):
+        assert cfg.method.name == "shrink_fixed_steps" and cfg.method.shrink_ratio > 0
+        assert cfg.method.stop_rule == f"steps:{variant.removeprefix('shrink_steps_')}"
+    if variant.startswith("large_wd_"):
+        assert cfg.method.optimizer == "adamw_large_wd"
+        assert cfg.method.options.large_wd_on == variant.removeprefix("large_wd_").upper()
+
+
+# ---------------------------------------------------------------------------- smoke presets
+def job_count(params: dict[str, list[str]]) -> int:
+    return len(list(itertools.product(*params.values())))
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_smoke_preset_is_ci_sized_and_uses_existing_configs(name):
+    cfg = compose_config([f"experiment={name}_smoke"])
+    assert cfg.experiment_name == f"{name}_smoke"
+    assert cfg.model.name == "tiny_llama" and cfg.task.name in ("bbc_news", "arithmetic")
+    assert cfg.trainer.max_steps <= 8 and cfg.trainer.max_eval_examples <= 16
+    params = sweep_params(f"{name}_smoke")
+    assert job_count(params) <= 6
+    for method in params.get("method", []):
+        assert exists("method", method), method
+    for variant in params.get(CONTROLS_GROUP, []):
+        text = (CONF / "experiment" / "controls" / f"{variant}.yaml").read_text()
+        assert exists("method", text.split("override /method: ")[1].split()[0]), variant
+
+
+def test_experiment_script_builds_the_sweep_and_report_commands(tmp_path):
+    from experiments.common import commands
+
+    module = importlib.import_module("experiments.ablation_stop_rule")
+    args = argparse.Namespace(smoke=True, output_root=tmp_path, seeds="best",
+                              overrides=["trainer.max_steps=2"])  # fmt: skip
+    sweep, report, sweep_dir = commands(module.EXPERIMENT, args)
+    assert sweep[1:] == ["run.py", "-m", "experiment=ablation_stop_rule_smoke",
+                         f"output_root={tmp_path.resolve()}", "trainer.max_steps=2"]  # fmt: skip
+    assert sweep_dir == tmp_path.resolve() / "sweeps" / "ablation_stop_rule_smoke"
+    assert report[1:5] == ["-m", "analysis.report", str(sweep_dir), "--seeds"]
+    assert "ablation_stop_rule" in report[report.index("--tables") :]
+
+
+# ---------------------------------------------------------------------------- end to end
+def read_display(report_dir: Path, table: str) -> str:
+    return (report_dir / "tables" / f"{table}.md").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_smoke_experiment_end_to_end(name, tmp_path):
+    experiment = importlib.import_module(f"experiments.{name}").EXPERIMENT
+    result = subprocess.run(
+        [sys.executable, f"experiments/{name}.py", "--smoke", "--output-root", str(tmp_path)],
+        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    sweep = tmp_path / "sweeps" / f"{name}_smoke"
+    summaries = sorted(sweep.rglob("summary.json"))
+    assert len(summaries) == job_count(sweep_params(f"{name}_smoke"))
+    runs = pd.read_csv(sweep / "report" / "tables" / "runs.csv")
+    assert len(runs) == len(summaries) and set(runs["status"]) == {"completed"}
+    report = sweep / "report"
+    for table in experiment.tables:
+        if table == "runs_not_completed":  # every run completed
+            continue
+        for ext in ("md", "tex", "csv"):
+            assert (report / "tables" / f"{table}.{ext}").stat().st_size > 0, (table, ext)
+    for plot in experiment.plots:
+        for ext in ("png", "pdf"):
+            assert (report / "plots" / f"{plot}.{ext}").stat().st_size > 1000, (plot, ext)
+    assert "[analysis.report]" in result.stdout
+    check_artefact(name, report)
+
+
+def check_artefact(name: str, report: Path) -> None:
+    """What each artefact's table must show for its smoke sweep."""
+    tables = report / "tables"
+    if name == "table1_qa":
+        main = pd.read_csv(tables / "table1.csv")
+        assert sorted(main["method"]) == ["lora", "stable_lora"]
+        assert (main["bbc_news_n"] == 2).all() and main["avg"].notna().all()
+    elif name == "gsm8k":
+        data = pd.read_csv(tables / "gsm8k.csv")
+        assert sorted(set(data["step"])) == [2, 4] and (data["n"] == 1).all()
+    elif name == "ablation_stop_rule":
+        data = pd.read_csv(tables / "ablation_stop_rule.csv")
+        assert sorted(data["stop_rule"]) == ["never", "norm"]
+        stops = pd.read_csv(tables / "shrink_stops.csv").set_index("label")
+        assert stops.loc["stable_lora, stop_rule=never", "stopped"] == 0
+    elif name == "ablation_target_modules":
+        text = read_display(report, "ablation_target_modules")
+        assert "| q,v |" in text and "| q,k,v,o |" in text
+    elif name == "overhead":
+        data = pd.read_csv(tables / "overhead.csv").set_index("method")
+        assert set(data.index) == {"lora", "loraplus", "stable_lora"}
+        assert data.loc["lora", "time_rel"] == 0 and (data["time"] > 0).all()
+    elif name == "figure2_norms":
+        assert pd.read_csv(tables / "shrink_stops.csv")["layers"].tolist() == [4]
+    elif name == "init_scale":
+        assert "A0 × 0" in read_display(report, "init_scale")
+        assert "delta1/delta2" in read_display(report, "init_scale_stability")
+    elif name == "reviewer_controls":
+        data = pd.read_csv(tables / "reviewer_controls.csv")
+        assert set(data["label"]) == {"lora", "stable_lora", "shrink_fixed_steps", "adamw_large_wd"}
+        assert (data["method"] == "shrink_fixed_steps").sum() == 1
