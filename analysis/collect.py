@@ -34,6 +34,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from stablelora.records import read_jsonl
+
 RUN_FILES = ("summary.json", "config.yaml", "metrics.jsonl")
 #: Folders inside a run (or a report) that never hold runs: not walked.
 SKIP_DIRS = {".hydra", "adapter", "wandb", "report", "plots", "tables", "__pycache__"}
@@ -147,19 +149,6 @@ def read_summary(run_dir: Path) -> dict:
         return json.loads(path.read_text())
     except json.JSONDecodeError:  # written atomically, so only a foreign or damaged file
         return {}
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    """The rows of ``metrics.jsonl`` (a torn last line, from a killed run, is skipped)."""
-    path = run_dir / "metrics.jsonl"
-    rows = []
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return rows
 
 
 # ---------------------------------------------------------------------------- one run
@@ -317,7 +306,7 @@ def collect(
         if not root.exists():
             raise FileNotFoundError(f"{root} does not exist: give a sweep or run directory.")
         for run_dir in find_run_dirs(root):
-            metrics = read_metrics(run_dir) if history else []
+            metrics = read_jsonl(run_dir / "metrics.jsonl") if history else []
             summary = read_summary(run_dir)
             run_id = str(run_dir)
             row = run_row(
