@@ -342,6 +342,15 @@ def train(cfg, run_dir: Path, override_dirname: str = "") -> dict:
                            run_name(cfg, override_dirname), enabled=dist.is_main)  # fmt: skip
     if dist.is_main:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    try:
+        return _train(cfg, run_dir, dist, recorder, started)
+    except BaseException:
+        recorder.finish(exit_code=1)  # close the W&B run; run_job records the failure
+        raise
+
+
+def _train(cfg, run_dir: Path, dist: Distributed, recorder: RunRecorder, started: float) -> dict:
+    trainer = cfg.trainer
     run = build_run(cfg, dist, recorder)
     trainable = [p for p in run.model.parameters() if p.requires_grad]
 

@@ -122,6 +122,35 @@ def test_killed_run_resumes_bit_identically(tmp_path, monkeypatch):
     assert losses("uninterrupted") == losses("resumed")
 
 
+def test_resumed_run_continues_the_same_wandb_run(tmp_path, monkeypatch):
+    import stablelora.tasks as tasks
+
+    cfg = compose_config(["experiment=smoke", "logger.mode=offline", "probe=off"])
+    original_build = tasks.build_task
+
+    def build_with_kill(*args, **kwargs):
+        task = original_build(*args, **kwargs)
+        collate, calls = task.collate, []
+
+        def collate_then_die(indices):
+            calls.append(indices)
+            if len(calls) == 5:  # step 5: after the checkpoint at step 3
+                raise Interrupted
+            return collate(indices)
+
+        task.collate = collate_then_die
+        return task
+
+    monkeypatch.setattr(tasks, "build_task", build_with_kill)
+    with pytest.raises(Interrupted):
+        train(cfg, tmp_path)
+    monkeypatch.setattr(tasks, "build_task", original_build)
+    assert train(cfg, tmp_path)["status"] == "completed"
+    run_id = (tmp_path / "wandb_id.txt").read_text().strip()
+    runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(run.name.endswith(run_id) for run in runs)
+
+
 def test_nan_loss_stops_the_run_as_diverged(tmp_path):
     cfg = compose_config(SMOKE + ["optim.lr=1e30", "trainer.max_steps=20", "trainer.log_every=1"])
     summary = train(cfg, tmp_path)
