@@ -458,7 +458,6 @@ class Progress:
 
             self.bar = tqdm(total=trainer_cfg.max_steps, initial=start_step, desc=name,
                             dynamic_ncols=True, file=sys.stderr)  # fmt: skip
-        self.batch_tokens = trainer_cfg.batch_size * trainer_cfg.grad_accum
         self.last_step, self.last_time = start_step, time.time()
 
     def throughput(self, step: int) -> dict[str, float]:
