@@ -29,7 +29,7 @@ def cache_dir() -> Path:
 
 def offline() -> bool:
     """True when the Hugging Face Hub must not be contacted."""
-    return any(os.environ.get(k, "0") not in ("0", "", "false") for k in ("HF_HUB_OFFLINE",))
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def package_file(package: str, filename: str) -> Path:
