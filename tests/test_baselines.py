@@ -439,3 +439,13 @@ def test_adamw_large_wd_groups(large_wd_on):
 def test_adamw_large_wd_rejects_unknown_target():
     with pytest.raises(ValueError, match="large_wd_on"):
         create_optimizer(_tiny_model(), method="adamw_large_wd", large_wd_on="B")
+
+
+def test_riemann_falls_back_to_identity_where_the_gram_is_singular():
+    from stablelora.optim.riemann import damped_gram_inverses
+
+    singular = torch.zeros(1, 2, 2, dtype=torch.float64)  # B = 0 and reg = 0: B^T B is 0
+    regular = torch.tensor([[[2.0, 1.0], [1.0, 2.0]]], dtype=torch.float64)
+    inverse_singular, inverse_regular = damped_gram_inverses([singular, regular], reg=0.0)
+    assert torch.equal(inverse_singular[0], torch.eye(2, dtype=torch.float64))
+    torch.testing.assert_close(inverse_regular[0], torch.linalg.inv(regular[0]))

@@ -39,6 +39,54 @@ def stack_as(tensors: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
     return torch.stack([t.to(dtype) for t in tensors])
 
 
+# Tall (..., m, r) products on CPU. BLAS kernels are slow for a tall matrix with only r = 8
+# columns (about 3x slower than the same product in the (r, m) layout); viewing the contiguous
+# (m, r) matrix as (m/2, 2r) doubles the column count and runs 2.5-4x faster. The results are
+# the same up to float rounding (the extra terms are exact zeros for finite inputs).
+_TALL_MIN_ROWS = 256
+
+
+def can_pair_rows(*tensors: Tensor) -> bool:
+    """Whether tall (..., m, r) CPU tensors may be multiplied as (..., m/2, 2r) views."""
+    rows = tensors[0].shape[-2]
+    return (
+        rows >= _TALL_MIN_ROWS
+        and rows % 2 == 0
+        and all(t.device.type == "cpu" and t.is_contiguous() for t in tensors)
+    )
+
+
+def paired_view(X: Tensor) -> Tensor:
+    """(..., m, r) -> (..., m/2, 2r), a view."""
+    return X.view(*X.shape[:-2], X.shape[-2] // 2, 2 * X.shape[-1])
+
+
+def block_diagonal(mat: Tensor) -> Tensor:
+    """(..., r, r) -> (..., 2r, 2r) with ``mat`` twice on the diagonal."""
+    rank = mat.shape[-1]
+    block = mat.new_zeros(*mat.shape[:-2], 2 * rank, 2 * rank)
+    block[..., :rank, :rank] = mat
+    block[..., rank:, rank:] = mat
+    return block
+
+
+def tall_gram(X: Tensor) -> Tensor:
+    """``X^T X`` (..., r, r) of tall (..., m, r) matrices."""
+    if not can_pair_rows(X):
+        return X.mT @ X
+    rank = X.shape[-1]
+    paired = paired_view(X)
+    gram = paired.mT @ paired  # (..., 2r, 2r): the sum of its diagonal blocks is X^T X
+    return gram[..., :rank, :rank] + gram[..., rank:, rank:]
+
+
+def tall_times(X: Tensor, mat: Tensor) -> Tensor:
+    """``X @ mat`` of tall (..., m, r) and (..., r, r) matrices, contiguous (..., m, r)."""
+    if not can_pair_rows(X) or mat.dim() != X.dim():
+        return X @ mat
+    return (paired_view(X) @ block_diagonal(mat)).view(X.shape)
+
+
 class LoRAFactorAdamW(torch.optim.AdamW):
     """``torch.optim.AdamW`` for the non-factor parameters; subclasses update the LoRA factors.
 

@@ -26,12 +26,17 @@ Pass 2, every layer and factor X in {L, R} (the "other" factor Y supplies the ba
 Because ``gbar`` and ``M pinv(R)^T`` only see the factors through their bases, the update of
 ``B A`` is the same for every factorisation ``(M^-1 A, B M)`` (tested over 20 steps).
 
-Implementation: all layers of equal shapes are stacked, so QR, pinv and eigh run batched, and
-nothing waits on the device (no host-device synchronisation). The full-size unmagnified
-gradient ``gbar`` is never formed: its Gram matrix ``pinv(R_Y)^T (G^T G) pinv(R_Y)`` gives
-``V``, its norm (clip) and RMS (skipping), and ``Sbar = G (c pinv(R_Y) Q)`` enters ``M`` through
-one fused ``baddbmm`` (c: the skip/clip factor). Each stack stays in its parameter's layout
-(A rank-first), so every product writes a contiguous result.
+Implementation: the r x r algebra (pinv, eigh, moments V) of all layers of equal shapes runs
+batched, and nothing waits on an accelerator (no host-device synchronisation; on CPU one cheap
+check of finiteness). The full-size work (QR, products with r x r matrices) runs per layer on
+the tensors themselves: stacking them would copy every factor, gradient and state each step.
+The full-size unmagnified gradient ``gbar`` is never formed: its Gram matrix
+``pinv(R_Y)^T (G^T G) pinv(R_Y)`` gives ``V``, its norm (clip) and RMS (skipping), and
+``Sbar = G (c pinv(R_Y) Q)`` enters ``M`` through one in-place ``addmm_`` (c: the skip/clip
+factor); the factor update ``X <- (1 - lr wd) X - lr M pinv(R_Y)^T`` is one ``addmm_`` on the
+parameter. Each tensor stays in its parameter's layout (A rank-first), so every product writes
+a contiguous result; a tall B (m, r) is multiplied on CPU as an (m/2, 2r) view
+(``factor_adamw.tall_times``), which BLAS runs several times faster.
 
 Deviations from the reimplementation, all in degenerate cases only: eigenvalues ``lambda + rho``
 are clamped at 0 before the square root (round-off can make them slightly negative, which in the
@@ -42,8 +47,8 @@ reference lets it turn ``V`` into NaN); a missing gradient counts as zero. ``bal
 (off by default in the reference) is not implemented.
 
 Memory per layer: ``M`` and the previous basis ``U_old`` for each factor (like Adam's two
-moments), plus two r x r second moments and two scalars; transient: the stacked factors,
-gradients and states of one stack of layers at a time.
+moments), plus two r x r second moments and two scalars; transient: the new bases (kept
+between the passes, about 1x the factors) and one layer's moment at a time.
 
 Other trainable parameters (classifier head, biases, DoRA magnitudes) get plain AdamW. With
 the global clip on, the reference trains with ``max_grad_norm = 0`` (LLM-Adapters); the
@@ -61,7 +66,15 @@ import torch
 from torch import Tensor
 
 from stablelora.optim import register_optimizer
-from stablelora.optim.factor_adamw import LoRAFactorAdamW, compute_dtype, stack_as
+from stablelora.optim.factor_adamw import (
+    LoRAFactorAdamW,
+    block_diagonal,
+    can_pair_rows,
+    compute_dtype,
+    paired_view,
+    stack_as,
+    tall_gram,
+)
 from stablelora.optim.pairs import LoRAPair
 
 
@@ -78,13 +91,14 @@ def _trace(x: Tensor) -> Tensor:
     return x.diagonal(dim1=-2, dim2=-1).sum(-1)
 
 
-# A stack of factors is kept in its parameters' own layout, so that every product writes a
-# contiguous result: A's rank-first (k, r, n), B's rank-last (k, m, r). The algorithm is written
-# rank-last; these three helpers apply a rank-last formula to either layout.
+# The algorithm is written rank-last; A is kept rank-first (r, n), B rank-last (m, r).
+
+
+# Helpers of the stacked path (accelerators), in each stack's layout.
 
 
 def _times(Y: Tensor, mat: Tensor, rank_first: bool) -> Tensor:
-    """The rank-last product ``Y @ mat`` (mat (k, r, r)), in Y's layout."""
+    """Stacked path: the rank-last product ``Y @ mat`` (mat (k, r, r)), in Y's layout."""
     return mat.mT @ Y if rank_first else Y @ mat
 
 
@@ -93,9 +107,14 @@ def _add_times(base: Tensor, Y: Tensor, mat: Tensor, rank_first: bool) -> Tensor
     return torch.baddbmm(base, mat.mT, Y) if rank_first else torch.baddbmm(base, Y, mat)
 
 
+def _stacked_gram(Y: Tensor, rank_first: bool) -> Tensor:
+    """``Y^T Y`` (rank-last) of a stack, (k, r, r)."""
+    return Y @ Y.mT if rank_first else Y.mT @ Y
+
+
 def _gram(Y: Tensor, rank_first: bool) -> Tensor:
     """``Y^T Y`` (rank-last), (k, r, r)."""
-    return Y @ Y.mT if rank_first else Y.mT @ Y
+    return Y @ Y.mT if rank_first else tall_gram(Y)
 
 
 def escaped_mass(V_old: Tensor, V_new: Tensor) -> Tensor:
@@ -138,6 +157,55 @@ class _StackKey(NamedTuple):
 class _FactorStack:
     """One factor (all the A's, or all the B's) of a stack of same-shape layers.
 
+    The full-size tensors are kept per layer (stacking them would cost a copy of every factor,
+    gradient and state per step); only the r x r algebra is stacked.
+
+    Attributes:
+        params, states, group: the factors, their optimizer states and parameter group.
+        rank_first: True for A (each (r, n)), False for B ((m, r)).
+        values, grads: each layer's factor X and its gradient, in the compute dtype (>= float32).
+        bases: each layer's orthonormal basis U of the rank-last factor ``X = U R`` (reduced
+            QR), stored rank-first, (r, rows): QR returns it in that memory order.
+        triangular: R, (k, r, r); ``triangular_pinv`` its pseudo-inverse (set in pass 1).
+        basis_change: ``U^T U_old`` (k, r, r), the new basis against the previous step's.
+        unmagnified_gram: ``gbar^T gbar`` (k, r, r) of this factor's unmagnified gradient
+            ``gbar = G pinv(R_other)``; ``keep``: (k,) False where the update is skipped.
+    """
+
+    params: list[Tensor]
+    states: list[dict]
+    group: dict
+    rank_first: bool
+    values: list[Tensor]
+    grads: list[Tensor]
+    bases: list[Tensor]
+    triangular: Tensor
+    basis_change: Tensor
+    triangular_pinv: Tensor | None = None
+    unmagnified_gram: Tensor | None = None
+    keep: Tensor | None = None
+
+    @property
+    def rows(self) -> int:
+        return self.values[0].shape[-1] if self.rank_first else self.values[0].shape[-2]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.triangular.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.triangular.device
+
+    def squared_norm(self) -> Tensor:
+        """``||gbar||_F^2`` per layer, (k,)."""
+        return _trace(self.unmagnified_gram)
+
+
+@dataclass
+class _StackedFactor:
+    """Like :class:`_FactorStack`, with the full-size tensors stacked (accelerators: few launches).
+
     Attributes:
         params, states, group: the factors, their optimizer states and parameter group.
         rank_first: True for A (stacks are (k, r, n)), False for B ((k, m, r)).
@@ -164,6 +232,10 @@ class _FactorStack:
     @property
     def rows(self) -> int:
         return self.value.shape[-1] if self.rank_first else self.value.shape[-2]
+
+    @property
+    def device(self) -> torch.device:
+        return self.value.device
 
     def squared_norm(self) -> Tensor:
         """``||gbar||_F^2`` per layer, (k,)."""
@@ -269,13 +341,19 @@ class LoRARITE(LoRAFactorAdamW):
             )  # fmt: skip
             stacks.setdefault(key, []).append(pair)
         layers = [
-            (key.steps_done, *self._unmagnify(key, members)) for key, members in stacks.items()
+            (
+                key.steps_done,
+                *(self._unmagnify if key.device.type == "cpu" else self._unmagnify_stacked)(
+                    key, members
+                ),
+            )
+            for key, members in stacks.items()
         ]
 
         # Global clip of all unmagnified gradients together: one scalar, no host sync.
         clip_scale = None
         if self.clip_unmagnified_grad > 0:
-            device = layers[0][1].value.device
+            device = layers[0][1].device
             squared = [
                 torch.where(f.keep, f.squared_norm(), 0.0).sum().to(device, torch.float64)
                 for _, A, B in layers
@@ -286,7 +364,12 @@ class LoRARITE(LoRAFactorAdamW):
                 norm > self.clip_unmagnified_grad, self.clip_unmagnified_grad / norm, 1.0
             )
         for steps_done, A, B in layers:
-            self._whiten_and_update(A, B, steps_done=steps_done, clip_scale=clip_scale)
+            whiten_and_update = (
+                self._whiten_and_update
+                if isinstance(A, _FactorStack)
+                else self._whiten_and_update_stacked
+            )
+            whiten_and_update(A, B, steps_done=steps_done, clip_scale=clip_scale)
 
     def _unmagnify(
         self, key: _StackKey, pairs: list[LoRAPair]
@@ -298,10 +381,170 @@ class LoRARITE(LoRAFactorAdamW):
             ([p.B for p in pairs], self.param_groups[key.group_B], False),
         ]:
             dtype = compute_dtype(params[0].dtype)
+            values = [p.to(dtype) for p in params]
+            states = [self.state[p] for p in params]
+            bases, triangulars, changes = [], [], []
+            for value, state in zip(values, states):  # per layer: a stack would copy the factors
+                basis, triangular = torch.linalg.qr(value.mT if rank_first else value)
+                bases.append(basis.mT)
+                triangulars.append(triangular)
+                # U^T U_old now, while the new basis is in cache (the state still holds U_old).
+                changes.append(basis.mT @ state["basis"].to(dtype).mT)
+            factors.append(
+                _FactorStack(
+                    params=params,
+                    states=states,
+                    group=group,
+                    rank_first=rank_first,
+                    values=values,
+                    grads=[_grad(p).to(dtype) for p in params],
+                    bases=bases,
+                    triangular=torch.stack(triangulars),
+                    basis_change=torch.stack(changes),
+                )
+            )
+        A, B = factors
+        # pinv, not inverse: B = 0 gives pinv(R_B) = 0, hence no update of A on step 1.
+        A.triangular_pinv, B.triangular_pinv = torch.linalg.pinv(
+            torch.cat([A.triangular, B.triangular])
+        ).chunk(2)
+        for own, other in [(A, B), (B, A)]:
+            # gbar = G pinv(R_other) is never formed: its Gram, norm and RMS are r x r algebra.
+            grams = torch.stack([_gram(grad, own.rank_first) for grad in own.grads])
+            own.unmagnified_gram = other.triangular_pinv.mT @ grams @ other.triangular_pinv
+            squared = own.squared_norm()
+            # A non-finite gradient is skipped too (the reference lets it poison V).
+            own.keep = torch.isfinite(squared)
+            if self.update_skipping > 0:
+                rms = (squared / (own.rows * own.triangular.shape[-1])).sqrt()
+                own.keep &= rms <= self.update_skipping
+        return A, B
+
+    def _whiten_and_update(
+        self, A: _FactorStack, B: _FactorStack, *, steps_done: float, clip_scale: Tensor | None
+    ) -> None:
+        """Pass 2 for a stack of layers: moments in the new bases, then the factor updates."""
+        # A's statistics live in B's basis and vice versa (gbar_A = G_A pinv(R_B) = s G^T U_B),
+        # so A's moments move with P = U_B^T U_B,old. Both are read before a new basis is stored.
+        transport_A = B.basis_change
+        transport_B = A.basis_change
+        self._update_factor(A, B, transport_A, steps_done, clip_scale)
+        self._update_factor(B, A, transport_B, steps_done, clip_scale)
+
+    def _update_factor(
+        self, own: _FactorStack, other: _FactorStack, projection: Tensor, steps_done: float,
+        clip_scale: Tensor | None,
+    ) -> None:  # fmt: skip
+        """Second moment, whitening, first moment and update of one factor (rank-last maths).
+
+        With ``c`` the skip/clip factor of each layer, the whitened gradient
+        ``Sbar = c gbar Q = G (c pinv(R_other) Q)``, so the first-moment update is
+        ``M <- beta1' M P^T + (1 - beta1') G T`` with ``T = c pinv(R_other) Q``: two products
+        of each full-size moment/gradient with r x r matrices.
+        """
+        dtype, rank_first = own.dtype, own.rank_first
+        beta1, beta2 = (bias_corrected_decay(b, steps_done) for b in own.group["betas"])
+        scale = own.keep.to(dtype)
+        if clip_scale is not None:
+            scale = scale * clip_scale.to(own.device, dtype)
+        second = torch.where(own.keep[:, None, None], own.unmagnified_gram, 0.0)
+        second = _sym(scale[:, None, None] ** 2 * second / own.rows)
+
+        V = _stack_state(own.states, "second_moment").to(dtype)
+        rho = torch.stack([s["escaped_mass"] for s in own.states]).to(dtype)
+        V_transported = torch.nan_to_num(_sym(projection @ V @ projection.mT))
+        if self.apply_escape:
+            rho = beta2 * (rho + escaped_mass(V, V_transported))
+        else:
+            rho = torch.zeros_like(rho)
+        V = _sym(beta2 * V_transported + (1.0 - beta2) * second)
+        whitening = (
+            scale[:, None, None] * other.triangular_pinv @ inverse_sqrt(V, rho, self.rite_eps)
+        )
+        transport = beta1 * projection.mT  # M <- M @ transport + G @ gradient_map (rank-last)
+        gradient_map = (1.0 - beta1) * whitening
+        remagnify = other.triangular_pinv.mT  # delta = M @ remagnify (rank-last)
+
+        # A skipped layer has a zero gradient map, so its G only needs zeroing where it is not
+        # finite (NaN times 0). On CPU that is known for free; elsewhere mask every skipped layer.
+        if own.device.type == "cpu":
+            zero_grad = (~torch.isfinite(own.squared_norm())).tolist()
+        else:
+            zero_grad = None
+
+        # The per-layer (r, r) operands, prepared for all layers at once. In the rank-first layout
+        # (A) the rank-last ``Y @ mat`` is ``mat^T @ Y``; tall contiguous B's are multiplied as
+        # (m/2, 2r) views by block-diagonal (2r, 2r) matrices (see ``factor_adamw.tall_times``).
+        paired = not rank_first and all(
+            can_pair_rows(param, grad, state["exp_avg"])
+            for param, grad, state in zip(own.params, own.grads, own.states)
+        )
+        operands = [transport, gradient_map, remagnify]
+        if rank_first:
+            operands = [mat.mT for mat in operands]
+        elif paired:
+            operands = [block_diagonal(mat) for mat in operands]
+        transports, maps, remagnifies = (mat.unbind(0) for mat in operands)
+
+        lr, weight_decay = own.group["lr"], own.group["weight_decay"]
+        decay = 1.0 - lr * weight_decay if weight_decay else 1.0
+        for i, (param, state, grad) in enumerate(zip(own.params, own.states, own.grads)):
+            if zero_grad is None:
+                grad = torch.where(own.keep[i], grad, 0.0)
+            elif zero_grad[i]:
+                grad = torch.zeros_like(grad)
+            M = state["exp_avg"].to(dtype)
+            # In place on the fresh product: an out-of-place addmm would first copy it.
+            if rank_first:
+                M = (transports[i] @ M).addmm_(maps[i], grad)
+            elif paired:
+                M = (paired_view(M) @ transports[i]).addmm_(paired_view(grad), maps[i])
+            else:
+                M = (M @ transports[i]).addmm_(grad, maps[i])
+            remagnify_i = remagnifies[i]
+            if self.update_capping > 0:
+                rms = M.square().mean().sqrt()
+                remagnify_i = remagnify_i / (rms / self.update_capping).clamp(min=1.0)
+            if param.dtype == dtype:
+                # X <- X - lr (M remagnify + wd X) = (1 - lr wd) X - lr M remagnify, one addmm
+                if rank_first:
+                    param.addmm_(remagnify_i, M, beta=decay, alpha=-lr)
+                else:
+                    (paired_view(param) if paired else param).addmm_(
+                        M, remagnify_i, beta=decay, alpha=-lr
+                    )
+            else:
+                delta = remagnify_i @ M if rank_first else M @ remagnify_i
+                delta = delta.view(param.shape)
+                if weight_decay:
+                    delta.add_(own.values[i], alpha=weight_decay)
+                param.add_(delta.to(param.dtype), alpha=-lr)
+            state["exp_avg"] = M.view(param.shape).to(param.dtype)
+            state["basis"] = own.bases[i].to(param.dtype).contiguous()
+
+        states = own.states
+        torch._foreach_copy_([s["second_moment"] for s in states], list(V.unbind(0)))
+        torch._foreach_copy_([s["escaped_mass"] for s in states], list(rho.unbind(0)))
+        torch._foreach_add_([s["step"] for s in states], 1.0)
+
+    # ------------------------------------------------------------------ stacked path
+    # On an accelerator, launches cost more than copies: the full-size tensors of a stack are
+    # stacked and every product runs batched (the same algorithm as the per-layer CPU path).
+
+    def _unmagnify_stacked(
+        self, key: _StackKey, pairs: list[LoRAPair]
+    ) -> tuple[_StackedFactor, _StackedFactor]:
+        """Pass 1 for a stack of layers: QR bases, and the unmagnified gradients' statistics."""
+        factors = []
+        for params, group, rank_first in [
+            ([p.A for p in pairs], self.param_groups[key.group_A], True),
+            ([p.B for p in pairs], self.param_groups[key.group_B], False),
+        ]:
+            dtype = compute_dtype(params[0].dtype)
             value = stack_as(params, dtype)
             basis, triangular = torch.linalg.qr(value.mT if rank_first else value)
             factors.append(
-                _FactorStack(
+                _StackedFactor(
                     params=params,
                     states=[self.state[p] for p in params],
                     group=group,
@@ -320,7 +563,9 @@ class LoRARITE(LoRAFactorAdamW):
         for own, other in [(A, B), (B, A)]:
             # gbar = G pinv(R_other) is never formed: its Gram, norm and RMS are r x r algebra.
             own.unmagnified_gram = (
-                other.triangular_pinv.mT @ _gram(own.grad, own.rank_first) @ other.triangular_pinv
+                other.triangular_pinv.mT
+                @ _stacked_gram(own.grad, own.rank_first)
+                @ other.triangular_pinv
             )
             squared = own.squared_norm()
             # A non-finite gradient is skipped too (the reference lets it poison V).
@@ -330,19 +575,19 @@ class LoRARITE(LoRAFactorAdamW):
                 own.keep &= rms <= self.update_skipping
         return A, B
 
-    def _whiten_and_update(
-        self, A: _FactorStack, B: _FactorStack, *, steps_done: float, clip_scale: Tensor | None
+    def _whiten_and_update_stacked(
+        self, A: _StackedFactor, B: _StackedFactor, *, steps_done: float, clip_scale: Tensor | None
     ) -> None:
         """Pass 2 for a stack of layers: moments in the new bases, then the factor updates."""
         # A's statistics live in B's basis and vice versa (gbar_A = G_A pinv(R_B) = s G^T U_B),
         # so A's moments move with P = U_B^T U_B,old. Both are read before a new basis is stored.
         transport_A = B.basis @ _stack_state(B.states, "basis").to(B.basis.dtype).mT
         transport_B = A.basis @ _stack_state(A.states, "basis").to(A.basis.dtype).mT
-        self._update_factor(A, B, transport_A, steps_done, clip_scale)
-        self._update_factor(B, A, transport_B, steps_done, clip_scale)
+        self._update_factor_stacked(A, B, transport_A, steps_done, clip_scale)
+        self._update_factor_stacked(B, A, transport_B, steps_done, clip_scale)
 
-    def _update_factor(
-        self, own: _FactorStack, other: _FactorStack, projection: Tensor, steps_done: float,
+    def _update_factor_stacked(
+        self, own: _StackedFactor, other: _StackedFactor, projection: Tensor, steps_done: float,
         clip_scale: Tensor | None,
     ) -> None:  # fmt: skip
         """Second moment, whitening, first moment and update of one factor (rank-last maths).

@@ -49,7 +49,14 @@ import torch
 from torch import Tensor
 
 from stablelora.optim import register_optimizer
-from stablelora.optim.factor_adamw import LoRAFactorAdamW, by_layout, compute_dtype, stack_as
+from stablelora.optim.factor_adamw import (
+    LoRAFactorAdamW,
+    by_layout,
+    compute_dtype,
+    stack_as,
+    tall_gram,
+    tall_times,
+)
 from stablelora.optim.pairs import LoRAPair
 
 # ---------------------------------------------------------------------------- preconditioner
@@ -77,9 +84,11 @@ def damped_gram_inverses(grams: Sequence[Tensor], reg: float) -> list[Tensor]:
         batch = torch.cat([grams[i] for i in indices]).to(torch.float64)
         batch.diagonal(dim1=-2, dim2=-1).add_(reg)
         cholesky, info = torch.linalg.cholesky_ex(batch)
-        inverse = torch.cholesky_inverse(cholesky)
+        failed = (info != 0)[:, None, None]
         identity = torch.eye(rank, dtype=torch.float64, device=device)
-        inverse = torch.where((info != 0)[:, None, None], identity, inverse).to(dtype)
+        # A failed factor holds garbage (zeros on its diagonal): invert the identity instead.
+        inverse = torch.cholesky_inverse(torch.where(failed, identity, cholesky))
+        inverse = torch.where(failed, identity, inverse).to(dtype)
         for i, block in zip(indices, inverse.split([grams[i].shape[0] for i in indices])):
             inverses[i] = block
     return inverses  # type: ignore[return-value]
@@ -103,9 +112,35 @@ def riemannian_gradients(
 
     Returns:
         ``(g~_A, g~_B)``: ``(B^T B + reg I)^-1 g_A`` and ``g_B (A A^T + reg I)^-1``, with the
-        shapes and dtypes of the gradients. Layers of equal shapes are stacked and multiplied
-        by one ``bmm``; the Gram matrices of all layers are inverted together.
+        shapes and dtypes of the gradients. The Gram matrices of all layers are inverted
+        together (one batched Cholesky); the products are per layer.
     """
+    tensors = [*grads_A, *factors_B, *grads_B, *factors_A]
+    if any(t.device.type != "cpu" for t in tensors):
+        return _stacked_riemannian_gradients(grads_A, factors_B, grads_B, factors_A, reg)
+    # CPU: per-layer products (no stacked copies of the factors or gradients: a stack costs a full
+    # copy, more than the launch of one small product per layer); only the r x r Gram matrices
+    # are stacked, for one batched Cholesky. B is tall (m, r): see ``tall_gram``.
+    grams = [tall_gram(B.to(compute_dtype(B.dtype))).unsqueeze(0) for B in factors_B]
+    for A in factors_A:
+        A = A.to(compute_dtype(A.dtype))
+        grams.append((A @ A.mT).unsqueeze(0))  # (1, r, r)
+    inverses = damped_gram_inverses(grams, reg)
+
+    out_A = [
+        (inverse[0] @ grad.to(inverse.dtype)).to(grad.dtype)  # left-multiply
+        for inverse, grad in zip(inverses[: len(grads_A)], grads_A)
+    ]
+    out_B = [
+        tall_times(grad.to(inverse.dtype), inverse[0]).to(grad.dtype)  # right-multiply
+        for inverse, grad in zip(inverses[len(grads_A) :], grads_B)
+    ]
+    return out_A, out_B  # type: ignore[return-value]
+
+
+def _stacked_riemannian_gradients(grads_A, factors_B, grads_B, factors_A, reg):
+    """:func:`riemannian_gradients` with the layers of equal shapes stacked and multiplied by
+    one ``bmm`` each (accelerators, where a launch costs more than the copy of a stack)."""
     # Layers whose (gradient, other factor) shapes agree are stacked; Gram matrices (k, r, r).
     a_side = by_layout(grads_A, factors_B)
     b_side = by_layout(grads_B, factors_A)
@@ -155,12 +190,26 @@ def _adam_update_(
     ``p -= lr_t * exp_avg / (sqrt(exp_avg_sq / bc2) + eps)`` with ``lr_t = lr / bc1`` and the
     bias corrections ``bc = 1 - beta^t`` when ``correct_bias``, else ``lr_t = lr``, ``bc2 = 1``.
     Weight decay ``p *= 1 - lr * wd`` before the Adam step (torch) or after it (pilancilab).
+    On CPU the torch variant runs torch's own fused AdamW kernel (one pass over memory).
     """
     beta1, beta2 = betas
     steps = [state["step"] for state in states]
     exp_avgs = [state["exp_avg"] for state in states]
     exp_avg_sqs = [state["exp_avg_sq"] for state in states]
     torch._foreach_add_(steps, 1.0)
+    if (
+        correct_bias
+        and not decay_after_step
+        and _fused_kernel_applies(params, grads, exp_avgs, exp_avg_sqs, steps)
+    ):
+        # torch AdamW's own fused CPU kernel: the same formulas in one pass over memory instead
+        # of seven (the result differs from the foreach path by float rounding only).
+        torch._fused_adamw_(
+            params, grads, exp_avgs, exp_avg_sqs, [], steps, amsgrad=False, lr=float(lr),
+            beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps, maximize=False,
+            grad_scale=None, found_inf=None,
+        )  # fmt: skip
+        return
     if weight_decay and not decay_after_step:
         torch._foreach_mul_(params, 1.0 - lr * weight_decay)
     torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
@@ -168,15 +217,38 @@ def _adam_update_(
     torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1.0 - beta2)
     denom = torch._foreach_sqrt(exp_avg_sqs)
     if correct_bias:
+        # lr/bc1 m / (sqrt(v)/sqrt(bc2) + eps) = lr sqrt(bc2)/bc1 m / (sqrt(v) + eps sqrt(bc2)):
+        # v's bias correction folds into two scalars (one pass over v fewer than torch's).
         counts = [float(step) for step in steps]
-        torch._foreach_div_(denom, [math.sqrt(1.0 - beta2**t) for t in counts])
-        step_sizes: float | list[float] = [-lr / (1.0 - beta1**t) for t in counts]
+        if len(set(counts)) == 1:  # the usual case: one scalar for all (cheaper launches)
+            root_bc2 = math.sqrt(1.0 - beta2 ** counts[0])
+            torch._foreach_add_(denom, eps * root_bc2)
+            step_sizes: float | list[float] = -lr * root_bc2 / (1.0 - beta1 ** counts[0])
+        else:
+            roots_bc2 = [math.sqrt(1.0 - beta2**t) for t in counts]
+            torch._foreach_add_(denom, [eps * root for root in roots_bc2])
+            step_sizes = [-lr * root / (1.0 - beta1**t) for root, t in zip(roots_bc2, counts)]
     else:
+        torch._foreach_add_(denom, eps)
         step_sizes = -lr
-    torch._foreach_add_(denom, eps)
     torch._foreach_addcdiv_(params, exp_avgs, denom, step_sizes)
     if weight_decay and decay_after_step:
         torch._foreach_mul_(params, 1.0 - lr * weight_decay)
+
+
+def _fused_kernel_applies(*tensor_lists: list[Tensor]) -> bool:
+    """Whether ``torch._fused_adamw_`` can take these lists: CPU, contiguous, one float dtype."""
+    params = tensor_lists[0]
+    if not params or not hasattr(torch, "_fused_adamw_"):
+        return False
+    dtype = params[0].dtype
+    if dtype not in (torch.float32, torch.float64):
+        return False
+    for tensors in tensor_lists[:-1]:  # the last list: the step counts (CPU float32 scalars)
+        for t in tensors:
+            if t.device.type != "cpu" or t.dtype != dtype or not t.is_contiguous():
+                return False
+    return all(s.device.type == "cpu" and s.dim() == 0 for s in tensor_lists[-1])
 
 
 def _scaled_gd_update_(params, grads, states, *, lr: float, weight_decay: float) -> None:
