@@ -7,6 +7,7 @@ loading and evaluation), once with the feature probe off and once at its default
 
     python benchmarks/throughput.py                          # tiny Llama, quick
     python benchmarks/throughput.py --model smollm2_135m --steps 30 --repeats 2
+    python benchmarks/throughput.py --model smollm2_135m --methods lora stable_lora riemann
 
 Target: runner / bare >= 0.95 (probe off).
 """
@@ -101,6 +102,10 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument(
+        "--methods", nargs="+", default=None,
+        help="instead: the runner's loop per method (probe off), as ratios to the first",
+    )  # fmt: skip
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -110,6 +115,9 @@ def main() -> None:
         "trainer.eval_before=false", "trainer.max_eval_examples=1", "trainer.checkpoint_every=0",
         "trainer.progress_bar=false", "trainer.resume=false", "trainer.log_every=10",
     ]  # fmt: skip
+    if args.methods:
+        compare_methods(args, base)
+        return
     configs = {
         "bare loop": compose(base),
         "runner, probe off": compose(base + ["probe=off"]),
@@ -136,6 +144,23 @@ def main() -> None:
         import resource
 
         print(f"peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+
+
+def compare_methods(args, base) -> None:
+    """End-to-end time of the runner's training loop per method, interleaved."""
+    configs = {m: compose(base + [f"method={m}", "probe=off"]) for m in args.methods}
+    times = {m: [] for m in args.methods}
+    for _ in range(args.repeats):
+        for method, cfg in configs.items():
+            times[method].append(runner_seconds(cfg))
+    reference = statistics.median(times[args.methods[0]])
+    print(f"{args.model} on {args.task}, {args.steps} steps x batch {args.batch_size}, "
+          f"runner loop without probes, median of {args.repeats}")  # fmt: skip
+    print(f"| method | seconds | ratio to {args.methods[0]} |")
+    print("|---|---|---|")
+    for method, samples in times.items():
+        seconds = statistics.median(samples)
+        print(f"| {method} | {seconds:.2f} | {seconds / reference:.3f} |")
 
 
 if __name__ == "__main__":
