@@ -72,6 +72,31 @@ class Interrupted(Exception):
     pass
 
 
+def train_killed_at_batch(cfg, run_dir, batch_number, monkeypatch):
+    """Run ``train`` and raise :class:`Interrupted` when it asks for batch ``batch_number``,
+    as a kill would; the patch is undone afterwards so the next ``train`` resumes."""
+    import stablelora.tasks as tasks
+
+    original_build, calls = tasks.build_task, []
+
+    def build_with_kill(*args, **kwargs):
+        task = original_build(*args, **kwargs)
+        collate = task.collate
+
+        def collate_then_die(indices):
+            calls.append(indices)
+            if len(calls) == batch_number:
+                raise Interrupted
+            return collate(indices)
+
+        task.collate = collate_then_die
+        return task
+
+    with monkeypatch.context() as patch:
+        patch.setattr(tasks, "build_task", build_with_kill)
+        train(cfg, run_dir)
+
+
 def test_killed_run_resumes_bit_identically(tmp_path, monkeypatch):
     overrides = SMOKE + [
         "trainer.max_steps=8",
@@ -81,29 +106,11 @@ def test_killed_run_resumes_bit_identically(tmp_path, monkeypatch):
     cfg = compose_config(overrides + ["method.dropout=0.1"])  # dropout: RNG state must resume too
     train(cfg, tmp_path / "uninterrupted")
 
-    import stablelora.tasks as tasks
-
-    original_build = tasks.build_task
-    calls = {"n": 0}
-
-    def build_with_kill(*args, **kwargs):
-        task = original_build(*args, **kwargs)
-        collate = task.collate
-
-        def collate_then_die(indices):
-            calls["n"] += 1
-            if calls["n"] == 6:  # step 6: after the checkpoint at step 4
-                raise Interrupted
-            return collate(indices)
-
-        task.collate = collate_then_die
-        return task
-
-    monkeypatch.setattr(tasks, "build_task", build_with_kill)
     with pytest.raises(Interrupted):
-        train(cfg, tmp_path / "resumed")
+        train_killed_at_batch(
+            cfg, tmp_path / "resumed", 6, monkeypatch
+        )  # after step 4's checkpoint
     assert (tmp_path / "resumed" / "checkpoint.pt").exists()
-    monkeypatch.setattr(tasks, "build_task", original_build)
     summary = train(cfg, tmp_path / "resumed")
     assert summary["status"] == "completed" and summary["steps"] == 8
 
@@ -117,34 +124,15 @@ def test_killed_run_resumes_bit_identically(tmp_path, monkeypatch):
             (r["step"], r["train/loss"])
             for r in read_jsonl(tmp_path / run / "metrics.jsonl")
             if "train/loss" in r
-        ]  # noqa: E731
+        ]
 
     assert losses("uninterrupted") == losses("resumed")
 
 
 def test_resumed_run_continues_the_same_wandb_run(tmp_path, monkeypatch):
-    import stablelora.tasks as tasks
-
     cfg = compose_config(["experiment=smoke", "logger.mode=offline", "probe=off"])
-    original_build = tasks.build_task
-
-    def build_with_kill(*args, **kwargs):
-        task = original_build(*args, **kwargs)
-        collate, calls = task.collate, []
-
-        def collate_then_die(indices):
-            calls.append(indices)
-            if len(calls) == 5:  # step 5: after the checkpoint at step 3
-                raise Interrupted
-            return collate(indices)
-
-        task.collate = collate_then_die
-        return task
-
-    monkeypatch.setattr(tasks, "build_task", build_with_kill)
     with pytest.raises(Interrupted):
-        train(cfg, tmp_path)
-    monkeypatch.setattr(tasks, "build_task", original_build)
+        train_killed_at_batch(cfg, tmp_path, 5, monkeypatch)  # after step 3's checkpoint
     assert train(cfg, tmp_path)["status"] == "completed"
     run_id = (tmp_path / "wandb_id.txt").read_text().strip()
     runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
