@@ -11,8 +11,9 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
+from omegaconf import open_dict
 
-from stablelora.config import register_resolvers
+from stablelora.config import default_num_threads, register_resolvers
 
 register_resolvers()
 
@@ -22,10 +23,12 @@ def main(cfg):
     from stablelora.train import run_job
 
     hydra_cfg = HydraConfig.get()
+    if cfg.trainer.num_threads is None:  # parallel jobs share the cores instead of each all
+        with open_dict(cfg):
+            cfg.trainer.num_threads = default_num_threads(hydra_cfg.launcher)
     return run_job(
         cfg,
         Path(hydra_cfg.runtime.output_dir),
-        override_dirname=hydra_cfg.job.override_dirname,
         multirun=hydra_cfg.mode == RunMode.MULTIRUN,
     )
 

@@ -6,15 +6,19 @@ resolved config; ``.hydra/config.yaml`` when the job failed before writing it) a
 :class:`Collection`:
 
 - ``runs``: one row per run: ``run_id``, ``sweep``, ``run``, ``status`` (``completed``,
-  ``diverged``, ``failed``, or ``incomplete`` for a run without a summary), ``error``,
+  ``diverged``, ``failed``, ``interrupted``, or ``incomplete`` for a run without a summary),
+  ``error``,
   ``steps``, ``max_steps``, ``main_metric``, ``model``, ``task``, ``method``, ``seed``,
   ``score`` (the final value of the main metric), ``initial/<metric>``, ``final/<metric>``,
-  ``best/<metric>`` and ``best/step``, ``train_loss_final``, ``wall_time_s``,
-  ``train_time_s``, ``peak_memory_mb``, shrink statistics (``shrink/layers``,
+  ``best/<metric>`` and ``best/step``, ``train_loss_final`` (NaN or infinite for a diverged
+  run), ``wall_time_s``, ``train_time_s`` (totals over the run's ``attempts``),
+  ``peak_memory_mb``, shrink statistics (``shrink/layers``,
   ``shrink/stopped``, ``shrink/stop_step_median``) and the flattened config (``optim.lr``,
   ``method.target_modules`` as ``"q_proj,v_proj"``, ...). ``label`` names the method and the
   hyper-parameters that distinguish its runs (see :func:`label_runs`).
-- ``history``: the metric histories, long: ``run_id``, ``step``, ``key``, ``value``.
+- ``history``: the metric histories, long: ``run_id``, ``step``, ``key``, ``value``; a value
+  logged twice for one step (records written by two processes at once, or by a runner older
+  than the exactly-once records) is kept once, the last, with a warning naming the run.
 - ``shrink``: Stable-LoRA's stop steps, long: ``run_id``, ``layer``, ``shrinking``,
   ``stop_step`` (null for a layer still shrinking at the end).
 
@@ -24,17 +28,17 @@ them and say so. :func:`collect_wandb` builds the same frames from a W&B project
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
-from stablelora.records import read_jsonl
+from stablelora.records import read_jsonl, read_summary, summary_from_wandb
 
 RUN_FILES = ("summary.json", "config.yaml", "metrics.jsonl")
 #: Folders inside a run (or a report) that never hold runs: not walked.
@@ -77,7 +81,7 @@ WANDB_STATES = {
     "crashed": "failed",
     "failed": "failed",
     "killed": "failed",
-    "preempted": "incomplete",
+    "preempted": "interrupted",
 }
 
 
@@ -141,14 +145,23 @@ def read_config(run_dir: Path) -> dict:
     return {}
 
 
-def read_summary(run_dir: Path) -> dict:
-    path = run_dir / "summary.json"
-    if not path.exists():
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:  # written atomically, so only a foreign or damaged file
-        return {}
+def unique_rows(run_id: str, metrics: list[dict]) -> list[dict]:
+    """The rows of one run merged per step (ascending), each (step, key) once: the last value
+    logged wins, and a warning says how many values were logged more than once."""
+    by_step: dict[int, dict] = {}
+    repeated = 0
+    for row in metrics:
+        merged = by_step.setdefault(row.get("step", 0), {})
+        repeated += sum(1 for key in row if key in merged and key != "step")
+        merged.update(row)
+    if repeated:
+        warnings.warn(
+            f"{run_id}: {repeated} metric values were logged more than once for the same step "
+            "(two processes on one run folder, or an older runner's resume); kept the last of "
+            "each.",
+            stacklevel=3,
+        )
+    return [by_step[step] for step in sorted(by_step)]
 
 
 # ---------------------------------------------------------------------------- one run
@@ -184,8 +197,6 @@ def run_row(
     config = {k: v for k, v in config.items() if k != "hydra"}
     flat = flatten(config)
     status = summary.get("status") or "incomplete"
-    if status == "running":  # a summary written mid-run by an older runner
-        status = "incomplete"
     main_metric = summary.get("main_metric") or "eval/acc"
     final = summary.get("final") or {}
     row = {
@@ -207,7 +218,7 @@ def run_row(
     for section in ("initial", "final", "best"):
         for key, value in (summary.get(section) or {}).items():
             row[f"{section}/{key}"] = value
-    for key in ("train_loss_final", "wall_time_s", "train_time_s", "peak_memory_mb"):
+    for key in ("train_loss_final", "wall_time_s", "train_time_s", "attempts", "peak_memory_mb"):
         row[key] = summary.get(key)
     row.update(_shrink_stats(summary.get("shrink")))
     row.update(flat)
@@ -306,9 +317,9 @@ def collect(
         if not root.exists():
             raise FileNotFoundError(f"{root} does not exist: give a sweep or run directory.")
         for run_dir in find_run_dirs(root):
-            metrics = read_jsonl(run_dir / "metrics.jsonl") if history else []
-            summary = read_summary(run_dir)
             run_id = str(run_dir)
+            metrics = unique_rows(run_id, read_jsonl(run_dir / "metrics.jsonl")) if history else []
+            summary = read_summary(run_dir)
             row = run_row(
                 read_config(run_dir),
                 summary,
@@ -410,15 +421,8 @@ def wandb_run_records(run, *, history: bool = True) -> tuple[dict, list[dict], l
     """
     config = dict(run.config or {})
     raw = getattr(run.summary, "_json_dict", None)
-    flat_summary = dict(raw if raw is not None else run.summary or {})
-    summary = {k: v for k, v in flat_summary.items() if "/" not in k and not k.startswith("_")}
-    for section in ("initial", "final", "best"):
-        prefix = f"{section}/"
-        values = {k[len(prefix) :]: v for k, v in flat_summary.items() if k.startswith(prefix)}
-        summary[section] = {k: v for k, v in values.items() if k != "step"}
-        if section == "best" and "step" in values:
-            summary[section]["step"] = values["step"]
-    if not summary.get("status"):
+    summary = summary_from_wandb(dict(raw if raw is not None else run.summary or {}))
+    if summary["status"] == "incomplete":  # no runner summary: W&B's own state says more
         summary["status"] = WANDB_STATES.get(getattr(run, "state", None), "incomplete")
     metrics = []
     if history:
@@ -428,6 +432,7 @@ def wandb_run_records(run, *, history: bool = True) -> tuple[dict, list[dict], l
             values = {k: v for k, v in row.items() if not k.startswith("_") and v is not None}
             if values:
                 metrics.append({"step": int(row["_step"]), **values})
+    metrics = unique_rows(f"wandb:{run.id}", metrics)
     path = "/".join(getattr(run, "path", None) or [run.id])
     row = run_row(
         config,

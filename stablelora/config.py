@@ -1,13 +1,77 @@
-"""Hydra/OmegaConf glue: resolvers used by ``conf/`` (registered by run.py and by tests)."""
+"""Hydra/OmegaConf glue: resolvers used by ``conf/`` (registered by run.py and by tests), the
+run folder naming, thread defaults and the multirun summary callback."""
 
 from __future__ import annotations
 
-from omegaconf import OmegaConf
+import hashlib
+import json
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+#: Keys that change where or how a run is shown, not what it computes: left out of the run
+#: folder's hash and of the check that a folder holds the same configuration.
+DISPLAY_KEYS = (
+    "hydra",
+    "logger",
+    "output_root",
+    "sweep_name",
+    "experiment_name",
+    "trainer.progress_bar",
+    "trainer.num_threads",
+    "trainer.device",
+    "trainer.resume",
+)
+#: The readable prefix of a run folder: ``<method>-<task>-<model>-s<seed>``.
+NAME_PARTS = ("method", "task", "model")
+HASH_LENGTH = 10
 
 
-def run_dir_name(override_dirname: str, fallback: str) -> str:
-    """A run's folder name: its command-line overrides, or ``fallback`` when there are none."""
-    return override_dirname or fallback
+def computed_config(cfg) -> dict:
+    """The resolved configuration as a plain dict, without :data:`DISPLAY_KEYS`: what a run
+    computes. Accepts a DictConfig (resolved here) or an already resolved dict."""
+    if isinstance(cfg, DictConfig):
+        top = [key for key in cfg if key != "hydra"]
+        cfg = OmegaConf.to_container(OmegaConf.masked_copy(cfg, top), resolve=True)
+    computed = json.loads(json.dumps(cfg, default=str))  # a deep copy with plain values
+    for key in DISPLAY_KEYS:
+        *parents, leaf = key.split(".")
+        node = computed
+        for parent in parents:
+            node = node.get(parent) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(leaf, None)
+    return computed
+
+
+def config_hash(cfg) -> str:
+    """A short hash of :func:`computed_config`: equal exactly when two runs compute the same."""
+    text = json.dumps(computed_config(cfg), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:HASH_LENGTH]
+
+
+def _name_part(computed: dict, part: str) -> str | None:
+    value = computed.get(part)
+    if isinstance(value, dict):
+        value = value.get("name")
+    if value is None or isinstance(value, (dict, list)):
+        return None
+    return re.sub(r"[^A-Za-z0-9._]+", "_", str(value)).strip("_")[:40] or None
+
+
+def run_dir_name(*, _root_) -> str:
+    """A run's folder name, one level deep: ``<method>-<task>-<model>-s<seed>-<hash>``, the
+    hash over the resolved configuration without display-only keys, so two runs share a
+    folder exactly when they compute the same thing (and rerunning a command resumes it)."""
+    computed = computed_config(_root_)
+    parts = [_name_part(computed, part) for part in NAME_PARTS]
+    if computed.get("seed") is not None:
+        parts.append(f"s{_name_part(computed, 'seed')}")
+    return "-".join([p for p in parts if p] + [config_hash(computed)])
 
 
 def width_scaled_lr(lr: float, width: int, exponent: float, base_width: int = 128) -> float:
@@ -24,3 +88,84 @@ def register_resolvers() -> None:
     for name, resolver in RESOLVERS.items():
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, resolver)
+
+
+# ---------------------------------------------------------------------------- threads
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def default_num_threads(launcher_cfg, cores: int | None = None) -> int | None:
+    """torch CPU threads for one job of a parallel (joblib) sweep: ``cores // n_jobs``, so
+    that jobs do not oversubscribe the cores (two processes using every core each were
+    measured about 8x slower); None (torch's default) outside such a sweep."""
+    n_jobs = OmegaConf.select(launcher_cfg, "n_jobs") if launcher_cfg is not None else None
+    if not n_jobs:
+        return None
+    cores = cores or available_cores()
+    if n_jobs < 0:  # joblib: -1 uses every core, -2 all but one, ...
+        n_jobs = max(cores + 1 + n_jobs, 1)
+    return max(cores // n_jobs, 1)
+
+
+# ---------------------------------------------------------------------------- sweeps
+#: Set by :class:`SweepSummary` for the jobs of a multirun: the file they report to.
+SWEEP_LOG_ENV = "STABLELORA_SWEEP_LOG"
+#: Statuses counted in the sweep summary, in print order.
+SWEEP_STATUSES = ("completed", "diverged", "failed", "interrupted")
+
+
+def report_to_sweep(run_dir: Path, status: str) -> None:
+    """A job's outcome, one appended line in the sweep log (a no-op outside a multirun)."""
+    path = os.environ.get(SWEEP_LOG_ENV)
+    if not path:
+        return
+    line = json.dumps({"run_dir": str(run_dir), "status": status}) + "\n"
+    with open(path, "a") as stream:  # one short append: atomic between processes
+        stream.write(line)
+
+
+def sweep_summary_line(outcomes: list[dict]) -> tuple[str, bool]:
+    """``("sweep: 3 completed, 1 diverged, 1 failed (<dir>), 0 interrupted", any_failed)``."""
+    by_status: dict[str, list[str]] = {status: [] for status in SWEEP_STATUSES}
+    for outcome in outcomes:
+        by_status.setdefault(outcome["status"], []).append(outcome["run_dir"])
+    counts = []
+    for status, folders in by_status.items():
+        text = f"{len(folders)} {status}"
+        if status in ("failed", "interrupted") and folders:
+            text += f" ({', '.join(sorted(folders))})"
+        counts.append(text)
+    return "stablelora sweep: " + ", ".join(counts), bool(by_status["failed"])
+
+
+try:
+    from hydra.experimental.callback import Callback
+except ImportError:  # pragma: no cover - hydra is a dependency of the runner only
+    Callback = object
+
+
+class SweepSummary(Callback):
+    """Hydra callback (``hydra.callbacks`` in conf/config.yaml): jobs report their status to
+    a log file named in the environment (inherited by joblib workers and SLURM jobs); at the
+    end of the multirun one line counts them and the process exits 1 if any job failed."""
+
+    def on_multirun_start(self, config, **kwargs) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        log = sweep_dir / f".outcomes-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.jsonl"
+        log.touch()
+        os.environ[SWEEP_LOG_ENV] = str(log.resolve())
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        path = os.environ.pop(SWEEP_LOG_ENV, None)
+        if not path or not Path(path).exists():
+            return
+        outcomes = [json.loads(line) for line in Path(path).read_text().splitlines() if line]
+        line, failed = sweep_summary_line(outcomes)
+        print(line, flush=True)
+        if failed:
+            sys.exit(1)

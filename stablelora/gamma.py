@@ -66,8 +66,7 @@ Aggregates over the layers logged on the step:
 - ``gamma/<q>``: the mean over layers of the per-layer gamma (each with its own n), so layers
   of different widths each contribute their own exponent.
 - ``lora/norm_A``, ``lora/norm_B``: the mean over layers of ``||A'||_F``, ``||B'||_F``.
-- ``lora/shrinking``: the fraction of layers still shrinking (only with an optimizer that has
-  ``shrink_state()``, i.e. StableLoRA).
+  (The fraction of layers still shrinking is the runner's ``shrink/fraction_shrinking``.)
 
 Per layer (with ``per_layer=True``):
 
@@ -464,24 +463,20 @@ class FeatureProbe:
         return metrics
 
     def _shrink_metrics(self, measured: list[_Layer], optimizer) -> dict[str, float]:
-        shrink_state = getattr(optimizer, "shrink_state", None)
-        if shrink_state is None:
+        """The optimizer's per-layer scalars (its ``record_layers()``, see
+        ``stablelora.records.optimizer_summary``) as ``lora/<layer>/<key>``."""
+        record_layers = getattr(optimizer, "record_layers", None)
+        if record_layers is None or not self.per_layer:
             return {}
-        state = shrink_state()
+        state = record_layers()
         # Match layers by their A tensor: the optimizer's names may differ from ours (DDP).
         names = {id(p.A): p.name for p in getattr(optimizer, "lora_pairs", [])}
-        metrics, shrinking = {}, []
+        metrics = {}
         for layer in measured:
-            entry = state.get(names.get(id(layer.pair.A), layer.pair.name))
-            if entry is None:
-                continue
-            shrinking.append(float(entry["shrinking"]))
-            if self.per_layer:
-                metrics[f"lora/{layer.pair.name}/shrinking"] = float(entry["shrinking"])
-                if entry["stop_step"] is not None:
-                    metrics[f"lora/{layer.pair.name}/stop_step"] = float(entry["stop_step"])
-        if shrinking:
-            metrics["lora/shrinking"] = sum(shrinking) / len(shrinking)
+            entry = state.get(names.get(id(layer.pair.A), layer.pair.name), {})
+            for key, value in entry.items():
+                if value is not None:
+                    metrics[f"lora/{layer.pair.name}/{key}"] = float(value)
         return metrics
 
     # ------------------------------------------------------------------ teardown

@@ -88,8 +88,8 @@ def apply_lora(
         adapter: ``"lora"`` (LoRA / rsLoRA / DoRA) or ``"adalora"`` (peft's AdaLoRA: ``rank`` is
             the target rank; ``adalora`` gives ``init_r``, ``total_step`` (required), ``tinit``,
             ``tfinal``, ``deltaT``, ``beta1``, ``beta2``, ``orth_reg_weight``). With AdaLoRA the
-            training loop must call ``model.base_model.update_and_allocate(step)`` after each
-            optimizer step; its B0 is random, not 0.
+            training loop must call the hooks of :func:`step_hooks` after each optimizer
+            step; its B0 is random, not 0.
 
     Returns:
         ``peft.PeftModel``; save with ``save_pretrained``, reload with
@@ -156,3 +156,15 @@ def scale_lora_init_(model: nn.Module, init_scale: float) -> None:
         )
     for pair in find_lora_pairs(model, trainable_only=False):
         pair.A.mul_(init_scale)
+
+
+def step_hooks(model: nn.Module) -> list:
+    """What the adapter must do after each optimizer step, before the gradients are zeroed:
+    callables ``hook(step)`` (1-based step). AdaLoRA reallocates its ranks from the gradients
+    (peft's ``update_and_allocate``); plain LoRA, rsLoRA and DoRA need nothing."""
+    from peft.tuners.adalora import AdaLoraModel
+
+    base = getattr(model, "base_model", None)
+    if isinstance(base, AdaLoraModel):
+        return [base.update_and_allocate]
+    return []

@@ -3,13 +3,21 @@
 A run directory holds (the analysis reads these; the README documents the schema):
 
 - ``config.yaml``: the resolved config (Hydra's own copy is in ``.hydra/``);
-- ``metrics.jsonl``: one JSON object per logged step, always with ``step``;
-- ``summary.json``: ``status`` (``running`` | ``completed`` | ``diverged`` | ``failed``), final,
-  best and initial metrics, steps, wall time, peak memory, versions, git commit, shrink stops;
+- ``metrics.jsonl``: one JSON object per logged row, always with ``step``; every row is
+  written exactly once (a resumed run first cuts the file back to the rows its checkpoint
+  had seen);
+- ``summary.json``: built by :func:`make_summary` only and read by :func:`parse_summary` only
+  (the analysis and the W&B reader use it): ``status`` (see :data:`STATUSES`), final, best
+  and initial metrics, steps, times over all attempts, peak memory, versions, git commit and
+  the optimizer's own summary fields (Stable-LoRA: ``shrink``);
 - ``adapter/``: the LoRA adapter saved with peft's ``save_pretrained``;
-- ``checkpoint.pt``: the latest resumable state (written atomically).
+- ``checkpoint.pt`` and ``checkpoint.prev.pt``: the two latest resumable states.
 
-W&B is a mirror: any W&B error is a warning and the local records stay complete.
+JSON has no NaN or infinity: in ``summary.json`` a non-finite number is the string ``"nan"``,
+``"inf"`` or ``"-inf"`` (a diverged run's ``train_loss_final``), and :func:`parse_summary`
+turns it back into a float; in ``metrics.jsonl`` it is ``null``.
+
+W&B is a mirror: any W&B error is one line on stderr and the local records stay complete.
 """
 
 from __future__ import annotations
@@ -18,12 +26,13 @@ import json
 import math
 import os
 import subprocess
+import sys
 import uuid
-import warnings
 from importlib import metadata
 from pathlib import Path
 
-STATUSES = ("running", "completed", "diverged", "failed")
+#: ``interrupted``: stopped by a signal after a checkpoint; rerunning the command resumes it.
+STATUSES = ("completed", "diverged", "failed", "interrupted")
 PACKAGES = ("torch", "transformers", "peft", "datasets", "hydra-core", "wandb", "stablelora")
 
 
@@ -51,17 +60,160 @@ def git_commit() -> str | None:
     return commit or None
 
 
-def write_json_atomic(path: Path, payload: dict) -> None:
-    """Write JSON through a temporary file and a rename, so readers never see half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=_jsonable))
+def fsync_replace(tmp: Path, path: Path) -> None:
+    """Flush ``tmp`` to the disk, then rename it to ``path`` (and flush the folder entry), so
+    that a crash leaves either the old or the new file, never a torn one."""
+    with open(tmp, "rb+") as stream:
+        os.fsync(stream.fileno())
     os.replace(tmp, path)
+    try:
+        folder = os.open(path.parent, os.O_RDONLY)
+    except OSError:  # not every file system lets a folder be opened
+        return
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+
+
+def write_json_atomic(path: Path, payload: dict) -> None:
+    """Write JSON through a temporary file, fsync and a rename: readers never see half a file,
+    and a failed write (a full disk) leaves the previous file in place."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(json.dumps(_encode(payload), indent=2, sort_keys=True, default=_jsonable))
+        fsync_replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _jsonable(value):
     if hasattr(value, "item"):
         return value.item()
     return str(value)
+
+
+# ---------------------------------------------------------------------------- summary schema
+#: The fields of ``summary.json`` (besides those an optimizer adds through its
+#: ``record_summary()``: see :func:`optimizer_summary`), in the README's order.
+SUMMARY_FIELDS = (
+    "status", "error", "traceback", "steps", "max_steps", "main_metric", "initial", "final",
+    "best", "train_loss_final", "wall_time_s", "train_time_s", "attempts", "peak_memory_mb",
+    "world_size", "device", "versions", "git_commit", "method", "task", "model", "seed",
+)  # fmt: skip
+SECTIONS = ("initial", "final", "best")
+#: Summary statuses the analysis may see besides :data:`STATUSES`: a run with no summary.
+INCOMPLETE = "incomplete"
+_NON_FINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
+
+
+def _config_name(config: dict, part: str):
+    value = config.get(part)
+    return value.get("name") if isinstance(value, dict) else value
+
+
+def make_summary(status: str, config: dict, *, extra: dict | None = None, **fields) -> dict:
+    """The one builder of ``summary.json``: every field of :data:`SUMMARY_FIELDS` (None or
+    empty when not given), the run's method, task, model and seed read from its resolved
+    ``config``, the versions and commit of the code, and the optimizer's ``extra`` fields."""
+    if status not in STATUSES:
+        raise ValueError(f"summary status must be one of {STATUSES}, got {status!r}")
+    unknown = set(fields) - set(SUMMARY_FIELDS)
+    if unknown:
+        raise TypeError(f"unknown summary fields {sorted(unknown)}; add them to SUMMARY_FIELDS")
+    summary = dict.fromkeys(SUMMARY_FIELDS)
+    summary.update({section: {} for section in SECTIONS})
+    summary.update(
+        max_steps=(config.get("trainer") or {}).get("max_steps"),
+        method=_config_name(config, "method"), task=_config_name(config, "task"),
+        model=_config_name(config, "model"), seed=config.get("seed"),
+        versions=package_versions(), git_commit=git_commit(),
+    )  # fmt: skip
+    summary.update(fields, status=status)
+    summary.update(extra or {})
+    return summary
+
+
+def _encode(value):
+    """Non-finite floats as the strings ``"nan"``, ``"inf"``, ``"-inf"`` (JSON has none)."""
+    if isinstance(value, dict):
+        return {k: _encode(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_encode(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    return value
+
+
+def _number(value):
+    if isinstance(value, str) and value in _NON_FINITE:
+        return _NON_FINITE[value]
+    return value
+
+
+def parse_summary(raw: dict) -> dict:
+    """The one reader of a summary (from ``summary.json`` or W&B): the sections as dicts,
+    non-finite numbers back as floats, ``incomplete`` for a run that has no status."""
+    summary = dict(raw or {})
+    if summary.get("status") not in STATUSES:
+        summary["status"] = INCOMPLETE
+    for section in SECTIONS:
+        summary[section] = {k: _number(v) for k, v in (summary.get(section) or {}).items()}
+    for key in ("train_loss_final", "wall_time_s", "train_time_s", "peak_memory_mb"):
+        summary[key] = _number(summary.get(key))
+    return summary
+
+
+def read_summary(run_dir: Path) -> dict:
+    """:func:`parse_summary` of ``run_dir/summary.json``; ``{}`` when it is missing or is not
+    JSON (it is written atomically, so only a foreign or damaged file)."""
+    path = Path(run_dir) / "summary.json"
+    try:
+        return parse_summary(json.loads(path.read_text()))
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return {}
+
+
+def wandb_summary(summary: dict) -> dict:
+    """The flat W&B summary of a run: scalar fields plus ``final/<k>``, ``best/<k>``."""
+    summary = _encode(summary)
+    flat = {k: v for k, v in summary.items() if isinstance(v, (int, float, str, bool))}
+    for section in SECTIONS:
+        flat.update({f"{section}/{k}": v for k, v in (summary.get(section) or {}).items()})
+    return flat
+
+
+def summary_from_wandb(flat: dict) -> dict:
+    """Inverse of :func:`wandb_summary` (W&B's own ``_``-keys dropped), then parsed."""
+    summary = {k: v for k, v in flat.items() if "/" not in k and not k.startswith("_")}
+    for section in SECTIONS:
+        prefix = f"{section}/"
+        summary[section] = {k[len(prefix) :]: v for k, v in flat.items() if k.startswith(prefix)}
+    return parse_summary(summary)
+
+
+def optimizer_summary(optimizer) -> dict:
+    """The optimizer's own summary fields: the records protocol an optimizer may implement
+    (the runner names no optimizer):
+
+    - ``record_metrics() -> dict[str, float]``: scalars logged on every logging step
+      (Stable-LoRA: ``shrink/num_shrinking``, ``shrink/fraction_shrinking``);
+    - ``record_summary() -> dict``: JSON-able fields added to ``summary.json``
+      (Stable-LoRA: ``shrink``, per layer ``shrinking`` and ``stop_step``);
+    - ``record_layers() -> dict[str, dict[str, float | None]]``: per-layer scalars the
+      feature probe logs as ``lora/<layer>/<key>`` (Stable-LoRA: ``shrinking``, ``stop_step``).
+    """
+    method = getattr(optimizer, "record_summary", None)
+    return dict(method()) if method is not None else {}
+
+
+def optimizer_metrics(optimizer) -> dict[str, float]:
+    """``optimizer.record_metrics()`` when the optimizer implements it (see
+    :func:`optimizer_summary`), else ``{}``."""
+    method = getattr(optimizer, "record_metrics", None)
+    return dict(method()) if method is not None else {}
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -77,13 +229,21 @@ def read_jsonl(path: Path) -> list[dict]:
     return rows
 
 
+class RecordsError(RuntimeError):
+    """Records that cannot be trusted (shorter than the checkpoint says): one line."""
+
+
+def _say(message: str) -> None:
+    print(f"stablelora: {message}", file=sys.stderr, flush=True)
+
+
 class RunRecorder:
     """Writes a run's records; on ranks other than 0 every method does nothing.
 
     Args:
         run_dir: the run directory.
         config: the resolved config as a plain dict (stored in W&B and the summary).
-        logger_cfg: the ``logger/`` config (mode, project, entity, group, tags).
+        logger_cfg: the ``logger/`` config (mode, project, entity, group, tags, init_timeout).
         run_name: the run's name in W&B.
         enabled: False on non-zero ranks.
     """
@@ -92,6 +252,7 @@ class RunRecorder:
         self.run_dir, self.config, self.enabled = Path(run_dir), config, enabled
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.summary_path = self.run_dir / "summary.json"
+        self.rows = 0  # rows of metrics.jsonl this run stands on (set by keep_rows)
         self.wandb_run = None
         if enabled:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -107,17 +268,33 @@ class RunRecorder:
 
             run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
             id_file.write_text(run_id)
-            return wandb.init(
-                project=logger_cfg.project, entity=logger_cfg.entity, group=logger_cfg.group,
-                tags=list(logger_cfg.tags), name=run_name, config=self.config, id=run_id,
-                resume="allow", mode=logger_cfg.mode, dir=str(self.run_dir),
-                settings=wandb.Settings(console="off", silent=True),
-            )  # fmt: skip
+            timeout = logger_cfg.get("init_timeout", 30)
+
+            def init(mode):
+                return wandb.init(
+                    project=logger_cfg.project, entity=logger_cfg.entity, group=logger_cfg.group,
+                    tags=list(logger_cfg.tags), name=run_name, config=self.config, id=run_id,
+                    resume="allow", mode=mode, dir=str(self.run_dir),
+                    settings=wandb.Settings(console="off", silent=True, init_timeout=timeout),
+                )  # fmt: skip
+
+            if logger_cfg.mode != "online":
+                return init(logger_cfg.mode)
+            try:
+                return init("online")
+            except Exception as error:  # noqa: BLE001 - no network, server down, no login
+                first = (str(error).strip().splitlines() or [""])[0]
+                _say(
+                    f"W&B online did not start within logger.init_timeout={timeout}s "
+                    f"({type(error).__name__}: {first}); the run continues with W&B offline "
+                    f"(`wandb sync {self.run_dir}/wandb/offline-run-*` later)."
+                )
+                return init("offline")
         except Exception as error:  # noqa: BLE001 - W&B must never take the run down
-            warnings.warn(
-                f"W&B is off for this run ({type(error).__name__}: {error}); "
-                "the local records in the run directory are complete.",
-                stacklevel=2,
+            first = (str(error).strip().splitlines() or [""])[0]
+            _say(
+                f"W&B is off for this run ({type(error).__name__}: {first}); "
+                "the local records in the run directory are complete."
             )
             return None
 
@@ -128,18 +305,33 @@ class RunRecorder:
         try:
             action(self.wandb_run)
         except Exception as error:  # noqa: BLE001
-            warnings.warn(f"W&B failed ({error}); W&B is off from here.", stacklevel=2)
+            _say(f"W&B failed ({error}); W&B is off from here, the local records go on.")
             self.wandb_run = None
 
     # ------------------------------------------------------------------ records
-    def truncate_after(self, step: int) -> None:
-        """On resume: drop records of steps after the checkpoint (they will be logged again)."""
-        if not self.enabled or not self.metrics_path.exists():
+    def keep_rows(self, rows: int, step: int | None = None) -> None:
+        """Cut ``metrics.jsonl`` back to its first ``rows`` rows: those a checkpoint (at
+        ``step``) had seen, or none for a fresh start; they are logged again from there, so
+        every row is in the file exactly once.
+
+        Raises:
+            RecordsError: the file holds fewer rows than the checkpoint had seen.
+        """
+        if not self.enabled:
             return
-        kept = [row for row in read_jsonl(self.metrics_path) if row["step"] <= step]
-        tmp = self.metrics_path.with_name("metrics.jsonl.tmp")
-        tmp.write_text("".join(json.dumps(row) + "\n" for row in kept))
-        os.replace(tmp, self.metrics_path)
+        kept = read_jsonl(self.metrics_path)
+        if len(kept) < rows:
+            where = f"the checkpoint at step {step}" if step is not None else "the checkpoint"
+            raise RecordsError(
+                f"{self.metrics_path} has {len(kept)} rows but {where} had written {rows}: "
+                "records are missing, so resuming would leave a gap; rerun with "
+                "trainer.resume=false to start this run over."
+            )
+        if self.metrics_path.exists():  # rewritten even when as long: drops a torn last line
+            tmp = self.metrics_path.with_name("metrics.jsonl.tmp")
+            tmp.write_text("".join(json.dumps(row) + "\n" for row in kept[:rows]))
+            fsync_replace(tmp, self.metrics_path)
+        self.rows = rows
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         """Append one record to ``metrics.jsonl`` and W&B."""
@@ -148,6 +340,7 @@ class RunRecorder:
         row = {"step": step, **{k: _finite_or_none(v) for k, v in metrics.items()}}
         with self.metrics_path.open("a") as stream:
             stream.write(json.dumps(row, default=_jsonable) + "\n")
+        self.rows += 1
         self._wandb(lambda run: run.log(wandb_keys(metrics), step=step))
 
     def write_summary(self, summary: dict) -> None:
@@ -157,9 +350,7 @@ class RunRecorder:
         assert summary["status"] in STATUSES, summary["status"]
         write_json_atomic(self.summary_path, summary)
         if self.wandb_run is not None:
-            flat = {k: v for k, v in summary.items() if isinstance(v, (int, float, str, bool))}
-            for section in ("final", "best"):
-                flat.update({f"{section}/{k}": v for k, v in summary.get(section, {}).items()})
+            flat = wandb_summary(summary)
             self._wandb(lambda run: run.summary.update(flat))
 
     def finish(self, exit_code: int = 0) -> None:
@@ -184,7 +375,7 @@ def wandb_keys(metrics: dict[str, float]) -> dict[str, float]:
 
 
 def _finite_or_none(value):
-    # JSON has no NaN or infinity: a diverged loss is recorded as null.
+    # JSON has no NaN or infinity: in metrics.jsonl a diverged loss is null.
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
@@ -205,8 +396,9 @@ def result_table(summary: dict) -> str:
     for key in keys:
         before, after = initial.get(key), final.get(key)
         lines.append(f"| {key} | {_fmt(before)} | {_fmt(after)} |")
-    if summary.get("train_loss_final") is not None:
-        lines.append(f"| train/loss (last step) | | {summary['train_loss_final']:.4f} |")
+    loss = _number(summary.get("train_loss_final"))
+    if loss is not None:
+        lines.append(f"| train/loss (last step) | | {loss:.4f} |")
     return "\n".join(lines)
 
 

@@ -8,6 +8,7 @@ trains, rank 0 evaluates, logs and writes).
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import math
 import os
@@ -22,20 +23,41 @@ from pathlib import Path
 import torch
 
 from stablelora.records import (
+    RecordsError,
     RunRecorder,
-    git_commit,
-    package_versions,
+    make_summary,
+    optimizer_metrics,
+    optimizer_summary,
     read_jsonl,
+    read_summary,
     result_table,
 )
+from stablelora.run_folder import (
+    RunFolderError,
+    RunLock,
+    StopSignals,
+    check_run_folder,
+    load_checkpoint_file,
+    remove_checkpoints,
+    run_launcher_handler,
+    save_adapter,
+    save_checkpoint_file,
+)
 
-CHECKPOINT = "checkpoint.pt"
 SCHEDULES = ("linear", "cosine", "constant")
 DEVICES = ("auto", "cpu", "cuda")
 
 
 class ConfigError(ValueError):
     """A user error in the config: reported as one line, before anything expensive."""
+
+
+class RunInterrupted(Exception):
+    """A stop signal ended the run after a checkpoint; rerunning the command resumes it."""
+
+    def __init__(self, signum: int, step: int):
+        super().__init__(f"stopped by signal {signum} after step {step}")
+        self.signum, self.step = signum, step
 
 
 # ---------------------------------------------------------------------------- validation
@@ -123,6 +145,14 @@ class Distributed:
             value /= self.world_size
         return value
 
+    def any(self, flag: bool) -> bool:
+        """Whether ``flag`` holds on any rank (so that every rank stops at the same step)."""
+        if self.world_size == 1:
+            return flag
+        value = torch.tensor(float(flag), device=self.device)
+        torch.distributed.all_reduce(value)
+        return bool(value.item())
+
     def close(self) -> None:
         if self.world_size > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
@@ -173,23 +203,12 @@ def set_rng_state(state: dict, device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def save_atomic(payload: dict, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
-
-
 def build_scheduler(optimizer, optim_cfg, max_steps):
     from transformers import get_scheduler
 
     name = {"constant": "constant_with_warmup"}.get(optim_cfg.schedule, optim_cfg.schedule)
     return get_scheduler(name, optimizer, num_warmup_steps=optim_cfg.warmup_steps,
                          num_training_steps=max_steps)  # fmt: skip
-
-
-def run_name(cfg, override_dirname: str) -> str:
-    base = f"{cfg.method.name}-{cfg.task.name}-{cfg.model.name}-s{cfg.seed}"
-    return override_dirname or base
 
 
 # ---------------------------------------------------------------------------- the recipe
@@ -251,21 +270,24 @@ def build_run(cfg, dist: Distributed, recorder: RunRecorder) -> Run:
     )  # fmt: skip
 
 
-def train_step(run: Run, step: int) -> float:
-    """Forward and backward over the step's micro-batches; return the mean loss (all ranks).
+def train_step(run: Run, step: int) -> tuple[float, int]:
+    """Forward and backward over the step's micro-batches; return the mean loss (all ranks)
+    and the number of input tokens this rank read (counted on the host: no device sync).
 
     The optimizer step is the caller's, so that a non-finite loss can stop the run first.
     """
     trainer, dist = run.cfg.trainer, run.dist
     run.probe.arm(step)
-    loss_sum = torch.zeros((), device=dist.device)
+    loss_sum, tokens = torch.zeros((), device=dist.device), 0
     for micro in range(trainer.grad_accum):
         # Each rank takes its own slice of the global batch; the position depends on the
         # step only, so a resumed run reads exactly the data it would have read.
         position = ((step - 1) * trainer.grad_accum + micro) * dist.world_size + dist.rank
         indices = batch_indices(run.task.num_train_examples, run.cfg.seed,
                                 position * trainer.batch_size, trainer.batch_size)  # fmt: skip
-        batch = {k: v.to(dist.device) for k, v in run.task.collate(indices).items()}
+        batch = run.task.collate(indices)
+        tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0
+        batch = {k: v.to(dist.device) for k, v in batch.items()}
         is_last = micro == trainer.grad_accum - 1
         no_sync = dist.world_size > 1 and not is_last
         with run.ddp.no_sync() if no_sync else contextlib.nullcontext():
@@ -273,7 +295,7 @@ def train_step(run: Run, step: int) -> float:
                 loss = run.ddp(**batch).loss / trainer.grad_accum
             loss.backward()
         loss_sum += loss.detach()
-    return float(dist.mean(loss_sum))
+    return float(dist.mean(loss_sum)), tokens
 
 
 def evaluate(run: Run, step: int) -> dict[str, float]:
@@ -289,20 +311,24 @@ def evaluate(run: Run, step: int) -> dict[str, float]:
     return metrics
 
 
-def save_checkpoint(run: Run, path: Path, state: dict) -> None:
+def save_checkpoint(run: Run, run_dir: Path, state: dict) -> None:
     """Everything a resumed run needs: trainable weights, optimizer (with the shrink flags),
-    scheduler and RNG states; the data position follows from ``state["step"]``."""
+    scheduler and RNG states, and ``state`` (step, metrics rows written, times); the data
+    position follows from ``state["step"]``. The previous checkpoint is kept."""
     if run.dist.is_main:
         trainable = {n: p.detach() for n, p in run.model.named_parameters() if p.requires_grad}
-        save_atomic({"trainable": trainable, "optimizer": run.optimizer.state_dict(),
-                     "scheduler": run.scheduler.state_dict(), "rng": rng_state(run.dist.device),
-                     "state": state}, path)  # fmt: skip
+        payload = {"trainable": trainable, "optimizer": run.optimizer.state_dict(),
+                   "scheduler": run.scheduler.state_dict(), "rng": rng_state(run.dist.device),
+                   "state": state}  # fmt: skip
+        save_checkpoint_file(payload, run_dir)
     run.dist.barrier()
 
 
-def load_checkpoint(run: Run, path: Path) -> dict:
-    # Our own file, holding Python RNG state: not loadable with weights_only.
-    checkpoint = torch.load(path, map_location=run.dist.device, weights_only=False)
+def load_checkpoint(run: Run, run_dir: Path) -> dict | None:
+    """Restore the newest readable checkpoint of ``run_dir``; its ``state``, or None."""
+    checkpoint = load_checkpoint_file(run_dir, map_location=run.dist.device)
+    if checkpoint is None:
+        return None
     with torch.no_grad():
         for name, p in run.model.named_parameters():
             if p.requires_grad:
@@ -313,63 +339,99 @@ def load_checkpoint(run: Run, path: Path) -> dict:
     return checkpoint["state"]
 
 
-def shrink_metrics(optimizer) -> dict[str, float]:
-    if not hasattr(optimizer, "shrink_state"):
-        return {}
-    shrinking = [layer["shrinking"] for layer in optimizer.shrink_state().values()]
-    return {"shrink/num_shrinking": sum(shrinking),
-            "shrink/fraction_shrinking": sum(shrinking) / len(shrinking)}  # fmt: skip
-
-
-def train(cfg, run_dir: Path, override_dirname: str = "") -> dict:
+def train(cfg, run_dir: Path) -> dict:
     """Run one configured fine-tuning job in ``run_dir`` (resuming it if it has a
-    checkpoint); return its summary."""
+    checkpoint); return its summary.
+
+    Raises:
+        ConfigError: a bad config (before anything is loaded).
+        RunFolderError: the folder is held by another process, holds another configuration,
+            or has only unreadable checkpoints (nothing written into it).
+        RecordsError: ``metrics.jsonl`` is shorter than the checkpoint says.
+        RunInterrupted: a stop signal; a checkpoint and an ``interrupted`` summary are written.
+    """
     from omegaconf import OmegaConf
 
     check_config(cfg)
     started, run_dir, trainer = time.time(), Path(run_dir), cfg.trainer
-    previous = read_summary(run_dir)
-    if trainer.resume and previous.get("status") in ("completed", "diverged"):
-        print(f"[stablelora] {run_dir} already {previous['status']}; nothing to do.")
-        return previous
-    if trainer.num_threads:
-        torch.set_num_threads(trainer.num_threads)
-    dist = Distributed(trainer.device)
-    if dist.device.type == "cuda":  # jobs of a multirun share the process: one peak per job
-        torch.cuda.reset_peak_memory_stats(dist.device)
-    seed_everything(cfg.seed, trainer.deterministic)
-    recorder = RunRecorder(run_dir, OmegaConf.to_container(cfg, resolve=True), cfg.logger,
-                           run_name(cfg, override_dirname), enabled=dist.is_main)  # fmt: skip
-    if dist.is_main:
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    lock = RunLock(run_dir)
+    if is_main:
+        lock.acquire()
     try:
-        return _train(cfg, run_dir, dist, recorder, started)
-    except BaseException:
-        recorder.finish(exit_code=1)  # close the W&B run; run_job records the failure
-        raise
+        if is_main:
+            check_run_folder(run_dir, resolved)
+        previous = read_summary(run_dir)
+        finished = previous.get("status") == "diverged" or (
+            previous.get("status") == "completed" and (run_dir / "adapter").is_dir()
+        )
+        if trainer.resume and finished:
+            print(f"[stablelora] {run_dir} already {previous['status']}; nothing to do.")
+            return previous
+        if trainer.num_threads:
+            torch.set_num_threads(trainer.num_threads)
+        dist = Distributed(trainer.device)
+        if dist.device.type == "cuda":  # jobs of a multirun share the process: one peak per job
+            torch.cuda.reset_peak_memory_stats(dist.device)
+        seed_everything(cfg.seed, trainer.deterministic)
+        recorder = RunRecorder(run_dir, resolved, cfg.logger, run_dir.name, enabled=dist.is_main)
+        if dist.is_main:
+            (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        try:
+            with StopSignals() as signals:
+                return _train(cfg, run_dir, dist, recorder, started, signals)
+        except BaseException:
+            recorder.finish(exit_code=1)  # close the W&B run; run_job records the failure
+            raise
+    finally:
+        lock.release()
 
 
-def _train(cfg, run_dir: Path, dist: Distributed, recorder: RunRecorder, started: float) -> dict:
+def _start(run: Run, run_dir: Path, recorder: RunRecorder) -> dict:
+    """The state to train from: the checkpoint's (records cut back to the rows it had seen)
+    or a fresh one (no records kept, old checkpoints dropped, the initial evaluation)."""
+    state = {"step": 0, "initial": {}, "best": {}, "train_time": 0.0, "wall_time": 0.0,
+             "attempts": 0, "records": 0, "status": "running", "error": None,
+             "loss": None}  # fmt: skip
+    loaded = load_checkpoint(run, run_dir) if run.cfg.trainer.resume else None
+    if loaded is not None:
+        state.update(loaded)
+        recorder.keep_rows(state["records"], state["step"])
+        print(f"[stablelora] resuming {run_dir} from step {state['step']}")
+    else:
+        recorder.keep_rows(0)
+        if run.dist.is_main:
+            remove_checkpoints(run_dir)
+        if run.cfg.trainer.eval_before:
+            state["initial"] = evaluate(run, 0)
+    state["attempts"] += 1
+    return state
+
+
+def _train(cfg, run_dir: Path, dist: Distributed, recorder: RunRecorder, started: float,
+           signals: StopSignals) -> dict:  # fmt: skip
+    from stablelora.lora import step_hooks
+
     trainer = cfg.trainer
     run = build_run(cfg, dist, recorder)
     trainable = [p for p in run.model.parameters() if p.requires_grad]
+    after_step = step_hooks(run.model)  # the adapter's own work after an optimizer step
+    state = _start(run, run_dir, recorder)
+    wall_before = state["wall_time"]
 
-    state = {"step": 0, "initial": {}, "best": {}, "train_time": 0.0, "status": "running",
-             "error": None, "loss": None}  # fmt: skip
-    checkpoint_path = run_dir / CHECKPOINT
-    if trainer.resume and checkpoint_path.exists():
-        state = load_checkpoint(run, checkpoint_path)
-        recorder.truncate_after(state["step"])
-        print(f"[stablelora] resuming {run_dir} from step {state['step']}")
-    elif trainer.eval_before:
-        state["initial"] = evaluate(run, 0)
-    progress = Progress(trainer, state["step"], run_name(cfg, ""), enabled=dist.is_main)
+    def checkpoint() -> None:
+        state.update(records=recorder.rows, wall_time=wall_before + time.time() - started)
+        save_checkpoint(run, run_dir, state)
+
+    progress = Progress(trainer, state["step"], run_dir.name, enabled=dist.is_main)
     loop_start = time.time() - state["train_time"]
     run.model.train()
     for step in range(state["step"] + 1, trainer.max_steps + 1):
-        loss = train_step(run, step)
+        loss, tokens = train_step(run, step)
         if not math.isfinite(loss):
-            state.update(status="diverged", error=f"loss is {loss} at step {step}", step=step)
+            state.update(status="diverged", error=f"loss is {loss} at step {step}", step=step,
+                         loss=loss)  # fmt: skip
             recorder.log(step, {"train/loss": loss})
             break
         if cfg.optim.max_grad_norm:
@@ -377,21 +439,29 @@ def _train(cfg, run_dir: Path, dist: Distributed, recorder: RunRecorder, started
         run.probe.before_update()
         run.optimizer.step()
         run.scheduler.step()
-        if cfg.method.adapter == "adalora":  # AdaLoRA's rank allocation reads the gradients
-            run.model.base_model.update_and_allocate(step)
+        for hook in after_step:
+            hook(step)
         run.optimizer.zero_grad(set_to_none=True)
         metrics = run.probe.after_update(run.optimizer)
         state.update(step=step, loss=loss, train_time=time.time() - loop_start)
+        progress.count(tokens * dist.world_size)
         if step % trainer.log_every == 0 or step == trainer.max_steps:
-            metrics |= {"train/loss": loss, "train/lr": run.scheduler.get_last_lr()[0],
-                        **progress.throughput(step), **shrink_metrics(run.optimizer)}  # fmt: skip
+            lr = run.scheduler.get_last_lr()[0]
+            metrics |= {"train/loss": loss, "train/lr": lr, **progress.throughput(step),
+                        **optimizer_metrics(run.optimizer)}  # fmt: skip
         recorder.log(step, metrics)
         progress.update(loss)
         if trainer.eval_every and step % trainer.eval_every == 0 and step < trainer.max_steps:
             state["best"] = better(state["best"], evaluate(run, step), run.task, step)
             run.model.train()
-        if trainer.checkpoint_every and step % trainer.checkpoint_every == 0:
-            save_checkpoint(run, checkpoint_path, state)
+        saved = trainer.checkpoint_every and step % trainer.checkpoint_every == 0
+        if saved:
+            checkpoint()
+        if dist.any(signals.received is not None) and step < trainer.max_steps:
+            if not saved:
+                checkpoint()
+            state["status"] = "interrupted"
+            break
     progress.close()
     run.probe.close()
 
@@ -400,14 +470,16 @@ def _train(cfg, run_dir: Path, dist: Distributed, recorder: RunRecorder, started
         state["status"] = "completed"
         final = evaluate(run, state["step"])
         state["best"] = better(state["best"], final, run.task, state["step"])
-        if dist.is_main:
-            run.model.save_pretrained(run_dir / "adapter")
-    summary = summarize(cfg, run, state, final, time.time() - started)
-    recorder.write_summary(summary)
-    recorder.finish(exit_code=0 if state["status"] == "completed" else 1)
-    if dist.is_main and state["status"] == "completed" and checkpoint_path.exists():
-        checkpoint_path.unlink()  # the adapter and the records now hold everything
+    wall_time = wall_before + time.time() - started
+    summary = summarize(cfg, run, state, final, wall_time)
+    recorder.write_summary(summary)  # before the adapter: a full disk keeps this summary
+    if dist.is_main and state["status"] == "completed":
+        save_adapter(run.model, run_dir)
+        remove_checkpoints(run_dir)  # the adapter and the records now hold everything
+    recorder.finish(exit_code=0 if state["status"] in ("completed", "diverged") else 1)
     dist.close()
+    if state["status"] == "interrupted":
+        raise RunInterrupted(signals.received or 0, state["step"])
     return summary
 
 
@@ -421,35 +493,23 @@ def better(best: dict, result: dict, task, step: int) -> dict:
 
 
 def summarize(cfg, run: Run, state: dict, final: dict, wall_time: float) -> dict:
-    """The ``summary.json`` of a run (schema in the README)."""
-    optimizer = run.optimizer
-    return {
-        "status": state["status"],
-        "error": state["error"],
-        "steps": state["step"],
-        "max_steps": cfg.trainer.max_steps,
-        "main_metric": f"eval/{run.task.main_metric}",
-        "initial": state["initial"],
-        "final": final,
-        "best": state["best"],
-        "train_loss_final": state["loss"],
-        "wall_time_s": wall_time,
-        "train_time_s": state["train_time"],
-        "peak_memory_mb": peak_memory_mb(run.dist.device),
-        "world_size": run.dist.world_size,
-        "device": str(run.dist.device),
-        "versions": package_versions(),
-        "git_commit": git_commit(),
-        "method": cfg.method.name,
-        "task": cfg.task.name,
-        "model": cfg.model.name,
-        "seed": cfg.seed,
-        "shrink": optimizer.shrink_state() if hasattr(optimizer, "shrink_state") else None,
-    }
+    """The ``summary.json`` of a run (schema: ``stablelora.records.make_summary``)."""
+    from omegaconf import OmegaConf
+
+    return make_summary(
+        state["status"], OmegaConf.to_container(cfg, resolve=True),
+        error=state["error"], steps=state["step"],
+        main_metric=f"eval/{run.task.main_metric}",
+        initial=state["initial"], final=final, best=state["best"],
+        train_loss_final=state["loss"], wall_time_s=wall_time,
+        train_time_s=state["train_time"], attempts=state["attempts"],
+        peak_memory_mb=peak_memory_mb(run.dist.device), world_size=run.dist.world_size,
+        device=str(run.dist.device), extra=optimizer_summary(run.optimizer),
+    )  # fmt: skip
 
 
 class Progress:
-    """The progress bar (rank 0) and the tokens-per-second clock between log steps."""
+    """The progress bar (rank 0) and the steps- and tokens-per-second clock between logs."""
 
     def __init__(self, trainer_cfg, start_step: int, name: str, enabled: bool):
         self.bar = None
@@ -458,13 +518,20 @@ class Progress:
 
             self.bar = tqdm(total=trainer_cfg.max_steps, initial=start_step, desc=name,
                             dynamic_ncols=True, file=sys.stderr)  # fmt: skip
-        self.last_step, self.last_time = start_step, time.time()
+        self.last_step, self.last_time, self.tokens = start_step, time.time(), 0
+
+    def count(self, tokens: int) -> None:
+        self.tokens += tokens
 
     def throughput(self, step: int) -> dict[str, float]:
+        """``train/steps_per_s`` and ``train/tokens_per_s`` (input tokens of all ranks,
+        padding excluded) since the last call."""
         now = time.time()
-        rate = (step - self.last_step) / max(now - self.last_time, 1e-9)
-        self.last_step, self.last_time = step, now
-        return {"train/steps_per_s": rate}
+        elapsed = max(now - self.last_time, 1e-9)
+        rates = {"train/steps_per_s": (step - self.last_step) / elapsed,
+                 "train/tokens_per_s": self.tokens / elapsed}  # fmt: skip
+        self.last_step, self.last_time, self.tokens = step, now, 0
+        return rates
 
     def update(self, loss: float) -> None:
         if self.bar is not None:
@@ -476,49 +543,75 @@ class Progress:
             self.bar.close()
 
 
-def read_summary(run_dir: Path) -> dict:
-    import json
+def run_job(cfg, run_dir: Path, multirun: bool = False):
+    """Train, turning errors into records and one line each: a bad config; a folder that is
+    busy, holds another configuration or has only damaged checkpoints (nothing recorded in
+    it); short records; a full disk; a stop signal (``interrupted``, resumable). Any other
+    error marks the run ``failed`` with its traceback. In a multirun a failed job is recorded
+    and the sweep goes on (the sweep summary counts it); in a single run the process exits
+    non-zero. A diverged run is a result: exit code 0."""
+    from stablelora.config import report_to_sweep
 
-    path = Path(run_dir) / "summary.json"
-    return json.loads(path.read_text()) if path.exists() else {}
-
-
-def run_job(cfg, run_dir: Path, override_dirname: str = "", multirun: bool = False):
-    """Train, turning errors into records: a bad config is one line and exit code 2; any
-    other error marks the run ``failed``. In a multirun the error is recorded and the sweep
-    goes on; in a single run the process exits non-zero."""
-    try:
-        summary = train(cfg, run_dir, override_dirname)
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(result_table(summary) + f"\nrecords: {run_dir}")
-        return summary
-    except ConfigError as error:
-        message = f"stablelora: config error: {error}"
-        _record_failure(cfg, run_dir, message)
+    def fail(message: str, record: bool = True, trace: str | None = None, code: int = 1):
+        if record:
+            _record_failure(cfg, run_dir, message, trace)
+        report_to_sweep(run_dir, "failed")
         if multirun:
-            print(message, file=sys.stderr)
+            print(f"stablelora: {run_dir.name}: {message}", file=sys.stderr)
             return None
-        sys.exit(message)  # exit code 1 with one line on stderr
+        sys.exit(f"stablelora: {message}")  # one line on stderr, exit code 1
+
+    run_dir = Path(run_dir)
+    try:
+        summary = train(cfg, run_dir)
+    except ConfigError as error:
+        return fail(f"config error: {error}")
+    except RunFolderError as error:
+        return fail(str(error), record=False)
+    except RecordsError as error:
+        return fail(str(error))
+    except RunInterrupted as error:
+        report_to_sweep(run_dir, "interrupted")
+        print(f"stablelora: {run_dir} interrupted by signal {error.signum} after step "
+              f"{error.step} (checkpoint saved); rerun the same command to resume.",
+              file=sys.stderr, flush=True)  # fmt: skip
+        run_launcher_handler(error.signum)  # e.g. submitit: requeue the job
+        sys.exit(128 + error.signum if error.signum else 1)
+    except OSError as error:
+        if error.errno != errno.ENOSPC:
+            return fail(f"{type(error).__name__}: {error}", trace=traceback.format_exc())
+        return fail(
+            f"no space left on device ({error.filename or run_dir}): free some space and rerun "
+            "the same command to resume from the last checkpoint."
+        )
     except Exception as error:
         _record_failure(cfg, run_dir, f"{type(error).__name__}: {error}", traceback.format_exc())
+        report_to_sweep(run_dir, "failed")
         if multirun:
             print(f"stablelora: run {run_dir} failed: {error}", file=sys.stderr)
             return None
         raise
+    report_to_sweep(run_dir, summary["status"])
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(result_table(summary) + f"\nrecords: {run_dir}")
+    return summary
 
 
 def _record_failure(cfg, run_dir: Path, message: str, trace: str | None = None) -> None:
+    """A ``failed`` summary; on a full disk this write may fail too, and then the previous
+    summary stays (it is replaced atomically)."""
     if int(os.environ.get("RANK", "0")) != 0:
         return
+    from omegaconf import OmegaConf
+
     from stablelora.records import write_json_atomic
 
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     steps = [row["step"] for row in read_jsonl(run_dir / "metrics.jsonl")]
-    write_json_atomic(run_dir / "summary.json", {
-        "status": "failed", "error": message, "traceback": trace,
-        "steps": max(steps, default=0), "max_steps": cfg.trainer.max_steps,
-        "method": cfg.method.name, "task": cfg.task.name, "model": cfg.model.name,
-        "seed": cfg.seed, "initial": {}, "final": {}, "best": {},
-        "versions": package_versions(), "git_commit": git_commit(),
-    })  # fmt: skip
+    summary = make_summary("failed", OmegaConf.to_container(cfg, resolve=True), error=message,
+                           traceback=trace, steps=max(steps, default=0))  # fmt: skip
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(run_dir / "summary.json", summary)
+    except OSError:
+        pass

@@ -164,7 +164,7 @@ def test_values_match_an_independent_numpy_computation(optimizer_name):
         assert metrics[f"feat/{q}"] == pytest.approx(rms, rel=1e-5)  # one layer: mean = itself
     assert metrics["lora/proj/norm_A"] == pytest.approx(np.linalg.norm(A_new), rel=1e-6)
     assert metrics["lora/proj/norm_B"] == pytest.approx(np.linalg.norm(B_new), rel=1e-6)
-    assert "lora/shrinking" not in metrics  # SGD / AdamW have no shrink state
+    assert not any(k.endswith("/shrinking") for k in metrics)  # AdamW records no layer state
     probe.close()
 
 
@@ -252,7 +252,7 @@ def test_per_layer_and_aggregate_keys_with_shrink_state():
         assert metrics[f"lora/{name}/norm_A"] > 0
         assert metrics[f"lora/{name}/shrinking"] == 1.0  # B = 0 on step 1: every layer shrinks
         assert f"lora/{name}/stop_step" not in metrics
-    assert metrics["lora/shrinking"] == 1.0
+    assert "lora/shrinking" not in metrics  # the fraction is the runner's, under one key
     assert metrics["feat/delta2"] == 0.0 and metrics["gamma/delta2"] == -math.inf  # B0 = 0
 
     probe.close()

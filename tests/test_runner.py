@@ -147,31 +147,74 @@ def test_nan_loss_stops_the_run_as_diverged(tmp_path):
     assert json.loads((tmp_path / "summary.json").read_text())["status"] == "diverged"
 
 
+def only_run_dir(root: Path) -> Path:
+    (run_dir,) = root.iterdir()
+    return run_dir
+
+
 @pytest.mark.slow
 def test_cli_smoke_run_and_rerun_is_a_no_op(tmp_path):
     result = run_cli("run.py", *SMOKE, f"output_root={tmp_path}")
     assert result.returncode == 0, result.stderr[-3000:]
-    run_dir = tmp_path / "runs" / "smoke"
+    run_dir = only_run_dir(tmp_path / "runs")
+    assert run_dir.name.startswith("stable_lora-bbc_news-tiny_llama-s0-")
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
     assert "| eval/acc |" in result.stdout
     again = run_cli("run.py", *SMOKE, f"output_root={tmp_path}")
     assert again.returncode == 0 and "already completed" in again.stdout
+    # Another preset with the same seed is another configuration: its own folder.
+    other = run_cli("run.py", "experiment=ablation_stop_rule_smoke", f"output_root={tmp_path}")
+    assert other.returncode == 0, other.stderr[-3000:]
+    assert len(list((tmp_path / "runs").iterdir())) == 2
+
+
+@pytest.mark.slow
+def test_cli_sigterm_checkpoints_and_exits_with_one_line(tmp_path):
+    import signal
+    import time
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    args = [*SMOKE, "trainer.max_steps=100000", "trainer.checkpoint_every=0", "probe=off",
+            f"output_root={tmp_path}"]  # fmt: skip
+    process = subprocess.Popen([sys.executable, "run.py", *args], cwd=ROOT, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(tmp_path.glob("runs/*/metrics.jsonl")):
+        time.sleep(0.5)
+    time.sleep(2)  # a few training steps
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    assert "interrupted by signal 15" in stderr.strip().splitlines()[-1]
+    run_dir = only_run_dir(tmp_path / "runs")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and (run_dir / "checkpoint.pt").exists()
 
 
 @pytest.mark.slow
 def test_multirun_records_a_failing_job_and_runs_the_others(tmp_path):
     # joblib: the local parallel launcher; one job fails its config check, one completes.
     result = run_cli("run.py", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", *SMOKE,
-                     "method.rank=4,0", "trainer.num_threads=1", f"output_root={tmp_path}")  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
+                     "method.rank=4,0", f"output_root={tmp_path}")  # fmt: skip
+    assert result.returncode == 1, result.stderr[-3000:]
     sweep = tmp_path / "sweeps" / "smoke"
-    statuses = {
-        p.parent.name: json.loads(p.read_text())["status"] for p in sweep.glob("*/summary.json")
-    }
-    assert statuses == {"method.rank=4": "completed",
-                        "method.rank=0": "failed"}  # fmt: skip
-    error = json.loads((sweep / "method.rank=0" / "summary.json").read_text())
+    summaries = [json.loads(p.read_text()) for p in sweep.glob("*/summary.json")]
+    statuses = sorted(summary["status"] for summary in summaries)
+    assert statuses == ["completed", "failed"]
+    (failed,) = [p.parent for p in sweep.glob("*/summary.json") if "failed" in p.read_text()]
+    error = json.loads((failed / "summary.json").read_text())
     assert "method.rank must be a positive integer" in error["error"]
+    assert result.stdout.strip().splitlines()[-1] == (
+        f"stablelora sweep: 1 completed, 0 diverged, 1 failed ({failed}), 0 interrupted"
+    )
+    # A job of 2 in parallel gets half the cores by default (here the completed one).
+    import yaml
+
+    from stablelora.config import available_cores
+
+    (completed,) = [p.parent for p in sweep.glob("*/summary.json") if p.parent != failed]
+    stored = yaml.safe_load((completed / "config.yaml").read_text())
+    assert stored["trainer"]["num_threads"] == max(available_cores() // 2, 1)
 
 
 @pytest.mark.slow
@@ -199,7 +242,7 @@ def test_ddp_with_two_gloo_processes(tmp_path):
         env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    summary = json.loads((tmp_path / "runs" / "smoke" / "summary.json").read_text())
+    summary = json.loads((only_run_dir(tmp_path / "runs") / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["world_size"] == 2
     assert summary["final"]["eval/n"] == 8
 

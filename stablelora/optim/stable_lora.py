@@ -242,6 +242,26 @@ class StableLoRA(torch.optim.AdamW):
             for name, s, t in zip(self.layer_names, shrinking.tolist(), stop_step.tolist())
         }
 
+    # ------------------------------------------------------------------ records protocol
+    def record_metrics(self) -> dict[str, float]:
+        """Logged by the runner on every logging step (one host sync)."""
+        shrinking = self._gather("shrinking")
+        return {
+            "shrink/num_shrinking": int(shrinking.sum()),
+            "shrink/fraction_shrinking": float(shrinking.float().mean()),
+        }
+
+    def record_summary(self) -> dict:
+        """Added by the runner to ``summary.json``: ``shrink``, see :meth:`shrink_state`."""
+        return {"shrink": self.shrink_state()}
+
+    def record_layers(self) -> dict[str, dict[str, float | None]]:
+        """Per layer, logged by the feature probe as ``lora/<layer>/<key>``."""
+        return {
+            name: {"shrinking": float(entry["shrinking"]), "stop_step": entry["stop_step"]}
+            for name, entry in self.shrink_state().items()
+        }
+
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict:
         """AdamW's state dict plus ``"stable_lora"``: the step count, flags and stop steps."""

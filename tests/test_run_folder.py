@@ -1,0 +1,366 @@
+"""Run folders never lie: one folder per resolved configuration, one process per folder,
+every metric row once, recoverable checkpoints, stop signals, a full disk, sweep summaries."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+from test_config import CONF, compose_config
+from test_runner import SMOKE, Interrupted, adapter_state, train_killed_at_batch
+
+from stablelora.config import (
+    SWEEP_LOG_ENV,
+    SweepSummary,
+    default_num_threads,
+    report_to_sweep,
+    sweep_summary_line,
+)
+from stablelora.records import RecordsError, RunRecorder, read_jsonl, read_summary
+from stablelora.run_folder import RunFolderError, RunLock
+from stablelora.train import RunInterrupted, run_job, train
+
+FAST = SMOKE + ["probe=off", "model.config.num_hidden_layers=1"]
+
+
+def run_dirs(overrides, key="hydra.run.dir"):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=list(overrides), return_hydra_config=True)
+        return str(OmegaConf.select(cfg, key))
+
+
+def rows_without_timing(run_dir: Path) -> list[dict]:
+    timing = {"train/steps_per_s", "train/tokens_per_s"}
+    return [
+        {k: v for k, v in row.items() if k not in timing}
+        for row in read_jsonl(run_dir / "metrics.jsonl")
+    ]
+
+
+# ---------------------------------------------------------------------------- folder names
+def test_run_folder_is_a_function_of_the_resolved_config():
+    smoke = run_dirs(["experiment=smoke", "seed=1"])
+    ablation = run_dirs(["experiment=ablation_stop_rule_smoke", "seed=1"])
+    assert smoke != ablation
+    assert run_dirs(["method=lora", "method=stable_lora"]) != run_dirs(
+        ["method=stable_lora", "method=lora"]
+    )
+    # Where and how a run is shown does not move it; what it computes does.
+    assert run_dirs(["experiment=smoke", "seed=1", "logger.mode=disabled",
+                     "trainer.device=cpu", "trainer.progress_bar=true"]) == smoke  # fmt: skip
+    assert run_dirs(["experiment=smoke", "seed=1", "optim.lr=3e-4"]) != smoke
+    name = Path(smoke).name
+    assert name.startswith("stable_lora-bbc_news-tiny_llama-s1-")
+
+
+def test_paths_in_overrides_never_nest_folders():
+    for key in ("hydra.run.dir", "hydra.sweep.subdir"):
+        folder = run_dirs(["task.data_dir=/data/arc_easy/x", "output_root=/out"], key)
+        name = folder.rsplit("/", 1)[-1]
+        assert "/" not in name.strip() and "data" not in name
+    assert run_dirs(["output_root=/out"]).startswith("/out/runs/")
+
+
+def test_rerun_with_another_config_in_the_same_folder_stops(tmp_path):
+    (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(compose_config(SMOKE)))
+    with pytest.raises(RunFolderError, match=r"another configuration \(differs in optim.lr\)"):
+        train(compose_config(SMOKE + ["optim.lr=0.5"]), tmp_path)
+    # Display-only keys may differ.
+    cfg = compose_config(SMOKE + ["trainer.max_steps=1", "logger.mode=disabled", "probe=off"])
+    (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    display = ["trainer.progress_bar=true", "trainer.num_threads=1"]
+    assert train(compose_config(SMOKE + ["trainer.max_steps=1", "probe=off", *display]),
+                 tmp_path)["status"] == "completed"  # fmt: skip
+
+
+# ---------------------------------------------------------------------------- lock
+def test_a_second_process_on_a_run_folder_stops_naming_the_holder(tmp_path, capsys):
+    with RunLock(tmp_path):
+        with pytest.raises(RunFolderError, match=rf"being run by pid {os.getpid()} on "):
+            train(compose_config(FAST), tmp_path)
+        with pytest.raises(SystemExit) as exit_info:
+            run_job(compose_config(FAST), tmp_path)
+        assert "being run by pid" in str(exit_info.value.code)
+        assert not (tmp_path / "summary.json").exists()  # nothing written into its folder
+    assert train(compose_config(FAST), tmp_path)["status"] == "completed"  # lock released
+
+
+# ---------------------------------------------------------------------------- exactly once
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("uninterrupted")
+    summary = train(compose_config(FAST + ["trainer.checkpoint_every=2"]), run_dir)
+    return run_dir, summary
+
+
+@pytest.mark.parametrize("batch", [2, 5])  # before the first checkpoint, after step 4's
+def test_resumed_records_hold_every_row_once(tmp_path, monkeypatch, uninterrupted, batch):
+    cfg = compose_config(FAST + ["trainer.checkpoint_every=4"])
+    with pytest.raises(Interrupted):
+        train_killed_at_batch(cfg, tmp_path, batch, monkeypatch)
+    summary = train(cfg, tmp_path)
+    assert rows_without_timing(tmp_path) == rows_without_timing(uninterrupted[0])
+    assert summary["attempts"] == (2 if batch == 5 else 1)
+    assert summary["wall_time_s"] >= summary["train_time_s"] > 0
+
+
+def test_stop_between_final_evaluation_and_summary_logs_once(tmp_path, monkeypatch,
+                                                             uninterrupted):  # fmt: skip
+    cfg = compose_config(FAST + ["trainer.checkpoint_every=2"])
+
+    def killed(self, summary):
+        raise Interrupted
+
+    with monkeypatch.context() as patch:
+        patch.setattr(RunRecorder, "write_summary", killed)
+        with pytest.raises(Interrupted):
+            train(cfg, tmp_path)
+    assert train(cfg, tmp_path)["status"] == "completed"
+    assert rows_without_timing(tmp_path) == rows_without_timing(uninterrupted[0])
+
+
+def test_records_shorter_than_the_checkpoint_stop_with_one_line(tmp_path, monkeypatch):
+    cfg = compose_config(FAST + ["trainer.checkpoint_every=2"])
+    with pytest.raises(Interrupted):
+        train_killed_at_batch(cfg, tmp_path, 4, monkeypatch)
+    (tmp_path / "metrics.jsonl").unlink()
+    with pytest.raises(RecordsError, match="0 rows but the checkpoint at step 2 had written"):
+        train(cfg, tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        run_job(cfg, tmp_path)
+    assert "trainer.resume=false" in exit_info.value.code and "\n" not in exit_info.value.code
+
+
+# ---------------------------------------------------------------------------- checkpoints
+def test_damaged_newest_checkpoint_falls_back_to_the_older(tmp_path, monkeypatch, capsys,
+                                                          uninterrupted):  # fmt: skip
+    cfg = compose_config(FAST + ["trainer.checkpoint_every=2"])
+    with pytest.raises(Interrupted):
+        train_killed_at_batch(cfg, tmp_path, 5, monkeypatch)  # checkpoints at steps 2 and 4
+    assert (tmp_path / "checkpoint.prev.pt").exists()
+    (tmp_path / "checkpoint.pt").write_bytes(b"garbage")
+    capsys.readouterr()
+    assert train(cfg, tmp_path)["status"] == "completed"
+    err = capsys.readouterr().err
+    assert "checkpoint.pt: " in err and "resuming from checkpoint.prev.pt (step 2)" in err
+    first, second = adapter_state(uninterrupted[0]), adapter_state(tmp_path)
+    assert all(torch.equal(first[name], second[name]) for name in first)
+    assert rows_without_timing(tmp_path) == rows_without_timing(uninterrupted[0])
+
+
+def test_no_readable_checkpoint_says_what_to_do(tmp_path):
+    (tmp_path / "checkpoint.pt").write_bytes(b"")
+    (tmp_path / "checkpoint.prev.pt").write_bytes(b"\x80garbage")
+    with pytest.raises(RunFolderError, match="delete checkpoint.pt and checkpoint.prev.pt"):
+        train(compose_config(FAST), tmp_path)
+
+
+def test_a_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
+    from stablelora import run_folder
+
+    run_folder.save_checkpoint_file({"state": {"step": 1}}, tmp_path)
+
+    def full_disk(payload, stream):
+        stream.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(run_folder.torch, "save", full_disk)
+    with pytest.raises(OSError):
+        run_folder.save_checkpoint_file({"state": {"step": 2}}, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
+    monkeypatch.undo()
+    assert run_folder.load_checkpoint_file(tmp_path, "cpu")["state"]["step"] == 1
+
+
+# ---------------------------------------------------------------------------- full disk
+def test_full_disk_is_one_line_and_keeps_the_summary_and_checkpoint(tmp_path, monkeypatch):
+    from peft import PeftModel
+
+    def full_disk(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    cfg = compose_config(FAST + ["trainer.checkpoint_every=3"])
+    with monkeypatch.context() as patch:
+        patch.setattr(PeftModel, "save_pretrained", full_disk)
+        with pytest.raises(SystemExit) as exit_info:
+            run_job(cfg, tmp_path)
+    message = exit_info.value.code
+    assert message.startswith("stablelora: no space left on device") and "\n" not in message
+    assert read_summary(tmp_path)["status"] == "failed"  # written before the adapter
+    assert (tmp_path / "checkpoint.pt").exists() and not (tmp_path / "adapter").exists()
+    assert run_job(cfg, tmp_path)["status"] == "completed"  # resumes from the checkpoint
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+
+
+# ---------------------------------------------------------------------------- signals
+def train_signalled_at_batch(cfg, run_dir, batch_number, signum, monkeypatch):
+    """Send ``signum`` to this process while batch ``batch_number`` is read."""
+    import stablelora.tasks as tasks
+
+    original_build, calls = tasks.build_task, []
+
+    def build_with_signal(*args, **kwargs):
+        task = original_build(*args, **kwargs)
+        collate = task.collate
+
+        def collate_and_signal(indices):
+            calls.append(indices)
+            if len(calls) == batch_number:
+                os.kill(os.getpid(), signum)
+            return collate(indices)
+
+        task.collate = collate_and_signal
+        return task
+
+    with monkeypatch.context() as patch:
+        patch.setattr(tasks, "build_task", build_with_signal)
+        return run_job(cfg, run_dir)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1])
+def test_stop_signal_checkpoints_and_resumes_bit_identically(tmp_path, monkeypatch, capsys,
+                                                            uninterrupted, signum):  # fmt: skip
+    cfg = compose_config(FAST + ["trainer.checkpoint_every=100"])  # no regular checkpoint
+    with pytest.raises(SystemExit) as exit_info:
+        train_signalled_at_batch(cfg, tmp_path, 3, signum, monkeypatch)
+    assert exit_info.value.code == 128 + signum
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].endswith("after step 3 (checkpoint saved); rerun the same command to resume.")
+    summary = read_summary(tmp_path)
+    assert summary["status"] == "interrupted" and summary["steps"] == 3
+    assert signal.getsignal(signum) in (signal.SIG_DFL, signal.default_int_handler)
+    assert train(cfg, tmp_path)["status"] == "completed"
+    first, second = adapter_state(uninterrupted[0]), adapter_state(tmp_path)
+    assert all(torch.equal(first[name], second[name]) for name in first)
+    assert rows_without_timing(tmp_path) == rows_without_timing(uninterrupted[0])
+
+
+def test_interrupted_run_raises_for_the_launcher(tmp_path, monkeypatch):
+    import stablelora.tasks as tasks
+
+    cfg = compose_config(FAST)
+    original_build = tasks.build_task
+
+    def build_and_signal(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # arrives while the model loads
+        return original_build(*args, **kwargs)
+
+    monkeypatch.setattr(tasks, "build_task", build_and_signal)
+    with pytest.raises(RunInterrupted) as info:
+        train(cfg, tmp_path)
+    assert info.value.step == 1 and (tmp_path / "checkpoint.pt").exists()
+
+
+# ---------------------------------------------------------------------------- results
+def test_diverged_run_keeps_the_non_finite_loss(tmp_path):
+    from analysis.collect import collect
+
+    cfg = compose_config(FAST + ["optim.lr=1e30", "trainer.max_steps=20", "trainer.log_every=1"])
+    summary = run_job(cfg, tmp_path)  # a result, not a crash: no exit
+    assert summary["status"] == "diverged"
+    stored = json.loads((tmp_path / "summary.json").read_text())
+    assert stored["train_loss_final"] in ("nan", "inf", "-inf")
+    loss = read_summary(tmp_path)["train_loss_final"]
+    assert isinstance(loss, float) and not torch.isfinite(torch.tensor(loss))
+    runs = collect(tmp_path).runs
+    assert not torch.isfinite(torch.tensor(float(runs.loc[0, "train_loss_final"])))
+
+
+def test_throughput_and_optimizer_records_are_logged_under_one_key(uninterrupted):
+    run_dir, summary = uninterrupted
+    logged = [row for row in read_jsonl(run_dir / "metrics.jsonl") if "train/loss" in row]
+    assert all(row["train/tokens_per_s"] > 0 and row["train/steps_per_s"] > 0 for row in logged)
+    assert all(0.0 <= row["shrink/fraction_shrinking"] <= 1.0 for row in logged)
+    assert not any("lora/shrinking" in row for row in read_jsonl(run_dir / "metrics.jsonl"))
+    assert set(summary["shrink"]) == {"model.layers.0.self_attn.q_proj",
+                                      "model.layers.0.self_attn.v_proj"}  # fmt: skip
+
+
+def test_runner_names_no_method():
+    source = (Path(__file__).resolve().parent.parent / "stablelora" / "train.py").read_text()
+    body = source[source.index("def _train(") :]
+    for word in ("shrink", "adalora", "update_and_allocate", "hasattr"):
+        assert word not in body.lower(), word
+
+
+def test_adalora_step_hook_comes_from_the_adapter():
+    from tiny import tiny_llama
+
+    from stablelora.lora import apply_lora, step_hooks
+
+    lora = apply_lora(tiny_llama(), rank=2, alpha=4, target_modules=["q_proj"])
+    assert step_hooks(lora) == []
+    adalora = apply_lora(tiny_llama(), rank=2, alpha=4, target_modules=["q_proj"],
+                         adapter="adalora", adalora={"total_step": 10, "init_r": 4})  # fmt: skip
+    (hook,) = step_hooks(adalora)
+    assert hook == adalora.base_model.update_and_allocate
+
+
+def test_collect_deduplicates_repeated_rows_and_says_so(tmp_path):
+    from analysis.collect import collect
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    rows = [{"step": 0, "eval/acc": 0.2}, {"step": 2, "train/loss": 1.0},
+            {"step": 0, "eval/acc": 0.2}, {"step": 2, "train/loss": 0.9}]  # fmt: skip
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.warns(UserWarning, match="2 metric values were logged more than once"):
+        history = collect(tmp_path).history
+    assert len(history) == 2
+    assert history.set_index("key").loc["train/loss", "value"] == 0.9
+
+
+# ---------------------------------------------------------------------------- W&B, threads
+def test_wandb_online_without_network_continues_offline(tmp_path, monkeypatch, capsys):
+    import wandb
+
+    modes, timeouts = [], []
+
+    def fake_init(**kwargs):
+        modes.append(kwargs["mode"])
+        timeouts.append(kwargs["settings"].init_timeout)
+        if kwargs["mode"] == "online":
+            raise wandb.errors.CommError("Run initialization has timed out after 7.0 sec.")
+        return "offline run"
+
+    monkeypatch.setattr(wandb, "init", fake_init)
+    logger = OmegaConf.create({"mode": "online", "project": "p", "entity": None, "group": "g",
+                               "tags": [], "init_timeout": 7})  # fmt: skip
+    recorder = RunRecorder(tmp_path, {}, logger, "name")
+    assert recorder.wandb_run == "offline run" and modes == ["online", "offline"]
+    assert timeouts == [7, 7]
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "continues with W&B offline" in err[0]
+
+
+def test_parallel_jobs_share_the_cores():
+    assert default_num_threads(OmegaConf.create({"n_jobs": 4}), cores=16) == 4
+    assert default_num_threads(OmegaConf.create({"n_jobs": 3}), cores=2) == 1
+    assert default_num_threads(OmegaConf.create({"n_jobs": -1}), cores=8) == 1
+    assert default_num_threads(OmegaConf.create({"n_jobs": -2}), cores=8) == 1
+    assert default_num_threads(OmegaConf.create({"n_jobs": 2}), cores=8) == 4
+    assert default_num_threads(OmegaConf.create({}), cores=8) is None  # one job: torch's own
+
+
+# ---------------------------------------------------------------------------- sweeps
+def test_sweep_summary_counts_jobs_and_fails_the_sweep(tmp_path, monkeypatch, capsys):
+    config = OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}})
+    callback = SweepSummary()
+    monkeypatch.delenv(SWEEP_LOG_ENV, raising=False)
+    callback.on_multirun_start(config)
+    for name, status in [("a", "completed"), ("b", "diverged"), ("c", "failed")]:
+        report_to_sweep(tmp_path / name, status)
+    with pytest.raises(SystemExit) as exit_info:
+        callback.on_multirun_end(config)
+    assert exit_info.value.code == 1
+    line = capsys.readouterr().out.strip()
+    assert line == (f"stablelora sweep: 1 completed, 1 diverged, 1 failed ({tmp_path / 'c'}), "
+                    "0 interrupted")  # fmt: skip
+    assert sweep_summary_line([{"run_dir": "x", "status": "diverged"}])[1] is False
