@@ -39,7 +39,7 @@ STEPS = 12
 class _Problem(nn.Module):
     """LoRA layers fitted to fixed targets through DoRA-like magnitudes, plus a head."""
 
-    def __init__(self, seed: int, zero_B_layer: int | None = None):
+    def __init__(self, seed: int, zero_B_layer: int | None = None, device: str = "cpu"):
         super().__init__()
         generator = torch.Generator().manual_seed(seed)
 
@@ -54,6 +54,9 @@ class _Problem(nn.Module):
         self.head = nn.Parameter(randn(6, 5))
         self.targets = [randn(m, n, std=0.5) for m, n in SHAPES]
         self.head_target = randn(6, 5)
+        self.to(device)
+        self.targets = [target.to(device) for target in self.targets]
+        self.head_target = self.head_target.to(device)
 
     def pairs(self) -> list[LoRAPair]:
         return [LoRAPair(f"layer{i}", A, B, SCALE) for i, (A, B) in enumerate(zip(self.A, self.B))]
@@ -76,8 +79,9 @@ class _Problem(nn.Module):
             self.B[nan_at[1]].grad[0, 0] = float("nan")
 
 
-def _train(make_optimizer, layout, *, seed=0, zero_B_layer=None, nan_at=None, steps=STEPS):
-    problem = _Problem(seed, zero_B_layer)
+def _train(make_optimizer, layout, *, seed=0, zero_B_layer=None, nan_at=None, steps=STEPS,
+           device="cpu"):  # fmt: skip
+    problem = _Problem(seed, zero_B_layer, device)
     optimizer = make_optimizer(problem, layout)
     start = [p.detach().clone() for p in problem.parameters()]
     for step in range(steps):
@@ -236,3 +240,15 @@ def test_layout_option_selects_the_path(method, batched_op):
     assert batched_op in aten_ops("stacked")
     assert batched_op not in aten_ops("per_layer")
     assert batched_op not in aten_ops("auto")  # CPU tensors: per layer
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("method", ["lora_rite", "riemann"])
+def test_cuda_default_layout_matches_the_cpu_per_layer_path(method):
+    """On CUDA, ``layout="auto"`` is the stacked path: the same training as on CPU, float64."""
+    make = _rite(RITE_VARIANTS["escape, capping, weight decay, clip"]) if method == "lora_rite" \
+        else _riemann({})  # fmt: skip
+    on_cpu, _, _ = _train(make, "per_layer", zero_B_layer=0, nan_at=(4, 5))
+    on_cuda, _, _ = _train(make, "auto", zero_B_layer=0, nan_at=(4, 5), device="cuda")
+    for expected, actual in zip(on_cpu.parameters(), on_cuda.parameters()):
+        torch.testing.assert_close(actual.cpu(), expected, rtol=1e-8, atol=1e-10)
