@@ -7,13 +7,17 @@ timed. Every method gets its own copy of the factors (the gradients are shared; 
 writes into them):
 
 - ``adamw``: ``torch.optim.AdamW(foreach=True)``, the baseline of every ratio;
+- ``adamw fused``: ``torch.optim.AdamW(fused=True)`` (one kernel for all tensors);
 - ``stable_lora shrinking``: :class:`stablelora.StableLoRA` with B = 0, so that every layer
   keeps shrinking (norm test and shrink of every A at every step);
 - ``stable_lora stopped``: StableLoRA whose layers all stopped on the first step;
 - ``loop shrinking`` / ``loop stopped``: the authors' style, a Python loop over layers
   (``if A.norm() < ratio * B.norm(): stop, else A.mul_(1 - lambda)``) then the same AdamW;
 - ``riemann``: :class:`stablelora.optim.riemann.RiemannianAdamW` (defaults);
-- ``lora_rite``: :class:`stablelora.optim.lora_rite.LoRARITE` (defaults).
+- ``lora_rite``: :class:`stablelora.optim.lora_rite.LoRARITE` (defaults);
+- ``riemann per_layer`` / ``stacked``, ``lora_rite per_layer`` / ``stacked``: the same with
+  the layout forced (the default, ``auto``, is per-layer on CPU and stacked on CUDA); only run
+  when named in ``--methods``.
 
 Repetitions are interleaved (one step of each method in turn, the order rotated every round)
 and the medians reported, so that a noisy shared machine slows all methods alike. On CPU,
@@ -30,12 +34,15 @@ Usage::
     python benchmarks/optimizer_overhead.py                        # full 7B layout, CPU
     python benchmarks/optimizer_overhead.py --layers 4 --steps 15  # quick
     python benchmarks/optimizer_overhead.py --device cuda
+    python benchmarks/optimizer_overhead.py --layers 4 --methods adamw lora_rite \
+        "lora_rite stacked" --threads 1                              # the two layouts
 """
 
 from __future__ import annotations
 
 import argparse
 import ctypes
+import functools
 import re
 import statistics
 import time
@@ -130,13 +137,25 @@ def build_methods(layout, rank, device, grads, generator) -> dict[str, Callable[
 
     return {
         "adamw": lambda: torch.optim.AdamW(factors(pairs(1e-3)), foreach=True, **adamw),
+        "adamw fused": lambda: torch.optim.AdamW(factors(pairs(1e-3)), fused=True, **adamw),
         "stable_lora shrinking": lambda: _stable(pairs(0.0), adamw),
         "stable_lora stopped": lambda: _stable(pairs(1.0), adamw),
         "loop shrinking": lambda: PerLayerLoopStableLoRA(pairs(0.0), **adamw),
         "loop stopped": lambda: PerLayerLoopStableLoRA(pairs(1.0), **adamw),
         "riemann": lambda: _with_pairs(RiemannianAdamW, pairs(1e-3), adamw),
         "lora_rite": lambda: _with_pairs(LoRARITE, pairs(1e-3), adamw),
+        **{
+            f"{name} {layout}": lambda cls=cls, layout=layout: _with_pairs(
+                functools.partial(cls, layout=layout), pairs(1e-3), adamw
+            )
+            for name, cls in [("riemann", RiemannianAdamW), ("lora_rite", LoRARITE)]
+            for layout in ("per_layer", "stacked")
+        },
     }
+
+
+# Run only when named in --methods: each is one of the defaults on some device.
+EXTRA_METHODS = ("riemann per_layer", "riemann stacked", "lora_rite per_layer", "lora_rite stacked")
 
 
 def _stable(pairs, adamw):
@@ -226,7 +245,10 @@ def main(argv=None) -> dict[str, dict]:
     layout = lora_layout(args.layers, args.rank)
     grads = make_gradients(layout, args.rank, device, generator)
     builders = build_methods(layout, args.rank, device, grads, generator)
-    names = args.methods or list(builders)
+    names = args.methods or [name for name in builders if name not in EXTRA_METHODS]
+    unknown = sorted(set(names) - set(builders))
+    if unknown:
+        parser.error(f"unknown methods {unknown}: choose among {list(builders)}")
     optimizers = {name: builders[name]() for name in names}
     lora_params = sum(args.rank * (m + n) for _, m, n in layout)
     print(

@@ -102,6 +102,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument(
         "--methods", nargs="+", default=None,
         help="instead: the runner's loop per method (probe off), as ratios to the first",
@@ -109,12 +110,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    base = [
-        f"model={args.model}", f"task={args.task}", "method=stable_lora", "logger.mode=disabled",
-        f"trainer.max_steps={args.steps}", f"trainer.batch_size={args.batch_size}",
-        "trainer.eval_before=false", "trainer.max_eval_examples=1", "trainer.checkpoint_every=0",
-        "trainer.progress_bar=false", "trainer.resume=false", "trainer.log_every=10",
-    ]  # fmt: skip
+    base = base_overrides(args.model, args.task, args.steps, args.batch_size, args.device)
     if args.methods:
         compare_methods(args, base)
         return
@@ -146,21 +142,47 @@ def main() -> None:
         print(f"peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
 
 
-def compare_methods(args, base) -> None:
-    """End-to-end time of the runner's training loop per method, interleaved."""
-    configs = {m: compose(base + [f"method={m}", "probe=off"]) for m in args.methods}
-    times = {m: [] for m in args.methods}
-    for _ in range(args.repeats):
+def base_overrides(model: str, task: str, steps: int, batch_size: int, device: str) -> list:
+    """Hydra overrides of a timed run: no evaluation, checkpoints, logger or progress bar."""
+    return [
+        f"model={model}", f"task={task}", "method=stable_lora", "logger.mode=disabled",
+        f"trainer.max_steps={steps}", f"trainer.batch_size={batch_size}",
+        "trainer.eval_before=false", "trainer.max_eval_examples=1", "trainer.checkpoint_every=0",
+        "trainer.progress_bar=false", "trainer.resume=false", "trainer.log_every=10",
+        f"trainer.device={device}",
+    ]  # fmt: skip
+
+
+def method_throughput(methods, base, repeats: int) -> dict[str, dict[str, float]]:
+    """The runner's loop (probes off) per method, interleaved: median seconds and tokens/s.
+
+    ``base``: Hydra overrides shared by every method (model, task, steps, ...).
+    """
+    configs = {m: compose(base + [f"method={m}", "probe=off"]) for m in methods}
+    tokens = {m: count_tokens(cfg) for m, cfg in configs.items()}
+    times = {m: [] for m in methods}
+    for _ in range(repeats):
         for method, cfg in configs.items():
             times[method].append(runner_seconds(cfg))
-    reference = statistics.median(times[args.methods[0]])
-    print(f"{args.model} on {args.task}, {args.steps} steps x batch {args.batch_size}, "
-          f"runner loop without probes, median of {args.repeats}")  # fmt: skip
-    print(f"| method | seconds | ratio to {args.methods[0]} |")
-    print("|---|---|---|")
+    results = {}
     for method, samples in times.items():
         seconds = statistics.median(samples)
-        print(f"| {method} | {seconds:.2f} | {seconds / reference:.3f} |")
+        results[method] = {"seconds": seconds, "tokens_per_s": tokens[method] / seconds}
+    return results
+
+
+def compare_methods(args, base) -> None:
+    """End-to-end time of the runner's training loop per method, interleaved."""
+    results = method_throughput(args.methods, base, args.repeats)
+    reference = results[args.methods[0]]["seconds"]
+    print(f"{args.model} on {args.task}, {args.steps} steps x batch {args.batch_size}, "
+          f"runner loop without probes, median of {args.repeats}")  # fmt: skip
+    print(f"| method | seconds | tokens/s | ratio to {args.methods[0]} |")
+    print("|---|---|---|---|")
+    for method, result in results.items():
+        seconds = result["seconds"]
+        print(f"| {method} | {seconds:.2f} | {result['tokens_per_s']:.0f} | "
+              f"{seconds / reference:.3f} |")  # fmt: skip
 
 
 if __name__ == "__main__":

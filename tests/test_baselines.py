@@ -1,7 +1,9 @@
-"""Baseline optimizers (issue 7): Riemannian-preconditioned AdamW, LoRA-RITE, adamw_large_wd.
+"""Baseline optimizers: Riemannian-preconditioned AdamW, LoRA-RITE, adamw_large_wd.
 
-The worked examples are those of /work/shared/baselines.md (sections 1.9 and 2.8): the shared
-toy r = 2, n = m = 3, s = 2, with numbers quoted to 6 decimals, so they are compared to 1e-6.
+The worked examples are hand computations of one or two steps of each method (Zhang & Pilanci,
+2024; Yen et al., 2025) on a shared toy r = 2, n = m = 3, s = 2, with numbers quoted to
+6 decimals, so they are compared to 1e-6. The LoRA-RITE examples run in both layouts (the
+stacked one is CUDA's default); tests/test_optimizer_layouts.py compares the layouts at length.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ def _close(actual, expected, atol=1e-6):
     torch.testing.assert_close(actual, _tensor(expected), atol=atol, rtol=0)
 
 
-# ---------------------------------------------------------------- Riemann, baselines.md 1.9
+# ---------------------------------------------------------------- Riemann, worked example
 
 
 @pytest.mark.parametrize(
@@ -66,10 +68,11 @@ def _close(actual, expected, atol=1e-6):
         (1.0, [[1.75, 0.75, -1], [0.75, -0.25, 3]], [[0, 1.6], [2, 0.8], [2, -0.8]]),
     ],
 )  # fmt: skip
-def test_riemann_preconditioned_gradients_match_table(reg, expected_A, expected_B):
+@pytest.mark.parametrize("stacked", [False, True])
+def test_riemann_preconditioned_gradients_match_table(reg, expected_A, expected_B, stacked):
     A, B, _ = _toy_pair()
     _set_toy_grads(A, B)
-    (tilde_A,), (tilde_B,) = riemannian_gradients([A.grad], [B], [B.grad], [A], reg)
+    (tilde_A,), (tilde_B,) = riemannian_gradients([A.grad], [B], [B.grad], [A], reg, stacked)
     _close(tilde_A, expected_A)
     _close(tilde_B, expected_B)
 
@@ -100,7 +103,7 @@ def test_riemann_scaled_gd_invariance_with_zero_damping():
     plain = _scaled_gd_product(A_TOY, B_TOY, 0, plain=True) - _scaled_gd_product(
         *reparam, 0, plain=True
     )
-    # baselines.md: delta = 1 breaks invariance by about 0.16, plain GD by about 9.4 (max |.|).
+    # By hand: delta = 1 breaks invariance by about 0.16, plain GD by about 9.4 (max |.|).
     assert damped.abs().max() == pytest.approx(0.16, abs=0.01)
     assert plain.abs().max() == pytest.approx(9.4, abs=0.1)
 
@@ -130,7 +133,7 @@ def test_riemann_adamw_authors_variant_vs_jacobi_step1():
 
 
 def test_peft_riemannian_helper_matches_worked_example_and_ours():
-    """peft's create_riemannian_optimizer agrees with 1.9 (Jacobi, bias-corrected)."""
+    """peft's create_riemannian_optimizer agrees with the worked example (Jacobi, corrected)."""
     from peft.optimizers import create_riemannian_optimizer
 
     def layer():
@@ -163,7 +166,7 @@ def test_riemann_rejects_conflicting_variants():
         RiemannianAdamW([A, B], [pair], reg=-1.0)
 
 
-# ---------------------------------------------------------------- LoRA-RITE, baselines.md 2.8
+# ---------------------------------------------------------------- LoRA-RITE, worked example
 
 RITE_PLAIN = {  # the worked example's settings: no eps, clip, skip, weight decay
     "lr": 0.01, "betas": (0.9, 0.999), "rite_eps": 0.0, "clip_unmagnified_grad": 0.0,
@@ -178,8 +181,9 @@ def _rite(A0=A_TOY, B0=B_TOY, **options):
     return A, B, LoRARITE([A, B], [pair], **{**RITE_PLAIN, **options})
 
 
-def test_lora_rite_steps_1_and_2():
-    A, B, optimizer = _rite()
+@pytest.mark.parametrize("layout", ["per_layer", "stacked"])
+def test_lora_rite_steps_1_and_2(layout):
+    A, B, optimizer = _rite(layout=layout)
     delta_A, delta_B = _step_deltas(optimizer, A, B)
     _close(delta_A, RITE_DELTA_A1)
     _close(delta_B, RITE_DELTA_B1)
@@ -189,8 +193,10 @@ def test_lora_rite_steps_1_and_2():
     _close(delta_B, [[-0.000029, -0.007076], [-0.008738, -0.003538], [-0.008625, 0.003503]])
 
 
-def test_lora_rite_defaults_skip_large_updates_and_keep_small_ones():
+@pytest.mark.parametrize("layout", ["per_layer", "stacked"])
+def test_lora_rite_defaults_skip_large_updates_and_keep_small_ones(layout):
     defaults = {"rite_eps": 1e-6, "clip_unmagnified_grad": 1.0, "update_skipping": 1.0}
+    defaults["layout"] = layout
     A, B, optimizer = _rite(**defaults)
     delta_A, delta_B = _step_deltas(optimizer, A, B)  # unmagnified RMS about 3.5 > 1
     assert torch.count_nonzero(delta_A) == 0 and torch.count_nonzero(delta_B) == 0
@@ -200,8 +206,9 @@ def test_lora_rite_defaults_skip_large_updates_and_keep_small_ones():
     _close(delta_B, RITE_DELTA_B1)
 
 
-def test_lora_rite_with_zero_B_moves_only_B():
-    A, B, optimizer = _rite(B0=torch.zeros_like(B_TOY))
+@pytest.mark.parametrize("layout", ["per_layer", "stacked"])
+def test_lora_rite_with_zero_B_moves_only_B(layout):
+    A, B, optimizer = _rite(B0=torch.zeros_like(B_TOY), layout=layout)
     delta_A, delta_B = _step_deltas(optimizer, A, B)
     assert torch.count_nonzero(delta_A) == 0
     _close(delta_B, RITE_DELTA_B1)
@@ -218,8 +225,9 @@ def _regression_product(A0, B0, target, make_optimizer, steps=20):
     return (B @ A).detach()
 
 
+@pytest.mark.parametrize("layout", ["per_layer", "stacked"])
 @pytest.mark.parametrize("apply_escape", [False, True])
-def test_lora_rite_is_invariant_to_reparametrisation(apply_escape):
+def test_lora_rite_is_invariant_to_reparametrisation(apply_escape, layout):
     # Entries of size 0.3 keep the unmagnified gradients under the default skip threshold, so
     # the factors really move (from a loss of 2.4 to 0.3) with the library defaults.
     generator = torch.Generator().manual_seed(0)
@@ -233,7 +241,7 @@ def test_lora_rite_is_invariant_to_reparametrisation(apply_escape):
 
     def rite(A, B):  # library defaults: eps 1e-6, clip and skip at 1
         return LoRARITE([A, B], [LoRAPair("x", A, B, SCALE)], lr=0.05, weight_decay=0,
-                        apply_escape=apply_escape)  # fmt: skip
+                        apply_escape=apply_escape, layout=layout)  # fmt: skip
 
     product = _regression_product(A0, B0, target, rite)
     assert (product - B0 @ A0).abs().max() > 0.5

@@ -15,6 +15,18 @@ from torch import Tensor
 
 from stablelora.optim.pairs import LoRAPair
 
+LAYOUTS = ("auto", "per_layer", "stacked")
+
+
+def check_layout(layout: str) -> str:
+    """Return ``layout`` if it is one of :data:`LAYOUTS`, else raise a ValueError."""
+    if layout not in LAYOUTS:
+        raise ValueError(
+            f"layout must be one of {', '.join(LAYOUTS)} (auto: stacked on accelerators, per "
+            f"layer on CPU), got {layout!r}."
+        )
+    return layout
+
 
 def by_layout(*tensor_lists: Sequence[Tensor]) -> list[list[int]]:
     """Indices ``i`` grouped so that ``torch.stack`` works on each list's entries ``i``.
@@ -95,6 +107,14 @@ class LoRAFactorAdamW(torch.optim.AdamW):
     :meth:`_step_lora_factors`, which a subclass implements with the hyper-parameters of each
     factor's parameter group (``lr``, ``betas``, ``weight_decay``: LR schedulers work).
 
+    ``layout`` says how the subclass lays out the full-size work on the factors (their values,
+    gradients, moments): ``"per_layer"`` runs one product per layer on the tensors themselves
+    (no copies: the fastest on CPU), ``"stacked"`` stacks the layers of equal shapes and runs one
+    batched product per stack (the fewest launches: the fastest on accelerators), ``"auto"``
+    (default) picks ``stacked`` for factors off the CPU and ``per_layer`` on it. Both layouts
+    compute the same update up to float rounding; tests force ``stacked`` on CPU to compare
+    them. The layout is not saved in :meth:`state_dict` (a run may resume on another device).
+
     The subclass's options (``_options()``) and the layer names are saved in
     :meth:`state_dict` under ``_STATE_KEY``; loading checks the layers and warns when the options
     differ.
@@ -102,7 +122,15 @@ class LoRAFactorAdamW(torch.optim.AdamW):
 
     _STATE_KEY = "lora_factors"
 
-    def __init__(self, params: Iterable, lora_pairs: Sequence[LoRAPair], **adamw_kwargs):
+    def __init__(
+        self,
+        params: Iterable,
+        lora_pairs: Sequence[LoRAPair],
+        *,
+        layout: str = "auto",
+        **adamw_kwargs,
+    ):
+        self.layout = check_layout(layout)
         super().__init__(params, **adamw_kwargs)
         # fused AdamW lets GradScaler pass its scale into step(); the factor updates cannot take
         # it, so GradScaler must unscale every gradient itself.
@@ -156,6 +184,10 @@ class LoRAFactorAdamW(torch.optim.AdamW):
 
     def _step_lora_factors(self) -> None:
         raise NotImplementedError
+
+    def _stacked(self, device: torch.device) -> bool:
+        """Whether factors on ``device`` take the stacked layout (see the class docstring)."""
+        return self.layout == "stacked" or (self.layout == "auto" and device.type != "cpu")
 
     def _group_index(self) -> dict[int, int]:
         """``id(param) -> index`` of its parameter group (rebuilt per step: groups can change)."""

@@ -1,9 +1,8 @@
 """LoRA-RITE: transformation-invariant adaptive LoRA optimizer (Yen et al., ICLR 2025).
 
-Follows the PyTorch reimplementation of the authors (gkevinyen5418/LoRA-RITE, ``lora_rite.py``)
-as specified in baselines.md section 2, in the peft layout. Per LoRA layer ``W = W0 + s B A``
-write the factors rank-last, ``L = A^T`` (n, r) and ``R = B`` (m, r), and ``G_L = g_A^T``,
-``G_R = g_B``. One step:
+Follows the PyTorch reimplementation of the authors (gkevinyen5418/LoRA-RITE, ``lora_rite.py``),
+in the peft layout. Per LoRA layer ``W = W0 + s B A`` write the factors rank-last, ``L = A^T``
+(n, r) and ``R = B`` (m, r), and ``G_L = g_A^T``, ``G_R = g_B``. One step:
 
 Pass 1, every layer:
     ``L = U_L R_L``, ``R = U_R R_R`` (reduced QR; U orthonormal, R_* upper-triangular r x r);
@@ -26,17 +25,25 @@ Pass 2, every layer and factor X in {L, R} (the "other" factor Y supplies the ba
 Because ``gbar`` and ``M pinv(R)^T`` only see the factors through their bases, the update of
 ``B A`` is the same for every factorisation ``(M^-1 A, B M)`` (tested over 20 steps).
 
-Implementation: the r x r algebra (pinv, eigh, moments V) of all layers of equal shapes runs
-batched, and nothing waits on an accelerator (no host-device synchronisation; on CPU one cheap
-check of finiteness). The full-size work (QR, products with r x r matrices) runs per layer on
-the tensors themselves: stacking them would copy every factor, gradient and state each step.
+Implementation: one algorithm over two memory layouts. Layers of equal shapes (and dtype,
+device, step count and parameter groups) form a stack; the r x r algebra of a stack (pinv,
+eigh, moments V, the global clip) runs batched, and nothing waits on an accelerator (no
+host-device synchronisation; on CPU one cheap check of finiteness). Only the full-size work
+(QR, the Gram matrix of the gradients, products of the moments, gradients and factors with
+r x r matrices) depends on the layout:
+
+- ``"per_layer"`` (the default on CPU): every full-size tensor stays where it is and each
+  product runs per layer, in its parameter's layout (A rank-first), so every product writes a
+  contiguous result; a stack would copy every factor, gradient and state each step. A tall
+  contiguous B (m, r) is multiplied as an (m/2, 2r) view (``factor_adamw.tall_times``), which
+  BLAS runs several times faster.
+- ``"stacked"`` (the default on accelerators, where a launch costs more than a copy): the
+  full-size tensors of a stack are stacked and every product is one batched ``bmm``.
+
 The full-size unmagnified gradient ``gbar`` is never formed: its Gram matrix
 ``pinv(R_Y)^T (G^T G) pinv(R_Y)`` gives ``V``, its norm (clip) and RMS (skipping), and
-``Sbar = G (c pinv(R_Y) Q)`` enters ``M`` through one in-place ``addmm_`` (c: the skip/clip
-factor); the factor update ``X <- (1 - lr wd) X - lr M pinv(R_Y)^T`` is one ``addmm_`` on the
-parameter. Each tensor stays in its parameter's layout (A rank-first), so every product writes
-a contiguous result; a tall B (m, r) is multiplied on CPU as an (m/2, 2r) view
-(``factor_adamw.tall_times``), which BLAS runs several times faster.
+``Sbar = G (c pinv(R_Y) Q)`` enters ``M`` through one fused multiply-add (c: the skip/clip
+factor); the factor update ``X <- (1 - lr wd) X - lr M pinv(R_Y)^T`` reads M once.
 
 Deviations from the reimplementation, all in degenerate cases only: eigenvalues ``lambda + rho``
 are clamped at 0 before the square root (round-off can make them slightly negative, which in the
@@ -48,7 +55,8 @@ reference lets it turn ``V`` into NaN); a missing gradient counts as zero. ``bal
 
 Memory per layer: ``M`` and the previous basis ``U_old`` for each factor (like Adam's two
 moments), plus two r x r second moments and two scalars; transient: the new bases (kept
-between the passes, about 1x the factors) and one layer's moment at a time.
+between the passes, about 1x the factors) and one layer's moment at a time (stacked layout: a
+stack's copies of its factors, gradients and moments).
 
 Other trainable parameters (classifier head, biases, DoRA magnitudes) get plain AdamW. With
 the global clip on, the reference trains with ``max_grad_norm = 0`` (LLM-Adapters); the
@@ -91,32 +99,6 @@ def _trace(x: Tensor) -> Tensor:
     return x.diagonal(dim1=-2, dim2=-1).sum(-1)
 
 
-# The algorithm is written rank-last; A is kept rank-first (r, n), B rank-last (m, r).
-
-
-# Helpers of the stacked path (accelerators), in each stack's layout.
-
-
-def _times(Y: Tensor, mat: Tensor, rank_first: bool) -> Tensor:
-    """Stacked path: the rank-last product ``Y @ mat`` (mat (k, r, r)), in Y's layout."""
-    return mat.mT @ Y if rank_first else Y @ mat
-
-
-def _add_times(base: Tensor, Y: Tensor, mat: Tensor, rank_first: bool) -> Tensor:
-    """``base + Y @ mat`` (rank-last), in Y's layout, as one fused ``baddbmm``."""
-    return torch.baddbmm(base, mat.mT, Y) if rank_first else torch.baddbmm(base, Y, mat)
-
-
-def _stacked_gram(Y: Tensor, rank_first: bool) -> Tensor:
-    """``Y^T Y`` (rank-last) of a stack, (k, r, r)."""
-    return Y @ Y.mT if rank_first else Y.mT @ Y
-
-
-def _gram(Y: Tensor, rank_first: bool) -> Tensor:
-    """``Y^T Y`` (rank-last), (k, r, r)."""
-    return Y @ Y.mT if rank_first else tall_gram(Y)
-
-
 def escaped_mass(V_old: Tensor, V_new: Tensor) -> Tensor:
     """Second-moment mass lost by the basis projection, per layer of a stack (k, r, r) -> (k,).
 
@@ -141,6 +123,166 @@ def inverse_sqrt(V: Tensor, rho: Tensor, eps: float) -> Tensor:
     return torch.where(finite[:, None, None], result, 0.0)
 
 
+# ---------------------------------------------------------------------------- the two layouts
+# The algorithm is written rank-last; A is kept rank-first (r, n), B rank-last (m, r). Each
+# layout holds one factor (all the A's, or all the B's) of a stack of same-shape layers and does
+# its full-size work; the r x r operands it receives are stacks (k, r, r), rank-last.
+
+
+class _PerLayerFactor:
+    """The full-size tensors of one factor kept per layer (``layout="per_layer"``).
+
+    Attributes:
+        params, states: the factors and their optimizer states.
+        rank_first: True for A (each (r, n)), False for B ((m, r)).
+        values, grads: each layer's factor X and its gradient, in the compute dtype (>= float32).
+        bases: each layer's orthonormal basis U of the rank-last factor ``X = U R`` (reduced
+            QR), stored rank-first, (r, rows): QR returns it in that memory order.
+    """
+
+    def __init__(self, params: list[Tensor], states: list[dict], rank_first: bool, dtype):
+        self.params, self.states, self.rank_first = params, states, rank_first
+        self.values = [p.to(dtype) for p in params]
+        self.grads = [_grad(p).to(dtype) for p in params]
+        self.bases: list[Tensor] = []
+
+    def factorize(self) -> tuple[Tensor, Tensor]:
+        """QR of every layer: ``(R, U^T U_old)``, each (k, r, r)."""
+        triangulars, changes = [], []
+        for value, state in zip(self.values, self.states):
+            basis, triangular = torch.linalg.qr(value.mT if self.rank_first else value)
+            self.bases.append(basis.mT)
+            triangulars.append(triangular)
+            # U^T U_old now, while the new basis is in cache (the state still holds U_old).
+            changes.append(basis.mT @ state["basis"].to(basis.dtype).mT)
+        return torch.stack(triangulars), torch.stack(changes)
+
+    def gradient_gram(self) -> Tensor:
+        """``G^T G`` (rank-last) of every layer's gradient, (k, r, r)."""
+        if self.rank_first:
+            return torch.stack([grad @ grad.mT for grad in self.grads])
+        return torch.stack([tall_gram(grad) for grad in self.grads])
+
+    def update(
+        self, transport: Tensor, gradient_map: Tensor, remagnify: Tensor, *, keep: Tensor,
+        finite: Tensor, lr: float, weight_decay: float, update_capping: float,
+    ) -> None:  # fmt: skip
+        """``M <- M transport + G gradient_map``; ``X <- (1 - lr wd) X - lr M' remagnify``.
+
+        ``M'`` is M capped to RMS ``update_capping`` (0 = off); ``keep`` and ``finite`` (k,)
+        say which layers' gradients count and which are finite.
+        """
+        # A skipped layer has a zero gradient map, so its G only needs zeroing where it is not
+        # finite (NaN times 0). On CPU that is known for free; elsewhere mask every skipped layer.
+        zero_grad = (~finite).tolist() if finite.device.type == "cpu" else None
+        # In the rank-first layout (A) the rank-last ``Y @ mat`` is ``mat^T @ Y``; tall
+        # contiguous B's are multiplied as (m/2, 2r) views by block-diagonal (2r, 2r) matrices.
+        paired = not self.rank_first and all(
+            can_pair_rows(param, grad, state["exp_avg"])
+            for param, grad, state in zip(self.params, self.grads, self.states)
+        )
+        operands = [transport, gradient_map, remagnify]
+        if self.rank_first:
+            operands = [mat.mT for mat in operands]
+        elif paired:
+            operands = [block_diagonal(mat) for mat in operands]
+        transports, maps, remagnifies = (mat.unbind(0) for mat in operands)
+
+        decay = 1.0 - lr * weight_decay
+        layers = zip(self.params, self.states, self.grads, self.values, self.bases)
+        for i, (param, state, grad, value, basis) in enumerate(layers):
+            if zero_grad is None:
+                grad = torch.where(keep[i], grad, 0.0)
+            elif zero_grad[i]:
+                grad = torch.zeros_like(grad)
+            M = state["exp_avg"].to(grad.dtype)
+            # In place on the fresh product: an out-of-place addmm would first copy it.
+            if self.rank_first:
+                M = (transports[i] @ M).addmm_(maps[i], grad)
+            elif paired:
+                M = (paired_view(M) @ transports[i]).addmm_(paired_view(grad), maps[i])
+            else:
+                M = (M @ transports[i]).addmm_(grad, maps[i])
+            remagnify_i = remagnifies[i]
+            if update_capping > 0:
+                rms = M.square().mean().sqrt()
+                remagnify_i = remagnify_i / (rms / update_capping).clamp(min=1.0)
+            if param.dtype == grad.dtype:  # X <- (1 - lr wd) X - lr M remagnify, one addmm
+                if self.rank_first:
+                    param.addmm_(remagnify_i, M, beta=decay, alpha=-lr)
+                else:
+                    (paired_view(param) if paired else param).addmm_(
+                        M, remagnify_i, beta=decay, alpha=-lr
+                    )
+            else:
+                delta = remagnify_i @ M if self.rank_first else M @ remagnify_i
+                delta = delta.view(param.shape)
+                if weight_decay:
+                    delta.add_(value, alpha=weight_decay)
+                param.add_(delta.to(param.dtype), alpha=-lr)
+            state["exp_avg"] = M.view(param.shape).to(param.dtype)
+            state["basis"] = basis.to(param.dtype).contiguous()
+
+
+class _StackedFactor:
+    """The full-size tensors of one factor stacked (``layout="stacked"``): few launches.
+
+    Attributes:
+        params, states: the factors and their optimizer states.
+        rank_first: True for A (stacks are (k, r, n)), False for B ((k, m, r)).
+        value, grad: the stacked factor X and its gradient, in the compute dtype (>= float32).
+        basis: the orthonormal bases U of the rank-last factors ``X = U R`` (reduced QR),
+            stored rank-first, (k, r, rows): QR returns them in that memory order.
+    """
+
+    def __init__(self, params: list[Tensor], states: list[dict], rank_first: bool, dtype):
+        self.params, self.states, self.rank_first = params, states, rank_first
+        self.value = stack_as(params, dtype)
+        self.grad = stack_as([_grad(p) for p in params], dtype)
+        self.basis: Tensor | None = None
+
+    def factorize(self) -> tuple[Tensor, Tensor]:
+        """Batched QR: ``(R, U^T U_old)``, each (k, r, r)."""
+        basis, triangular = torch.linalg.qr(self.value.mT if self.rank_first else self.value)
+        self.basis = basis.mT
+        return triangular, self.basis @ _stack_state(self.states, "basis").to(basis.dtype).mT
+
+    def gradient_gram(self) -> Tensor:
+        """``G^T G`` (rank-last) of the stacked gradient, (k, r, r)."""
+        return self.grad @ self.grad.mT if self.rank_first else self.grad.mT @ self.grad
+
+    def _times(self, Y: Tensor, mat: Tensor) -> Tensor:
+        """The rank-last product ``Y @ mat`` in Y's layout."""
+        return mat.mT @ Y if self.rank_first else Y @ mat
+
+    def update(
+        self, transport: Tensor, gradient_map: Tensor, remagnify: Tensor, *, keep: Tensor,
+        finite: Tensor, lr: float, weight_decay: float, update_capping: float,
+    ) -> None:  # fmt: skip
+        """As :meth:`_PerLayerFactor.update`, one batched product at a time."""
+        grad = self.grad.masked_fill_(~keep[:, None, None], 0.0)  # no NaN through G @ map
+        M = _stack_state(self.states, "exp_avg").to(grad.dtype)
+        M = self._times(M, transport)
+        if self.rank_first:
+            M = torch.baddbmm(M, gradient_map.mT, grad)
+        else:
+            M = torch.baddbmm(M, grad, gradient_map)
+        direction = M
+        if update_capping > 0:
+            rms = M.square().mean(dim=(-2, -1), keepdim=True).sqrt()
+            direction = M / (rms / update_capping).clamp(min=1.0)
+        delta = self._times(direction, remagnify)
+        if weight_decay:
+            delta.add_(self.value, alpha=weight_decay)
+        params, states = self.params, self.states
+        torch._foreach_add_(params, list(delta.to(params[0].dtype).unbind(0)), alpha=-lr)
+        torch._foreach_copy_([s["exp_avg"] for s in states], list(M.unbind(0)))
+        torch._foreach_copy_([s["basis"] for s in states], list(self.basis.unbind(0)))
+
+
+# ---------------------------------------------------------------------------- the algorithm
+
+
 class _StackKey(NamedTuple):
     """What the layers of one stack share: shapes, dtype, device, step count, groups."""
 
@@ -154,31 +296,20 @@ class _StackKey(NamedTuple):
 
 
 @dataclass
-class _FactorStack:
+class _Factor:
     """One factor (all the A's, or all the B's) of a stack of same-shape layers.
 
-    The full-size tensors are kept per layer (stacking them would cost a copy of every factor,
-    gradient and state per step); only the r x r algebra is stacked.
-
     Attributes:
-        params, states, group: the factors, their optimizer states and parameter group.
-        rank_first: True for A (each (r, n)), False for B ((m, r)).
-        values, grads: each layer's factor X and its gradient, in the compute dtype (>= float32).
-        bases: each layer's orthonormal basis U of the rank-last factor ``X = U R`` (reduced
-            QR), stored rank-first, (r, rows): QR returns it in that memory order.
-        triangular: R, (k, r, r); ``triangular_pinv`` its pseudo-inverse (set in pass 1).
+        tensors: its full-size tensors, in one of the two layouts.
+        group: the factors' parameter group.
+        triangular: R of ``X = U R``, (k, r, r); ``triangular_pinv`` its pseudo-inverse.
         basis_change: ``U^T U_old`` (k, r, r), the new basis against the previous step's.
         unmagnified_gram: ``gbar^T gbar`` (k, r, r) of this factor's unmagnified gradient
             ``gbar = G pinv(R_other)``; ``keep``: (k,) False where the update is skipped.
     """
 
-    params: list[Tensor]
-    states: list[dict]
+    tensors: _PerLayerFactor | _StackedFactor
     group: dict
-    rank_first: bool
-    values: list[Tensor]
-    grads: list[Tensor]
-    bases: list[Tensor]
     triangular: Tensor
     basis_change: Tensor
     triangular_pinv: Tensor | None = None
@@ -186,56 +317,13 @@ class _FactorStack:
     keep: Tensor | None = None
 
     @property
-    def rows(self) -> int:
-        return self.values[0].shape[-1] if self.rank_first else self.values[0].shape[-2]
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.triangular.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.triangular.device
-
-    def squared_norm(self) -> Tensor:
-        """``||gbar||_F^2`` per layer, (k,)."""
-        return _trace(self.unmagnified_gram)
-
-
-@dataclass
-class _StackedFactor:
-    """Like :class:`_FactorStack`, with the full-size tensors stacked (accelerators: few launches).
-
-    Attributes:
-        params, states, group: the factors, their optimizer states and parameter group.
-        rank_first: True for A (stacks are (k, r, n)), False for B ((k, m, r)).
-        value, grad: the stacked factor X and its gradient, in the compute dtype (>= float32).
-        basis: the orthonormal basis U of the rank-last factor ``X = U R`` (reduced QR),
-            stored rank-first, (k, r, rows): QR returns it in that memory order.
-        triangular: R, (k, r, r); ``triangular_pinv`` its pseudo-inverse (set in pass 1).
-        unmagnified_gram: ``gbar^T gbar`` (k, r, r) of this factor's unmagnified gradient
-            ``gbar = G pinv(R_other)``; ``keep``: (k,) False where the update is skipped.
-    """
-
-    params: list[Tensor]
-    states: list[dict]
-    group: dict
-    rank_first: bool
-    value: Tensor
-    grad: Tensor
-    basis: Tensor
-    triangular: Tensor
-    triangular_pinv: Tensor | None = None
-    unmagnified_gram: Tensor | None = None
-    keep: Tensor | None = None
+    def states(self) -> list[dict]:
+        return self.tensors.states
 
     @property
     def rows(self) -> int:
-        return self.value.shape[-1] if self.rank_first else self.value.shape[-2]
-
-    @property
-    def device(self) -> torch.device:
-        return self.value.device
+        shape = self.tensors.params[0].shape
+        return shape[-1] if self.tensors.rank_first else shape[-2]
 
     def squared_norm(self) -> Tensor:
         """``||gbar||_F^2`` per layer, (k,)."""
@@ -254,6 +342,8 @@ class LoRARITE(LoRAFactorAdamW):
             1.0.
         update_capping: cap the RMS of the first moment used in the update (0 = off). 0.0.
         apply_escape: add the escaped mass rho to the eigenvalues. False.
+        layout: ``"auto"``, ``"per_layer"`` or ``"stacked"``: how the full-size work runs
+            (module docstring; :class:`~stablelora.optim.factor_adamw.LoRAFactorAdamW`).
         lr, betas, weight_decay: per parameter group, for the factors as for AdamW's params
             (the reference's defaults: betas (0.9, 0.999), weight decay 0).
         eps, foreach, fused, **adamw_kwargs: torch AdamW's, for the non-factor parameters.
@@ -277,6 +367,7 @@ class LoRARITE(LoRAFactorAdamW):
         update_skipping: float = 1.0,
         update_capping: float = 0.0,
         apply_escape: bool = False,
+        layout: str = "auto",
         lr: float = 1e-4,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
@@ -299,8 +390,8 @@ class LoRARITE(LoRAFactorAdamW):
         self.update_capping = float(update_capping)
         self.apply_escape = bool(apply_escape)
         super().__init__(
-            params, lora_pairs, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-            foreach=foreach, fused=fused, **adamw_kwargs,
+            params, lora_pairs, layout=layout, lr=lr, betas=betas, eps=eps,
+            weight_decay=weight_decay, foreach=foreach, fused=fused, **adamw_kwargs,
         )  # fmt: skip
 
     def _options(self) -> dict:
@@ -312,7 +403,6 @@ class LoRARITE(LoRAFactorAdamW):
             "apply_escape": self.apply_escape,
         }
 
-    # ------------------------------------------------------------------ state
     def _factor_state(self, factor: Tensor, rank: int, rank_first: bool) -> dict:
         state = self.state[factor]
         if not state:
@@ -324,7 +414,6 @@ class LoRARITE(LoRAFactorAdamW):
             state["escaped_mass"] = factor.new_zeros(())
         return state
 
-    # ------------------------------------------------------------------ the algorithm
     def _step_lora_factors(self) -> None:
         pairs = [p for p in self.lora_pairs if p.A.grad is not None or p.B.grad is not None]
         if not pairs:
@@ -341,19 +430,13 @@ class LoRARITE(LoRAFactorAdamW):
             )  # fmt: skip
             stacks.setdefault(key, []).append(pair)
         layers = [
-            (
-                key.steps_done,
-                *(self._unmagnify if key.device.type == "cpu" else self._unmagnify_stacked)(
-                    key, members
-                ),
-            )
-            for key, members in stacks.items()
+            (key.steps_done, *self._unmagnify(key, members)) for key, members in stacks.items()
         ]
 
         # Global clip of all unmagnified gradients together: one scalar, no host sync.
         clip_scale = None
         if self.clip_unmagnified_grad > 0:
-            device = layers[0][1].device
+            device = layers[0][1].triangular.device
             squared = [
                 torch.where(f.keep, f.squared_norm(), 0.0).sum().to(device, torch.float64)
                 for _, A, B in layers
@@ -364,197 +447,23 @@ class LoRARITE(LoRAFactorAdamW):
                 norm > self.clip_unmagnified_grad, self.clip_unmagnified_grad / norm, 1.0
             )
         for steps_done, A, B in layers:
-            whiten_and_update = (
-                self._whiten_and_update
-                if isinstance(A, _FactorStack)
-                else self._whiten_and_update_stacked
-            )
-            whiten_and_update(A, B, steps_done=steps_done, clip_scale=clip_scale)
+            # A's statistics live in B's basis and vice versa (gbar_A = G_A pinv(R_B) =
+            # s G^T U_B), so A's moments move with P = U_B^T U_B,old (computed in pass 1).
+            self._update_factor(A, B, B.basis_change, steps_done, clip_scale)
+            self._update_factor(B, A, A.basis_change, steps_done, clip_scale)
 
-    def _unmagnify(
-        self, key: _StackKey, pairs: list[LoRAPair]
-    ) -> tuple[_FactorStack, _FactorStack]:
+    def _unmagnify(self, key: _StackKey, pairs: list[LoRAPair]) -> tuple[_Factor, _Factor]:
         """Pass 1 for a stack of layers: QR bases, and the unmagnified gradients' statistics."""
+        layout = _StackedFactor if self._stacked(key.device) else _PerLayerFactor
         factors = []
         for params, group, rank_first in [
             ([p.A for p in pairs], self.param_groups[key.group_A], True),
             ([p.B for p in pairs], self.param_groups[key.group_B], False),
         ]:
-            dtype = compute_dtype(params[0].dtype)
-            values = [p.to(dtype) for p in params]
             states = [self.state[p] for p in params]
-            bases, triangulars, changes = [], [], []
-            for value, state in zip(values, states):  # per layer: a stack would copy the factors
-                basis, triangular = torch.linalg.qr(value.mT if rank_first else value)
-                bases.append(basis.mT)
-                triangulars.append(triangular)
-                # U^T U_old now, while the new basis is in cache (the state still holds U_old).
-                changes.append(basis.mT @ state["basis"].to(dtype).mT)
-            factors.append(
-                _FactorStack(
-                    params=params,
-                    states=states,
-                    group=group,
-                    rank_first=rank_first,
-                    values=values,
-                    grads=[_grad(p).to(dtype) for p in params],
-                    bases=bases,
-                    triangular=torch.stack(triangulars),
-                    basis_change=torch.stack(changes),
-                )
-            )
-        A, B = factors
-        # pinv, not inverse: B = 0 gives pinv(R_B) = 0, hence no update of A on step 1.
-        A.triangular_pinv, B.triangular_pinv = torch.linalg.pinv(
-            torch.cat([A.triangular, B.triangular])
-        ).chunk(2)
-        for own, other in [(A, B), (B, A)]:
-            # gbar = G pinv(R_other) is never formed: its Gram, norm and RMS are r x r algebra.
-            grams = torch.stack([_gram(grad, own.rank_first) for grad in own.grads])
-            own.unmagnified_gram = other.triangular_pinv.mT @ grams @ other.triangular_pinv
-            squared = own.squared_norm()
-            # A non-finite gradient is skipped too (the reference lets it poison V).
-            own.keep = torch.isfinite(squared)
-            if self.update_skipping > 0:
-                rms = (squared / (own.rows * own.triangular.shape[-1])).sqrt()
-                own.keep &= rms <= self.update_skipping
-        return A, B
-
-    def _whiten_and_update(
-        self, A: _FactorStack, B: _FactorStack, *, steps_done: float, clip_scale: Tensor | None
-    ) -> None:
-        """Pass 2 for a stack of layers: moments in the new bases, then the factor updates."""
-        # A's statistics live in B's basis and vice versa (gbar_A = G_A pinv(R_B) = s G^T U_B),
-        # so A's moments move with P = U_B^T U_B,old. Both are read before a new basis is stored.
-        transport_A = B.basis_change
-        transport_B = A.basis_change
-        self._update_factor(A, B, transport_A, steps_done, clip_scale)
-        self._update_factor(B, A, transport_B, steps_done, clip_scale)
-
-    def _update_factor(
-        self, own: _FactorStack, other: _FactorStack, projection: Tensor, steps_done: float,
-        clip_scale: Tensor | None,
-    ) -> None:  # fmt: skip
-        """Second moment, whitening, first moment and update of one factor (rank-last maths).
-
-        With ``c`` the skip/clip factor of each layer, the whitened gradient
-        ``Sbar = c gbar Q = G (c pinv(R_other) Q)``, so the first-moment update is
-        ``M <- beta1' M P^T + (1 - beta1') G T`` with ``T = c pinv(R_other) Q``: two products
-        of each full-size moment/gradient with r x r matrices.
-        """
-        dtype, rank_first = own.dtype, own.rank_first
-        beta1, beta2 = (bias_corrected_decay(b, steps_done) for b in own.group["betas"])
-        scale = own.keep.to(dtype)
-        if clip_scale is not None:
-            scale = scale * clip_scale.to(own.device, dtype)
-        second = torch.where(own.keep[:, None, None], own.unmagnified_gram, 0.0)
-        second = _sym(scale[:, None, None] ** 2 * second / own.rows)
-
-        V = _stack_state(own.states, "second_moment").to(dtype)
-        rho = torch.stack([s["escaped_mass"] for s in own.states]).to(dtype)
-        V_transported = torch.nan_to_num(_sym(projection @ V @ projection.mT))
-        if self.apply_escape:
-            rho = beta2 * (rho + escaped_mass(V, V_transported))
-        else:
-            rho = torch.zeros_like(rho)
-        V = _sym(beta2 * V_transported + (1.0 - beta2) * second)
-        whitening = (
-            scale[:, None, None] * other.triangular_pinv @ inverse_sqrt(V, rho, self.rite_eps)
-        )
-        transport = beta1 * projection.mT  # M <- M @ transport + G @ gradient_map (rank-last)
-        gradient_map = (1.0 - beta1) * whitening
-        remagnify = other.triangular_pinv.mT  # delta = M @ remagnify (rank-last)
-
-        # A skipped layer has a zero gradient map, so its G only needs zeroing where it is not
-        # finite (NaN times 0). On CPU that is known for free; elsewhere mask every skipped layer.
-        if own.device.type == "cpu":
-            zero_grad = (~torch.isfinite(own.squared_norm())).tolist()
-        else:
-            zero_grad = None
-
-        # The per-layer (r, r) operands, prepared for all layers at once. In the rank-first layout
-        # (A) the rank-last ``Y @ mat`` is ``mat^T @ Y``; tall contiguous B's are multiplied as
-        # (m/2, 2r) views by block-diagonal (2r, 2r) matrices (see ``factor_adamw.tall_times``).
-        paired = not rank_first and all(
-            can_pair_rows(param, grad, state["exp_avg"])
-            for param, grad, state in zip(own.params, own.grads, own.states)
-        )
-        operands = [transport, gradient_map, remagnify]
-        if rank_first:
-            operands = [mat.mT for mat in operands]
-        elif paired:
-            operands = [block_diagonal(mat) for mat in operands]
-        transports, maps, remagnifies = (mat.unbind(0) for mat in operands)
-
-        lr, weight_decay = own.group["lr"], own.group["weight_decay"]
-        decay = 1.0 - lr * weight_decay if weight_decay else 1.0
-        for i, (param, state, grad) in enumerate(zip(own.params, own.states, own.grads)):
-            if zero_grad is None:
-                grad = torch.where(own.keep[i], grad, 0.0)
-            elif zero_grad[i]:
-                grad = torch.zeros_like(grad)
-            M = state["exp_avg"].to(dtype)
-            # In place on the fresh product: an out-of-place addmm would first copy it.
-            if rank_first:
-                M = (transports[i] @ M).addmm_(maps[i], grad)
-            elif paired:
-                M = (paired_view(M) @ transports[i]).addmm_(paired_view(grad), maps[i])
-            else:
-                M = (M @ transports[i]).addmm_(grad, maps[i])
-            remagnify_i = remagnifies[i]
-            if self.update_capping > 0:
-                rms = M.square().mean().sqrt()
-                remagnify_i = remagnify_i / (rms / self.update_capping).clamp(min=1.0)
-            if param.dtype == dtype:
-                # X <- X - lr (M remagnify + wd X) = (1 - lr wd) X - lr M remagnify, one addmm
-                if rank_first:
-                    param.addmm_(remagnify_i, M, beta=decay, alpha=-lr)
-                else:
-                    (paired_view(param) if paired else param).addmm_(
-                        M, remagnify_i, beta=decay, alpha=-lr
-                    )
-            else:
-                delta = remagnify_i @ M if rank_first else M @ remagnify_i
-                delta = delta.view(param.shape)
-                if weight_decay:
-                    delta.add_(own.values[i], alpha=weight_decay)
-                param.add_(delta.to(param.dtype), alpha=-lr)
-            state["exp_avg"] = M.view(param.shape).to(param.dtype)
-            state["basis"] = own.bases[i].to(param.dtype).contiguous()
-
-        states = own.states
-        torch._foreach_copy_([s["second_moment"] for s in states], list(V.unbind(0)))
-        torch._foreach_copy_([s["escaped_mass"] for s in states], list(rho.unbind(0)))
-        torch._foreach_add_([s["step"] for s in states], 1.0)
-
-    # ------------------------------------------------------------------ stacked path
-    # On an accelerator, launches cost more than copies: the full-size tensors of a stack are
-    # stacked and every product runs batched (the same algorithm as the per-layer CPU path).
-
-    def _unmagnify_stacked(
-        self, key: _StackKey, pairs: list[LoRAPair]
-    ) -> tuple[_StackedFactor, _StackedFactor]:
-        """Pass 1 for a stack of layers: QR bases, and the unmagnified gradients' statistics."""
-        factors = []
-        for params, group, rank_first in [
-            ([p.A for p in pairs], self.param_groups[key.group_A], True),
-            ([p.B for p in pairs], self.param_groups[key.group_B], False),
-        ]:
-            dtype = compute_dtype(params[0].dtype)
-            value = stack_as(params, dtype)
-            basis, triangular = torch.linalg.qr(value.mT if rank_first else value)
-            factors.append(
-                _StackedFactor(
-                    params=params,
-                    states=[self.state[p] for p in params],
-                    group=group,
-                    rank_first=rank_first,
-                    value=value,
-                    grad=stack_as([_grad(p) for p in params], dtype),
-                    basis=basis.mT,
-                    triangular=triangular,
-                )
-            )
+            tensors = layout(params, states, rank_first, compute_dtype(params[0].dtype))
+            triangular, basis_change = tensors.factorize()
+            factors.append(_Factor(tensors, group, triangular, basis_change))
         A, B = factors
         # pinv, not inverse: B = 0 gives pinv(R_B) = 0, hence no update of A on step 1.
         A.triangular_pinv, B.triangular_pinv = torch.linalg.pinv(
@@ -563,9 +472,7 @@ class LoRARITE(LoRAFactorAdamW):
         for own, other in [(A, B), (B, A)]:
             # gbar = G pinv(R_other) is never formed: its Gram, norm and RMS are r x r algebra.
             own.unmagnified_gram = (
-                other.triangular_pinv.mT
-                @ _stacked_gram(own.grad, own.rank_first)
-                @ other.triangular_pinv
+                other.triangular_pinv.mT @ own.tensors.gradient_gram() @ other.triangular_pinv
             )
             squared = own.squared_norm()
             # A non-finite gradient is skipped too (the reference lets it poison V).
@@ -575,40 +482,27 @@ class LoRARITE(LoRAFactorAdamW):
                 own.keep &= rms <= self.update_skipping
         return A, B
 
-    def _whiten_and_update_stacked(
-        self, A: _StackedFactor, B: _StackedFactor, *, steps_done: float, clip_scale: Tensor | None
-    ) -> None:
-        """Pass 2 for a stack of layers: moments in the new bases, then the factor updates."""
-        # A's statistics live in B's basis and vice versa (gbar_A = G_A pinv(R_B) = s G^T U_B),
-        # so A's moments move with P = U_B^T U_B,old. Both are read before a new basis is stored.
-        transport_A = B.basis @ _stack_state(B.states, "basis").to(B.basis.dtype).mT
-        transport_B = A.basis @ _stack_state(A.states, "basis").to(A.basis.dtype).mT
-        self._update_factor_stacked(A, B, transport_A, steps_done, clip_scale)
-        self._update_factor_stacked(B, A, transport_B, steps_done, clip_scale)
-
-    def _update_factor_stacked(
-        self, own: _StackedFactor, other: _StackedFactor, projection: Tensor, steps_done: float,
+    def _update_factor(
+        self, own: _Factor, other: _Factor, projection: Tensor, steps_done: float,
         clip_scale: Tensor | None,
     ) -> None:  # fmt: skip
-        """Second moment, whitening, first moment and update of one factor (rank-last maths).
+        """Pass 2 for one factor of a stack: second moment, whitening, first moment, update.
 
         With ``c`` the skip/clip factor of each layer, the whitened gradient
         ``Sbar = c gbar Q = G (c pinv(R_other) Q)``, so the first-moment update is
         ``M <- beta1' M P^T + (1 - beta1') G T`` with ``T = c pinv(R_other) Q``: two products
-        of full-size stacks with r x r matrices.
+        of each full-size moment/gradient with r x r matrices, run by the layout.
         """
-        dtype, rank_first = own.value.dtype, own.rank_first
+        dtype = own.triangular.dtype
         beta1, beta2 = (bias_corrected_decay(b, steps_done) for b in own.group["betas"])
         scale = own.keep.to(dtype)
         if clip_scale is not None:
-            scale = scale * clip_scale.to(own.value.device, dtype)
-        grad = own.grad.masked_fill_(~own.keep[:, None, None], 0.0)  # no NaN through G @ T
+            scale = scale * clip_scale.to(scale.device, dtype)
         second = torch.where(own.keep[:, None, None], own.unmagnified_gram, 0.0)
         second = _sym(scale[:, None, None] ** 2 * second / own.rows)
 
         V = _stack_state(own.states, "second_moment").to(dtype)
-        M = _stack_state(own.states, "exp_avg").to(dtype)
-        rho = torch.stack([s["escaped_mass"] for s in own.states]).to(dtype)
+        rho = _stack_state(own.states, "escaped_mass").to(dtype)
         V_transported = torch.nan_to_num(_sym(projection @ V @ projection.mT))
         if self.apply_escape:
             rho = beta2 * (rho + escaped_mass(V, V_transported))
@@ -618,22 +512,13 @@ class LoRARITE(LoRAFactorAdamW):
         whitening = (
             scale[:, None, None] * other.triangular_pinv @ inverse_sqrt(V, rho, self.rite_eps)
         )
-        M = _add_times(_times(M, beta1 * projection.mT, rank_first), grad,
-                       (1.0 - beta1) * whitening, rank_first)  # fmt: skip
-        direction = M
-        if self.update_capping > 0:
-            rms = M.square().mean(dim=(-2, -1), keepdim=True).sqrt()
-            direction = M / (rms / self.update_capping).clamp(min=1.0)
-        delta = _times(direction, other.triangular_pinv.mT, rank_first)  # re-magnify
-        if own.group["weight_decay"]:
-            delta.add_(own.value, alpha=own.group["weight_decay"])
-
-        params, states = own.params, own.states
-        torch._foreach_add_(params, list(delta.to(params[0].dtype).unbind(0)),
-                            alpha=-own.group["lr"])  # fmt: skip
-        torch._foreach_copy_([s["exp_avg"] for s in states], list(M.unbind(0)))
+        own.tensors.update(
+            beta1 * projection.mT, (1.0 - beta1) * whitening, other.triangular_pinv.mT,
+            keep=own.keep, finite=torch.isfinite(own.squared_norm()), lr=own.group["lr"],
+            weight_decay=own.group["weight_decay"], update_capping=self.update_capping,
+        )  # fmt: skip
+        states = own.states
         torch._foreach_copy_([s["second_moment"] for s in states], list(V.unbind(0)))
-        torch._foreach_copy_([s["basis"] for s in states], list(own.basis.unbind(0)))
         torch._foreach_copy_([s["escaped_mass"] for s in states], list(rho.unbind(0)))
         torch._foreach_add_([s["step"] for s in states], 1.0)
 

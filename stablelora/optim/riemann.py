@@ -2,7 +2,7 @@
 
 For every LoRA layer ``W = W0 + s * B @ A`` with ``A`` of shape (r, n) and ``B`` of shape
 (m, r), each factor's gradient is preconditioned by the damped inverse Gram matrix of the
-*other* factor before it enters the Adam moments (baselines.md section 1.3)::
+*other* factor before it enters the Adam moments (Zhang & Pilanci, 2024)::
 
     g~_A = (B^T B + reg * I_r)^-1 @ g_A      (r, r) @ (r, n)
     g~_B = g_B @ (A A^T + reg * I_r)^-1      (m, r) @ (r, r)
@@ -25,7 +25,7 @@ Every trainable parameter that is not a LoRA factor (classifier head, biases, Do
 vectors) gets the plain ``torch.optim.AdamW`` step of its parameter group, in every variant.
 
 Why not ``peft.optimizers.create_riemannian_optimizer``: peft 0.21.2's helper reproduces the
-numbers of baselines.md 1.9 for the Jacobi/bias-corrected variant (``tests/test_baselines.py``
+numbers of our worked example for the Jacobi/bias-corrected variant (``tests/test_baselines.py``
 checks this), but it inverts each layer's Gram matrices with its own ``pinv`` (an SVD launch per
 factor per layer), overwrites the caller's ``.grad`` in place, and has neither the authors'
 variant nor scaled GD. Here the Gram matrices of all layers are stacked and factorised with one
@@ -100,6 +100,7 @@ def riemannian_gradients(
     grads_B: Sequence[Tensor],
     factors_A: Sequence[Tensor],
     reg: float,
+    stacked: bool | None = None,
 ) -> tuple[list[Tensor], list[Tensor]]:
     """Preconditioned gradients of LoRA factors, batched over layers.
 
@@ -109,14 +110,19 @@ def riemannian_gradients(
         grads_B: gradients of B factors, each (m, r).
         factors_A: the A factor (r, n) of the same layer as each entry of ``grads_B``.
         reg: the damping delta.
+        stacked: the layout of the products: True stacks the layers of equal shapes (one
+            ``bmm`` per stack: accelerators), False multiplies per layer (no copies: CPU);
+            None (default) stacks when any tensor is off the CPU. Same result up to rounding.
 
     Returns:
         ``(g~_A, g~_B)``: ``(B^T B + reg I)^-1 g_A`` and ``g_B (A A^T + reg I)^-1``, with the
         shapes and dtypes of the gradients. The Gram matrices of all layers are inverted
-        together (one batched Cholesky); the products are per layer.
+        together (one batched Cholesky).
     """
-    tensors = [*grads_A, *factors_B, *grads_B, *factors_A]
-    if any(t.device.type != "cpu" for t in tensors):
+    if stacked is None:
+        tensors = [*grads_A, *factors_B, *grads_B, *factors_A]
+        stacked = any(t.device.type != "cpu" for t in tensors)
+    if stacked:
         return _stacked_riemannian_gradients(grads_A, factors_B, grads_B, factors_A, reg)
     # CPU: per-layer products (no stacked copies of the factors or gradients: a stack costs a full
     # copy, more than the launch of one small product per layer); only the r x r Gram matrices
@@ -267,10 +273,12 @@ class RiemannianAdamW(LoRAFactorAdamW):
         lora_pairs: the LoRA layers (:func:`stablelora.find_lora_pairs`); pairing is by module.
         reg: the damping delta added to the Gram matrices' diagonal. Default 1e-6, the
             pilancilab class default; peft uses 1e-2 and the Mistral GLUE table up to 100 (with
-            a large reg the method degenerates to AdamW, see baselines.md 1.4).
+            a large reg the method degenerates to AdamW).
         authors_variant: pilancilab's ``AdamWr``: Gauss-Seidel B preconditioner (from the
             updated A), no bias correction, weight decay after the Adam step.
         scaled_gd: pilancilab's ``SGDr`` for the factors instead of Adam (Jacobi).
+        layout: ``"auto"``, ``"per_layer"`` or ``"stacked"``: how the preconditioner products
+            run (:class:`~stablelora.optim.factor_adamw.LoRAFactorAdamW`).
         lr, betas, eps, weight_decay, foreach, fused, **adamw_kwargs: AdamW's, for every
             parameter (factors included: ``betas``/``eps`` of a factor's group drive its Adam).
     """
@@ -285,6 +293,7 @@ class RiemannianAdamW(LoRAFactorAdamW):
         reg: float = 1e-6,
         authors_variant: bool = False,
         scaled_gd: bool = False,
+        layout: str = "auto",
         lr: float = 1e-4,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
@@ -304,8 +313,8 @@ class RiemannianAdamW(LoRAFactorAdamW):
         self.authors_variant = bool(authors_variant)
         self.scaled_gd = bool(scaled_gd)
         super().__init__(
-            params, lora_pairs, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-            foreach=foreach, fused=fused, **adamw_kwargs,
+            params, lora_pairs, layout=layout, lr=lr, betas=betas, eps=eps,
+            weight_decay=weight_decay, foreach=foreach, fused=fused, **adamw_kwargs,
         )  # fmt: skip
 
     def _options(self) -> dict:
@@ -320,20 +329,23 @@ class RiemannianAdamW(LoRAFactorAdamW):
         with_grad_B = [pair for pair in self.lora_pairs if pair.B.grad is not None]
         A_params = [pair.A for pair in with_grad_A]
         B_params = [pair.B for pair in with_grad_B]
+        stacked = {"auto": None, "stacked": True, "per_layer": False}[self.layout]
         if self.authors_variant:
             # Gauss-Seidel: B's preconditioner must see A after its update.
             grads_A, _ = riemannian_gradients(
-                [p.grad for p in A_params], [pair.B for pair in with_grad_A], [], [], self.reg
-            )
+                [p.grad for p in A_params], [pair.B for pair in with_grad_A], [], [], self.reg,
+                stacked,
+            )  # fmt: skip
             self._update(A_params, grads_A)
             _, grads_B = riemannian_gradients(
-                [], [], [p.grad for p in B_params], [pair.A for pair in with_grad_B], self.reg
-            )
+                [], [], [p.grad for p in B_params], [pair.A for pair in with_grad_B], self.reg,
+                stacked,
+            )  # fmt: skip
             self._update(B_params, grads_B)
             return
         grads_A, grads_B = riemannian_gradients(
             [p.grad for p in A_params], [pair.B for pair in with_grad_A],
-            [p.grad for p in B_params], [pair.A for pair in with_grad_B], self.reg,
+            [p.grad for p in B_params], [pair.A for pair in with_grad_B], self.reg, stacked,
         )  # fmt: skip
         self._update(A_params + B_params, grads_A + grads_B)
 
