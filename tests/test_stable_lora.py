@@ -112,6 +112,18 @@ def test_first_step_shrinks_every_layer_and_leaves_moments_alone():
     assert all(len(optimizer.state[p]) == 0 for p in model.parameters() if p.requires_grad)
 
 
+def test_equal_norms_do_not_stop_the_shrink():
+    # The stop test is strict: at init_scale=0, ||A|| = ||B|| = 0 and every layer shrinks on.
+    model = lora_model(init_scale=0.0)
+    optimizer = create_optimizer(model, "stable_lora", lr=LR, shrink_ratio=SHRINK)
+    for _ in range(3):
+        optimizer.shrink_()
+    assert all(
+        state == {"shrinking": True, "stop_step": None}
+        for state in optimizer.shrink_state().values()
+    )
+
+
 def test_resume_mid_shrink_is_bit_identical():
     batches = token_batches(160)
     uninterrupted = lora_model(dtype=torch.float32)

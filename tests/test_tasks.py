@@ -290,6 +290,24 @@ def test_loglik_hand_computed_acc_vs_acc_norm(tok):
     assert flipped.evaluate(model, batch_size=4) == {"acc": 1.0, "acc_norm": 0.0, "n": 1.0}
 
 
+def test_acc_norm_divides_by_characters_not_tokens(tok):
+    # "é" is one character but two byte tokens, so the two normalisations rank differently:
+    # " é": log .2 + 2 log .25 = -4.38 (per character -4.38, per token -2.19 or -1.46 with
+    # the space); " aa": log .2 + 2 log .2 = -4.83 (per character or token -2.41, -1.61).
+    accented = ids(tok, "é")
+    assert len(accented) == 2
+    probs = torch.full((len(tok),), 0.1 / (len(tok) - 4))
+    for token, p in ((ids(tok, " ")[0], 0.2), (ids(tok, "a")[0], 0.2),
+                     (accented[0], 0.25), (accented[1], 0.25)):  # fmt: skip
+        probs[token] = p
+    model = FixedDistributionLM(probs.log())
+    cfg = TaskConfig(name="toy", family="arc")
+    for gold, expected in ((0, {"acc": 1.0, "acc_norm": 0.0}), (1, {"acc": 0.0, "acc_norm": 1.0})):
+        example = MultipleChoiceExample("Q", ["é", "aa"], gold=gold, instruction="")
+        task = MultipleChoiceTask(cfg, tok, [], {"toy": [example]})
+        assert task.evaluate(model, batch_size=4) == {**expected, "n": 1.0}
+
+
 def test_single_token_choices_share_one_forward(tok):
     model = fixed_lm(tok)
     example = MultipleChoiceExample("Topic:", ["a", "b", "c", "d", "e"], gold=0, instruction="")
