@@ -1,7 +1,9 @@
-"""Baseline optimizers (issue 7): Riemannian-preconditioned AdamW, LoRA-RITE, adamw_large_wd.
+"""Baseline optimizers: Riemannian-preconditioned AdamW, LoRA-RITE, adamw_large_wd.
 
-The worked examples are those of /work/shared/baselines.md (sections 1.9 and 2.8): the shared
-toy r = 2, n = m = 3, s = 2, with numbers quoted to 6 decimals, so they are compared to 1e-6.
+The worked examples are one step of each update rule computed by hand on a toy r = 2,
+n = m = 3, s = 2 (Zhang & Pilanci, ICML 2024, arXiv 2402.02347, scaled AdamW;
+Yen et al., ICLR 2025, arXiv 2410.20625, Algorithm 1 for LoRA-RITE), with numbers quoted to
+6 decimals, so they are compared to 1e-6.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ def _close(actual, expected, atol=1e-6):
     torch.testing.assert_close(actual, _tensor(expected), atol=atol, rtol=0)
 
 
-# ---------------------------------------------------------------- Riemann, baselines.md 1.9
+# ---------------------------------------------------------------- Riemann, worked example
 
 
 @pytest.mark.parametrize(
@@ -100,7 +102,7 @@ def test_riemann_scaled_gd_invariance_with_zero_damping():
     plain = _scaled_gd_product(A_TOY, B_TOY, 0, plain=True) - _scaled_gd_product(
         *reparam, 0, plain=True
     )
-    # baselines.md: delta = 1 breaks invariance by about 0.16, plain GD by about 9.4 (max |.|).
+    # By hand: delta = 1 breaks invariance by about 0.16, plain GD by about 9.4 (max |.|).
     assert damped.abs().max() == pytest.approx(0.16, abs=0.01)
     assert plain.abs().max() == pytest.approx(9.4, abs=0.1)
 
@@ -163,7 +165,7 @@ def test_riemann_rejects_conflicting_variants():
         RiemannianAdamW([A, B], [pair], reg=-1.0)
 
 
-# ---------------------------------------------------------------- LoRA-RITE, baselines.md 2.8
+# ---------------------------------------------------------------- LoRA-RITE, worked example
 
 RITE_PLAIN = {  # the worked example's settings: no eps, clip, skip, weight decay
     "lr": 0.01, "betas": (0.9, 0.999), "rite_eps": 0.0, "clip_unmagnified_grad": 0.0,

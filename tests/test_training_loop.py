@@ -21,7 +21,9 @@ LOSS_ONLY = SMOKE + [
 
 
 def logged_losses(run_dir) -> list[float]:
-    return [row["train/loss"] for row in read_jsonl(run_dir / "metrics.jsonl") if "train/loss" in row]
+    return [
+        row["train/loss"] for row in read_jsonl(run_dir / "metrics.jsonl") if "train/loss" in row
+    ]
 
 
 def test_accumulated_micro_batches_log_the_loss_of_the_whole_batch(tmp_path, one_thread):

@@ -1,4 +1,4 @@
-"""Stable-LoRA on other LoRA variants: DoRA and AdaLoRA (issue 7)."""
+"""Stable-LoRA on other LoRA variants: DoRA and AdaLoRA (Liu et al. 2024, arXiv 2402.09353; Zhang et al. 2023, arXiv 2303.10512)."""
 
 from __future__ import annotations
 

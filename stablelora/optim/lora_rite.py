@@ -1,7 +1,7 @@
 """LoRA-RITE: transformation-invariant adaptive LoRA optimizer (Yen et al., ICLR 2025).
 
 Follows the PyTorch reimplementation of the authors (gkevinyen5418/LoRA-RITE, ``lora_rite.py``)
-as specified in baselines.md section 2, in the peft layout. Per LoRA layer ``W = W0 + s B A``
+(Algorithm 1 of arXiv 2410.20625), in the peft layout. Per LoRA layer ``W = W0 + s B A``
 write the factors rank-last, ``L = A^T`` (n, r) and ``R = B`` (m, r), and ``G_L = g_A^T``,
 ``G_R = g_B``. One step:
 
