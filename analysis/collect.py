@@ -184,8 +184,6 @@ def run_row(
     config = {k: v for k, v in config.items() if k != "hydra"}
     flat = flatten(config)
     status = summary.get("status") or "incomplete"
-    if status == "running":  # a summary written mid-run by an older runner
-        status = "incomplete"
     main_metric = summary.get("main_metric") or "eval/acc"
     final = summary.get("final") or {}
     row = {

@@ -465,7 +465,6 @@ def test_unfinished_run_without_summary_is_incomplete(tmp_path):
 
 
 def test_width_exponents_are_delegated_to_width_fit(tmp_path):
-    pytest.importorskip("analysis.width_fit")
     for width in (128, 256, 512):
         for seed in (0, 1):
             # delta1 ~ n^0, gAZ ~ n^1: the fits must find the exponents.
