@@ -29,8 +29,8 @@ from pathlib import Path
 import pandas as pd
 
 from analysis import plots as plots_module
-from analysis import width_fit
 from analysis import tables as tables_module
+from analysis import width_fit
 from analysis.collect import (
     Collection,
     collect,
