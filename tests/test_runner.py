@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_config import compose_config
+from conftest import compose_config
 
 from stablelora.records import read_jsonl
 from stablelora.train import train
