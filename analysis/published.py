@@ -1,7 +1,7 @@
 """The published numbers of the Stable-LoRA paper, keyed by our config names.
 
 Source: Wu, Gao, Li, Wu, "Stable-LoRA: Stabilizing Feature Learning of Low-Rank Adaptation",
-arXiv 2603.05204 (ICLR 2026), section 4, as summarised in ``shared/paper.md``. Accuracies are
+arXiv 2603.05204 (ICLR 2026), section 4 (Table 1 and the ablations). Accuracies are
 in percent, overheads in percent of the LoRA (AdamW) wall clock. Models, tasks and methods use
 the names of ``conf/model``, ``conf/task`` and ``conf/method``; target-module sets are the
 sorted tuple of module names. Numbers the paper does not publish (per-task QA accuracies,

@@ -21,7 +21,6 @@ synced to W&B. Imports stay light: no torch or transformers.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import shutil
 import sys
@@ -31,6 +30,7 @@ import pandas as pd
 
 from analysis import plots as plots_module
 from analysis import tables as tables_module
+from analysis import width_fit
 from analysis.collect import (
     Collection,
     collect,
@@ -125,15 +125,6 @@ def gather(args: argparse.Namespace) -> Collection:
 
 
 # ---------------------------------------------------------------------------- width
-def width_fit_module():
-    """:mod:`analysis.width_fit` if it is installed (it is developed separately), else None."""
-    if importlib.util.find_spec("analysis.width_fit") is None:
-        return None
-    from analysis import width_fit
-
-    return width_fit
-
-
 def width_column(runs: pd.DataFrame) -> str | None:
     """The config key that holds the model width, if the runs differ in it."""
     for column in WIDTH_COLUMNS:
@@ -180,16 +171,13 @@ def width_tables(coll: Collection, dirs: list[Path], out: Path) -> tuple[list[Ta
     """Gamma against width, fitted by :mod:`analysis.width_fit`: from the width sweep's
     ``records.jsonl`` files in ``dirs`` when there are some, else from the collected runs
     when they differ in model width. Returns the tables and the plot files written."""
-    width_fit = width_fit_module()
-    if width_fit is None:
-        return [], []
     found, written = [], []
     (out / "plots").mkdir(parents=True, exist_ok=True)
     records_files = [path for directory in dirs for path in _width_sweep_records(directory)]
     for index, records in enumerate(records_files):
         suffix = "" if len(records_files) == 1 else f"_{index}"
         result = width_fit.analyze(records, out / f"width_sweep{suffix}")
-        found.append(_width_table(f"gamma_width{suffix}", str(records), result["fits"], width_fit))
+        found.append(_width_table(f"gamma_width{suffix}", str(records), result["fits"]))
         for path in result["files"]:
             if path.suffix in (".png", ".pdf"):
                 target = out / "plots" / f"gamma_{path.name.removesuffix(path.suffix)}{suffix}"
@@ -200,7 +188,7 @@ def width_tables(coll: Collection, dirs: list[Path], out: Path) -> tuple[list[Ta
     steps = width_fit.choose_steps(table) if not table.empty else []
     if steps:
         fits = width_fit.fit_exponents(table, steps)
-        found.append(_width_table("gamma_width", "runs of several widths", fits, width_fit))
+        found.append(_width_table("gamma_width", "runs of several widths", fits))
         written += width_fit.plot_magnitudes(table, fits, steps[-1], out / "plots" / "gamma_width")
     return found, written
 
@@ -223,7 +211,7 @@ def _width_sweep_records(directory: Path) -> list[Path]:
     return found
 
 
-def _width_table(name: str, source: str, fits: pd.DataFrame, width_fit) -> Table:
+def _width_table(name: str, source: str, fits: pd.DataFrame) -> Table:
     display = width_fit.exponent_table(fits).astype(str)
     return Table(
         name,

@@ -1,17 +1,20 @@
-"""What every experiment script does: run its Hydra sweep, then its analysis.
+"""One entry point for every artefact of the paper: run its Hydra sweep, then its analysis.
 
 An experiment ``<name>`` is a Hydra preset ``conf/experiment/<name>.yaml`` (the paper's
 settings, the sweep declared under ``hydra.sweeper.params``), a CI-sized variant
-``conf/experiment/<name>_smoke.yaml`` and a script ``experiments/<name>.py`` that calls
-:func:`main`::
+``conf/experiment/<name>_smoke.yaml`` and a row of :data:`EXPERIMENTS` (its tables and
+plots)::
 
-    python experiments/<name>.py [--smoke] [--output-root DIR] [--seeds mean|best]
+    python -m experiments <name> [--smoke] [--output-root DIR] [--seeds mean|best]
+                                 [--select-lr [--select-metric METRIC]] [--skip-sweep]
                                  [hydra overrides...]
 
-which runs ``python run.py -m experiment=<name>[_smoke] output_root=DIR [overrides...]`` and
-then ``python -m analysis.report DIR/sweeps/<experiment_name> --tables ... --plots ...``: the
+runs ``python run.py -m experiment=<name>[_smoke] output_root=DIR [overrides...]`` and then
+``python -m analysis.report DIR/sweeps/<experiment_name> --tables ... --plots ...``: the
 tables and plots land in ``DIR/sweeps/<experiment_name>/report/``. Rerunning the same command
 resumes the sweep (completed runs are not run again) and redoes the analysis.
+``python -m experiments width_sweep`` is the toy width sweep (:mod:`experiments.width_sweep`,
+its own options).
 """
 
 from __future__ import annotations
@@ -36,6 +39,64 @@ class Experiment:
     plots: tuple[str, ...]
 
 
+#: Every artefact: its tables and plots (``analysis.report`` names), in the README's order.
+EXPERIMENTS: dict[str, Experiment] = {
+    e.name: e
+    for e in (
+        Experiment(
+            "table1_qa",
+            "Table 1: QA accuracy per task and on average, beside the published numbers.",
+            ("table1", "table1_avg", "summary", "runs_not_completed"),
+            ("loss", "eval"),
+        ),
+        Experiment(
+            "gsm8k",
+            "GSM8K accuracy by step budget, AdamW against Stable-LoRA.",
+            ("gsm8k", "summary", "runs_not_completed"),
+            ("eval", "loss"),
+        ),
+        Experiment(
+            "ablation_stop_rule",
+            "Stop-rule ablation of Stable-LoRA on merged QA.",
+            ("ablation_stop_rule", "shrink_stops", "summary", "runs_not_completed"),
+            ("figure2_norms", "shrink_stops", "eval"),
+        ),
+        Experiment(
+            "ablation_target_modules",
+            "Target-module ablation on Llama-3.2-3B, merged QA.",
+            ("ablation_target_modules", "summary", "runs_not_completed"),
+            ("loss", "eval"),
+        ),
+        Experiment(
+            "overhead",
+            "Time and memory overhead relative to LoRA.",
+            ("overhead", "summary", "runs_not_completed"),
+            ("loss",),
+        ),
+        Experiment(
+            "figure2_norms",
+            "Figure 2: LoRA factor norms against step, with the feature-update magnitudes.",
+            ("shrink_stops", "summary", "runs_not_completed"),
+            ("figure2_norms", "deltas", "delta_ratio", "shrink_stops"),
+        ),
+        Experiment(
+            "init_scale",
+            "The scale of A0: accuracy and self-stability, AdamW against Stable-LoRA.",
+            ("init_scale", "init_scale_stability", "summary", "runs_not_completed"),
+            ("init_scale", "figure2_norms", "delta_ratio"),
+        ),
+        Experiment(
+            "reviewer_controls",
+            "Reviewer controls beside LoRA and Stable-LoRA.",
+            ("reviewer_controls", "shrink_stops", "summary", "runs_not_completed"),
+            ("figure2_norms", "delta_ratio", "shrink_stops"),
+        ),
+    )
+}
+#: Experiments with their own command line (not a sweep + report pair).
+OWN_COMMAND = ("width_sweep",)
+
+
 def preset_path(name: str) -> Path:
     return PRESETS / f"{name}.yaml"
 
@@ -50,7 +111,7 @@ def sweep_name(preset: str) -> str:
 
 def parse_args(experiment: Experiment, argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog=f"python experiments/{experiment.name}.py",
+        prog=f"python -m experiments {experiment.name}",
         description=experiment.description,
         epilog="Other arguments are Hydra overrides passed to run.py, e.g. trainer.max_steps=100 "
         "seed=0 'hydra/launcher=joblib'.",
@@ -121,13 +182,40 @@ def commands(experiment: Experiment, args: argparse.Namespace) -> tuple[list[str
     return sweep, report, sweep_dir
 
 
-def main(experiment: Experiment, argv=None) -> int:
-    """Run the sweep (unless ``--skip-sweep``), then the report; return the exit code.
+def usage() -> str:
+    rows = [f"  {e.name:<24} {e.description}" for e in EXPERIMENTS.values()]
+    rows.append(f"  {'width_sweep':<24} Width exponents of the feature updates (toy network).")
+    return (
+        "usage: python -m experiments NAME [--smoke] [--output-root DIR] [--seeds mean|best]\n"
+        "                              [--select-lr [--select-metric METRIC]] [--skip-sweep]\n"
+        "                              [hydra overrides...]\n\nexperiments:\n" + "\n".join(rows)
+    )
+
+
+def main(argv=None) -> int:
+    """``python -m experiments NAME ...``: run the sweep (unless ``--skip-sweep``), then the
+    report; return the exit code.
 
     A sweep whose jobs failed still gets its report (failed runs are shown as failed); the
     exit code is non-zero if either step failed.
     """
-    args = parse_args(experiment, argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name in OWN_COMMAND:
+        from experiments import width_sweep
+
+        width_sweep.main(rest)
+        return 0
+    if name not in EXPERIMENTS:
+        choices = ", ".join([*EXPERIMENTS, *OWN_COMMAND])
+        print(f"python -m experiments: unknown experiment {name!r}; choose from {choices}.",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    experiment = EXPERIMENTS[name]
+    args = parse_args(experiment, rest)
     sweep, report, sweep_dir = commands(experiment, args)
     sweep_code = 0
     if not args.skip_sweep:

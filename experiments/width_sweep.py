@@ -1,4 +1,5 @@
-"""Width sweep of the feature-update decomposition on the toy teacher task (issue 5).
+"""Width sweep of the feature-update decomposition on the toy teacher task
+(the paper's Assumption 1 and its stable feature learning, arXiv 2603.05204).
 
 Runs ``python run.py -m experiment=width_sweep`` (the runner's own training loop with the
 :class:`stablelora.gamma.FeatureProbe`): widths 128..4096, methods lora, rslora, loraplus and

@@ -497,9 +497,3 @@ class FeatureProbe:
         self._hooks.clear()
         self._clear()
         self.enabled = self.armed = False
-
-    def __enter__(self) -> FeatureProbe:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()

@@ -1,4 +1,9 @@
-"""Test-wide settings: offline (an accidental Hub call fails at once), W&B offline, 1 thread."""
+"""Test-wide settings and the helpers several test modules share.
+
+Settings: offline (an accidental Hub call fails at once), W&B offline, at most 2 threads.
+Shared helpers: :func:`compose_config` (Hydra's compose API on ``conf/``) and the fixtures
+below; the tiny models and tokenizer are in ``tests/tiny.py``.
+"""
 
 import os
 
@@ -8,11 +13,81 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
-import pytest  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
+CONF = ROOT / "conf"
+#: The in-process smoke run: tiny random Llama, offline BBC News, 6 steps, no W&B.
+SMOKE = ["experiment=smoke", "logger.mode=disabled"]
+
+
+def compose_config(overrides=()):
+    """``conf/config.yaml`` composed with ``overrides``, as ``python run.py`` would."""
+    from hydra import compose, initialize_config_dir
+
+    from stablelora.config import register_resolvers
+
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("config", overrides=list(overrides), return_hydra_config=False)
+
+
+def run_cli(*args, cwd=ROOT, timeout=600):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline"}
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)  # fmt: skip
+
+
+def adapter_state(run_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(run_dir / "adapter" / "adapter_model.safetensors")
+
+
+class Interrupted(Exception):
+    pass
+
+
+def train_killed_at_batch(cfg, run_dir, batch_number, monkeypatch):
+    """Run ``train`` and raise :class:`Interrupted` when it asks for batch ``batch_number``,
+    as a kill would; the patch is undone afterwards so the next ``train`` resumes."""
+    import stablelora.tasks as tasks
+    from stablelora.train import train
+
+    original_build, calls = tasks.build_task, []
+
+    def build_with_kill(*args, **kwargs):
+        task = original_build(*args, **kwargs)
+        collate = task.collate
+
+        def collate_then_die(indices):
+            calls.append(indices)
+            if len(calls) == batch_number:
+                raise Interrupted
+            return collate(indices)
+
+        task.collate = collate_then_die
+        return task
+
+    with monkeypatch.context() as patch:
+        patch.setattr(tasks, "build_task", build_with_kill)
+        train(cfg, run_dir)
+
+
+@pytest.fixture
+def one_thread():
+    """Run the test on one torch thread (bit-reproducible CPU sums), then restore."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -302,6 +303,36 @@ def test_table1_published_average_and_difference(tmp_path):
     assert layout.loc[1, "stable_lora"] == "64.01"
 
 
+def test_seeds_spread_is_the_sample_std(tmp_path):
+    accuracies = [0.60, 0.62, 0.67]
+    for seed, acc in enumerate(accuracies):
+        write_run(tmp_path, f"lora-{seed}", seed=seed, acc=acc)
+    row = tables_of(tmp_path)["table1"].data.iloc[0]
+    percent = [100 * acc for acc in accuracies]
+    mean = sum(percent) / 3
+    sample_std = math.sqrt(sum((v - mean) ** 2 for v in percent) / (3 - 1))
+    assert row["bbc_news"] == pytest.approx(mean) and row["bbc_news_n"] == 3
+    assert row["bbc_news_std"] == pytest.approx(sample_std)
+
+
+def test_a_seed_missing_a_task_has_no_average(tmp_path):
+    # Seed 0 has both tasks, seed 1 only hellaswag: the average is seed 0's alone, counted as
+    # one of two, never the mean of seed 1's single task.
+    write_run(tmp_path, "hs-0", task="hellaswag", seed=0, acc=0.40)
+    write_run(tmp_path, "siqa-0", task="siqa", seed=0, acc=0.60)
+    write_run(tmp_path, "hs-1", task="hellaswag", seed=1, acc=0.90)
+    for mode, hellaswag in (("mean", 65.0), ("best", 90.0)):
+        table = tables_of(tmp_path, mode)["table1"]
+        row = table.data.iloc[0]
+        assert row["hellaswag"] == pytest.approx(hellaswag) and row["hellaswag_n"] == 2
+        if mode == "mean":
+            assert row["avg"] == pytest.approx(50.0)
+            assert (row["avg_n"], row["avg_runs"]) == (1, 2)
+            assert table.display.iloc[0]["Avg"] == "50.00 (n=1/2)"
+        else:  # the best of each task: siqa has one run of the two seeds
+            assert row["avg"] == pytest.approx((90.0 + 60.0) / 2)
+
+
 def test_merged_mixture_and_stop_rule_ablation(tmp_path):
     subtasks = {f"eval/acc/{t}": 0.5 + i / 100 for i, t in enumerate(published.QA_TASKS)}
     for rule, acc in (("norm", 0.63), ("never", 0.62)):
@@ -434,7 +465,6 @@ def test_unfinished_run_without_summary_is_incomplete(tmp_path):
 
 
 def test_width_exponents_are_delegated_to_width_fit(tmp_path):
-    pytest.importorskip("analysis.width_fit")
     for width in (128, 256, 512):
         for seed in (0, 1):
             # delta1 ~ n^0, gAZ ~ n^1: the fits must find the exponents.
@@ -449,6 +479,26 @@ def test_width_exponents_are_delegated_to_width_fit(tmp_path):
     assert fits.loc[("gAZ", 10), "exponent"] == pytest.approx(1.0)
     assert fits.loc[("delta1", 10), "exponent"] == pytest.approx(0.0, abs=1e-9)
     assert any(p.name == "gamma_width.png" for p in files)
+
+
+def test_width_fit_interval_is_t_times_the_standard_error():
+    from analysis.width_fit import fit_slope, t_quantile
+
+    log_width = np.log(np.repeat([128.0, 256, 512, 1024], 3))
+    noise = np.tile([0.13, -0.07, 0.02], 4) + np.repeat([0.0, 0.05, -0.04, 0.01], 3)
+    log_value = 0.5 * log_width + 1.0 + noise
+    fit = fit_slope(log_width, log_value)
+    # The standard error of a least-squares slope, by hand.
+    points = len(log_width)
+    slope, intercept = np.polyfit(log_width, log_value, 1)
+    residuals = log_value - (slope * log_width + intercept)
+    sxx = ((log_width - log_width.mean()) ** 2).sum()
+    stderr = math.sqrt((residuals**2).sum() / (points - 2) / sxx)
+    half = t_quantile(0.975, points - 2) * stderr
+    assert fit["exponent"] == pytest.approx(slope)
+    assert fit["ci_high"] - fit["exponent"] == pytest.approx(half, rel=1e-9)
+    assert fit["exponent"] - fit["ci_low"] == pytest.approx(half, rel=1e-9)
+    assert t_quantile(0.975, points - 2) == pytest.approx(2.228, abs=2e-3)  # t table, 10 dof
 
 
 def test_latex_escape_specials():

@@ -1,9 +1,10 @@
 """Baseline optimizers: Riemannian-preconditioned AdamW, LoRA-RITE, adamw_large_wd.
 
 The worked examples are hand computations of one or two steps of each method (Zhang & Pilanci,
-2024; Yen et al., 2025) on a shared toy r = 2, n = m = 3, s = 2, with numbers quoted to
-6 decimals, so they are compared to 1e-6. The LoRA-RITE examples run in both layouts (the
-stacked one is CUDA's default); tests/test_optimizer_layouts.py compares the layouts at length.
+ICML 2024, arXiv 2402.02347, scaled AdamW; Yen et al., ICLR 2025, arXiv 2410.20625, Algorithm 1
+for LoRA-RITE) on a shared toy r = 2, n = m = 3, s = 2, with numbers quoted to 6 decimals, so
+they are compared to 1e-6. The LoRA-RITE examples run in both layouts (the stacked one is CUDA's
+default); tests/test_optimizer_layouts.py compares the layouts at length.
 """
 
 from __future__ import annotations

@@ -1,14 +1,14 @@
 """experiments/: every artefact's smoke variant end to end, and every full preset composes.
 
 An experiment is ``conf/experiment/<name>.yaml`` (the paper's settings, the sweep under
-``hydra.sweeper.params``), ``conf/experiment/<name>_smoke.yaml`` (CI-sized) and
-``experiments/<name>.py`` (sweep, then ``python -m analysis.report``).
+``hydra.sweeper.params``), ``conf/experiment/<name>_smoke.yaml`` (CI-sized) and its row in
+``experiments.common.EXPERIMENTS`` (``python -m experiments <name>``: sweep, then
+``python -m analysis.report``).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import itertools
 import os
 import subprocess
@@ -17,16 +17,17 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import compose_config
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
-from test_config import compose_config
 
 from analysis import published
+from experiments.common import EXPERIMENTS as ARTEFACTS
+from experiments.common import OWN_COMMAND, main
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf"
-EXPERIMENTS = ["table1_qa", "gsm8k", "ablation_stop_rule", "ablation_target_modules",
-               "overhead", "figure2_norms", "init_scale", "reviewer_controls"]  # fmt: skip
+EXPERIMENTS = list(ARTEFACTS)
 CONTROLS_GROUP = "+experiment/controls"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled"}
 
@@ -158,13 +159,27 @@ def test_smoke_preset_is_ci_sized_and_uses_existing_configs(name):
         assert exists("method", text.split("override /method: ")[1].split()[0]), variant
 
 
-def test_experiment_script_builds_the_sweep_and_report_commands(tmp_path):
+def test_every_preset_pair_has_an_entry_and_no_entry_lacks_one():
+    presets = {p.stem for p in (CONF / "experiment").glob("*_smoke.yaml")}
+    named = {name.removesuffix("_smoke") for name in presets}
+    assert named == set(ARTEFACTS) | set(OWN_COMMAND)
+    for name in named:
+        assert (CONF / "experiment" / f"{name}.yaml").exists(), name
+
+
+def test_unknown_experiment_is_one_line_naming_the_choices(capsys):
+    assert main(["table_one"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and "unknown experiment 'table_one'" in error
+    assert all(name in error for name in EXPERIMENTS)
+
+
+def test_experiment_entry_builds_the_sweep_and_report_commands(tmp_path):
     from experiments.common import commands
 
-    module = importlib.import_module("experiments.ablation_stop_rule")
     args = argparse.Namespace(smoke=True, output_root=tmp_path, seeds="best",
                               overrides=["trainer.max_steps=2"])  # fmt: skip
-    sweep, report, sweep_dir = commands(module.EXPERIMENT, args)
+    sweep, report, sweep_dir = commands(ARTEFACTS["ablation_stop_rule"], args)
     assert sweep[1:] == ["run.py", "-m", "experiment=ablation_stop_rule_smoke",
                          f"output_root={tmp_path.resolve()}", "trainer.max_steps=2"]  # fmt: skip
     assert sweep_dir == tmp_path.resolve() / "sweeps" / "ablation_stop_rule_smoke"
@@ -180,9 +195,9 @@ def read_display(report_dir: Path, table: str) -> str:
 @pytest.mark.slow
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_smoke_experiment_end_to_end(name, tmp_path):
-    experiment = importlib.import_module(f"experiments.{name}").EXPERIMENT
+    experiment = ARTEFACTS[name]
     result = subprocess.run(
-        [sys.executable, f"experiments/{name}.py", "--smoke", "--output-root", str(tmp_path)],
+        [sys.executable, "-m", "experiments", name, "--smoke", "--output-root", str(tmp_path)],
         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -11,10 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import CONF, SMOKE, Interrupted, adapter_state, compose_config, train_killed_at_batch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
-from test_config import CONF, compose_config
-from test_runner import SMOKE, Interrupted, adapter_state, train_killed_at_batch
 
 from stablelora.config import (
     SWEEP_LOG_ENV,

@@ -10,25 +10,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_config import compose_config
+from conftest import (
+    ROOT,
+    SMOKE,
+    Interrupted,
+    adapter_state,
+    compose_config,
+    run_cli,
+    train_killed_at_batch,
+)
 
 from stablelora.records import read_jsonl
 from stablelora.train import train
-
-ROOT = Path(__file__).resolve().parent.parent
-SMOKE = ["experiment=smoke", "logger.mode=disabled"]
-
-
-def run_cli(*args, cwd=ROOT, timeout=600):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline"}
-    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=timeout)  # fmt: skip
-
-
-def adapter_state(run_dir: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(run_dir / "adapter" / "adapter_model.safetensors")
 
 
 def test_in_process_run_writes_complete_records(tmp_path):
@@ -66,35 +59,6 @@ def test_adapter_loads_with_peft(tmp_path):
     for name, tensor in saved.items():
         key = name.replace(".weight", ".default.weight")
         assert torch.equal(loaded[key], tensor)
-
-
-class Interrupted(Exception):
-    pass
-
-
-def train_killed_at_batch(cfg, run_dir, batch_number, monkeypatch):
-    """Run ``train`` and raise :class:`Interrupted` when it asks for batch ``batch_number``,
-    as a kill would; the patch is undone afterwards so the next ``train`` resumes."""
-    import stablelora.tasks as tasks
-
-    original_build, calls = tasks.build_task, []
-
-    def build_with_kill(*args, **kwargs):
-        task = original_build(*args, **kwargs)
-        collate = task.collate
-
-        def collate_then_die(indices):
-            calls.append(indices)
-            if len(calls) == batch_number:
-                raise Interrupted
-            return collate(indices)
-
-        task.collate = collate_then_die
-        return task
-
-    with monkeypatch.context() as patch:
-        patch.setattr(tasks, "build_task", build_with_kill)
-        train(cfg, run_dir)
 
 
 def test_killed_run_resumes_bit_identically(tmp_path, monkeypatch):

@@ -7,18 +7,21 @@ import math
 
 import pytest
 import torch
-from tiny import tiny_llama, token_batches
+from tiny import (
+    LR,
+    SHRINK,
+    TARGETS,
+    lora_model,
+    stop_steps,
+    tiny_llama,
+    token_batches,
+    train_steps,
+)
 
 from stablelora import StableLoRA, apply_lora, create_optimizer, find_lora_pairs
 
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
-LR, WEIGHT_DECAY, SHRINK = 5e-3, 0.01, 1e-2
+WEIGHT_DECAY = 0.01
 BETAS, EPS = (0.9, 0.999), 1e-8
-
-
-def lora_model(dtype=torch.float64, seed=0, **lora_options):
-    options = dict(rank=4, alpha=8, target_modules=TARGETS)
-    return apply_lora(tiny_llama(seed=seed, dtype=dtype), **{**options, **lora_options})
 
 
 class ReferenceStableLoRA:
@@ -59,18 +62,6 @@ class ReferenceStableLoRA:
             p.sub_(LR * m_hat / (v_hat.sqrt() + EPS))
 
 
-def train(model, optimizer, batches):
-    for input_ids in batches:
-        model(input_ids=input_ids, labels=input_ids).loss.backward()
-        optimizer.step()
-        for p in model.parameters():
-            p.grad = None
-
-
-def stop_steps(optimizer):
-    return {name: state["stop_step"] for name, state in optimizer.shrink_state().items()}
-
-
 @pytest.mark.parametrize("stop_rule", ["norm", "never", "steps:40"])
 @pytest.mark.parametrize("implementation", ["foreach", "fused", "single_tensor"])
 def test_matches_reference_algorithm_over_300_steps(stop_rule, implementation):
@@ -84,8 +75,8 @@ def test_matches_reference_algorithm_over_300_steps(stop_rule, implementation):
     )  # fmt: skip
     reference = ReferenceStableLoRA(reference_model, stop_rule)
     batches = token_batches(300)
-    train(ours, optimizer, batches)
-    train(reference_model, reference, batches)
+    train_steps(ours, optimizer, batches)
+    train_steps(reference_model, reference, batches)
 
     for (name, p), q in zip(ours.named_parameters(), reference_model.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-9, msg=name)
@@ -112,15 +103,27 @@ def test_first_step_shrinks_every_layer_and_leaves_moments_alone():
     assert all(len(optimizer.state[p]) == 0 for p in model.parameters() if p.requires_grad)
 
 
+def test_equal_norms_do_not_stop_the_shrink():
+    # The stop test is strict: at init_scale=0, ||A|| = ||B|| = 0 and every layer shrinks on.
+    model = lora_model(init_scale=0.0)
+    optimizer = create_optimizer(model, "stable_lora", lr=LR, shrink_ratio=SHRINK)
+    for _ in range(3):
+        optimizer.shrink_()
+    assert all(
+        state == {"shrinking": True, "stop_step": None}
+        for state in optimizer.shrink_state().values()
+    )
+
+
 def test_resume_mid_shrink_is_bit_identical():
     batches = token_batches(160)
     uninterrupted = lora_model(dtype=torch.float32)
     optimizer = create_optimizer(uninterrupted, "stable_lora", lr=LR, shrink_ratio=SHRINK)
-    train(uninterrupted, optimizer, batches)
+    train_steps(uninterrupted, optimizer, batches)
 
     first = lora_model(dtype=torch.float32)
     optimizer = create_optimizer(first, "stable_lora", lr=LR, shrink_ratio=SHRINK)
-    train(first, optimizer, batches[:80])
+    train_steps(first, optimizer, batches[:80])
     shrinking = [s["shrinking"] for s in optimizer.shrink_state().values()]
     assert any(shrinking) and not all(shrinking), "resume point must be mid-shrink"
     buffer = io.BytesIO()
@@ -132,7 +135,7 @@ def test_resume_mid_shrink_is_bit_identical():
     resumed.load_state_dict(checkpoint["model"])
     optimizer = create_optimizer(resumed, "stable_lora", lr=LR, shrink_ratio=SHRINK)
     optimizer.load_state_dict(checkpoint["optimizer"])
-    train(resumed, optimizer, batches[80:])
+    train_steps(resumed, optimizer, batches[80:])
     for p, q in zip(resumed.parameters(), uninterrupted.parameters()):
         assert torch.equal(p, q)
 
@@ -158,8 +161,8 @@ def test_pairs_follow_modules_not_parameter_order():
     optimizer_b = StableLoRA(params, find_lora_pairs(backward), lr=LR, shrink_ratio=SHRINK)
     optimizer_f = create_optimizer(forward, "stable_lora", lr=LR, shrink_ratio=SHRINK)
     batches = token_batches(20)
-    train(forward, optimizer_f, batches)
-    train(backward, optimizer_b, batches)
+    train_steps(forward, optimizer_f, batches)
+    train_steps(backward, optimizer_b, batches)
     for p, q in zip(forward.parameters(), backward.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-12, atol=0)
 
@@ -311,7 +314,7 @@ def test_step_hooks_run_once_per_step():
     calls = []
     optimizer.register_step_pre_hook(lambda *args: calls.append("pre"))
     optimizer.register_step_post_hook(lambda *args: calls.append("post"))
-    train(model, optimizer, token_batches(2))
+    train_steps(model, optimizer, token_batches(2))
     assert calls == ["pre", "post", "pre", "post"]
 
 

@@ -16,6 +16,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from omegaconf import OmegaConf
+from tiny import byte_llama, byte_tokenizer
 
 from stablelora.tasks import build_task, check_task_config
 from stablelora.tasks.base import MathTask, MultipleChoiceTask, Task
@@ -33,7 +34,6 @@ from stablelora.tasks.prompts import (
     numbers_match,
 )
 from stablelora.tasks.scoring import generate_greedy, loglikelihoods
-from stablelora.tasks.testing import byte_tokenizer, tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf" / "task"
@@ -290,6 +290,24 @@ def test_loglik_hand_computed_acc_vs_acc_norm(tok):
     assert flipped.evaluate(model, batch_size=4) == {"acc": 1.0, "acc_norm": 0.0, "n": 1.0}
 
 
+def test_acc_norm_divides_by_characters_not_tokens(tok):
+    # "é" is one character but two byte tokens, so the two normalisations rank differently:
+    # " é": log .2 + 2 log .25 = -4.38 (per character -4.38, per token -2.19 or -1.46 with
+    # the space); " aa": log .2 + 2 log .2 = -4.83 (per character or token -2.41, -1.61).
+    accented = ids(tok, "é")
+    assert len(accented) == 2
+    probs = torch.full((len(tok),), 0.1 / (len(tok) - 4))
+    for token, p in ((ids(tok, " ")[0], 0.2), (ids(tok, "a")[0], 0.2),
+                     (accented[0], 0.25), (accented[1], 0.25)):  # fmt: skip
+        probs[token] = p
+    model = FixedDistributionLM(probs.log())
+    cfg = TaskConfig(name="toy", family="arc")
+    for gold, expected in ((0, {"acc": 1.0, "acc_norm": 0.0}), (1, {"acc": 0.0, "acc_norm": 1.0})):
+        example = MultipleChoiceExample("Q", ["é", "aa"], gold=gold, instruction="")
+        task = MultipleChoiceTask(cfg, tok, [], {"toy": [example]})
+        assert task.evaluate(model, batch_size=4) == {**expected, "n": 1.0}
+
+
 def test_single_token_choices_share_one_forward(tok):
     model = fixed_lm(tok)
     example = MultipleChoiceExample("Topic:", ["a", "b", "c", "d", "e"], gold=0, instruction="")
@@ -299,7 +317,7 @@ def test_single_token_choices_share_one_forward(tok):
 
 
 def test_batched_loglik_matches_one_at_a_time_on_llama(tok):
-    model = tiny_llama()
+    model = byte_llama()
     requests = [(ids(tok, context + cont), len(ids(tok, cont)))
                 for context, cont in [("Question: why?\nAnswer:", " because"), ("Hi", " there you go"),
                                       ("A much longer context sentence here.", " ok")]]  # fmt: skip
@@ -379,7 +397,7 @@ def test_generate_protocol_extracts_answer_labels(tok):
 
 
 def test_generate_end_to_end_on_tiny_llama(tok):
-    model = tiny_llama()
+    model = byte_llama()
     prompts = [
         ids(tok, "Question: 1+1?\nAnswer:"),
         ids(tok, "Hi"),
@@ -465,7 +483,7 @@ def test_merged_qa_composes_trains_on_all_and_reports_each(tok):
     check_task_config(cfg)
     task = build_task(cfg, tok, seed=0)
     assert task.num_train_examples == 3 + 3 + 3 + 3 + 2 and task.main_metric == "acc"
-    metrics = task.evaluate(tiny_llama(), batch_size=16, max_examples=2)
+    metrics = task.evaluate(byte_llama(), batch_size=16, max_examples=2)
     assert metrics["n"] == 10.0 and metrics["n/arc_challenge"] == 2.0
     per_task = [metrics[f"acc/{name}"] for name in QA_TASKS]
     assert metrics["acc"] == pytest.approx(sum(per_task) / 5)
@@ -486,7 +504,7 @@ def test_bbc_news_builds_and_evaluates(tok):
         "against the euro in almost three months after the\nTopic:"
     )
     assert target == " business"
-    metrics = task.evaluate(tiny_llama(), batch_size=16, max_examples=8)
+    metrics = task.evaluate(byte_llama(), batch_size=16, max_examples=8)
     assert set(metrics) == {"acc", "acc_norm", "n"} and metrics["n"] == 8.0
 
 
@@ -503,4 +521,4 @@ def test_arithmetic_is_generated_deterministically(tok):
     assert prompt.startswith("Question: ") and prompt.endswith("\nAnswer:")
     assert re.fullmatch(r" #### -?\d+(\.\d+)?", target)
     assert all(ex.gold == float(ex.solution.removeprefix("#### ")) for ex in first.eval_examples)
-    assert first.evaluate(tiny_llama(), batch_size=4) == {"acc": 0.0, "n": 6.0}
+    assert first.evaluate(byte_llama(), batch_size=4) == {"acc": 0.0, "n": 6.0}

@@ -1,13 +1,13 @@
-"""Stable-LoRA on other LoRA variants: DoRA and AdaLoRA (issue 7)."""
+"""Stable-LoRA on other LoRA variants: DoRA and AdaLoRA (Liu et al. 2024, arXiv 2402.09353; Zhang et al. 2023, arXiv 2303.10512)."""
 
 from __future__ import annotations
 
 import math
 
 import torch
-from test_config import compose_config
-from test_stable_lora import LR, SHRINK, lora_model, stop_steps, train
-from tiny import token_batches
+from conftest import compose_config
+from tiny import LR, SHRINK, lora_model, stop_steps, token_batches
+from tiny import train_steps as train
 
 from stablelora import create_optimizer, find_lora_pairs
 from stablelora.train import train as run_training

@@ -1,8 +1,9 @@
 """LoRA-RITE: transformation-invariant adaptive LoRA optimizer (Yen et al., ICLR 2025).
 
-Follows the PyTorch reimplementation of the authors (gkevinyen5418/LoRA-RITE, ``lora_rite.py``),
-in the peft layout. Per LoRA layer ``W = W0 + s B A`` write the factors rank-last, ``L = A^T``
-(n, r) and ``R = B`` (m, r), and ``G_L = g_A^T``, ``G_R = g_B``. One step:
+Follows the PyTorch reimplementation of the authors (gkevinyen5418/LoRA-RITE, ``lora_rite.py``)
+(Algorithm 1 of arXiv 2410.20625), in the peft layout. Per LoRA layer ``W = W0 + s B A``
+write the factors rank-last, ``L = A^T`` (n, r) and ``R = B`` (m, r), and ``G_L = g_A^T``,
+``G_R = g_B``. One step:
 
 Pass 1, every layer:
     ``L = U_L R_L``, ``R = U_R R_R`` (reduced QR; U orthonormal, R_* upper-triangular r x r);

@@ -2,7 +2,7 @@
 
 For every LoRA layer ``W = W0 + s * B @ A`` with ``A`` of shape (r, n) and ``B`` of shape
 (m, r), each factor's gradient is preconditioned by the damped inverse Gram matrix of the
-*other* factor before it enters the Adam moments (Zhang & Pilanci, 2024)::
+*other* factor before it enters the Adam moments (the paper's scaled AdamW)::
 
     g~_A = (B^T B + reg * I_r)^-1 @ g_A      (r, r) @ (r, n)
     g~_B = g_B @ (A A^T + reg * I_r)^-1      (m, r) @ (r, r)
@@ -25,7 +25,7 @@ Every trainable parameter that is not a LoRA factor (classifier head, biases, Do
 vectors) gets the plain ``torch.optim.AdamW`` step of its parameter group, in every variant.
 
 Why not ``peft.optimizers.create_riemannian_optimizer``: peft 0.21.2's helper reproduces the
-numbers of our worked example for the Jacobi/bias-corrected variant (``tests/test_baselines.py``
+numbers of a worked example for the Jacobi/bias-corrected variant (``tests/test_baselines.py``
 checks this), but it inverts each layer's Gram matrices with its own ``pinv`` (an SVD launch per
 factor per layer), overwrites the caller's ``.grad`` in place, and has neither the authors'
 variant nor scaled GD. Here the Gram matrices of all layers are stacked and factorised with one
@@ -273,7 +273,7 @@ class RiemannianAdamW(LoRAFactorAdamW):
         lora_pairs: the LoRA layers (:func:`stablelora.find_lora_pairs`); pairing is by module.
         reg: the damping delta added to the Gram matrices' diagonal. Default 1e-6, the
             pilancilab class default; peft uses 1e-2 and the Mistral GLUE table up to 100 (with
-            a large reg the method degenerates to AdamW).
+            a large reg the method degenerates to AdamW: the inverse Gram tends to I / reg).
         authors_variant: pilancilab's ``AdamWr``: Gauss-Seidel B preconditioner (from the
             updated A), no bias correction, weight decay after the Adam step.
         scaled_gd: pilancilab's ``SGDr`` for the factors instead of Adam (Jacobi).

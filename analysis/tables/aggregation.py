@@ -1,0 +1,190 @@
+"""Seeds and runs -> cells: the mean ± sample std or the best of seeds, the paper's order
+of models, tasks and methods, and which runs each table reads."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import pandas as pd
+
+from analysis import published
+from analysis.collect import Collection, label_runs
+
+SEED_MODES = ("mean", "best")
+SCALE = 100.0  # accuracies are stored as fractions and shown in percent, like the paper's
+LOWER_IS_BETTER = ("loss", "ppl", "perplexity")  # metric names where the best run is the lowest
+METHOD_ORDER = (
+    "lora",
+    "rslora",
+    "loraplus",
+    "dora",
+    "adalora",
+    "riemann",
+    "lora_rite",
+    "adamw_large_wd",
+    "shrink_fixed_steps",
+    "stable_lora",
+    "stable_rslora",
+    "stable_loraplus",
+    "stable_dora",
+    "stable_adalora",
+)
+MODEL_ORDER = (*published.PAPER_MODELS, "llama3.1_8b", "smollm2_135m", "tiny_llama", "tiny_qwen2")
+TASK_ORDER = (*published.QA_TASKS, "merged_qa", "bbc_news", "metamath_gsm8k", "arithmetic")
+GENERATE_TASKS = ("metamath_gsm8k", "arithmetic")
+AVG = "Avg"
+
+
+def aggregate(frame: pd.DataFrame, keys: list[str], mode: str = "mean") -> pd.DataFrame:
+    """Aggregate ``frame`` (one row per run: ``keys``, ``value``, ``status``) over the rest.
+
+    Returns one row per group: ``keys``, ``value`` (mean, or the best run for
+    ``mode="best"``: the max, or the min where the optional ``sign`` column is -1),
+    ``std`` (over the runs with a value, NaN for best-of), ``n`` (runs with a value),
+    ``runs`` (all runs) and ``statuses`` ("1 failed, 1 diverged" for the others).
+    """
+    check_mode(mode)
+    columns = [*keys, "value", "std", "n", "runs", "statuses"]
+    if frame.empty:
+        return pd.DataFrame(columns=columns)
+    # An optional "sign" column (-1 where lower is better, constant within a group) makes
+    # the best run the max of sign * value.
+    sign = frame.get("sign", 1.0)
+    frame = frame.assign(has_value=frame["value"].notna(), group_sign=sign)
+    frame["signed"] = frame["value"] * frame["group_sign"]
+    grouped = frame.groupby(keys, dropna=False, sort=False)
+    out = grouped.agg(
+        mean=("value", "mean"),
+        best_signed=("signed", "max"),
+        sign=("group_sign", "first"),
+        std=("value", "std"),
+        n=("has_value", "sum"),
+        runs=("value", "size"),
+    ).reset_index()
+    out["value"] = out["best_signed"] * out["sign"] if mode == "best" else out["mean"]
+    if mode == "best":
+        out["std"] = math.nan
+    missing = frame[~frame["has_value"]].copy()
+    missing["status"] = missing["status"].where(missing["status"] != "completed", "no value")
+    if missing.empty:
+        out["statuses"] = ""
+    else:
+        counts = missing.groupby([*keys, "status"], dropna=False, sort=True).size()
+        text = counts.reset_index(name="count").assign(
+            part=lambda f: f["count"].astype(str) + " " + f["status"].astype(str)
+        )
+        text = text.groupby(keys, dropna=False, sort=False)["part"].agg(", ".join)
+        out = out.merge(text.rename("statuses").reset_index(), on=keys, how="left")
+        out["statuses"] = out["statuses"].fillna("")
+    return out[columns]
+
+
+def check_mode(mode: str) -> None:
+    if mode not in SEED_MODES:
+        raise ValueError(f"seeds must be one of {SEED_MODES}, got {mode!r}.")
+
+
+def protocol_note(mode: str) -> str:
+    if mode == "best":
+        return (
+            "Cells: the best run over seeds (the paper's protocol), accuracy in %; "
+            "'best of 2/3': one of three runs did not complete."
+        )
+    return (
+        "Cells: mean ± std over seeds (sample std), accuracy in %; n = completed runs, "
+        "'n=2/3': one of three runs did not complete."
+    )
+
+
+def _rank(values: Iterable, order: Iterable) -> dict:
+    order = list(order)
+    known = {v: i for i, v in enumerate(order)}
+    return {v: (known.get(v, len(order)), str(v)) for v in values}
+
+
+def sort_frame(frame: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
+    """Sort by the paper's order of models, tasks and methods (then alphabetically)."""
+    orders = {
+        "model": MODEL_ORDER,
+        "task": TASK_ORDER,
+        "method": METHOD_ORDER,
+        "training": ("per-task", *TASK_ORDER),
+    }
+
+    def key(series: pd.Series):
+        if series.name == "modules":  # target-module sets: smallest first, as in the paper
+            return series.str.count(",")
+        if series.name == "label":
+            method = series.str.split(",").str[0]
+            rank = _rank(method.unique(), METHOD_ORDER)
+            return method.map(lambda m: rank[m][0]).astype(str).str.zfill(3) + series
+        rank = _rank(series.unique(), orders.get(series.name, ()))
+        if series.name in orders:
+            return series.map(lambda v: rank[v])
+        return series
+
+    present = [c for c in columns if c in frame.columns]
+    if not present or frame.empty:
+        return frame.reset_index(drop=True)
+    for column in reversed(present):  # stable sorts from the last key to the first
+        frame = frame.sort_values(column, key=key, kind="stable")
+    return frame.reset_index(drop=True)
+
+
+def not_completed_note(runs: pd.DataFrame) -> list[str]:
+    bad = runs[runs["status"] != "completed"]
+    if bad.empty:
+        return []
+    listed = "; ".join(f"{r.run} ({r.status})" for r in bad.itertuples())
+    return [f"{len(bad)} of {len(runs)} runs did not complete and count as missing: {listed}."]
+
+
+def lower_is_better(metric: str) -> bool:
+    """``eval/loss``-like metrics: the best run is the lowest, and they are not percentages."""
+    name = str(metric).rsplit("/", 1)[-1]
+    return any(word in name for word in LOWER_IS_BETTER)
+
+
+def metric_scale(metric: str) -> float:
+    """Accuracies (fractions) are shown in percent; losses as they are."""
+    return 1.0 if lower_is_better(metric) else SCALE
+
+
+def display_values(runs: pd.DataFrame, column: str = "score") -> pd.DataFrame:
+    """``runs`` with ``value`` (the column in display units) and ``sign`` (-1 where lower is
+    better, so that best-of-seeds takes the lowest)."""
+    lower = runs["main_metric"].map(lower_is_better).astype(bool)
+    scale = runs["main_metric"].map(metric_scale).astype(float)
+    value = runs[column] * scale if column in runs else math.nan
+    return runs.assign(value=value, sign=lower.map({True: -1.0, False: 1.0}).astype(float))
+
+
+def accuracy_runs(runs: pd.DataFrame) -> pd.DataFrame:
+    """The runs scored by log-likelihood accuracy (Table 1 and the ablations): generation
+    tasks (GSM8K, by step budget) and loss-scored tasks (the toy width task) are left out."""
+    if runs.empty:
+        return runs
+    return runs[~is_generation(runs) & ~runs["main_metric"].map(lower_is_better).astype(bool)]
+
+
+def is_generation(runs: pd.DataFrame) -> pd.Series:
+    """Runs scored by generation (GSM8K-like tasks), shown by step budget, not in Table 1."""
+    by_name = runs["task"].isin(GENERATE_TASKS)
+    if "task.protocol" in runs:
+        return (runs["task.protocol"] == "generate").fillna(False) | by_name
+    return by_name
+
+
+def setting_runs(coll: Collection, exclude_label: list[str]) -> pd.DataFrame:
+    runs = accuracy_runs(coll.runs).copy()
+    if not runs.empty:
+        label_runs(runs, exclude=exclude_label)
+    return runs
+
+
+def setting_column(runs: pd.DataFrame) -> pd.Series:
+    """``model`` when one task is present, else ``model · task``."""
+    if runs["task"].nunique() <= 1:
+        return runs["model"].astype(str)
+    return runs["model"].astype(str) + " · " + runs["task"].astype(str)

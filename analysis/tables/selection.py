@@ -1,0 +1,68 @@
+"""The learning rate kept per method (``--select-lr``): the best mean over tasks and seeds."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+
+from analysis.collect import format_value, label_runs
+from analysis.tables.aggregation import (
+    aggregate,
+    sort_frame,
+)
+from analysis.tables.formatting import (
+    Table,
+    cell_text,
+)
+
+
+def select_learning_rate(
+    runs: pd.DataFrame, metric: str = "score", by: tuple[str, ...] = ("model", "method")
+) -> tuple[pd.DataFrame, Table]:
+    """Keep, for each ``by`` group (and each variant other than the lr), the ``optim.lr``
+    whose completed runs have the highest mean ``metric`` (over tasks and seeds).
+
+    ``metric`` is a column of ``runs``: ``score`` (the final main metric), or e.g.
+    ``best/eval/acc`` or ``final/eval/acc_norm``. Returns the kept runs and a table of every
+    candidate (mean metric, completed runs / runs, chosen).
+    """
+    if metric not in runs.columns:
+        raise ValueError(f"cannot select the lr on {metric!r}: not a column of the runs.")
+    if "optim.lr" not in runs.columns:
+        raise ValueError("cannot select the lr: the runs have no optim.lr.")
+    runs = label_runs(runs.copy(), exclude=["optim.lr"])
+    keys = [*by, "label"]
+    frame = runs.assign(value=pd.to_numeric(runs[metric], errors="coerce"))
+    frame.loc[frame["status"] != "completed", "value"] = math.nan
+    stats = aggregate(frame, [*keys, "optim.lr"], "mean")
+    stats["chosen"] = False
+    for _, group in stats.groupby(keys, dropna=False, sort=False):
+        scored = group["value"].dropna()
+        best = scored.idxmax() if len(scored) else group.index[0]
+        stats.loc[best, "chosen"] = True
+    chosen = stats.loc[stats["chosen"], [*keys, "optim.lr"]]
+    kept = runs.merge(chosen, on=[*keys, "optim.lr"], how="inner")
+    label_runs(kept)
+    stats = sort_frame(stats, [*keys, "optim.lr"])
+    display = (
+        stats[list(keys)]
+        .astype(str)
+        .assign(
+            lr=stats["optim.lr"].map(format_value),
+            **{metric: stats.apply(lambda r: cell_text(r, "mean", 4), axis=1)},
+            chosen=stats["chosen"].map({True: "yes", False: ""}),
+        )
+    )
+    table = Table(
+        "lr_selection",
+        f"Learning rate chosen per method on {metric}",
+        display,
+        stats.rename(columns={"value": metric}),
+        [
+            f"For each {', '.join(keys)}: the lr with the highest mean {metric} over its completed "
+            "runs (all tasks and seeds); only the chosen lr's runs enter the other tables."
+        ],
+        key_columns=len(keys),
+    )
+    return kept, table

@@ -1,0 +1,47 @@
+"""Golden values (torchtune style): the first 10 training losses of a fixed tiny run.
+
+A silent change in the data order, the loss masking, the loss itself or the optimizer's first
+steps moves these numbers; an intended change regenerates them (run the test with
+``GOLDEN_PRINT=1`` and paste the printed list) and says why in its commit.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from conftest import SMOKE, compose_config
+
+from stablelora.records import read_jsonl
+from stablelora.train import train
+
+#: Tiny random Llama, offline BBC News (64 examples, batch 4), Stable-LoRA at lr 1e-2 with a
+#: linear schedule, seed 0, one CPU thread; no probe, no checkpoint, a 2-example final eval.
+GOLDEN_RUN = SMOKE + [
+    "method=stable_lora",
+    "optim.lr=1e-2",
+    "optim.schedule=linear",
+    "optim.warmup_steps=0",
+    "seed=0",
+    "trainer.max_steps=10",
+    "trainer.log_every=1",
+    "trainer.eval_before=false",
+    "trainer.max_eval_examples=2",
+    "trainer.checkpoint_every=0",
+    "trainer.num_threads=1",
+    "probe=off",
+]
+GOLDEN_LOSSES = [
+    10.682955741882324, 10.633183479309082, 10.583215713500977, 10.40526008605957,
+    10.357099533081055, 10.32377815246582, 10.251697540283203, 10.35395622253418,
+    10.28113842010498, 10.382649421691895,
+]  # fmt: skip
+
+
+def test_first_ten_losses_match_the_golden_values(tmp_path, one_thread):
+    train(compose_config(GOLDEN_RUN), tmp_path)
+    losses = [row["train/loss"] for row in read_jsonl(tmp_path / "metrics.jsonl")
+              if "train/loss" in row]  # fmt: skip
+    if os.environ.get("GOLDEN_PRINT"):
+        print(losses)
+    assert losses == pytest.approx(GOLDEN_LOSSES, rel=1e-5)
