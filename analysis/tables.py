@@ -716,14 +716,14 @@ def _setting_column(runs: pd.DataFrame) -> pd.Series:
 def ablation_stop_rule(coll: Collection, seeds: str = "mean") -> Table | None:
     """Shrinking methods by stop rule: rows (method, stop rule), columns models."""
     check_mode(seeds)
-    if "method.stop_rule" not in coll.runs or "method.shrink_ratio" not in coll.runs:
+    if "optimizer.stop_rule" not in coll.runs or "optimizer.shrink_ratio" not in coll.runs:
         return None
-    runs = _setting_runs(coll, ["method.stop_rule"])
-    runs = runs[pd.to_numeric(runs["method.shrink_ratio"], errors="coerce") > 0]
-    if runs["method.stop_rule"].nunique() < 2:
+    runs = _setting_runs(coll, ["optimizer.stop_rule"])
+    runs = runs[pd.to_numeric(runs["optimizer.shrink_ratio"], errors="coerce") > 0]
+    if runs["optimizer.stop_rule"].nunique() < 2:
         return None
     runs = _values(runs).assign(
-        setting=_setting_column(runs), stop_rule=runs["method.stop_rule"].astype(str)
+        setting=_setting_column(runs), stop_rule=runs["optimizer.stop_rule"].astype(str)
     )
     cells = aggregate(runs, ["label", "method", "stop_rule", "setting", "model", "task"], seeds)
     settings = sort_frame(cells[["model", "task", "setting"]].drop_duplicates(), ["model", "task"])[
@@ -778,14 +778,14 @@ def modules_text(modules: str) -> str:
 def ablation_target_modules(coll: Collection, seeds: str = "mean") -> Table | None:
     """Accuracy by target-module set: rows (model, task, modules), columns methods."""
     check_mode(seeds)
-    if "method.target_modules" not in coll.runs:
+    if "adapter.target_modules" not in coll.runs:
         return None
-    runs = _setting_runs(coll, ["method.target_modules"])
-    if runs.empty or runs["method.target_modules"].nunique() < 2:
+    runs = _setting_runs(coll, ["adapter.target_modules"])
+    if runs.empty or runs["adapter.target_modules"].nunique() < 2:
         return None
     order = {m: i for i, m in enumerate(published.ALL_PROJECTIONS)}
     runs = _values(runs).assign(
-        modules=runs["method.target_modules"].map(
+        modules=runs["adapter.target_modules"].map(
             lambda m: ",".join(sorted(str(m).split(","), key=lambda x: (order.get(x, 99), x)))
         )
     )
@@ -843,20 +843,20 @@ def stability_measures(coll: Collection, runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def init_scale(coll: Collection, seeds: str = "mean") -> Table | None:
-    """Accuracy by the scale of A0 (``method.init_scale``): rows methods, columns scales."""
+    """Accuracy by the scale of A0 (``adapter.init_scale``): rows methods, columns scales."""
     check_mode(seeds)
-    if "method.init_scale" not in coll.runs:
+    if "adapter.init_scale" not in coll.runs:
         return None
-    runs = _setting_runs(coll, ["method.init_scale"])
-    if runs.empty or runs["method.init_scale"].nunique() < 2:
+    runs = _setting_runs(coll, ["adapter.init_scale"])
+    if runs.empty or runs["adapter.init_scale"].nunique() < 2:
         return None
     runs = _values(runs)
-    cells = aggregate(runs, ["model", "task", "label", "method", "method.init_scale"], seeds)
-    scales = sorted(cells["method.init_scale"].unique())
+    cells = aggregate(runs, ["model", "task", "label", "method", "adapter.init_scale"], seeds)
+    scales = sorted(cells["adapter.init_scale"].unique())
     display, data = _pivot_with_paper(
         cells,
         ["model", "task", "label"],
-        "method.init_scale",
+        "adapter.init_scale",
         scales,
         seeds,
         lambda r, s: math.nan,
@@ -883,23 +883,23 @@ def init_scale(coll: Collection, seeds: str = "mean") -> Table | None:
 def init_scale_stability(coll: Collection, seeds: str = "mean") -> Table | None:
     """By the scale of A0: the delta1/delta2 ratio at the last probed step and the growth of
     ||A||_F over the run (geometric means over seeds)."""
-    if "method.init_scale" not in coll.runs or coll.history.empty:
+    if "adapter.init_scale" not in coll.runs or coll.history.empty:
         return None
-    runs = _setting_runs(coll, ["method.init_scale"])
-    if runs.empty or runs["method.init_scale"].nunique() < 2:
+    runs = _setting_runs(coll, ["adapter.init_scale"])
+    if runs.empty or runs["adapter.init_scale"].nunique() < 2:
         return None
     measures = stability_measures(coll, runs)
     runs = runs.merge(measures, on="run_id")
     if runs[["ratio", "growth"]].isna().all().all():
         return None
-    scales = sorted(runs["method.init_scale"].unique())
+    scales = sorted(runs["adapter.init_scale"].unique())
     long = []
     for measure, title in (("ratio", "delta1/delta2 (last probe)"), ("growth", "||A|| last/first")):
         values = runs[measure].where(runs[measure] > 0)
         long.append(runs.assign(quantity=title, value=np.log10(values)))
     cells = aggregate(
         pd.concat(long, ignore_index=True),
-        ["model", "task", "label", "quantity", "method.init_scale"],
+        ["model", "task", "label", "quantity", "adapter.init_scale"],
         "mean",
     )
     cells["value"] = 10 ** cells["value"]
@@ -907,7 +907,7 @@ def init_scale_stability(coll: Collection, seeds: str = "mean") -> Table | None:
     display, data = _pivot_with_paper(
         cells,
         ["model", "task", "label", "quantity"],
-        "method.init_scale",
+        "adapter.init_scale",
         scales,
         "mean",
         lambda r, s: math.nan,
@@ -939,8 +939,8 @@ def reviewer_controls(coll: Collection, seeds: str = "mean") -> Table | None:
     runs = _setting_runs(coll, [])
     if runs.empty:
         return None
-    fixed_steps = runs.get("method.stop_rule", pd.Series("", index=runs.index)).astype(str)
-    shrinks = pd.to_numeric(runs.get("method.shrink_ratio", 0), errors="coerce") > 0
+    fixed_steps = runs.get("optimizer.stop_rule", pd.Series("", index=runs.index)).astype(str)
+    shrinks = pd.to_numeric(runs.get("optimizer.shrink_ratio", 0), errors="coerce") > 0
     is_control = (runs["method"] == "adamw_large_wd") | (
         shrinks & fixed_steps.str.startswith("steps:")
     )

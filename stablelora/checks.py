@@ -60,7 +60,7 @@ def _copy(value):
     return _merge({}, value) if isinstance(value, Mapping) else value
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _option(dirs: tuple[Path, ...], group: str, name: str) -> dict:
     """One option of a group with its (same-group) defaults merged in."""
     for root in dirs:
@@ -84,7 +84,7 @@ def _option(dirs: tuple[Path, ...], group: str, name: str) -> dict:
     return _merge(node, own)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def declared(group: str, dirs: tuple[Path, ...]) -> dict:
     """The union of the keys every option of ``group`` declares, nested as in the config;
     a leaf holds the list of its declared values."""

@@ -62,11 +62,11 @@ def check_config(cfg, config_dirs=None) -> None:
     (default: Hydra's, or the repository's ``conf/``)."""
     from omegaconf import OmegaConf
 
+    from stablelora.checks import check_groups, check_output_root
     from stablelora.lora import adapter_arguments, check_lora_options, lora_options
     from stablelora.models import check_model_config
     from stablelora.optim import check_optimizer_options
     from stablelora.options import check_options
-    from stablelora.checks import check_groups, check_output_root
     from stablelora.tasks import check_task_config
 
     try:
@@ -252,15 +252,13 @@ class Run:
 
 def build_run(cfg, dist: Distributed, recorder: RunRecorder) -> Run:
     """Load the model, inject LoRA, build the task, optimizer, schedule and probe."""
+    from omegaconf import OmegaConf
+
     from stablelora.gamma import FeatureProbe
-    from stablelora.lora import apply_lora
+    from stablelora.lora import adapter_arguments, apply_lora
     from stablelora.models import load_model
     from stablelora.optim import create_optimizer, find_lora_pairs
     from stablelora.tasks import build_task
-
-    from omegaconf import OmegaConf
-
-    from stablelora.lora import adapter_arguments
 
     optim = cfg.optim
     adapter = adapter_arguments(OmegaConf.to_container(cfg.adapter, resolve=True),

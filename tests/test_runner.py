@@ -103,7 +103,7 @@ def test_killed_run_resumes_bit_identically(tmp_path, monkeypatch):
         "trainer.checkpoint_every=4",
         "model.config.num_hidden_layers=1",
     ]
-    cfg = compose_config(overrides + ["method.dropout=0.1"])  # dropout: RNG state must resume too
+    cfg = compose_config(overrides + ["adapter.dropout=0.1"])  # dropout: RNG state must resume too
     train(cfg, tmp_path / "uninterrupted")
 
     with pytest.raises(Interrupted):
@@ -162,24 +162,24 @@ def test_cli_smoke_run_and_rerun_is_a_no_op(tmp_path):
 def test_multirun_records_a_failing_job_and_runs_the_others(tmp_path):
     # joblib: the local parallel launcher; one job fails its config check, one completes.
     result = run_cli("run.py", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", *SMOKE,
-                     "method.rank=4,0", "trainer.num_threads=1", f"output_root={tmp_path}")  # fmt: skip
+                     "adapter.rank=4,0", "trainer.num_threads=1", f"output_root={tmp_path}")  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     sweep = tmp_path / "sweeps" / "smoke"
     statuses = {
         p.parent.name: json.loads(p.read_text())["status"] for p in sweep.glob("*/summary.json")
     }
-    assert statuses == {"method.rank=4": "completed",
-                        "method.rank=0": "failed"}  # fmt: skip
-    error = json.loads((sweep / "method.rank=0" / "summary.json").read_text())
-    assert "method.rank must be a positive integer" in error["error"]
+    assert statuses == {"adapter.rank=4": "completed",
+                        "adapter.rank=0": "failed"}  # fmt: skip
+    error = json.loads((sweep / "adapter.rank=0" / "summary.json").read_text())
+    assert "adapter.rank must be a positive integer" in error["error"]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "override,message",
     [
-        ("method.rank=0", "method.rank must be a positive integer"),
-        ("method.target_modules=[query]", "match no module"),
+        ("adapter.rank=0", "adapter.rank must be a positive integer"),
+        ("adapter.target_modules=[query]", "match no module"),
         ("task=arc_easy", "task.data_dir"),
     ],
 )

@@ -160,7 +160,13 @@ def _build_rslora(model, pairs, *, lr, weight_decay, betas, eps, foreach, fused)
             stacklevel=3,
         )
     return _build_adamw(
-        model, pairs, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps, foreach=foreach,
+        model,
+        pairs,
+        lr=lr,
+        weight_decay=weight_decay,
+        betas=betas,
+        eps=eps,
+        foreach=foreach,
         fused=fused,
     )
 
