@@ -309,8 +309,8 @@ def test_runner_config_error_is_one_line_exit_2_before_the_model_loads(
         overrides = [*overrides, f"output_root={tmp_path}"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     result = subprocess.run(
-        [sys.executable, str(ROOT / "run.py"), "model=tiny_llama", "logger.mode=disabled",
-         *overrides],
+        [sys.executable, str(ROOT / "run.py"), *overrides, "model=tiny_llama",
+         "logger.mode=disabled"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert result.returncode == 2, result.stderr[-2000:]
