@@ -90,8 +90,10 @@ def hand_records(sweep_dir: Path) -> pd.DataFrame:
         summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
         status = summary.get("status", "incomplete")
         final = summary.get("final", {}).get("eval/acc") if status == "completed" else None
-        rows.append({"run": run_dir.name, "method": config["method"]["name"],
-                     "rank": config["method"]["rank"], "seed": config["seed"], "status": status,
+        # .hydra/config.yaml is unresolved (method.name is an interpolation): the summary names it
+        method = summary.get("method") or config["method"]["name"]
+        rows.append({"run": run_dir.name, "method": method,
+                     "rank": config["adapter"]["rank"], "seed": config["seed"], "status": status,
                      "acc": math.nan if final is None else 100 * final})  # fmt: skip
     return pd.DataFrame(rows)
 
@@ -256,9 +258,11 @@ def write_run(root: Path, name: str, *, model="tiny_llama", task="bbc_news", met
     run_dir.mkdir(parents=True)
     shrinks = method.startswith("stable")
     cfg = {"model": {"name": model}, "task": {"name": task, "protocol": "loglik"},
-           "method": {"name": method, "optimizer": "stable_lora" if shrinks else method,
-                      "rank": 8, "target_modules": ["q_proj", "v_proj"], "init_scale": 1.0,
-                      "shrink_ratio": 5e-4 if shrinks else 0.0, "stop_rule": "norm"},
+           "method": {"name": method},
+           "adapter": {"name": "lora", "rank": 8, "target_modules": ["q_proj", "v_proj"],
+                       "init_scale": 1.0},
+           "optimizer": {"name": method, "builder": "stable_lora" if shrinks else method,
+                         **({"shrink_ratio": 5e-4, "stop_rule": "norm"} if shrinks else {})},
            "optim": {"lr": 1e-4}, "trainer": {"max_steps": 10}, "seed": seed}  # fmt: skip
     for key, value in (config or {}).items():
         _set(cfg, key, value)
@@ -466,7 +470,8 @@ def fake_wandb_run(**changes):
     """An object with the attributes of a ``wandb.apis.public.Run`` that the conversion uses,
     holding what the runner logs: the resolved config, a flat summary and the history."""
     config = {"model": {"name": "qwen2_0.5b"}, "task": {"name": "hellaswag"},
-              "method": {"name": "stable_lora", "rank": 8, "target_modules": ["q_proj", "v_proj"]},
+              "method": {"name": "stable_lora"},
+              "adapter": {"rank": 8, "target_modules": ["q_proj", "v_proj"]},
               "optim": {"lr": 1e-4}, "seed": 1}  # fmt: skip
     summary = FakeSummary({"status": "completed", "steps": 20, "main_metric": "eval/acc_norm",
                            "method": "stable_lora", "task": "hellaswag", "model": "qwen2_0.5b",
