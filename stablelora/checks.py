@@ -84,6 +84,12 @@ def _option(dirs: tuple[Path, ...], group: str, name: str) -> dict:
     return _merge(node, own)
 
 
+def group_option(group: str, name: str, dirs: Iterable[Path] | None = None) -> dict:
+    """``conf/<group>/<name>.yaml`` as Hydra composes it from the group's own files (its
+    same-group defaults merged in, interpolations left as they are)."""
+    return _copy(_option(tuple(dirs) if dirs is not None else tuple(config_dirs()), group, name))
+
+
 @functools.cache
 def declared(group: str, dirs: tuple[Path, ...]) -> dict:
     """The union of the keys every option of ``group`` declares, nested as in the config;
