@@ -14,7 +14,7 @@ resolved config; ``.hydra/config.yaml`` when the job failed before writing it) a
   run), ``wall_time_s``, ``train_time_s`` (totals over the run's ``attempts``),
   ``peak_memory_mb``, shrink statistics (``shrink/layers``,
   ``shrink/stopped``, ``shrink/stop_step_median``) and the flattened config (``optim.lr``,
-  ``method.target_modules`` as ``"q_proj,v_proj"``, ...). ``label`` names the method and the
+  ``adapter.target_modules`` as ``"q_proj,v_proj"``, ...). ``label`` names the method and the
   hyper-parameters that distinguish its runs (see :func:`label_runs`).
 - ``history``: the metric histories, long: ``run_id``, ``step``, ``key``, ``value``; a value
   logged twice for one step (records written by two processes at once, or by a runner older
@@ -50,19 +50,21 @@ SHRINK_COLUMNS = ["run_id", "layer", "shrinking", "stop_step"]
 #: norms (``lora/<layer>/norm_A``), so by default they are not loaded.
 PER_LAYER_PROBE = re.compile(r"^(feat|gamma)/.+/")
 #: Config keys that can tell runs of one method apart (besides the seed): the label of a run
-#: shows those that vary within its (model, task, method), and every ``method.options.*``.
+#: shows those that vary within its (model, task, method), and every ``optimizer.*``.
+#: Keys that name the optimizer config rather than set one of its options.
+OPTIMIZER_IDENTITY = ("optimizer.name", "optimizer.builder")
 VARIANT_KEYS = (
-    "method.target_modules",
-    "method.rank",
-    "method.alpha",
-    "method.scaling",
-    "method.init",
-    "method.init_scale",
-    "method.use_dora",
-    "method.dropout",
-    "method.shrink_ratio",
-    "method.stop_rule",
-    "method.loraplus_lr_ratio",
+    "adapter.target_modules",
+    "adapter.rank",
+    "adapter.alpha",
+    "adapter.scaling",
+    "adapter.init",
+    "adapter.init_scale",
+    "adapter.use_dora",
+    "adapter.dropout",
+    "optimizer.shrink_ratio",
+    "optimizer.stop_rule",
+    "optimizer.loraplus_lr_ratio",
     "optim.lr",
     "optim.weight_decay",
     "optim.schedule",
@@ -167,7 +169,7 @@ def unique_rows(run_id: str, metrics: list[dict]) -> list[dict]:
 # ---------------------------------------------------------------------------- one run
 def flatten(config: dict, prefix: str = "") -> dict:
     """Nested config -> ``{"optim.lr": 1e-4, ...}``; lists become comma-joined strings so that
-    they can be grouped on (``method.target_modules`` -> ``"q_proj,v_proj"``)."""
+    they can be grouped on (``adapter.target_modules`` -> ``"q_proj,v_proj"``)."""
     flat = {}
     for key, value in config.items():
         name = f"{prefix}{key}"
@@ -356,7 +358,7 @@ def format_value(value) -> str:
 
 
 def short_key(key: str) -> str:
-    """``method.options.large_weight_decay`` -> ``large_weight_decay``."""
+    """``optimizer.large_weight_decay`` -> ``large_weight_decay``."""
     return key.rsplit(".", 1)[-1]
 
 
@@ -373,7 +375,11 @@ def variant_keys(
     exclude = set(exclude)
     candidates = [
         *VARIANT_KEYS,
-        *sorted(c for c in runs.columns if c.startswith("method.options.")),
+        *sorted(
+            c
+            for c in runs.columns
+            if c.startswith("optimizer.") and c not in (*VARIANT_KEYS, *OPTIMIZER_IDENTITY)
+        ),  # fmt: skip
     ]
     groups = _group_ids(runs, within)
     keys = []
@@ -390,7 +396,7 @@ def label_runs(runs: pd.DataFrame, exclude: Iterable[str] = ()) -> pd.DataFrame:
 
     The variant names the hyper-parameters that tell a run apart from the other runs of its
     (model, task, method), e.g. ``"stop_rule=never, lr=0.0002"`` (see :data:`VARIANT_KEYS`
-    and ``method.options.*``); the label is the method name followed by the variant
+    and ``optimizer.*``); the label is the method name followed by the variant
     (``"stable_lora, stop_rule=never"``; just ``"lora"`` when its runs differ only in seed).
     ``exclude`` keys are left out: a table that shows them in a column of their own.
     """

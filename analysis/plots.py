@@ -387,13 +387,13 @@ def init_scale(coll: Collection, out_dir: Path) -> list[Path]:
     (setting, method); the claim is that a larger A0 makes delta1 dominate under AdamW and
     that shrinking brings the ratio back."""
     runs = coll.runs
-    if "method.init_scale" not in runs or runs["method.init_scale"].nunique() < 2:
+    if "adapter.init_scale" not in runs or runs["adapter.init_scale"].nunique() < 2:
         return []
     relabelled = Collection(
-        label_runs(runs.copy(), exclude=["method.init_scale"]), coll.history, coll.shrink
+        label_runs(runs.copy(), exclude=["adapter.init_scale"]), coll.history, coll.shrink
     )
-    ratio = _ratio_frame(relabelled, ["method.init_scale"])
-    norms = _history(relabelled, lambda k: k == "lora/norm_A", ["method.init_scale"])
+    ratio = _ratio_frame(relabelled, ["adapter.init_scale"])
+    norms = _history(relabelled, lambda k: k == "lora/norm_A", ["adapter.init_scale"])
     if ratio.empty and norms.empty:
         return []
     plt, notes = _pyplot(), []
@@ -402,7 +402,7 @@ def init_scale(coll: Collection, out_dir: Path) -> list[Path]:
         both = pd.concat([ratio[keys], norms[keys]])
         columns = _limit(_combos(both, keys), MAX_PANELS // 2, "methods", notes)
         fig, axes = plt.subplots(2, len(columns), figsize=(3.6 * len(columns), 5.4), squeeze=False)
-        scales = sorted(runs["method.init_scale"].dropna().unique())
+        scales = sorted(runs["adapter.init_scale"].dropna().unique())
         cmap = plt.get_cmap("viridis")
         # Viridis up to 0.85: its last yellow is too pale on white.
         colors = {s: cmap(0.85 * i / max(len(scales) - 1, 1)) for i, s in enumerate(scales)}
@@ -414,7 +414,7 @@ def init_scale(coll: Collection, out_dir: Path) -> list[Path]:
                 ax = axes[row][col]
                 mine = groups.get(panel)
                 for scale in scales if mine is not None else []:
-                    _band(ax, mine[mine["method.init_scale"] == scale], colors[scale],
+                    _band(ax, mine[mine["adapter.init_scale"] == scale], colors[scale],
                           f"A0 × {format_value(scale)}", log=log)  # fmt: skip
                 if log:
                     ax.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")

@@ -41,25 +41,27 @@ def run_specs(count: int, rng: random.Random):
         model, seed = rng.choice(MODELS), rng.randrange(3)
         method = rng.choice(METHODS)
         change = {"model.name": model, "seed": seed, "method.name": method,
-                  "method.optimizer": method, "optim.lr": rng.choice([1e-4, 2e-4])}  # fmt: skip
+                  "optimizer.builder": method, "optim.lr": rng.choice([1e-4, 2e-4])}  # fmt: skip
         if kind == "qa":
             change["task.name"] = rng.choice(QA)
-            change["method.init_scale"] = rng.choice([0.0, 0.25, 1.0, 4.0])
+            change["adapter.init_scale"] = rng.choice([0.0, 0.25, 1.0, 4.0])
         elif kind == "merged":
             change["task.name"] = "merged_qa"
-            change["method.target_modules"] = rng.choice(
+            change["adapter.target_modules"] = rng.choice(
                 [["q_proj", "v_proj"], ["q_proj", "k_proj", "v_proj", "o_proj"]]
             )
             if method == "stable_lora":
-                change["method.stop_rule"] = rng.choice(["norm", "never"])
+                change["optimizer.stop_rule"] = rng.choice(["norm", "never"])
         elif kind == "gsm8k":
             change.update({"task.name": "metamath_gsm8k", "task.protocol": "generate"})
         else:
             change["task.name"] = "merged_qa"
             variant = rng.choice(["lora", "stable_lora", "shrink_fixed_steps", "adamw_large_wd"])
-            change.update({"method.name": variant, "method.optimizer": variant})
+            change.update({"method.name": variant, "optimizer.builder": variant})
             if variant == "shrink_fixed_steps":
-                change.update({"method.optimizer": "stable_lora", "method.stop_rule": "steps:200"})
+                change.update(
+                    {"optimizer.builder": "stable_lora", "optimizer.stop_rule": "steps:200"}
+                )
         status = rng.choices(["completed", "failed", "diverged", "incomplete"], [94, 2, 2, 2])[0]
         yield f"run{index:05d}", kind, change, status
 

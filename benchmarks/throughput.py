@@ -65,20 +65,21 @@ def runner_seconds(cfg) -> float:
 
 def bare_seconds(cfg) -> float:
     """The same training written as the shortest loop: no records, probes or checks."""
-    from stablelora.lora import apply_lora
+    from omegaconf import OmegaConf
+
+    from stablelora.lora import adapter_arguments, apply_lora
     from stablelora.models import load_model
     from stablelora.optim import create_optimizer
     from stablelora.tasks import build_task
-    from stablelora.train import batch_indices
+    from stablelora.train import batch_indices, optimizer_arguments
 
     torch.manual_seed(cfg.seed)
     model, tokenizer = load_model(cfg.model)
-    method = cfg.method
-    model = apply_lora(model, rank=method.rank, alpha=method.alpha,
-                       target_modules=list(method.target_modules))  # fmt: skip
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    model = apply_lora(model, **adapter_arguments(plain["adapter"], cfg.trainer.max_steps))
     task = build_task(cfg.task, tokenizer, seed=cfg.seed)
-    optimizer = create_optimizer(model, method.optimizer, lr=cfg.optim.lr,
-                                 shrink_ratio=method.shrink_ratio)  # fmt: skip
+    builder, options = optimizer_arguments(plain["optimizer"])
+    optimizer = create_optimizer(model, builder, lr=cfg.optim.lr, **options)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     batch_size = cfg.trainer.batch_size
     model.train()

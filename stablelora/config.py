@@ -80,7 +80,21 @@ def width_scaled_lr(lr: float, width: int, exponent: float, base_width: int = 12
     return float(lr) * (base_width / width) ** float(exponent)
 
 
-RESOLVERS = {"run_dir_name": run_dir_name, "width_scaled_lr": width_scaled_lr}
+def method_name(*, _root_) -> str:
+    """``method.name``: the preset's name (``stable_lora``) when the composed adapter and
+    optimizer are those the preset selects, else ``"<adapter>+<optimizer>"`` (``dora+riemann``)."""
+    method, adapter, optimizer = _root_.method, _root_.adapter.name, _root_.optimizer.name
+    preset = method.get("preset")
+    if preset and (method.get("adapter"), method.get("optimizer")) == (adapter, optimizer):
+        return str(preset)
+    return f"{adapter}+{optimizer}"
+
+
+RESOLVERS = {
+    "run_dir_name": run_dir_name,
+    "width_scaled_lr": width_scaled_lr,
+    "method_name": method_name,
+}
 
 
 def register_resolvers() -> None:

@@ -5,13 +5,19 @@ from __future__ import annotations
 import math
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
 
+from stablelora.options import check_options, keyword_options
+
 SCALINGS = ("lora", "rslora")
 ADAPTERS = ("lora", "adalora")
+#: peft AdaLoraConfig fields that ``apply_lora(adalora={...})`` passes on.
+ADALORA_OPTIONS = (
+    "init_r", "total_step", "tinit", "tfinal", "deltaT", "beta1", "beta2", "orth_reg_weight",
+)  # fmt: skip
 
 
 def linear_layer_names(model: nn.Module) -> list[str]:
@@ -64,6 +70,7 @@ def apply_lora(
     task_type: str | None = None,
     adapter: str = "lora",
     adalora: dict | None = None,
+    **unknown,
 ):
     """Inject LoRA adapters into ``model`` with peft and return the ``PeftModel``.
 
@@ -96,21 +103,15 @@ def apply_lora(
         ``PeftModel.from_pretrained``.
 
     Raises:
-        ValueError: a non-positive rank or alpha, an unknown scaling, a negative init scale, or
-            target modules that match nothing (the message lists the model's linear layers).
+        ValueError: an unknown option (the message lists the valid ones), a non-positive rank
+            or alpha, an unknown scaling, a negative init scale, or target modules that match
+            nothing (the message lists the model's linear layers).
     """
-    if not isinstance(rank, int) or rank <= 0:
-        raise ValueError(f"rank must be a positive integer, got {rank!r}.")
-    if not alpha > 0:
-        raise ValueError(f"alpha (lora_alpha) must be positive, got {alpha!r}.")
-    if scaling not in SCALINGS:
-        raise ValueError(f"scaling must be one of {SCALINGS}, got {scaling!r}.")
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}.")
-    if not (math.isfinite(init_scale) and init_scale >= 0):
-        raise ValueError(f"init_scale must be a finite number >= 0, got {init_scale!r}.")
-    if adapter not in ADAPTERS:
-        raise ValueError(f"adapter must be one of {ADAPTERS}, got {adapter!r}.")
+    check_options(unknown, lora_options(), "apply_lora")
+    check_lora_options(
+        rank=rank, alpha=alpha, scaling=scaling, dropout=dropout, init_scale=init_scale,
+        use_dora=use_dora, adapter=adapter, adalora=adalora,
+    )  # fmt: skip
     check_target_modules(model, target_modules)
 
     from peft import AdaLoraConfig, LoraConfig, get_peft_model
@@ -123,12 +124,7 @@ def apply_lora(
         task_type=task_type,
     )
     if adapter == "adalora":
-        options = dict(adalora or {})
-        if not options.get("total_step"):
-            raise ValueError("AdaLoRA needs adalora={'total_step': <training steps>, ...}.")
-        if use_dora or scaling != "lora":
-            raise ValueError("AdaLoRA supports neither DoRA nor rsLoRA: use scaling='lora'.")
-        config = AdaLoraConfig(target_r=rank, **options, **common)
+        config = AdaLoraConfig(target_r=rank, **dict(adalora), **common)
     else:
         config = LoraConfig(
             r=rank,
@@ -141,6 +137,57 @@ def apply_lora(
     if init_scale != 1.0:
         scale_lora_init_(peft_model, init_scale)
     return peft_model
+
+
+def lora_options() -> list[str]:
+    """The keyword options of :func:`apply_lora` (besides the model)."""
+    return keyword_options(apply_lora, exclude=("model",))
+
+
+def check_lora_options(
+    *, rank=8, alpha=16.0, scaling="lora", dropout=0.0, init_scale=1.0, use_dora=False,
+    adapter="lora", adalora=None,
+) -> None:  # fmt: skip
+    """The checks of :func:`apply_lora` that need no model (one-line ValueErrors)."""
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
+        raise ValueError(f"rank must be a positive integer, got {rank!r}.")
+    if not _is_number(alpha) or not alpha > 0:
+        raise ValueError(f"alpha (lora_alpha) must be positive, got {alpha!r}.")
+    if scaling not in SCALINGS:
+        raise ValueError(f"scaling must be one of {SCALINGS}, got {scaling!r}.")
+    if not _is_number(dropout) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}.")
+    if not (_is_number(init_scale) and math.isfinite(init_scale) and init_scale >= 0):
+        raise ValueError(f"init_scale must be a finite number >= 0, got {init_scale!r}.")
+    if adapter not in ADAPTERS:
+        raise ValueError(f"adapter must be one of {ADAPTERS}, got {adapter!r}.")
+    if adapter == "adalora":
+        adalora = dict(adalora or {})
+        check_options(adalora, ADALORA_OPTIONS, "AdaLoRA (apply_lora's adalora)")
+        if not adalora.get("total_step"):
+            raise ValueError("AdaLoRA needs adalora={'total_step': <training steps>, ...}.")
+        if use_dora or scaling != "lora":
+            raise ValueError("AdaLoRA supports neither DoRA nor rsLoRA: use scaling='lora'.")
+
+
+def adapter_arguments(adapter_cfg: Mapping, total_steps: int) -> dict:
+    """:func:`apply_lora`'s keyword options from an ``adapter`` config (``conf/adapter/``).
+
+    ``name`` only names the config; ``kind`` is apply_lora's ``adapter``; AdaLoRA's
+    ``total_step`` is the run's number of training steps.
+    """
+    options = {key: value for key, value in adapter_cfg.items() if key != "name"}
+    if "kind" in options:
+        options["adapter"] = options.pop("kind")
+    if not isinstance(options.get("target_modules", ""), str):
+        options["target_modules"] = list(options["target_modules"])
+    if options.get("adapter") == "adalora":
+        options["adalora"] = {**dict(options.get("adalora") or {}), "total_step": total_steps}
+    return options
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 @torch.no_grad()

@@ -52,6 +52,10 @@ class ConfigError(ValueError):
     """A user error in the config: reported as one line, before anything expensive."""
 
 
+#: The exit code of a run stopped by a :class:`ConfigError` (a usage error).
+CONFIG_ERROR_EXIT = 2
+
+
 class RunInterrupted(Exception):
     """A stop signal ended the run after a checkpoint; rerunning the command resumes it."""
 
@@ -61,58 +65,95 @@ class RunInterrupted(Exception):
 
 
 # ---------------------------------------------------------------------------- validation
-def check_config(cfg) -> None:
-    """Raise :class:`ConfigError` (one line: what is wrong, how to fix it) for a bad config."""
+#: Groups checked against the keys their yaml files declare (stablelora.checks); the adapter
+#: and optimizer groups are checked against apply_lora's and the builders' signatures.
+DECLARED_GROUPS = ("model", "task", "method", "optim", "trainer", "logger", "probe")
+
+
+def optimizer_arguments(optimizer_cfg) -> tuple[str, dict]:
+    """(create_optimizer method, its own options) of an ``optimizer`` config node."""
+    options = {k: v for k, v in optimizer_cfg.items() if k not in ("name", "builder")}
+    return optimizer_cfg["builder"], options
+
+
+def check_config(cfg, config_dirs=None) -> None:
+    """Raise :class:`ConfigError` (one line: what is wrong, how to fix it) for a bad config:
+    a key no yaml of its group declares, a value of the wrong type or range, an adapter or
+    optimizer option their functions do not take, an unusable ``output_root``, a model or
+    task that cannot be loaded. Loads nothing; ``config_dirs``: the config search path
+    (default: Hydra's, or the repository's ``conf/``)."""
     from omegaconf import OmegaConf
 
-    from stablelora.lora import SCALINGS
+    from stablelora.checks import check_groups, check_output_root
+    from stablelora.lora import adapter_arguments, check_lora_options, lora_options
     from stablelora.models import check_model_config
-    from stablelora.optim import OPTIMIZERS, StopRule, check_shrink_ratio
+    from stablelora.optim import check_optimizer_options
+    from stablelora.options import check_options
     from stablelora.tasks import check_task_config
 
-    method, optim, trainer = cfg.method, cfg.optim, cfg.trainer
+    try:
+        plain = OmegaConf.to_container(cfg, resolve=True)
+    except Exception as error:  # noqa: BLE001 - any resolution error is a config error
+        raise ConfigError(str(error).splitlines()[0]) from None
+    optim, trainer = plain["optim"], plain["trainer"]
+    try:
+        check_groups(plain, DECLARED_GROUPS, config_dirs)
+        adapter_keys = ["name", "kind", *(k for k in lora_options() if k != "adapter")]
+        check_options(plain["adapter"], adapter_keys, f"adapter={plain['adapter'].get('name')}")
+        adapter = adapter_arguments(plain["adapter"], trainer["max_steps"])
+        needs_model = ("init", "target_modules", "modules_to_save", "task_type")
+        check_lora_options(**{k: v for k, v in adapter.items() if k not in needs_model})
+        builder, options = optimizer_arguments(plain["optimizer"])
+        name = plain["optimizer"].get("name")
+        check_optimizer_options(builder, options, f"optimizer={name} (builder {builder!r})")
+        check_model_config(cfg.model)
+        check_task_config(cfg.task)
+    except ValueError as error:
+        raise ConfigError(_config_message(str(error))) from None
     rules = [  # (holds, "key must ...") for each value a user can get wrong
-        (
-            isinstance(method.rank, int) and method.rank > 0,
-            "method.rank must be a positive integer",
-        ),
-        (method.alpha > 0, "method.alpha must be positive"),
-        (optim.lr > 0, "optim.lr must be positive"),
-        (optim.weight_decay >= 0, "optim.weight_decay must be >= 0"),
-        (method.scaling in SCALINGS, f"method.scaling must be one of {SCALINGS}"),
-        (method.init_scale >= 0, "method.init_scale must be >= 0"),
-        (method.optimizer in OPTIMIZERS, f"method.optimizer must be one of {sorted(OPTIMIZERS)}"),
-        (trainer.max_steps > 0, "trainer.max_steps must be positive"),
-        (trainer.batch_size > 0, "trainer.batch_size must be positive"),
-        (trainer.grad_accum >= 1, "trainer.grad_accum must be >= 1"),
-        (optim.schedule in SCHEDULES, f"optim.schedule must be one of {SCHEDULES}"),
-        (trainer.device in DEVICES, f"trainer.device must be one of {DEVICES}"),
+        (optim["lr"] > 0, "optim.lr must be positive"),
+        (optim["weight_decay"] >= 0, "optim.weight_decay must be >= 0"),
+        (trainer["max_steps"] > 0, "trainer.max_steps must be positive"),
+        (trainer["batch_size"] > 0, "trainer.batch_size must be positive"),
+        (trainer["grad_accum"] >= 1, "trainer.grad_accum must be >= 1"),
+        (optim["schedule"] in SCHEDULES, f"optim.schedule must be one of {SCHEDULES}"),
+        (trainer["device"] in DEVICES, f"trainer.device must be one of {DEVICES}"),
     ]
     for holds, rule in rules:
         if not holds:
             key = rule.split()[0]
             raise ConfigError(f"{rule}, got {key}={OmegaConf.select(cfg, key)}.")
     try:
-        check_shrink_ratio(method.shrink_ratio)
-        StopRule.parse(method.stop_rule)
-        check_model_config(cfg.model)
-        check_task_config(cfg.task)
+        check_output_root(Path(plain["output_root"]))
     except ValueError as error:
-        raise ConfigError(str(error).replace("shrink_ratio", "method.shrink_ratio")) from None
+        raise ConfigError(str(error)) from None
     from stablelora.lora import check_target_modules
     from stablelora.models import skeleton
 
     model_tree = skeleton(cfg.model)
     if model_tree is not None:
         try:
-            check_target_modules(model_tree, list(method.target_modules))
+            check_target_modules(model_tree, adapter["target_modules"])
         except ValueError as error:
-            message = str(error).replace("target_modules", "method.target_modules", 1)
+            message = str(error).replace("target_modules", "adapter.target_modules", 1)
             raise ConfigError(message) from None
-    if trainer.device == "cuda" and not torch.cuda.is_available():
+    if trainer["device"] == "cuda" and not torch.cuda.is_available():
         raise ConfigError(
             "trainer.device=cuda, but no CUDA device is visible: use trainer.device=cpu."
         )
+
+
+def _config_message(message: str) -> str:
+    """Name the config key of an apply_lora / create_optimizer argument in its message."""
+    for group, names in (
+        ("adapter", ("rank", "alpha", "scaling", "dropout", "init_scale")),
+        ("optimizer", ("shrink_ratio", "stop_rule", "loraplus_lr_ratio", "large_wd_on",
+                       "large_weight_decay")),
+    ):  # fmt: skip
+        for name in names:
+            if message.startswith(name):
+                return f"{group}.{message}"
+    return message
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -230,25 +271,23 @@ class Run:
 
 def build_run(cfg, dist: Distributed, recorder: RunRecorder) -> Run:
     """Load the model, inject LoRA, build the task, optimizer, schedule and probe."""
+    from omegaconf import OmegaConf
+
     from stablelora.gamma import FeatureProbe
-    from stablelora.lora import apply_lora
+    from stablelora.lora import adapter_arguments, apply_lora
     from stablelora.models import load_model
     from stablelora.optim import create_optimizer, find_lora_pairs
     from stablelora.tasks import build_task
 
-    method, optim = cfg.method, cfg.optim
+    optim = cfg.optim
+    adapter = adapter_arguments(OmegaConf.to_container(cfg.adapter, resolve=True),
+                                cfg.trainer.max_steps)  # fmt: skip
+    builder, options = optimizer_arguments(OmegaConf.to_container(cfg.optimizer, resolve=True))
     model, tokenizer = load_model(cfg.model)
-    model = apply_lora(
-        model, rank=method.rank, alpha=method.alpha, target_modules=list(method.target_modules),
-        dropout=method.dropout, scaling=method.scaling, init_scale=method.init_scale,
-        init=method.init, use_dora=method.use_dora, adapter=method.adapter,
-        adalora={**method.adalora, "total_step": cfg.trainer.max_steps},
-    ).to(dist.device)  # fmt: skip
+    model = apply_lora(model, **adapter).to(dist.device)
     optimizer = create_optimizer(
-        model, method.optimizer, lr=optim.lr, weight_decay=optim.weight_decay,
-        betas=tuple(optim.betas), eps=optim.eps, shrink_ratio=method.shrink_ratio,
-        stop_rule=method.stop_rule, loraplus_lr_ratio=method.loraplus_lr_ratio,
-        foreach=optim.foreach, fused=optim.fused, **method.options,
+        model, builder, lr=optim.lr, weight_decay=optim.weight_decay, betas=tuple(optim.betas),
+        eps=optim.eps, foreach=optim.foreach, fused=optim.fused, **options,
     )  # fmt: skip
     ddp = model
     if dist.world_size > 1:
@@ -559,13 +598,14 @@ def run_job(cfg, run_dir: Path, multirun: bool = False):
         if multirun:
             print(f"stablelora: {run_dir.name}: {message}", file=sys.stderr)
             return None
-        sys.exit(f"stablelora: {message}")  # one line on stderr, exit code 1
+        print(f"stablelora: {message}", file=sys.stderr, flush=True)
+        sys.exit(code)  # one line on stderr; 2 for a usage (config) error, else 1
 
     run_dir = Path(run_dir)
     try:
         summary = train(cfg, run_dir)
     except ConfigError as error:
-        return fail(f"config error: {error}")
+        return fail(f"config error: {error}", code=CONFIG_ERROR_EXIT)
     except RunFolderError as error:
         return fail(str(error), record=False)
     except RecordsError as error:

@@ -28,15 +28,17 @@ CONF = ROOT / "conf"
 SMOKE = ["experiment=smoke", "logger.mode=disabled"]
 
 
-def compose_config(overrides=()):
-    """``conf/config.yaml`` composed with ``overrides``, as ``python run.py`` would."""
+def compose_config(overrides=(), config_dirs=()):
+    """``conf/config.yaml`` composed with ``overrides``, as ``python run.py`` would;
+    ``config_dirs`` are searched after ``conf/``."""
     from hydra import compose, initialize_config_dir
 
     from stablelora.config import register_resolvers
 
     register_resolvers()
+    extra = [f"hydra.searchpath=[{','.join(f'file://{d}' for d in config_dirs)}]"]
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("config", overrides=list(overrides), return_hydra_config=False)
+        return compose("config", overrides=[*overrides, *(extra if config_dirs else [])])
 
 
 def run_cli(*args, cwd=ROOT, timeout=600):

@@ -1,7 +1,7 @@
 """analysis/: collect, tables, plots and the report command.
 
 The ``sweep`` fixture makes real records once per module (a smoke sweep of 2 methods x 2
-seeds, a job that fails with ``method.rank=0``, and copies of real runs turned into a third
+seeds, a job that fails with ``adapter.rank=0``, and copies of real runs turned into a third
 seed with another accuracy, a diverged run and an unfinished run); the tests read its
 summary.json files directly to compute the expected numbers by hand. The other tests write
 small synthetic records to check the published-number comparisons, W&B conversion and lr
@@ -60,7 +60,7 @@ def sweep(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("analysis")
     run_python("run.py", "-m", "experiment=table1_qa_smoke", f"output_root={root}")
     run_python("run.py", "-m", "experiment=table1_qa_smoke", f"output_root={root}",
-               "method=lora", "method.rank=0", "seed=0")  # fmt: skip
+               "method=lora", "adapter.rank=0", "seed=0")  # fmt: skip
     sweep_dir = root / "sweeps" / "table1_qa_smoke"
     # A third stable_lora seed with a different accuracy, so that mean and best differ.
     third = sweep_dir / "method=stable_lora,seed=2"
@@ -91,8 +91,10 @@ def hand_records(sweep_dir: Path) -> pd.DataFrame:
         summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
         status = summary.get("status", "incomplete")
         final = summary.get("final", {}).get("eval/acc") if status == "completed" else None
-        rows.append({"run": run_dir.name, "method": config["method"]["name"],
-                     "rank": config["method"]["rank"], "seed": config["seed"], "status": status,
+        # .hydra/config.yaml is unresolved (method.name is an interpolation): the summary names it
+        method = summary.get("method") or config["method"]["name"]
+        rows.append({"run": run_dir.name, "method": method,
+                     "rank": config["adapter"]["rank"], "seed": config["seed"], "status": status,
                      "acc": math.nan if final is None else 100 * final})  # fmt: skip
     return pd.DataFrame(rows)
 
@@ -121,7 +123,7 @@ def test_collect_keeps_every_run_with_its_status(sweep):
     assert statuses == dict(zip(records["run"], records["status"]))
     assert sorted(statuses.values()).count("completed") == 5
     failed = coll.runs[coll.runs["status"] == "failed"].iloc[0]
-    assert failed["method.rank"] == 0 and "method.rank" in failed["error"]
+    assert failed["adapter.rank"] == 0 and "adapter.rank" in failed["error"]
     for row in coll.runs.itertuples():
         summary_path = Path(row.run_id) / "summary.json"
         if row.status == "completed":
@@ -184,7 +186,7 @@ def test_runs_not_completed_lists_every_other_status(sweep):
     table = {t.name: t for t in build_tables(collect(sweep))}["runs_not_completed"]
     shown = dict(zip(table.display["run"], table.display["status"]))
     assert shown == {
-        "method.rank=0,method=lora,seed=0": "failed",
+        "adapter.rank=0,method=lora,seed=0": "failed",
         "method=lora,seed=3": "diverged",
         "method=lora,seed=4": "incomplete",
     }
@@ -257,9 +259,11 @@ def write_run(root: Path, name: str, *, model="tiny_llama", task="bbc_news", met
     run_dir.mkdir(parents=True)
     shrinks = method.startswith("stable")
     cfg = {"model": {"name": model}, "task": {"name": task, "protocol": "loglik"},
-           "method": {"name": method, "optimizer": "stable_lora" if shrinks else method,
-                      "rank": 8, "target_modules": ["q_proj", "v_proj"], "init_scale": 1.0,
-                      "shrink_ratio": 5e-4 if shrinks else 0.0, "stop_rule": "norm"},
+           "method": {"name": method},
+           "adapter": {"name": "lora", "rank": 8, "target_modules": ["q_proj", "v_proj"],
+                       "init_scale": 1.0},
+           "optimizer": {"name": method, "builder": "stable_lora" if shrinks else method,
+                         **({"shrink_ratio": 5e-4, "stop_rule": "norm"} if shrinks else {})},
            "optim": {"lr": 1e-4}, "trainer": {"max_steps": 10}, "seed": seed}  # fmt: skip
     for key, value in (config or {}).items():
         _set(cfg, key, value)
@@ -338,7 +342,7 @@ def test_merged_mixture_and_stop_rule_ablation(tmp_path):
     for rule, acc in (("norm", 0.63), ("never", 0.62)):
         for seed in (0, 1):
             write_run(tmp_path, f"{rule}-{seed}", model="qwen2_0.5b", task="merged_qa",
-                      method="stable_lora", seed=seed, config={"method.stop_rule": rule},
+                      method="stable_lora", seed=seed, config={"optimizer.stop_rule": rule},
                       final={"eval/acc": acc + seed / 100, **subtasks})  # fmt: skip
     tables = tables_of(tmp_path)
     main = tables["table1"].data.set_index("label")
@@ -361,7 +365,7 @@ def test_target_modules_ablation_with_published(tmp_path):
         for method in ("lora", "stable_lora"):
             write_run(tmp_path, f"{method}-{len(modules)}", model="llama3.2_3b",
                       task="merged_qa", method=method, acc=acc,
-                      config={"method.target_modules": modules.split(",")})  # fmt: skip
+                      config={"adapter.target_modules": modules.split(",")})  # fmt: skip
     table = tables_of(tmp_path)["ablation_target_modules"]
     data = table.data.set_index(["modules", "label"])
     paper = published.TARGET_MODULES_ABLATION[("llama3.2_3b", "merged_qa")]
@@ -410,11 +414,11 @@ def test_init_scale_tables_from_histories(tmp_path):
             metrics = [{"step": s, "feat/delta1": ratio * s, "feat/delta2": float(s),
                         "lora/norm_A": 2.0 + s} for s in (1, 2)]  # fmt: skip
             write_run(tmp_path, f"{method}-{scale}", method=method, metrics=metrics,
-                      config={"method.init_scale": scale})  # fmt: skip
+                      config={"adapter.init_scale": scale})  # fmt: skip
     tables = tables_of(tmp_path)
     assert list(tables["init_scale"].display.columns[-2:]) == ["A0 × 0", "A0 × 4"]
     stability = tables["init_scale_stability"].data.set_index(
-        ["label", "quantity", "method.init_scale"]
+        ["label", "quantity", "adapter.init_scale"]
     )
     assert stability.loc[("lora", "delta1/delta2 (last probe)", 4.0), "value"] == pytest.approx(10)
     assert stability.loc[("lora", "||A|| last/first", 4.0), "value"] == pytest.approx(4 / 3)
@@ -428,7 +432,7 @@ def test_reviewer_controls_and_shrink_stops(tmp_path):
     write_run(tmp_path, "lora", acc=0.60)
     write_run(tmp_path, "stable", method="stable_lora", acc=0.64, shrink=stops)
     write_run(tmp_path, "steps", method="stable_lora", acc=0.62, shrink=stops,
-              config={"method.stop_rule": "steps:20"})  # fmt: skip
+              config={"optimizer.stop_rule": "steps:20"})  # fmt: skip
     write_run(tmp_path, "wd", method="adamw_large_wd", acc=0.61)
     tables = tables_of(tmp_path)
     controls = tables["reviewer_controls"].data.set_index("label")
@@ -516,7 +520,8 @@ def fake_wandb_run(**changes):
     """An object with the attributes of a ``wandb.apis.public.Run`` that the conversion uses,
     holding what the runner logs: the resolved config, a flat summary and the history."""
     config = {"model": {"name": "qwen2_0.5b"}, "task": {"name": "hellaswag"},
-              "method": {"name": "stable_lora", "rank": 8, "target_modules": ["q_proj", "v_proj"]},
+              "method": {"name": "stable_lora"},
+              "adapter": {"rank": 8, "target_modules": ["q_proj", "v_proj"]},
               "optim": {"lr": 1e-4}, "seed": 1}  # fmt: skip
     summary = FakeSummary({"status": "completed", "steps": 20, "main_metric": "eval/acc_norm",
                            "method": "stable_lora", "task": "hellaswag", "model": "qwen2_0.5b",
@@ -539,7 +544,7 @@ def test_wandb_run_converts_like_a_run_directory():
     assert row["run_id"] == "wandb:me/stablelora/abc123" and row["sweep"] == "wandb:table1_qa"
     assert row["status"] == "completed" and row["score"] == 0.41
     assert row["final/eval/acc"] == 0.38 and row["best/step"] == 10
-    assert row["method.target_modules"] == "q_proj,v_proj" and row["optim.lr"] == 1e-4
+    assert row["adapter.target_modules"] == "q_proj,v_proj" and row["optim.lr"] == 1e-4
     assert row["train_time_s"] == 12.5 and shrink == []
     assert metrics == [{"step": 0, "eval/acc_norm": 0.3},
                        {"step": 10, "train/loss": 2.0, "lora/norm_A": 1.5},

@@ -1,45 +1,52 @@
-"""Every config group composes with Hydra's compose API and passes validation."""
+"""Config groups compose (any adapter with any optimizer, one-word method presets), options
+are strict everywhere, and a bad config is one line with exit code 2 before any model loads."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import compose_config
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from stablelora.config import register_resolvers
 
-CONF = Path(__file__).resolve().parent.parent / "conf"
+ROOT = Path(__file__).resolve().parent.parent
+CONF = ROOT / "conf"
 register_resolvers()
 
 
 def group_options(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+    """A group's selectable options (files starting with ``_`` are shared bases)."""
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml") if not p.stem.startswith("_"))
 
 
 def test_default_is_the_embedded_offline_job():
     cfg = compose_config()
     assert cfg.model.name == "smollm2_135m" and cfg.model.source == "gguf"
     assert cfg.task.name == "bbc_news"
-    assert cfg.method.name == "stable_lora" and cfg.method.shrink_ratio == 5e-4
-    assert cfg.method.stop_rule == "norm" and cfg.method.rank == 8
-    assert list(cfg.method.target_modules) == ["q_proj", "v_proj"]
+    assert cfg.method.name == "stable_lora" and cfg.optimizer.shrink_ratio == 5e-4
+    assert cfg.optimizer.stop_rule == "norm" and cfg.adapter.rank == 8
+    assert list(cfg.adapter.target_modules) == ["q_proj", "v_proj"]
     assert cfg.logger.mode == "offline"
 
 
 @pytest.mark.parametrize(
     "group",
-    ["model", "task", "method", "optim", "trainer", "logger", "probe"],
-)
+    ["model", "task", "adapter", "optimizer", "method", "variant", "optim", "trainer", "logger",
+     "probe"],
+)  # fmt: skip
 def test_every_option_of_every_group_composes(group):
     options = group_options(group)
     assert options, f"conf/{group} is empty"
     needs = {"task=toy_teacher": ["model=toy_width"]}  # the teacher has the model's width
     for option in options:
-        if option.startswith("_"):
-            continue
         choice = f"{group}={option}"
         cfg = compose_config([choice, *needs.get(choice, [])])
         OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
@@ -49,7 +56,12 @@ def test_contract_names_exist():
     for group, names in {
         "model": ["tiny_llama", "tiny_qwen2", "smollm2_135m", "qwen2_0.5b", "qwen2_1.5b",
                   "llama3.2_1b", "llama3.2_3b", "llama3.1_8b"],
-        "method": ["lora", "rslora", "loraplus", "stable_lora"],
+        "method": ["lora", "rslora", "dora", "adalora", "loraplus", "stable_lora",
+                   "stable_rslora", "stable_dora", "stable_adalora", "stable_loraplus", "riemann",
+                   "lora_rite", "adamw_large_wd", "shrink_fixed_steps"],
+        "adapter": ["lora", "rslora", "dora", "adalora", "pissa", "olora"],
+        "optimizer": ["adamw", "loraplus", "stable_lora", "riemann", "lora_rite",
+                      "adamw_large_wd", "shrink_fixed_steps"],
         "task": ["hellaswag", "siqa", "obqa", "arc_easy", "arc_challenge", "merged_qa",
                  "metamath_gsm8k", "bbc_news", "arithmetic"],
         "experiment": ["smoke"],
@@ -61,21 +73,158 @@ def test_contract_names_exist():
 def test_every_experiment_preset_composes(experiment):
     cfg = compose_config([f"experiment={experiment}"])
     OmegaConf.to_container(cfg, resolve=True)
-    assert cfg.experiment_name
+    assert cfg.experiment_name == experiment
+
+
+def test_smoke_presets_inherit_the_shared_smoke_base():
+    base = OmegaConf.load(CONF / "experiment" / "_smoke.yaml")
+    for name in group_options("experiment"):
+        if not name.endswith("_smoke") or name == "width_sweep_smoke":
+            continue
+        assert "_smoke" in OmegaConf.load(CONF / "experiment" / f"{name}.yaml").defaults, name
+        cfg = compose_config([f"experiment={name}"])
+        assert cfg.model.name == "tiny_llama" and cfg.logger.mode == base.logger.mode, name
+        assert cfg.trainer.max_steps == base.trainer.max_steps, name
+    # a preset's own values still win over the base
+    assert compose_config(["experiment=gsm8k_smoke"]).task.name == "arithmetic"
+    assert compose_config(["experiment=overhead_smoke"]).optim.lr != base.optim.lr
+
+
+def test_task_configs_inherit_the_shared_task_base():
+    base = OmegaConf.load(CONF / "task" / "_base.yaml")
+    for name in group_options("task"):
+        assert "_base" in OmegaConf.load(CONF / "task" / f"{name}.yaml").defaults, name
+    cfg = compose_config(["task=obqa"]).task
+    assert set(base) <= set(cfg) and cfg.protocol == base.protocol
+
+
+@pytest.mark.parametrize("preset", group_options("method"))
+def test_method_preset_selects_its_adapter_and_optimizer(preset):
+    cfg = compose_config([f"method={preset}", "model=tiny_llama"])
+    assert cfg.method.name == preset
+    assert (cfg.adapter.name, cfg.optimizer.name) == (cfg.method.adapter, cfg.method.optimizer)
+    from stablelora.train import check_config
+
+    check_config(cfg)  # every preset's adapter and optimizer options are valid
 
 
 def test_methods_differ_only_where_they_should():
-    lora = compose_config(["method=lora"]).method
-    for name, expected in {
-        "rslora": {"name": "rslora", "optimizer": "rslora", "scaling": "rslora"},
-        "loraplus": {"name": "loraplus", "optimizer": "loraplus", "loraplus_lr_ratio": 16},
-        "stable_lora": {"name": "stable_lora", "optimizer": "stable_lora", "shrink_ratio": 5e-4},
-    }.items():
-        method = compose_config([f"method={name}"]).method
-        changed = {k: method[k] for k in method if method[k] != lora[k]}
-        assert changed == expected, name
+    lora = compose_config(["method=lora"])
+    assert dict(lora.optimizer) == {"name": "adamw", "builder": "lora"}  # no foreign options
+    for name, adapter, optimizer in [
+        ("rslora", {"name": "rslora", "scaling": "rslora"}, {}),
+        ("dora", {"name": "dora", "use_dora": True}, {}),
+        ("loraplus", {}, {"name": "loraplus", "builder": "loraplus", "loraplus_lr_ratio": 16}),
+        ("stable_lora", {}, {"name": "stable_lora", "builder": "stable_lora",
+                             "shrink_ratio": 5e-4, "stop_rule": "norm",
+                             "loraplus_lr_ratio": None}),
+    ]:  # fmt: skip
+        cfg = compose_config([f"method={name}"])
+        changed = {k: v for k, v in cfg.adapter.items() if lora.adapter.get(k) != v}
+        assert changed == adapter, name
+        if optimizer:
+            assert dict(cfg.optimizer) == optimizer, name
+        else:
+            assert dict(cfg.optimizer) == dict(lora.optimizer), name
 
 
+@pytest.mark.parametrize(
+    "overrides,name,adapter,optimizer",
+    [
+        (["adapter=dora", "optimizer=riemann"], "dora+riemann", "dora", "riemann"),
+        (["method=riemann", "adapter=dora"], "dora+riemann", "dora", "riemann"),
+        (["adapter=dora", "method=riemann"], "dora+riemann", "dora", "riemann"),
+        (["method=stable_dora", "optimizer=lora_rite"], "dora+lora_rite", "dora", "lora_rite"),
+        (["method=stable_lora", "optimizer.shrink_ratio=1e-3"], "stable_lora", "lora",
+         "stable_lora"),
+        (["adapter=pissa", "optimizer=adamw_large_wd"], "pissa+adamw_large_wd", "pissa",
+         "adamw_large_wd"),
+    ],
+)  # fmt: skip
+def test_any_adapter_composes_with_any_optimizer(overrides, name, adapter, optimizer):
+    from stablelora.train import check_config
+
+    cfg = compose_config([*overrides, "model=tiny_llama"])
+    assert (cfg.method.name, cfg.adapter.name, cfg.optimizer.name) == (name, adapter, optimizer)
+    check_config(cfg)
+
+
+def test_every_adapter_and_every_optimizer_pass_validation_together():
+    """The two groups are separate nodes, so pairs that cover every option of each suffice."""
+    from stablelora.train import check_config
+
+    adapters, optimizers = group_options("adapter"), group_options("optimizer")
+    for index in range(max(len(adapters), len(optimizers))):
+        adapter, optimizer = adapters[index % len(adapters)], optimizers[index % len(optimizers)]
+        cfg = compose_config([f"adapter={adapter}", f"optimizer={optimizer}", "model=tiny_llama"])
+        check_config(cfg)
+        assert (cfg.adapter.name, cfg.optimizer.name) == (adapter, optimizer)
+
+
+# ---------------------------------------------------------------------------- strict options
+def tiny_lora_model():
+    from stablelora.tasks.testing import tiny_llama
+
+    from stablelora.lora import apply_lora
+
+    return apply_lora(tiny_llama(), rank=2, target_modules=["q_proj", "v_proj"])
+
+
+def registered_methods() -> list[str]:
+    from stablelora.optim import discover_optimizers
+
+    return sorted(discover_optimizers())
+
+
+@pytest.mark.parametrize("method", registered_methods())
+def test_every_optimizer_rejects_an_unknown_option_naming_the_valid_ones(method):
+    from stablelora.optim import create_optimizer, optimizer_options
+
+    model = tiny_lora_model()
+    with pytest.raises(ValueError, match=f"optimizer '{method}' has no option 'regg'") as error:
+        create_optimizer(model, method, regg=5.0)
+    assert "\n" not in str(error.value)
+    for option in optimizer_options(method):
+        assert option in str(error.value)
+    create_optimizer(model, method, **optimizer_options(method))  # its own options: accepted
+
+
+@pytest.mark.parametrize(
+    "method,foreign",
+    [("lora", "shrink_ratio"), ("loraplus", "stop_rule"), ("riemann", "rite_eps"),
+     ("lora_rite", "reg"), ("stable_lora", "large_wd_on"), ("adamw_large_wd", "shrink_ratio")],
+)  # fmt: skip
+def test_an_option_of_another_method_is_rejected(method, foreign):
+    from stablelora.optim import create_optimizer, optimizer_options
+
+    other = next(m for m in registered_methods() if foreign in optimizer_options(m))
+    value = optimizer_options(other)[foreign]
+    with pytest.raises(ValueError, match=f"has no option '{foreign}'"):
+        create_optimizer(tiny_lora_model(), method, **{foreign: value})
+
+
+def test_readme_example_keeps_working():
+    from stablelora.optim import StableLoRA, create_optimizer
+
+    optimizer = create_optimizer(
+        tiny_lora_model(), method="stable_lora", lr=1e-4, weight_decay=0.01, shrink_ratio=5e-4
+    )
+    assert isinstance(optimizer, StableLoRA) and optimizer.shrink_ratio == 5e-4
+
+
+def test_apply_lora_rejects_an_unknown_option_naming_the_valid_ones():
+    from stablelora.tasks.testing import tiny_llama
+
+    from stablelora.lora import apply_lora
+
+    with pytest.raises(ValueError, match="apply_lora has no option 'rnk'.*rank, alpha") as error:
+        apply_lora(tiny_llama(), rnk=4)
+    assert "\n" not in str(error.value)
+    with pytest.raises(ValueError, match="has no option 'init_rr'.*init_r"):
+        apply_lora(tiny_llama(), adapter="adalora", adalora={"total_step": 10, "init_rr": 4})
+
+
+# ---------------------------------------------------------------------------- config errors
 def test_validation_accepts_every_composed_default():
     from stablelora.train import check_config
 
@@ -86,17 +235,29 @@ def test_validation_accepts_every_composed_default():
 @pytest.mark.parametrize(
     "override,message",
     [
-        ("method.rank=0", "method.rank must be a positive integer"),
+        ("adapter.rank=0", "adapter.rank must be a positive integer"),
         ("optim.lr=0", "optim.lr must be positive"),
         ("optim.lr=-1e-4", "optim.lr must be positive"),
-        ("method.shrink_ratio=1.0", r"method.shrink_ratio must be in \[0, 1\)"),
-        ("method.shrink_ratio=-0.1", r"method.shrink_ratio must be in \[0, 1\)"),
-        ("method.stop_rule=sometimes", "Unknown stop_rule"),
-        ("method.optimizer=adam", "method.optimizer must be one of .*got method.optimizer=adam"),
-        ("method.scaling=sqrt", "method.scaling must be one of"),
+        ("optim.lr=abc", "optim.lr must be a number, got 'abc'"),
+        ("trainer.batch_size=2.5", "trainer.batch_size must be an integer"),
+        ("trainer.progress_bar=sometimes", "trainer.progress_bar must be true or false"),
+        ("optimizer.shrink_ratio=1.0", r"optimizer.shrink_ratio must be in \[0, 1\)"),
+        ("optimizer.shrink_ratio=-0.1", r"optimizer.shrink_ratio must be in \[0, 1\)"),
+        ("optimizer.stop_rule=sometimes", "Unknown stop_rule"),
+        ("optimizer.builder=adam", "Unknown method 'adam'"),
+        ("adapter.scaling=sqrt", "adapter.scaling must be one of"),
         ("trainer.max_steps=0", "trainer.max_steps must be positive"),
         ("model=llama3.2_1b", "not available offline.*model.path="),
         ("task=arc_easy", "task.data_dir"),
+        ("task.max_length=1", "task.max_length=1 cannot hold a prompt token and an answer"),
+        ("+optim.lrr=1e-4", "optim.lrr is not a key of optim.*lr, max_grad_norm"),
+        ("+trainer.foo=1", "trainer.foo is not a key of trainer"),
+        ("+task.max_lenght=64", "task.max_lenght is not a key of task"),
+        ("+probe.every_n=3", "probe.every_n is not a key of probe"),
+        ("+method.options.regg=5", "method.options is not a key of method"),
+        ("+optimizer.regg=5", "optimizer=stable_lora .* has no option 'regg'.*shrink_ratio"),
+        ("+adapter.rnk=4", "adapter=lora has no option 'rnk'.*rank"),
+        ("output_root=/dev/null", "output_root=/dev/null: /dev/null is a file"),
     ],
 )
 def test_bad_values_are_one_clear_line(override, message, monkeypatch):
@@ -107,6 +268,188 @@ def test_bad_values_are_one_clear_line(override, message, monkeypatch):
     with pytest.raises(ConfigError, match=message) as error:
         check_config(compose_config(["model=tiny_llama", override]))
     assert "\n" not in str(error.value)
+
+
+def test_an_option_of_another_optimizer_is_a_config_error():
+    from stablelora.train import ConfigError, check_config
+
+    cfg = compose_config(["model=tiny_llama", "method=lora", "+optimizer.shrink_ratio=5e-4"])
+    with pytest.raises(ConfigError, match="optimizer=adamw .*has no option 'shrink_ratio'"):
+        check_config(cfg)
+    cfg = compose_config(["model=tiny_llama", "method=riemann", "+optimizer.regg=5"])
+    with pytest.raises(ConfigError, match="has no option 'regg': its options are reg, autho"):
+        check_config(cfg)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
+def test_an_unwritable_output_root_is_a_config_error(tmp_path):
+    from stablelora.train import ConfigError, check_config
+
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    with pytest.raises(ConfigError, match="is not writable"):
+        check_config(compose_config(["model=tiny_llama", f"output_root={locked}/out"]))
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["+optim.lrr=1e-4"], "optim.lrr is not a key of optim"),
+        (["output_root=/dev/null/x"], "/dev/null is a file"),
+        (["-m", "output_root=/dev/null/x", "seed=0,1"], "/dev/null is a file"),
+    ],
+)
+def test_runner_config_error_is_one_line_exit_2_before_the_model_loads(
+    overrides, message, tmp_path
+):
+    if "output_root=/dev/null/x" not in overrides:
+        overrides = [*overrides, f"output_root={tmp_path}"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "run.py"), *overrides, "model=tiny_llama",
+         "logger.mode=disabled"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and "config error" in lines[0], lines
+    assert not list(tmp_path.rglob("metrics.jsonl")) and not list(tmp_path.rglob("adapter"))
+
+
+# ---------------------------------------------------------------------------- extension points
+NEW_OPTIMIZER = '''
+"""Sign descent: a test optimizer added as one module."""
+
+import torch
+
+from stablelora.optim import register_optimizer
+
+
+class SignDescent(torch.optim.Optimizer):
+    def __init__(self, params, lr, step_scale):
+        super().__init__(params, {"lr": lr * step_scale})
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.add_(p.grad.sign(), alpha=-group["lr"])
+
+
+@register_optimizer("{name}")
+def build(model, pairs, *, lr, weight_decay, betas, eps, foreach, fused, step_scale=1.0):
+    params = [p for p in model.parameters() if p.requires_grad]
+    return SignDescent(params, lr, step_scale)
+'''
+
+
+@pytest.fixture
+def extension_dirs(tmp_path, monkeypatch):
+    """A module folder appended to the optim and tasks packages, a config folder for Hydra;
+    the imported modules and registrations are removed afterwards."""
+    import stablelora.optim
+    import stablelora.tasks
+    from stablelora.optim import OPTIMIZERS
+
+    code, conf = tmp_path / "code", tmp_path / "conf"
+    code.mkdir()
+    monkeypatch.setattr(stablelora.optim, "__path__", [*stablelora.optim.__path__, str(code)])
+    monkeypatch.setattr(stablelora.tasks, "__path__", [*stablelora.tasks.__path__, str(code)])
+    before_modules, before_optimizers = set(sys.modules), dict(OPTIMIZERS)
+    yield code, conf
+    for name in set(sys.modules) - before_modules:
+        if name.startswith(("stablelora.optim.", "stablelora.tasks.")):
+            del sys.modules[name]
+    OPTIMIZERS.clear()
+    OPTIMIZERS.update(before_optimizers)
+
+
+def test_a_new_optimizer_is_one_module_and_one_yaml(extension_dirs):
+    from stablelora.optim import create_optimizer, optimizer_options
+    from stablelora.train import ConfigError, check_config, optimizer_arguments
+
+    code, conf = extension_dirs
+    name = "test_sign_descent"
+    (code / f"{name}.py").write_text(NEW_OPTIMIZER.replace("{name}", name))
+    (conf / "optimizer").mkdir(parents=True)
+    (conf / "optimizer" / f"{name}.yaml").write_text(
+        f"name: {name}\nbuilder: {name}\nstep_scale: 0.5\n"
+    )
+    assert optimizer_options(name) == {"step_scale": 1.0}  # found without a registry edit
+    cfg = compose_config([f"optimizer={name}", "adapter=dora", "model=tiny_llama"], [conf])
+    assert cfg.method.name == f"dora+{name}"
+    check_config(cfg, config_dirs=[CONF, conf])
+    builder, options = optimizer_arguments(OmegaConf.to_container(cfg.optimizer))
+    model = tiny_lora_model()
+    optimizer = create_optimizer(model, builder, lr=0.1, **options)
+    pair_A = next(p for n, p in model.named_parameters() if "lora_A" in n)
+    before = pair_A.detach().clone()
+    pair_A.grad = torch.ones_like(pair_A)
+    optimizer.step()
+    assert torch.allclose(pair_A, before - 0.05)  # lr * step_scale, the yaml's option
+    with pytest.raises(ConfigError, match=f"optimizer={name} .*no option 'regg'.*step_scale"):
+        check_config(compose_config([f"optimizer={name}", "model=tiny_llama", "+optimizer.regg=1"],
+                                    [conf]), config_dirs=[CONF, conf])  # fmt: skip
+
+
+NEW_TASK = '''
+"""Parity: is the number even? A test task family added as one module."""
+
+from stablelora.tasks.base import MultipleChoiceTask
+from stablelora.tasks.prompts import MultipleChoiceExample
+
+KIND = "multiple_choice"
+
+
+def sources(cfg):
+    return []
+
+
+def example(number):
+    return MultipleChoiceExample(
+        query=f"Is {number} even?", choices=["yes", "no"], gold=number % 2,
+        instruction=f"Is {number} even? Answer yes or no.",
+    )
+
+
+def build(cfg, tokenizer, *, seed):
+    count = cfg.options["num_examples"]
+    examples = [example(n) for n in range(count)]
+    return MultipleChoiceTask(cfg, tokenizer, examples, {cfg.name: examples}, "acc")
+'''
+
+
+def test_a_new_task_family_is_one_module_and_one_yaml(extension_dirs):
+    from stablelora.tasks.testing import byte_tokenizer, tiny_llama
+
+    from stablelora.tasks import build_task, families
+    from stablelora.train import ConfigError, check_config
+
+    code, conf = extension_dirs
+    (code / "test_parity.py").write_text(NEW_TASK)
+    (conf / "task").mkdir(parents=True)
+    (conf / "task" / "parity.yaml").write_text(
+        textwrap.dedent("""\
+        defaults:
+          - _base
+          - _self_
+        name: parity
+        family: test_parity
+        max_length: 32
+        num_examples: 12
+    """)
+    )
+    assert "test_parity" in families()  # found without a registry edit
+    cfg = compose_config(["task=parity", "model=tiny_llama"], [conf])
+    check_config(cfg, config_dirs=[CONF, conf])
+    task = build_task(cfg.task, byte_tokenizer(), seed=0)
+    assert task.num_train_examples == 12 and task.collate([0, 1])["input_ids"].shape[0] == 2
+    metrics = task.evaluate(tiny_llama(), batch_size=4)
+    assert metrics["n"] == 12 and 0 <= metrics["acc"] <= 1
+    bad = compose_config(["task=parity", "model=tiny_llama", "+task.num_exampels=3"], [conf])
+    with pytest.raises(ConfigError, match="task.num_exampels is not a key of task"):
+        check_config(bad, config_dirs=[CONF, conf])
 
 
 @pytest.mark.parametrize("launcher,target", [

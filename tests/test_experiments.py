@@ -107,15 +107,15 @@ def test_full_presets_use_the_papers_settings():
     assert gsm8k.task.name == "metamath_gsm8k" and gsm8k.trainer.max_steps == 5000
     assert 5000 % gsm8k.trainer.eval_every == 0 and gsm8k.trainer.eval_every <= 1000
     stop = sweep_params("ablation_stop_rule")
-    assert set(stop["method.stop_rule"]) == {"norm", "never"}
+    assert set(stop["optimizer.stop_rule"]) == {"norm", "never"}
     assert compose_config(["experiment=ablation_stop_rule"]).task.name == "merged_qa"
-    modules = sweep_params("ablation_target_modules")["method.target_modules"]
+    modules = sweep_params("ablation_target_modules")["adapter.target_modules"]
     assert len(modules) == 3 and "gate_proj" in modules[-1]
     overhead = compose_config(["experiment=overhead"])
     assert (overhead.model.name, overhead.task.name) == ("qwen2_0.5b", "hellaswag")
     assert not overhead.probe.enabled
     assert set(sweep_params("overhead")["method"]) == set(published.PAPER_METHODS)
-    assert set(sweep_params("init_scale")["method.init_scale"]) == {"0", "0.25", "1", "4"}
+    assert set(sweep_params("init_scale")["adapter.init_scale"]) == {"0", "0.25", "1", "4"}
     controls = set(sweep_params("reviewer_controls")[CONTROLS_GROUP])
     assert {"lora", "stable_lora", "large_wd_a", "large_wd_ab"} <= controls
     assert any(c.startswith("shrink_steps_") for c in controls)
@@ -132,11 +132,11 @@ def test_reviewer_control_variants(variant):
     cfg = compose_config(["experiment=reviewer_controls", f"{CONTROLS_GROUP}={variant}"])
     OmegaConf.to_container(cfg, resolve=True)
     if variant.startswith("shrink_steps_"):
-        assert cfg.method.name == "shrink_fixed_steps" and cfg.method.shrink_ratio > 0
-        assert cfg.method.stop_rule == f"steps:{variant.removeprefix('shrink_steps_')}"
+        assert cfg.method.name == "shrink_fixed_steps" and cfg.optimizer.shrink_ratio > 0
+        assert cfg.optimizer.stop_rule == f"steps:{variant.removeprefix('shrink_steps_')}"
     if variant.startswith("large_wd_"):
-        assert cfg.method.optimizer == "adamw_large_wd"
-        assert cfg.method.options.large_wd_on == variant.removeprefix("large_wd_").upper()
+        assert cfg.optimizer.builder == "adamw_large_wd"
+        assert cfg.optimizer.large_wd_on == variant.removeprefix("large_wd_").upper()
 
 
 # ---------------------------------------------------------------------------- smoke presets

@@ -67,7 +67,7 @@ def test_killed_run_resumes_bit_identically(tmp_path, monkeypatch):
         "trainer.checkpoint_every=4",
         "model.config.num_hidden_layers=1",
     ]
-    cfg = compose_config(overrides + ["method.dropout=0.1"])  # dropout: RNG state must resume too
+    cfg = compose_config(overrides + ["adapter.dropout=0.1"])  # dropout: RNG state must resume too
     train(cfg, tmp_path / "uninterrupted")
 
     with pytest.raises(Interrupted):
@@ -159,7 +159,7 @@ def test_cli_sigterm_checkpoints_and_exits_with_one_line(tmp_path):
 def test_multirun_records_a_failing_job_and_runs_the_others(tmp_path):
     # joblib: the local parallel launcher; one job fails its config check, one completes.
     result = run_cli("run.py", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", *SMOKE,
-                     "method.rank=4,0", f"output_root={tmp_path}")  # fmt: skip
+                     "adapter.rank=4,0", f"output_root={tmp_path}")  # fmt: skip
     assert result.returncode == 1, result.stderr[-3000:]
     sweep = tmp_path / "sweeps" / "smoke"
     summaries = [json.loads(p.read_text()) for p in sweep.glob("*/summary.json")]
@@ -167,7 +167,7 @@ def test_multirun_records_a_failing_job_and_runs_the_others(tmp_path):
     assert statuses == ["completed", "failed"]
     (failed,) = [p.parent for p in sweep.glob("*/summary.json") if "failed" in p.read_text()]
     error = json.loads((failed / "summary.json").read_text())
-    assert "method.rank must be a positive integer" in error["error"]
+    assert "adapter.rank must be a positive integer" in error["error"]
     assert result.stdout.strip().splitlines()[-1] == (
         f"stablelora sweep: 1 completed, 0 diverged, 1 failed ({failed}), 0 interrupted"
     )
@@ -185,8 +185,8 @@ def test_multirun_records_a_failing_job_and_runs_the_others(tmp_path):
 @pytest.mark.parametrize(
     "override,message",
     [
-        ("method.rank=0", "method.rank must be a positive integer"),
-        ("method.target_modules=[query]", "match no module"),
+        ("adapter.rank=0", "adapter.rank must be a positive integer"),
+        ("adapter.target_modules=[query]", "match no module"),
         ("task=arc_easy", "task.data_dir"),
     ],
 )

@@ -15,9 +15,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 from tiny import byte_llama, byte_tokenizer
 
+from stablelora.checks import group_option
 from stablelora.tasks import build_task, check_task_config
 from stablelora.tasks.base import MathTask, MultipleChoiceTask, Task
 from stablelora.tasks.data import TaskConfig
@@ -59,7 +59,7 @@ def tok():
 
 def task_config(name: str, **overrides) -> dict:
     """conf/task/<name>.yaml as a dict, reading its data from the fixtures."""
-    cfg = OmegaConf.to_container(OmegaConf.load(CONF / f"{name}.yaml"))
+    cfg = group_option("task", name)  # with the shared task/_base.yaml
     if name in QA_TASKS:
         cfg["data_dir"] = str(FIXTURES / name)
     return {**cfg, **overrides}
@@ -464,10 +464,10 @@ def test_invalid_configs_raise_one_line(overrides, message):
 
 
 def test_every_config_has_the_contract_fields_and_checks():
-    names = sorted(p.stem for p in CONF.glob("*.yaml"))
+    names = sorted(p.stem for p in CONF.glob("[!_]*.yaml"))  # _base.yaml: the shared fields
     assert set(QA_TASKS) | {"merged_qa", "metamath_gsm8k", "bbc_news", "arithmetic"} <= set(names)
     for name in names:
-        cfg = OmegaConf.to_container(OmegaConf.load(CONF / f"{name}.yaml"))
+        cfg = group_option("task", name)
         assert set(cfg) >= CONTRACT_FIELDS, name
         if name in QA_TASKS or name in ("bbc_news", "arithmetic"):
             check_task_config(task_config(name))

@@ -31,8 +31,8 @@ def reviewer_controls(coll: Collection, seeds: str = "mean") -> Table | None:
     runs = setting_runs(coll, [])
     if runs.empty:
         return None
-    fixed_steps = runs.get("method.stop_rule", pd.Series("", index=runs.index)).astype(str)
-    shrinks = pd.to_numeric(runs.get("method.shrink_ratio", 0), errors="coerce") > 0
+    fixed_steps = runs.get("optimizer.stop_rule", pd.Series("", index=runs.index)).astype(str)
+    shrinks = pd.to_numeric(runs.get("optimizer.shrink_ratio", 0), errors="coerce") > 0
     is_control = (runs["method"] == "adamw_large_wd") | (
         shrinks & fixed_steps.str.startswith("steps:")
     )

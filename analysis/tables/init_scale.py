@@ -51,20 +51,20 @@ def stability_measures(coll: Collection, runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def init_scale(coll: Collection, seeds: str = "mean") -> Table | None:
-    """Accuracy by the scale of A0 (``method.init_scale``): rows methods, columns scales."""
+    """Accuracy by the scale of A0 (``adapter.init_scale``): rows methods, columns scales."""
     check_mode(seeds)
-    if "method.init_scale" not in coll.runs:
+    if "adapter.init_scale" not in coll.runs:
         return None
-    runs = setting_runs(coll, ["method.init_scale"])
-    if runs.empty or runs["method.init_scale"].nunique() < 2:
+    runs = setting_runs(coll, ["adapter.init_scale"])
+    if runs.empty or runs["adapter.init_scale"].nunique() < 2:
         return None
     runs = display_values(runs)
-    cells = aggregate(runs, ["model", "task", "label", "method", "method.init_scale"], seeds)
-    scales = sorted(cells["method.init_scale"].unique())
+    cells = aggregate(runs, ["model", "task", "label", "method", "adapter.init_scale"], seeds)
+    scales = sorted(cells["adapter.init_scale"].unique())
     display, data = pivot_with_paper(
         cells,
         ["model", "task", "label"],
-        "method.init_scale",
+        "adapter.init_scale",
         scales,
         seeds,
         lambda r, s: math.nan,
@@ -91,23 +91,23 @@ def init_scale(coll: Collection, seeds: str = "mean") -> Table | None:
 def init_scale_stability(coll: Collection, seeds: str = "mean") -> Table | None:
     """By the scale of A0: the delta1/delta2 ratio at the last probed step and the growth of
     ||A||_F over the run (geometric means over seeds)."""
-    if "method.init_scale" not in coll.runs or coll.history.empty:
+    if "adapter.init_scale" not in coll.runs or coll.history.empty:
         return None
-    runs = setting_runs(coll, ["method.init_scale"])
-    if runs.empty or runs["method.init_scale"].nunique() < 2:
+    runs = setting_runs(coll, ["adapter.init_scale"])
+    if runs.empty or runs["adapter.init_scale"].nunique() < 2:
         return None
     measures = stability_measures(coll, runs)
     runs = runs.merge(measures, on="run_id")
     if runs[["ratio", "growth"]].isna().all().all():
         return None
-    scales = sorted(runs["method.init_scale"].unique())
+    scales = sorted(runs["adapter.init_scale"].unique())
     long = []
     for measure, title in (("ratio", "delta1/delta2 (last probe)"), ("growth", "||A|| last/first")):
         values = runs[measure].where(runs[measure] > 0)
         long.append(runs.assign(quantity=title, value=np.log10(values)))
     cells = aggregate(
         pd.concat(long, ignore_index=True),
-        ["model", "task", "label", "quantity", "method.init_scale"],
+        ["model", "task", "label", "quantity", "adapter.init_scale"],
         "mean",
     )
     cells["value"] = 10 ** cells["value"]
@@ -115,7 +115,7 @@ def init_scale_stability(coll: Collection, seeds: str = "mean") -> Table | None:
     display, data = pivot_with_paper(
         cells,
         ["model", "task", "label", "quantity"],
-        "method.init_scale",
+        "adapter.init_scale",
         scales,
         "mean",
         lambda r, s: math.nan,

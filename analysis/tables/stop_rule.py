@@ -27,14 +27,14 @@ from analysis.tables.formatting import (
 def ablation_stop_rule(coll: Collection, seeds: str = "mean") -> Table | None:
     """Shrinking methods by stop rule: rows (method, stop rule), columns models."""
     check_mode(seeds)
-    if "method.stop_rule" not in coll.runs or "method.shrink_ratio" not in coll.runs:
+    if "optimizer.stop_rule" not in coll.runs or "optimizer.shrink_ratio" not in coll.runs:
         return None
-    runs = setting_runs(coll, ["method.stop_rule"])
-    runs = runs[pd.to_numeric(runs["method.shrink_ratio"], errors="coerce") > 0]
-    if runs["method.stop_rule"].nunique() < 2:
+    runs = setting_runs(coll, ["optimizer.stop_rule"])
+    runs = runs[pd.to_numeric(runs["optimizer.shrink_ratio"], errors="coerce") > 0]
+    if runs["optimizer.stop_rule"].nunique() < 2:
         return None
     runs = display_values(runs).assign(
-        setting=setting_column(runs), stop_rule=runs["method.stop_rule"].astype(str)
+        setting=setting_column(runs), stop_rule=runs["optimizer.stop_rule"].astype(str)
     )
     cells = aggregate(runs, ["label", "method", "stop_rule", "setting", "model", "task"], seeds)
     settings = sort_frame(cells[["model", "task", "setting"]].drop_duplicates(), ["model", "task"])[

@@ -39,14 +39,14 @@ def modules_text(modules: str) -> str:
 def ablation_target_modules(coll: Collection, seeds: str = "mean") -> Table | None:
     """Accuracy by target-module set: rows (model, task, modules), columns methods."""
     check_mode(seeds)
-    if "method.target_modules" not in coll.runs:
+    if "adapter.target_modules" not in coll.runs:
         return None
-    runs = setting_runs(coll, ["method.target_modules"])
-    if runs.empty or runs["method.target_modules"].nunique() < 2:
+    runs = setting_runs(coll, ["adapter.target_modules"])
+    if runs.empty or runs["adapter.target_modules"].nunique() < 2:
         return None
     order = {m: i for i, m in enumerate(published.ALL_PROJECTIONS)}
     runs = display_values(runs).assign(
-        modules=runs["method.target_modules"].map(
+        modules=runs["adapter.target_modules"].map(
             lambda m: ",".join(sorted(str(m).split(","), key=lambda x: (order.get(x, 99), x)))
         )
     )

@@ -23,12 +23,7 @@ def large_weight_decay_groups(
     ``weight_decay``. Every trainable parameter is in exactly one group; each group carries a
     ``"name"`` for logging.
     """
-    if large_wd_on not in LARGE_WD_TARGETS:
-        raise ValueError(
-            f"large_wd_on must be 'A' (LoRA A factors only) or 'AB' (A and B), got {large_wd_on!r}."
-        )
-    if not (isinstance(large_weight_decay, (int, float)) and large_weight_decay >= 0):
-        raise ValueError(f"large_weight_decay must be >= 0, got {large_weight_decay!r}.")
+    check_large_weight_decay(large_wd_on, large_weight_decay)
     decayed = {id(pair.A) for pair in pairs}
     if large_wd_on == "AB":
         decayed |= {id(pair.B) for pair in pairs}
@@ -47,9 +42,22 @@ def large_weight_decay_groups(
     ]
 
 
-@register_optimizer("adamw_large_wd")
+def check_large_weight_decay(large_wd_on: str, large_weight_decay: float) -> None:
+    """Raise a one-line ValueError for an unknown target or a negative weight decay."""
+    if large_wd_on not in LARGE_WD_TARGETS:
+        raise ValueError(
+            f"large_wd_on must be 'A' (LoRA A factors only) or 'AB' (A and B), got {large_wd_on!r}."
+        )
+    number = isinstance(large_weight_decay, (int, float)) and not isinstance(
+        large_weight_decay, bool
+    )
+    if not (number and large_weight_decay >= 0):
+        raise ValueError(f"large_weight_decay must be >= 0, got {large_weight_decay!r}.")
+
+
+@register_optimizer("adamw_large_wd", check=lambda options: check_large_weight_decay(**options))
 def _build_adamw_large_wd(model, pairs, *, lr, weight_decay, betas, eps, foreach, fused,
-                          large_wd_on="A", large_weight_decay=0.1, **unused):  # fmt: skip
+                          large_wd_on="A", large_weight_decay=0.1):  # fmt: skip
     groups = large_weight_decay_groups(
         model, pairs, large_wd_on=large_wd_on, large_weight_decay=large_weight_decay,
         weight_decay=weight_decay,

@@ -535,7 +535,7 @@ def _stack_state(states: list[dict], key: str) -> Tensor:
 @register_optimizer("lora_rite")
 def _build_lora_rite(model, pairs, *, lr, weight_decay, betas, eps, foreach, fused,
                      rite_eps=1e-6, clip_unmagnified_grad=1.0, update_skipping=1.0,
-                     update_capping=0.0, apply_escape=False, **unused):  # fmt: skip
+                     update_capping=0.0, apply_escape=False):  # fmt: skip
     return LoRARITE(
         [p for p in model.parameters() if p.requires_grad], pairs, rite_eps=rite_eps,
         clip_unmagnified_grad=clip_unmagnified_grad, update_skipping=update_skipping,

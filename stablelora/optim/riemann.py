@@ -386,7 +386,7 @@ class RiemannianAdamW(LoRAFactorAdamW):
 
 @register_optimizer("riemann")
 def _build_riemann(model, pairs, *, lr, weight_decay, betas, eps, foreach, fused,
-                   reg=1e-6, authors_variant=False, scaled_gd=False, **unused):  # fmt: skip
+                   reg=1e-6, authors_variant=False, scaled_gd=False):  # fmt: skip
     return RiemannianAdamW(
         [p for p in model.parameters() if p.requires_grad], pairs, reg=reg,
         authors_variant=authors_variant, scaled_gd=scaled_gd, lr=lr, betas=tuple(betas),

@@ -9,8 +9,10 @@ Usage (``task_cfg`` is the composed ``task`` node of the Hydra config, or a plai
     metrics = task.evaluate(model, batch_size=16)    # {"acc": ..., "n": ...}; task.main_metric
 
 One module per task family, ``stablelora/tasks/<family>.py``, defines ``KIND``
-("multiple_choice" or "math"), ``sources(cfg)`` (the Hub datasets it reads, for the offline
-check), ``build(cfg, tokenizer, *, seed)`` and optionally ``check(cfg)``.
+("multiple_choice", "math" or "regression"), ``sources(cfg)`` (the Hub datasets it reads, for
+the offline check), ``build(cfg, tokenizer, *, seed)`` and optionally ``check(cfg)``. Any
+module of this package with ``KIND`` and ``build`` is a family (:func:`families`): adding one
+needs no list or import line.
 
 Main metrics: ``acc_norm`` for HellaSwag under loglik, ``acc`` otherwise (multiple choice:
 argmax of the summed log-probs, or exact answer label under generation; merged_qa: the mean of
@@ -20,33 +22,45 @@ the subtasks' ``acc``; maths: final number within 1e-3).
 from __future__ import annotations
 
 import importlib
+import pkgutil
 from typing import Any
 
 from stablelora.tasks.base import MathTask, MultipleChoiceTask, Task
 from stablelora.tasks.data import PROMPT_FORMATS, PROTOCOLS, TaskConfig, check_source
 
-FAMILIES = (
-    "hellaswag", "siqa", "obqa", "arc", "merged_qa", "gsm8k", "bbc_news", "arithmetic",
-    "toy_teacher",
-)  # fmt: skip
+#: Families whose examples are token sequences (a prompt and an answer).
+TOKEN_KINDS = ("multiple_choice", "math")
 
 __all__ = [
-    "FAMILIES",
     "MathTask",
     "MultipleChoiceTask",
     "Task",
     "TaskConfig",
     "build_task",
     "check_task_config",
+    "families",
 ]
+
+
+def families() -> list[str]:
+    """The task families: the modules of this package that define ``KIND`` and ``build``."""
+    found = []
+    for module in pkgutil.iter_modules(__path__):
+        if module.ispkg:
+            continue
+        imported = importlib.import_module(f"{__name__}.{module.name}")
+        if hasattr(imported, "KIND") and hasattr(imported, "build"):
+            found.append(module.name)
+    return sorted(found)
 
 
 def family_module(cfg: TaskConfig):
     """The module ``stablelora.tasks.<family>`` of a task."""
-    if cfg.family not in FAMILIES:
+    known = families()
+    if cfg.family not in known:
         raise ValueError(
             f"task {cfg.name} has unknown family {cfg.family!r}: set task.family to one of "
-            f"{', '.join(FAMILIES)}"
+            f"{', '.join(known)} (or add stablelora/tasks/{cfg.family}.py)"
         )
     return importlib.import_module(f"stablelora.tasks.{cfg.family}")
 
@@ -89,6 +103,12 @@ def check_task_config(task_cfg: Any) -> None:
         optional = key.startswith("max_") and key.endswith("examples")
         if not (value is None and optional) and (not isinstance(value, int) or value < 1):
             raise ValueError(f"task {cfg.name}: task.{key}={value!r} must be a positive integer")
+    if module.KIND in TOKEN_KINDS and cfg.max_length < 2:
+        raise ValueError(
+            f"task {cfg.name}: task.max_length={cfg.max_length} cannot hold a prompt token and "
+            "an answer token, so no token would be trained on: set task.max_length >= 2 (the "
+            "task's sequences need far more, e.g. 64)"
+        )
     if hasattr(module, "check"):
         module.check(cfg)
     for source in module.sources(cfg):

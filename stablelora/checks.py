@@ -1,0 +1,208 @@
+"""Config checks that load nothing: the keys each config group declares (read from its yaml
+files), so that a composed config sets no other key and no value of the wrong type; and a
+usable ``output_root``, checked by a Hydra callback before Hydra creates the run folder.
+
+Hydra rejects ``optim.lrr=1e-4`` but accepts ``+optim.lrr=1e-4`` (its own suggestion for an
+unknown key) and any key an experiment file adds: both would run silently with the defaults.
+A group's declared keys are the union over its options (``conf/<group>/*.yaml``, their
+defaults lists followed, and the group's node in ``config.yaml``); the ``adapter`` and
+``optimizer`` groups are checked against ``apply_lora``'s and the optimizer builders'
+signatures instead (see :func:`stablelora.train.check_config`).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import yaml
+from hydra.experimental.callback import Callback
+
+#: The repository's config directory (Hydra's primary search path for run.py).
+CONF = Path(__file__).resolve().parent.parent / "conf"
+GLOBAL_PACKAGE = "# @package _global_"
+
+
+def config_dirs() -> list[Path]:
+    """The file directories of Hydra's config search path inside a Hydra app (including
+    ``hydra.searchpath`` entries); the repository's ``conf/`` otherwise."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        if HydraConfig.initialized():
+            sources = HydraConfig.get().runtime.config_sources
+            dirs = [Path(s.path) for s in sources if s.schema == "file"]
+            if dirs:
+                return dirs
+    except ImportError:  # pragma: no cover - hydra is a dependency
+        pass
+    return [CONF]
+
+
+def _read(path: Path) -> tuple[dict, bool]:
+    text = path.read_text()
+    return (yaml.safe_load(text) or {}), text.lstrip().startswith(GLOBAL_PACKAGE)
+
+
+def _merge(into: dict, other: Mapping) -> dict:
+    for key, value in other.items():
+        if isinstance(value, Mapping) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = _copy(value)
+    return into
+
+
+def _copy(value):
+    return _merge({}, value) if isinstance(value, Mapping) else value
+
+
+@functools.cache
+def _option(dirs: tuple[Path, ...], group: str, name: str) -> dict:
+    """One option of a group with its (same-group) defaults merged in."""
+    for root in dirs:
+        path = root / group / f"{name}.yaml"
+        if path.exists():
+            break
+    else:
+        return {}
+    content, is_global = _read(path)
+    node: dict = {}
+    for entry in content.get("defaults", []) or []:
+        if not isinstance(entry, str) or entry == "_self_" or entry.startswith("/"):
+            continue  # overrides of other groups (``override /x: y``) declare no keys here
+        option, _, package = entry.partition("@")
+        target = node
+        for part in filter(None, package.split(".")):
+            target = target.setdefault(part, {})
+        _merge(target, _option(dirs, group, option))
+    own = content.get(group, {}) if is_global else content
+    own = {k: v for k, v in (own or {}).items() if k != "defaults"}
+    return _merge(node, own)
+
+
+def group_option(group: str, name: str, dirs: Iterable[Path] | None = None) -> dict:
+    """``conf/<group>/<name>.yaml`` as Hydra composes it from the group's own files (its
+    same-group defaults merged in, interpolations left as they are)."""
+    return _copy(_option(tuple(dirs) if dirs is not None else tuple(config_dirs()), group, name))
+
+
+@functools.cache
+def declared(group: str, dirs: tuple[Path, ...]) -> dict:
+    """The union of the keys every option of ``group`` declares, nested as in the config;
+    a leaf holds the list of its declared values."""
+    union: dict = {}
+    for root in dirs:
+        primary = root / "config.yaml"
+        if primary.exists():
+            _add(union, (_read(primary)[0] or {}).get(group) or {})
+        for path in sorted((root / group).glob("*.yaml")):
+            _add(union, _option(dirs, group, path.stem))
+    return union
+
+
+def _add(union: dict, node: Mapping) -> None:
+    for key, value in node.items():
+        if isinstance(value, Mapping):
+            child = union.get(key)
+            if not isinstance(child, dict):
+                child = union[key] = {}
+            if not value:
+                child["*"] = True  # declared as an open mapping: any key is allowed
+            _add(child, value)
+        elif not isinstance(union.get(key), dict):
+            union.setdefault(key, []).append(value)
+
+
+def _kind(values: list) -> type | None:
+    """bool, int or float when every declared non-null value is of that kind."""
+    values = [v for v in values if v is not None and not (isinstance(v, str) and "${" in v)]
+    if not values:
+        return None
+    if all(isinstance(v, bool) for v in values):
+        return bool
+    if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        return int
+    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        return float
+    return None
+
+
+def check_keys(node: Mapping, schema: dict, path: str) -> None:
+    """Raise a one-line ValueError for a key ``schema`` does not declare, or a value whose
+    type differs from every declared one (``optim.lr=abc``)."""
+    if schema.get("*"):
+        return
+    for key, value in node.items():
+        where = f"{path}.{key}"
+        if key not in schema:
+            known = ", ".join(sorted(k for k in schema if k != "*"))
+            raise ValueError(
+                f"{where} is not a key of {path} (a misspelling?): its keys are {known}; a "
+                f"new key must first be declared in a conf/{path.split('.')[0]}/ yaml."
+            )
+        expected = schema[key]
+        if isinstance(expected, dict):
+            if isinstance(value, Mapping):
+                check_keys(value, expected, where)
+            continue
+        kind = _kind(expected)
+        if value is None or kind is None:
+            continue
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        fits = {
+            bool: isinstance(value, bool),
+            int: number and float(value).is_integer(),
+            float: number,
+        }[kind]
+        if not fits:
+            word = {bool: "true or false", int: "an integer", float: "a number"}[kind]
+            raise ValueError(f"{where} must be {word}, got {value!r}.")
+
+
+def check_groups(cfg: Mapping, groups: Iterable[str], dirs: Iterable[Path] | None = None) -> None:
+    """:func:`check_keys` for each of ``groups`` in a resolved config (a plain dict)."""
+    dirs = tuple(dirs) if dirs is not None else tuple(config_dirs())
+    for group in groups:
+        if isinstance(cfg.get(group), Mapping):
+            check_keys(cfg[group], declared(group, dirs), group)
+
+
+def check_output_root(root: Path) -> None:
+    """Raise a one-line ValueError when ``root`` is (inside) a file or cannot be written."""
+    existing = Path(root)
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(
+            f"output_root={root}: {existing} is a file, not a directory: set output_root to "
+            "a directory."
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(
+            f"output_root={root}: {existing} is not writable: set output_root to a writable "
+            "directory."
+        )
+
+
+class OutputRootCheck(Callback):
+    """Stop with one line (exit code 2) when ``output_root`` is unusable, before Hydra
+    creates the run or sweep folder inside it (which would fail with a traceback)."""
+
+    def _check(self, config) -> None:
+        from stablelora.train import CONFIG_ERROR_EXIT
+
+        try:
+            check_output_root(Path(str(config.output_root)))
+        except ValueError as error:
+            print(f"stablelora: config error: {error}", file=sys.stderr)
+            sys.exit(CONFIG_ERROR_EXIT)
+
+    def on_run_start(self, config, **kwargs) -> None:
+        self._check(config)
+
+    def on_multirun_start(self, config, **kwargs) -> None:
+        self._check(config)
