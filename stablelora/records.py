@@ -23,6 +23,8 @@ import warnings
 from importlib import metadata
 from pathlib import Path
 
+from stablelora.layer_records import LayerRecords, split_per_layer, wandb_per_layer
+
 STATUSES = ("running", "completed", "diverged", "failed")
 PACKAGES = ("torch", "transformers", "peft", "datasets", "hydra-core", "wandb", "stablelora")
 
@@ -93,6 +95,8 @@ class RunRecorder:
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.summary_path = self.run_dir / "summary.json"
         self.wandb_run = None
+        self.layers = LayerRecords(self.run_dir, enabled=enabled)  # per-layer probe values
+        self.wandb_layers_every = int(logger_cfg.get("per_layer_every", 50) or 0)
         if enabled:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self.wandb_run = self._start_wandb(logger_cfg, run_name)
@@ -134,6 +138,7 @@ class RunRecorder:
     # ------------------------------------------------------------------ records
     def truncate_after(self, step: int) -> None:
         """On resume: drop records of steps after the checkpoint (they will be logged again)."""
+        self.layers.truncate_after(step)
         if not self.enabled or not self.metrics_path.exists():
             return
         kept = [row for row in read_jsonl(self.metrics_path) if row["step"] <= step]
@@ -142,13 +147,23 @@ class RunRecorder:
         os.replace(tmp, self.metrics_path)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
-        """Append one record to ``metrics.jsonl`` and W&B."""
+        """Append one record to ``metrics.jsonl`` (the per-layer probe values to the
+        :class:`~stablelora.layer_records.LayerRecords`) and W&B."""
         if not self.enabled or not metrics:
             return
+        metrics, per_layer = split_per_layer(metrics)
+        self.layers.append(step, per_layer)
+        every = self.wandb_layers_every
+        if per_layer and self.wandb_run is not None and every and step % every == 0:
+            self._wandb(lambda run: run.log(wandb_per_layer(per_layer), step=step, commit=False))
         row = {"step": step, **{k: _finite_or_none(v) for k, v in metrics.items()}}
         with self.metrics_path.open("a") as stream:
             stream.write(json.dumps(row, default=_jsonable) + "\n")
-        self._wandb(lambda run: run.log(wandb_keys(metrics), step=step))
+        self._wandb(lambda run: run.log(metrics, step=step))
+
+    def flush(self) -> None:
+        """Write the buffered per-layer rows (call it before saving a checkpoint)."""
+        self.layers.flush()
 
     def write_summary(self, summary: dict) -> None:
         """Write ``summary.json`` (and the W&B summary)."""
@@ -163,24 +178,10 @@ class RunRecorder:
             self._wandb(lambda run: run.summary.update(flat))
 
     def finish(self, exit_code: int = 0) -> None:
-        """Close the W&B run."""
+        """Write the per-layer file and close the W&B run."""
+        self.layers.close()
         self._wandb(lambda run: run.finish(exit_code=exit_code))
         self.wandb_run = None
-
-
-PROBE_SECTIONS = ("feat", "gamma", "lora")
-
-
-def wandb_keys(metrics: dict[str, float]) -> dict[str, float]:
-    """W&B names: per-layer probe values (``feat/<layer>/delta1``...) move to one ``per_layer/``
-    section, so the aggregates stay a short set of charts and hundreds of per-layer charts sit
-    in a single collapsed panel."""
-    renamed = {}
-    for key, value in metrics.items():
-        parts = key.split("/")
-        per_layer = len(parts) >= 3 and parts[0] in PROBE_SECTIONS
-        renamed[f"per_layer/{key}" if per_layer else key] = value
-    return renamed
 
 
 def _finite_or_none(value):

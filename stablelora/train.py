@@ -391,6 +391,7 @@ def _train(cfg, run_dir: Path, dist: Distributed, recorder: RunRecorder, started
             state["best"] = better(state["best"], evaluate(run, step), run.task, step)
             run.model.train()
         if trainer.checkpoint_every and step % trainer.checkpoint_every == 0:
+            recorder.flush()  # the per-layer rows up to this step, before the checkpoint
             save_checkpoint(run, checkpoint_path, state)
     progress.close()
     run.probe.close()
