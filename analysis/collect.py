@@ -36,7 +36,7 @@ import numpy as np
 import pandas as pd
 from pandas.api.types import union_categoricals
 
-from stablelora.layer_records import read_layers, with_gamma
+from stablelora.layer_records import read_layer_table, with_gamma
 from stablelora.records import read_jsonl
 
 RUN_FILES = ("summary.json", "config.yaml", "metrics.jsonl")
@@ -271,17 +271,22 @@ def _jsonl_history(records: list[tuple], keep: Callable[[str], bool]) -> pd.Data
     return history.dropna(subset=["value"])
 
 
-def _layer_history(records: list[tuple]) -> pd.DataFrame:
+def _layer_history(records: list[tuple], per_layer_probes: bool) -> pd.DataFrame:
     """The runs' ``layers.parquet`` rows as long history rows, key ``<section>/<layer>/<q>``
-    (the keys the probe returned)."""
-    frames = [
-        layers.assign(run_id=row["run_id"])
-        for row, _, _, layers in records
-        if layers is not None and len(layers)
-    ]
-    if not frames:
+    (the keys the probe returned; the per-layer gamma recomputed when ``per_layer_probes``)."""
+    import pyarrow as pa
+
+    owned = [(row["run_id"], table) for row, _, _, table in records if table is not None]
+    owned = [(run_id, table) for run_id, table in owned if table.num_rows]
+    if not owned:
         return pd.DataFrame(columns=HISTORY_COLUMNS)
-    wide = pd.concat(frames, ignore_index=True).drop(columns="width")
+    # One table of every run, converted once: much faster than a frame per run.
+    tables = [table for _, table in owned]
+    wide = pa.concat_tables(tables, promote_options="default").to_pandas()
+    wide["run_id"] = np.repeat([run_id for run_id, _ in owned], [t.num_rows for t in tables])
+    if per_layer_probes:
+        wide = with_gamma(wide)
+    wide = wide.drop(columns="width")
     wide["layer"] = wide["layer"].astype("category")
     long = wide.melt(id_vars=["run_id", "step", "layer"], var_name="quantity", value_name="value")
     # Only finite values, like metrics.jsonl (where the recorder writes inf and NaN as null).
@@ -303,12 +308,15 @@ def _layer_history(records: list[tuple]) -> pd.DataFrame:
 
 
 def _frames(records: list[tuple], per_layer_probes: bool) -> Collection:
-    """(run row, metric rows, shrink rows, per-layer frame or None) of every run ->
+    """(run row, metric rows, shrink rows, per-layer table or None) of every run ->
     a :class:`Collection`."""
     runs = pd.DataFrame([record[0] for record in records])
     if runs.empty:
         runs = pd.DataFrame(columns=["run_id", "status", "model", "task", "method", "seed"])
-    parts = [_jsonl_history(records, _key_filter(per_layer_probes)), _layer_history(records)]
+    parts = [
+        _jsonl_history(records, _key_filter(per_layer_probes)),
+        _layer_history(records, per_layer_probes),
+    ]
     parts = [part for part in parts if len(part)]
     if parts:
         history = pd.DataFrame({
@@ -329,13 +337,14 @@ def _frames(records: list[tuple], per_layer_probes: bool) -> Collection:
     return collection
 
 
-def _read_layers(run_dir: Path, per_layer_probes: bool) -> pd.DataFrame:
-    """The run's per-layer rows: only the ``lora/`` columns unless ``per_layer_probes`` (then
-    every column and the recomputed per-layer gamma values)."""
-    if per_layer_probes:
-        layers = read_layers(run_dir)
-        return with_gamma(layers) if len(layers) else layers
-    return read_layers(run_dir, lambda column: column.startswith("lora/"))
+def _read_layers(run_dir: Path, per_layer_probes: bool):
+    """The run's per-layer rows (a pyarrow table, or None): only the ``lora/`` columns unless
+    ``per_layer_probes``."""
+    return read_layer_table(run_dir, None if per_layer_probes else _is_lora_column)
+
+
+def _is_lora_column(column: str) -> bool:
+    return column.startswith("lora/")
 
 
 def collect(

@@ -167,11 +167,10 @@ def read_layer_table(run_dir: Path, select: Callable[[str], bool] | None = None)
 
     tables = []
     for path in layer_files(run_dir):
-        wanted = None
-        if select is not None:
-            names = pq.read_schema(path).names
-            wanted = [c for c in names if c in INDEX_COLUMNS or select(c)]
-        tables.append(pq.read_table(path, columns=wanted))
+        with pq.ParquetFile(path) as file:  # lighter than pq.read_table for many small files
+            names = file.schema_arrow.names
+            wanted = [c for c in names if c in INDEX_COLUMNS or select is None or select(c)]
+            tables.append(file.read(columns=wanted))
     if not tables:
         return None
     if len(tables) == 1:

@@ -242,3 +242,38 @@ def test_smoke_run_records_stay_small(tmp_path):
     tables = list((tmp_path / "wandb").glob("offline-run-*/files/media/table/**/*.json"))
     assert len(tables) == 2  # steps 3 and 6
     assert json.loads(tables[0].read_text())["columns"][:3] == ["layer", "width", "feat/delta1"]
+
+
+@pytest.mark.parametrize("per_layer_probes", [False, True])
+def test_analysis_reads_the_same_history_from_both_layouts(tmp_path, per_layer_probes):
+    from omegaconf import OmegaConf
+
+    from analysis.collect import collect
+    from stablelora.records import RunRecorder, _finite_or_none
+
+    rows = probe_metrics(steps=3)
+    # The earlier layout: every key in metrics.jsonl (non-finite values as null), no width.
+    legacy = tmp_path / "legacy" / "run"
+    legacy.mkdir(parents=True)
+    lines = [
+        {"step": step, **{k: _finite_or_none(v) for k, v in m.items() if "/width" not in k}}
+        for step, m in enumerate(rows, start=1)
+    ]
+    (legacy / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    logger = OmegaConf.create({"mode": "disabled"})
+    recorder = RunRecorder(tmp_path / "current" / "run", {}, logger, "run")
+    for step, metrics in enumerate(rows, start=1):
+        recorder.log(step, metrics)
+    recorder.finish()
+
+    def history(root):
+        frame = collect(root, per_layer_probes=per_layer_probes).history
+        frame = frame.astype({"key": str}).drop(columns="run_id")
+        return frame.sort_values(["key", "step"]).reset_index(drop=True)
+
+    old, new = history(tmp_path / "legacy"), history(tmp_path / "current")
+    assert any(key.startswith("lora/") and key.count("/") == 2 for key in new["key"])
+    assert any(key.startswith("gamma/") and key.count("/") == 2 for key in new["key"]) == (
+        per_layer_probes
+    )
+    assert old.equals(new)
