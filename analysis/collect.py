@@ -1,8 +1,9 @@
 """Collect run records into pandas DataFrames: from sweep directories on disk, or from W&B.
 
 A run directory (see the README's "Run records") holds ``summary.json``, ``config.yaml`` (the
-resolved config; ``.hydra/config.yaml`` when the job failed before writing it) and
-``metrics.jsonl``. :func:`collect` finds every run under the given directories and returns a
+resolved config; ``.hydra/config.yaml`` when the job failed before writing it),
+``metrics.jsonl`` and ``layers.parquet`` (the per-layer probe values; older runs have them in
+``metrics.jsonl``). :func:`collect` finds every run under the given directories and returns a
 :class:`Collection`:
 
 - ``runs``: one row per run: ``run_id``, ``sweep``, ``run``, ``status`` (``completed``,
@@ -14,7 +15,8 @@ resolved config; ``.hydra/config.yaml`` when the job failed before writing it) a
   ``shrink/stopped``, ``shrink/stop_step_median``) and the flattened config (``optim.lr``,
   ``method.target_modules`` as ``"q_proj,v_proj"``, ...). ``label`` names the method and the
   hyper-parameters that distinguish its runs (see :func:`label_runs`).
-- ``history``: the metric histories, long: ``run_id``, ``step``, ``key``, ``value``.
+- ``history``: the metric histories, long: ``run_id``, ``step``, ``key``, ``value`` (finite
+  values; the per-layer ones under the probe's keys, e.g. ``lora/<layer>/norm_A``).
 - ``shrink``: Stable-LoRA's stop steps, long: ``run_id``, ``layer``, ``shrinking``,
   ``stop_step`` (null for a layer still shrinking at the end).
 

@@ -4,6 +4,7 @@ A run directory holds (the analysis reads these; the README documents the schema
 
 - ``config.yaml``: the resolved config (Hydra's own copy is in ``.hydra/``);
 - ``metrics.jsonl``: one JSON object per logged step, always with ``step``;
+- ``layers.parquet``: the probe's per-layer values (:mod:`stablelora.layer_records`);
 - ``summary.json``: ``status`` (``running`` | ``completed`` | ``diverged`` | ``failed``), final,
   best and initial metrics, steps, wall time, peak memory, versions, git commit, shrink stops;
 - ``adapter/``: the LoRA adapter saved with peft's ``save_pretrained``;
