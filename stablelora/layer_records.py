@@ -232,17 +232,23 @@ class LayerRecords:
     Args:
         run_dir: the run directory.
         enabled: False (ranks other than 0) makes every method a no-op.
+        max_buffered_rows: flush on its own past this many rows (a run without checkpoints
+            still holds a bounded buffer; an extra part is as safe as any other).
     """
 
-    def __init__(self, run_dir: Path, enabled: bool = True):
+    def __init__(self, run_dir: Path, enabled: bool = True, max_buffered_rows: int = 20_000):
         self.run_dir, self.enabled = Path(run_dir), enabled
+        self.max_buffered_rows = max_buffered_rows
         self.parts_dir = self.run_dir / PARTS_DIR
         self._rows: list[tuple[int, str, dict]] = []
 
     def append(self, step: int, per_layer: Mapping[str, Mapping[str, float]]) -> None:
         """Buffer one step's ``{layer: {column: value}}`` (from :func:`split_per_layer`)."""
-        if self.enabled:
-            self._rows.extend((step, layer, dict(values)) for layer, values in per_layer.items())
+        if not self.enabled:
+            return
+        self._rows.extend((step, layer, dict(values)) for layer, values in per_layer.items())
+        if len(self._rows) >= self.max_buffered_rows:
+            self.flush()
 
     def flush(self) -> None:
         """Write the buffered rows as a new part (atomically); nothing when none is buffered."""

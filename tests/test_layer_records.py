@@ -141,6 +141,16 @@ def test_truncate_after_drops_buffered_flushed_and_merged_rows(tmp_path):
     assert steps_on_disk(tmp_path) == [1, 2]
 
 
+def test_a_full_buffer_flushes_on_its_own(tmp_path):
+    store = LayerRecords(tmp_path, max_buffered_rows=2)
+    write_steps(store, [1])
+    assert not (tmp_path / PARTS_DIR).exists()
+    write_steps(store, [2, 3])
+    assert steps_on_disk(tmp_path) == [1, 2]  # step 3 is still buffered
+    store.close()
+    assert steps_on_disk(tmp_path) == [1, 2, 3]
+
+
 def test_readers_keep_one_row_when_a_merge_was_cut_short(tmp_path):
     store = LayerRecords(tmp_path)
     write_steps(store, [1, 2])
