@@ -1,8 +1,9 @@
 """Collect run records into pandas DataFrames: from sweep directories on disk, or from W&B.
 
 A run directory (see the README's "Run records") holds ``summary.json``, ``config.yaml`` (the
-resolved config; ``.hydra/config.yaml`` when the job failed before writing it) and
-``metrics.jsonl``. :func:`collect` finds every run under the given directories and returns a
+resolved config; ``.hydra/config.yaml`` when the job failed before writing it),
+``metrics.jsonl`` and ``layers.parquet`` (the per-layer probe values; older runs have them in
+``metrics.jsonl``). :func:`collect` finds every run under the given directories and returns a
 :class:`Collection`:
 
 - ``runs``: one row per run: ``run_id``, ``sweep``, ``run``, ``status`` (``completed``,
@@ -16,7 +17,8 @@ resolved config; ``.hydra/config.yaml`` when the job failed before writing it) a
   ``shrink/stopped``, ``shrink/stop_step_median``) and the flattened config (``optim.lr``,
   ``adapter.target_modules`` as ``"q_proj,v_proj"``, ...). ``label`` names the method and the
   hyper-parameters that distinguish its runs (see :func:`label_runs`).
-- ``history``: the metric histories, long: ``run_id``, ``step``, ``key``, ``value``; a value
+- ``history``: the metric histories, long: ``run_id``, ``step``, ``key``, ``value`` (finite
+  values; the per-layer ones under the probe's keys, e.g. ``lora/<layer>/norm_A``); a value
   logged twice for one step (records written by two processes at once, or by a runner older
   than the exactly-once records) is kept once, the last, with a warning naming the run.
 - ``shrink``: Stable-LoRA's stop steps, long: ``run_id``, ``layer``, ``shrinking``,
@@ -36,18 +38,24 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+from pandas.api.types import union_categoricals
 
+from stablelora.layer_records import read_layer_table, with_gamma
 from stablelora.records import read_jsonl, read_summary, summary_from_wandb
 
 RUN_FILES = ("summary.json", "config.yaml", "metrics.jsonl")
 #: Folders inside a run (or a report) that never hold runs: not walked.
-SKIP_DIRS = {".hydra", "adapter", "wandb", "report", "plots", "tables", "__pycache__"}
+SKIP_DIRS = {".hydra", "adapter", "wandb", "report", "plots", "tables", "__pycache__",
+             "layers.parts"}  # fmt: skip
 HISTORY_COLUMNS = ["run_id", "step", "key", "value"]
 SHRINK_COLUMNS = ["run_id", "layer", "shrinking", "stop_step"]
 #: The probe's per-layer feature magnitudes and gamma estimates: many keys per row, and the
 #: tables and plots use only their means over layers (``feat/delta1``) and the per-layer
-#: norms (``lora/<layer>/norm_A``), so by default they are not loaded.
+#: norms (``lora/<layer>/norm_A``), so by default they are not loaded. The runner writes
+#: per-layer values to ``layers.parquet`` (:mod:`stablelora.layer_records`); runs recorded
+#: before that have them in ``metrics.jsonl``: both are read, into the same history keys.
 PER_LAYER_PROBE = re.compile(r"^(feat|gamma)/.+/")
 #: Config keys that can tell runs of one method apart (besides the seed): the label of a run
 #: shows those that vary within its (model, task, method), and every ``optimizer.*``.
@@ -261,28 +269,79 @@ def _key_filter(per_layer_probes: bool) -> Callable[[str], bool]:
 
 
 # ---------------------------------------------------------------------------- frames
-def _frames(
-    records: list[tuple[dict, list[dict], list[tuple]]], per_layer_probes: bool
-) -> Collection:
-    """(run row, metric rows, shrink rows) of every run -> a :class:`Collection`."""
-    runs = pd.DataFrame([record[0] for record in records])
-    if runs.empty:
-        runs = pd.DataFrame(columns=["run_id", "status", "model", "task", "method", "seed"])
-    keep = _key_filter(per_layer_probes)
+def _jsonl_history(records: list[tuple], keep: Callable[[str], bool]) -> pd.DataFrame:
     # One wide frame of every logged row, then a single melt: much faster than building the
     # long frame value by value (1,000 runs in about a second).
     wide_rows, owners = [], []
-    for row, metrics, _ in records:
+    for row, metrics, *_ in records:
         for metric_row in metrics:
             wide_rows.append({k: v for k, v in metric_row.items() if keep(k)})
             owners.append(row["run_id"])
-    if wide_rows:
-        wide = pd.DataFrame.from_records(wide_rows)
-        wide["run_id"] = owners
-        history = wide.melt(id_vars=["run_id", "step"], var_name="key", value_name="value")
-        history["value"] = pd.to_numeric(history["value"], errors="coerce")
-        history = history.dropna(subset=["value"])
-        history = history.astype({"run_id": "category", "key": "category", "step": "int64"})
+    if not wide_rows:
+        return pd.DataFrame(columns=HISTORY_COLUMNS)
+    wide = pd.DataFrame.from_records(wide_rows)
+    wide["run_id"] = owners
+    history = wide.melt(id_vars=["run_id", "step"], var_name="key", value_name="value")
+    history["value"] = pd.to_numeric(history["value"], errors="coerce")
+    return history.dropna(subset=["value"])
+
+
+def _layer_history(records: list[tuple], per_layer_probes: bool) -> pd.DataFrame:
+    """The runs' ``layers.parquet`` rows as long history rows, key ``<section>/<layer>/<q>``
+    (the keys the probe returned; the per-layer gamma recomputed when ``per_layer_probes``)."""
+    import pyarrow as pa
+
+    owned = [(row["run_id"], table) for row, _, _, table in records if table is not None]
+    owned = [(run_id, table) for run_id, table in owned if table.num_rows]
+    if not owned:
+        return pd.DataFrame(columns=HISTORY_COLUMNS)
+    # One table of every run, converted once: much faster than a frame per run.
+    tables = [table for _, table in owned]
+    wide = pa.concat_tables(tables, promote_options="default").to_pandas()
+    wide["run_id"] = np.repeat([run_id for run_id, _ in owned], [t.num_rows for t in tables])
+    if per_layer_probes:
+        wide = with_gamma(wide)
+    wide = wide.drop(columns="width")
+    wide["layer"] = wide["layer"].astype("category")
+    long = wide.melt(id_vars=["run_id", "step", "layer"], var_name="quantity", value_name="value")
+    # Only finite values, like metrics.jsonl (where the recorder writes inf and NaN as null).
+    long = long[np.isfinite(long["value"].to_numpy(np.float64))]
+    quantity = long["quantity"].astype("category")
+    layers, quantities = wide["layer"].cat.categories, quantity.cat.categories
+    names = [(q.split("/", 1)[0], q.split("/", 1)[1]) for q in quantities]
+    keys = [f"{section}/{layer}/{name}" for layer in layers for section, name in names]
+    codes = long["layer"].cat.codes.to_numpy(np.int64) * len(names) + quantity.cat.codes.to_numpy()
+    key = pd.Categorical.from_codes(codes, categories=keys)
+    return pd.DataFrame(
+        {
+            "run_id": long["run_id"].to_numpy(),
+            "step": long["step"].to_numpy(),
+            "key": key,
+            "value": long["value"].to_numpy(np.float64),
+        }  # fmt: skip
+    )
+
+
+def _frames(records: list[tuple], per_layer_probes: bool) -> Collection:
+    """(run row, metric rows, shrink rows, per-layer table or None) of every run ->
+    a :class:`Collection`."""
+    runs = pd.DataFrame([record[0] for record in records])
+    if runs.empty:
+        runs = pd.DataFrame(columns=["run_id", "status", "model", "task", "method", "seed"])
+    parts = [
+        _jsonl_history(records, _key_filter(per_layer_probes)),
+        _layer_history(records, per_layer_probes),
+    ]
+    parts = [part for part in parts if len(part)]
+    if parts:
+        history = pd.DataFrame({
+            column: union_categoricals([part[column].astype("category") for part in parts])
+            for column in ("run_id", "key")
+        } | {
+            column: np.concatenate([part[column].to_numpy() for part in parts])
+            for column in ("step", "value")
+        })  # fmt: skip
+        history = history.astype({"step": "int64", "value": "float64"})
         history = history.sort_values(["run_id", "key", "step"], kind="stable")
         history = history[HISTORY_COLUMNS].reset_index(drop=True)
     else:
@@ -291,6 +350,16 @@ def _frames(
     collection = Collection(runs, history, shrink)
     label_runs(collection.runs)
     return collection
+
+
+def _read_layers(run_dir: Path, per_layer_probes: bool):
+    """The run's per-layer rows (a pyarrow table, or None): only the ``lora/`` columns unless
+    ``per_layer_probes``."""
+    return read_layer_table(run_dir, None if per_layer_probes else _is_lora_column)
+
+
+def _is_lora_column(column: str) -> bool:
+    return column.startswith("lora/")
 
 
 def collect(
@@ -303,7 +372,8 @@ def collect(
 
     Args:
         paths: one or more directories, searched recursively for run directories.
-        history: also load ``metrics.jsonl`` (the plots and step tables need it).
+        history: also load ``metrics.jsonl`` and ``layers.parquet`` (the plots and step tables
+            need them).
         per_layer_probes: keep the probe's per-layer ``feat/<layer>/...`` and
             ``gamma/<layer>/...`` keys in the history (off by default: see
             :data:`PER_LAYER_PROBE`; the per-layer ``lora/<layer>/norm_A`` keys are always kept).
@@ -321,6 +391,7 @@ def collect(
         for run_dir in find_run_dirs(root):
             run_id = str(run_dir)
             metrics = unique_rows(run_id, read_jsonl(run_dir / "metrics.jsonl")) if history else []
+            layers = _read_layers(run_dir, per_layer_probes) if history else None
             summary = read_summary(run_dir)
             row = run_row(
                 read_config(run_dir),
@@ -330,7 +401,7 @@ def collect(
                 run=run_dir.relative_to(root).as_posix(),
                 history_steps=max((m.get("step", 0) for m in metrics), default=None),
             )
-            records.append((row, metrics, shrink_rows(run_id, summary.get("shrink"))))
+            records.append((row, metrics, shrink_rows(run_id, summary.get("shrink")), layers))
     return _frames(records, per_layer_probes)
 
 
@@ -469,7 +540,9 @@ def collect_wandb(
         tags: keep runs having any of these tags.
         filters: further W&B (MongoDB-style) filters, e.g. ``{"config.task.name": "hellaswag"}``.
         history: also download the metric histories (``run.scan_history()``).
-        per_layer_probes: as in :func:`collect`.
+        per_layer_probes: as in :func:`collect` (the runner sends W&B the per-layer values
+            only as tables and histograms every ``logger.per_layer_every`` steps: the
+            per-layer series are in the run directories).
         api: a ``wandb.Api()`` (made here when None).
     """
     if api is None:
@@ -482,5 +555,7 @@ def collect_wandb(
     tags = list(tags)
     if tags:
         query["tags"] = {"$in": tags}
-    records = [wandb_run_records(run, history=history) for run in api.runs(path, filters=query)]
+    records = [
+        (*wandb_run_records(run, history=history), None) for run in api.runs(path, filters=query)
+    ]
     return _frames(records, per_layer_probes)

@@ -1,7 +1,9 @@
 """Speed of the analysis: collect 1,000 run records and build every table (target < 10 s).
 
 Writes synthetic run directories in the runner's format (``config.yaml``, ``summary.json``,
-``metrics.jsonl`` with training, evaluation and per-layer probe rows), mixing every kind of
+``metrics.jsonl`` with training, evaluation and probe rows, ``layers.parquet`` with the
+per-layer probe rows; one run in ten in the earlier layout, per-layer keys in
+``metrics.jsonl``), mixing every kind of
 sweep the tables read (QA tasks per task and merged, GSM8K by step, stop rules, target
 modules, A0 scales, the reviewer controls, several learning rates) and some failed, diverged
 and unfinished runs; then times :func:`analysis.collect.collect` and
@@ -25,6 +27,8 @@ import time
 from pathlib import Path
 
 import yaml
+
+from stablelora.layer_records import LayerRecords, split_per_layer
 
 MODELS = ("qwen2_0.5b", "llama3.2_1b", "qwen2_1.5b", "llama3.2_3b")
 QA = ("hellaswag", "siqa", "obqa", "arc_easy", "arc_challenge")
@@ -110,6 +114,7 @@ def write_records(root: Path, count: int, seed: int = 0) -> None:
         (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
         acc = rng.uniform(0.3, 0.9)
         metrics, steps = [], 1000 if status == "completed" else rng.randrange(1, 1000)
+        legacy, layer_records = rng.random() < 0.1, LayerRecords(run_dir)
         for step in range(0, steps + 1, 50):
             row = {"step": step}
             if step:
@@ -125,11 +130,16 @@ def write_records(root: Path, count: int, seed: int = 0) -> None:
                 for layer in LAYERS:
                     row[f"lora/{layer}/norm_A"] = rng.uniform(1, 2)
                     row[f"lora/{layer}/norm_B"] = rng.uniform(0, 1)
+                    row[f"lora/{layer}/width"] = 896.0
                 row.update({"lora/norm_A": 1.5, "lora/norm_B": 0.5})
+                if not legacy:  # what the runner's recorder does
+                    row, per_layer = split_per_layer(row)
+                    layer_records.append(step, per_layer)
             if step % 250 == 0:
                 row["eval/acc"] = acc * step / 1000
             metrics.append(row)
         (run_dir / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
+        layer_records.close()
         if status == "incomplete":
             continue
         final = {"eval/acc": acc}

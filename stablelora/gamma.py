@@ -71,8 +71,11 @@ Aggregates over the layers logged on the step:
 Per layer (with ``per_layer=True``):
 
 - ``feat/<layer>/<q>``: the RMS of q for that layer.
-- ``gamma/<layer>/<q>``: ``log(feat/<layer>/<q>) / log(n)``.
+- ``gamma/<layer>/<q>``: ``log(feat/<layer>/<q>) / log(n)``, computed by
+  :func:`stablelora.layer_records.gamma_values` (the run records keep only the RMS and n and
+  recompute it with the same function).
 - ``lora/<layer>/norm_A``, ``lora/<layer>/norm_B``: ``||A'||_F``, ``||B'||_F`` after the step.
+- ``lora/<layer>/width``: n, the layer's input width (the denominator of its gamma values).
 - ``lora/<layer>/shrinking``: 1.0 while the layer shrinks, 0.0 after it stopped (StableLoRA).
 - ``lora/<layer>/stop_step``: the step at which the layer stopped shrinking; present once it
   has stopped (StableLoRA).
@@ -91,9 +94,11 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
+from stablelora.layer_records import gamma_values
 from stablelora.optim.pairs import LoRAPair
 
 DECOMPOSITION = ("delta1", "delta2", "delta3", "dY")
@@ -106,10 +111,9 @@ def rms(x: torch.Tensor) -> torch.Tensor:
 
 
 def gamma_value(magnitude: float, width: int) -> float:
-    """``log(magnitude) / log(width)``: -inf for a zero magnitude, nan for width <= 1."""
-    if width <= 1 or not magnitude >= 0:
-        return math.nan
-    return math.log(magnitude) / math.log(width) if magnitude > 0 else -math.inf
+    """``log(magnitude) / log(width)``: -inf for a zero magnitude, nan for width <= 1 (one
+    value of :func:`stablelora.layer_records.gamma_values`)."""
+    return float(gamma_values(magnitude, width))
 
 
 def product_norm(M: torch.Tensor, N: torch.Tensor) -> torch.Tensor:
@@ -437,27 +441,33 @@ class FeatureProbe:
         return self._metrics(measured, values, inner)
 
     def _metrics(self, measured: list[_Layer], values: list[list[float]], optimizer) -> dict:
+        count = len(QUANTITIES)
+        magnitudes = np.array([row[:count] for row in values], dtype=np.float64)  # (L, q)
+        widths = np.array([layer.width for layer in measured])
+        # The analysis recomputes the per-layer gamma with this same function (bit for bit),
+        # so the run records store only the RMS and the width.
+        gammas = gamma_values(magnitudes, widths[:, None]).tolist()
         metrics: dict[str, float] = {}
         sums = dict.fromkeys(
             [f"{kind}/{q}" for kind in ("feat", "gamma") for q in QUANTITIES]
             + ["lora/norm_A", "lora/norm_B"],
             0.0,
         )
-        for layer, row in zip(measured, values):
+        for layer, row, gamma_row in zip(measured, values, gammas):
             name = layer.pair.name
-            for q, value in zip(QUANTITIES, row):
-                gamma = gamma_value(value, layer.width)
+            for q, value, gamma in zip(QUANTITIES, row, gamma_row):
                 sums[f"feat/{q}"] += value
                 sums[f"gamma/{q}"] += gamma
                 if self.per_layer:
                     metrics[f"feat/{name}/{q}"] = value
                     metrics[f"gamma/{name}/{q}"] = gamma
-            norm_A, norm_B = row[len(QUANTITIES) :]
+            norm_A, norm_B = row[count:]
             sums["lora/norm_A"] += norm_A
             sums["lora/norm_B"] += norm_B
             if self.per_layer:
                 metrics[f"lora/{name}/norm_A"] = norm_A
                 metrics[f"lora/{name}/norm_B"] = norm_B
+                metrics[f"lora/{name}/width"] = float(layer.width)
         metrics.update({key: total / len(measured) for key, total in sums.items()})
         metrics.update(self._shrink_metrics(measured, optimizer))
         return metrics

@@ -6,6 +6,8 @@ A run directory holds (the analysis reads these; the README documents the schema
 - ``metrics.jsonl``: one JSON object per logged row, always with ``step``; every row is
   written exactly once (a resumed run first cuts the file back to the rows its checkpoint
   had seen);
+- ``layers.parquet``: the probe's per-layer values (:mod:`stablelora.layer_records`),
+  cut back with ``metrics.jsonl`` on resume;
 - ``summary.json``: built by :func:`make_summary` only and read by :func:`parse_summary` only
   (the analysis and the W&B reader use it): ``status`` (see :data:`STATUSES`), final, best
   and initial metrics, steps, times over all attempts, peak memory, versions, git commit and
@@ -30,6 +32,8 @@ import sys
 import uuid
 from importlib import metadata
 from pathlib import Path
+
+from stablelora.layer_records import LayerRecords, split_per_layer, wandb_per_layer
 
 #: ``interrupted``: stopped by a signal after a checkpoint; rerunning the command resumes it.
 STATUSES = ("completed", "diverged", "failed", "interrupted")
@@ -254,6 +258,8 @@ class RunRecorder:
         self.summary_path = self.run_dir / "summary.json"
         self.rows = 0  # rows of metrics.jsonl this run stands on (set by keep_rows)
         self.wandb_run = None
+        self.layers = LayerRecords(self.run_dir, enabled=enabled)  # per-layer probe values
+        self.wandb_layers_every = int(logger_cfg.get("per_layer_every", 50) or 0)
         if enabled:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self.wandb_run = self._start_wandb(logger_cfg, run_name)
@@ -317,6 +323,7 @@ class RunRecorder:
         Raises:
             RecordsError: the file holds fewer rows than the checkpoint had seen.
         """
+        self.layers.truncate_after(step if step is not None else -1)
         if not self.enabled:
             return
         kept = read_jsonl(self.metrics_path)
@@ -334,14 +341,24 @@ class RunRecorder:
         self.rows = rows
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
-        """Append one record to ``metrics.jsonl`` and W&B."""
+        """Append one record to ``metrics.jsonl`` (the per-layer probe values to the
+        :class:`~stablelora.layer_records.LayerRecords`) and W&B."""
         if not self.enabled or not metrics:
             return
+        metrics, per_layer = split_per_layer(metrics)
+        self.layers.append(step, per_layer)
+        every = self.wandb_layers_every
+        if per_layer and self.wandb_run is not None and every and step % every == 0:
+            self._wandb(lambda run: run.log(wandb_per_layer(per_layer), step=step, commit=False))
         row = {"step": step, **{k: _finite_or_none(v) for k, v in metrics.items()}}
         with self.metrics_path.open("a") as stream:
             stream.write(json.dumps(row, default=_jsonable) + "\n")
         self.rows += 1
-        self._wandb(lambda run: run.log(wandb_keys(metrics), step=step))
+        self._wandb(lambda run: run.log(metrics, step=step))
+
+    def flush(self) -> None:
+        """Write the buffered per-layer rows (call it before saving a checkpoint)."""
+        self.layers.flush()
 
     def write_summary(self, summary: dict) -> None:
         """Write ``summary.json`` (and the W&B summary)."""
@@ -354,24 +371,10 @@ class RunRecorder:
             self._wandb(lambda run: run.summary.update(flat))
 
     def finish(self, exit_code: int = 0) -> None:
-        """Close the W&B run."""
+        """Write the per-layer file and close the W&B run."""
+        self.layers.close()
         self._wandb(lambda run: run.finish(exit_code=exit_code))
         self.wandb_run = None
-
-
-PROBE_SECTIONS = ("feat", "gamma", "lora")
-
-
-def wandb_keys(metrics: dict[str, float]) -> dict[str, float]:
-    """W&B names: per-layer probe values (``feat/<layer>/delta1``...) move to one ``per_layer/``
-    section, so the aggregates stay a short set of charts and hundreds of per-layer charts sit
-    in a single collapsed panel."""
-    renamed = {}
-    for key, value in metrics.items():
-        parts = key.split("/")
-        per_layer = len(parts) >= 3 and parts[0] in PROBE_SECTIONS
-        renamed[f"per_layer/{key}" if per_layer else key] = value
-    return renamed
 
 
 def _finite_or_none(value):

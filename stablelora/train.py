@@ -460,6 +460,7 @@ def _train(cfg, run_dir: Path, dist: Distributed, recorder: RunRecorder, started
     wall_before = state["wall_time"]
 
     def checkpoint() -> None:
+        recorder.flush()  # the per-layer rows up to this step, before the checkpoint
         state.update(records=recorder.rows, wall_time=wall_before + time.time() - started)
         save_checkpoint(run, run_dir, state)
 

@@ -163,7 +163,7 @@ def test_every_adapter_and_every_optimizer_pass_validation_together():
 
 # ---------------------------------------------------------------------------- strict options
 def tiny_lora_model():
-    from stablelora.tasks.testing import tiny_llama
+    from tiny import tiny_llama
 
     from stablelora.lora import apply_lora
 
@@ -213,7 +213,7 @@ def test_readme_example_keeps_working():
 
 
 def test_apply_lora_rejects_an_unknown_option_naming_the_valid_ones():
-    from stablelora.tasks.testing import tiny_llama
+    from tiny import tiny_llama
 
     from stablelora.lora import apply_lora
 
@@ -421,7 +421,7 @@ def build(cfg, tokenizer, *, seed):
 
 
 def test_a_new_task_family_is_one_module_and_one_yaml(extension_dirs):
-    from stablelora.tasks.testing import byte_tokenizer, tiny_llama
+    from tiny import byte_tokenizer, tiny_llama
 
     from stablelora.tasks import build_task, families
     from stablelora.train import ConfigError, check_config

@@ -19,6 +19,7 @@ from stablelora.gamma import (
     rms,
     update_rms,
 )
+from stablelora.layer_records import gamma_values
 from stablelora.toy import TOY_TARGET_MODULES, ToyTeacherTask, build_toy_model
 
 torch.set_num_threads(1)
@@ -104,6 +105,27 @@ def test_gamma_value():
     assert gamma_value(0.5, 4) == pytest.approx(-0.5)
     assert gamma_value(0.0, 4) == -math.inf
     assert math.isnan(gamma_value(1.0, 1))
+    assert math.isnan(gamma_value(-1.0, 4)) and math.isnan(gamma_value(math.nan, 4))
+
+
+def test_per_layer_gamma_is_recomputed_bit_for_bit_from_rms_and_width():
+    # The run records store feat/<layer>/<q> and the width, not gamma: recomputing it with
+    # gamma_values must give the probe's value exactly, one value at a time or in bulk.
+    model, task = toy_lora()
+    optimizer = create_optimizer(model, method="stable_lora", lr=1e-2, shrink_ratio=0.1)
+    probe = FeatureProbe(model, find_lora_pairs(model), first_steps=3)
+    rows = train_steps(model, task, optimizer, probe, 3)
+    names = [pair.name for pair in find_lora_pairs(model)]
+    for metrics in rows:
+        rms = np.array([[metrics[f"feat/{n}/{q}"] for q in QUANTITIES] for n in names])
+        widths = np.array([metrics[f"lora/{n}/width"] for n in names])
+        assert np.all(widths == [p.A.shape[1] for p in find_lora_pairs(model)])
+        gammas = np.array([[metrics[f"gamma/{n}/{q}"] for q in QUANTITIES] for n in names])
+        assert np.array_equal(gamma_values(rms, widths[:, None]), gammas)
+        assert np.array_equal(gamma_values(rms.ravel(), widths.repeat(len(QUANTITIES))),
+                              gammas.ravel())  # fmt: skip
+        for name, width in zip(names, widths):
+            assert gamma_value(metrics[f"feat/{name}/dY"], width) == metrics[f"gamma/{name}/dY"]
 
 
 def _one_layer_setup(optimizer_name):
