@@ -599,8 +599,10 @@ def run_job(cfg, run_dir: Path, multirun: bool = False):
         if multirun:
             print(f"stablelora: {run_dir.name}: {message}", file=sys.stderr)
             return None
+        if code == 1:
+            sys.exit(f"stablelora: {message}")  # one line on stderr, exit code 1
         print(f"stablelora: {message}", file=sys.stderr, flush=True)
-        sys.exit(code)  # one line on stderr; 2 for a usage (config) error, else 1
+        sys.exit(code)  # CONFIG_ERROR_EXIT for a usage error
 
     run_dir = Path(run_dir)
     try:

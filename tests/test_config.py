@@ -421,7 +421,7 @@ def build(cfg, tokenizer, *, seed):
 
 
 def test_a_new_task_family_is_one_module_and_one_yaml(extension_dirs):
-    from tiny import byte_tokenizer, tiny_llama
+    from tiny import byte_llama, byte_tokenizer
 
     from stablelora.tasks import build_task, families
     from stablelora.train import ConfigError, check_config
@@ -445,7 +445,7 @@ def test_a_new_task_family_is_one_module_and_one_yaml(extension_dirs):
     check_config(cfg, config_dirs=[CONF, conf])
     task = build_task(cfg.task, byte_tokenizer(), seed=0)
     assert task.num_train_examples == 12 and task.collate([0, 1])["input_ids"].shape[0] == 2
-    metrics = task.evaluate(tiny_llama(), batch_size=4)
+    metrics = task.evaluate(byte_llama(), batch_size=4)
     assert metrics["n"] == 12 and 0 <= metrics["acc"] <= 1
     bad = compose_config(["task=parity", "model=tiny_llama", "+task.num_exampels=3"], [conf])
     with pytest.raises(ConfigError, match="task.num_exampels is not a key of task"):

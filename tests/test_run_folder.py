@@ -68,12 +68,12 @@ def test_paths_in_overrides_never_nest_folders():
 
 
 def test_rerun_with_another_config_in_the_same_folder_stops(tmp_path):
-    (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(compose_config(SMOKE)))
+    (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(compose_config(SMOKE), resolve=True))
     with pytest.raises(RunFolderError, match=r"another configuration \(differs in optim.lr\)"):
         train(compose_config(SMOKE + ["optim.lr=0.5"]), tmp_path)
     # Display-only keys may differ.
     cfg = compose_config(SMOKE + ["trainer.max_steps=1", "logger.mode=disabled", "probe=off"])
-    (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     display = ["trainer.progress_bar=true", "trainer.num_threads=1"]
     assert train(compose_config(SMOKE + ["trainer.max_steps=1", "probe=off", *display]),
                  tmp_path)["status"] == "completed"  # fmt: skip
