@@ -91,6 +91,20 @@ EXPERIMENTS: dict[str, Experiment] = {
             ("reviewer_controls", "shrink_stops", "summary", "runs_not_completed"),
             ("figure2_norms", "delta_ratio", "shrink_stops"),
         ),
+        # CPU scale: SmolLM2-135M (shipped offline) on this machine's budget; results/cpu/.
+        Experiment(
+            "cpu/figure2",
+            "Figure 2 at CPU scale, the paper's defaults: factor norms and feature updates.",
+            ("shrink_stops", "shrink_stops_by_layer", "summary", "runs_not_completed"),
+            ("figure2_norms", "deltas", "delta_ratio", "shrink_stops", "eval"),
+        ),
+        Experiment(
+            "cpu/figure2_compressed",
+            "Figure 2 at CPU scale on a schedule under which the stop rule fires (lr 1e-3, "
+            "lambda 5e-3).",
+            ("shrink_stops", "shrink_stops_by_layer", "summary", "runs_not_completed"),
+            ("figure2_norms", "deltas", "delta_ratio", "shrink_stops", "eval"),
+        ),
     )
 }
 #: Experiments with their own command line (not a sweep + report pair).

@@ -80,6 +80,13 @@ def width_scaled_lr(lr: float, width: int, exponent: float, base_width: int = 12
     return float(lr) * (base_width / width) ** float(exponent)
 
 
+def data_dir(folder: str, *, _root_) -> str | None:
+    """``task.data_dir`` of a preset that reads local copies: ``<data_root>/<folder>`` when the
+    top-level ``data_root`` is set, else None (the task loads from the Hub by its id)."""
+    root = _root_.get("data_root")
+    return None if root in (None, "") else str(Path(str(root)) / folder)
+
+
 def method_name(*, _root_) -> str:
     """``method.name``: the preset's name (``stable_lora``) when the composed adapter and
     optimizer are those the preset selects, else ``"<adapter>+<optimizer>"`` (``dora+riemann``)."""
@@ -94,6 +101,7 @@ RESOLVERS = {
     "run_dir_name": run_dir_name,
     "width_scaled_lr": width_scaled_lr,
     "method_name": method_name,
+    "data_dir": data_dir,
 }
 
 

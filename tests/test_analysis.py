@@ -574,3 +574,25 @@ def test_collect_wandb_filters_by_group_and_tags():
 
 def tables_of_collection(coll) -> dict:
     return {t.name: t for t in build_tables(coll)}
+
+
+def test_shrink_stops_by_projection_and_depth(tmp_path):
+    def layer(depth, projection):
+        return f"model.layers.{depth}.self_attn.{projection}"
+
+    # 8 layers: v_proj stops early everywhere, q_proj only in the first half of the depth.
+    stops = {layer(d, "v_proj"): {"shrinking": False, "stop_step": 10 + d} for d in range(8)}
+    stops |= {
+        layer(d, "q_proj"): {"shrinking": d >= 4, "stop_step": 50 + d if d < 4 else None}
+        for d in range(8)
+    }
+    for seed in (0, 1):
+        write_run(tmp_path, f"stable-{seed}", method="stable_lora", seed=seed, shrink=stops)
+    table = tables_of(tmp_path)["shrink_stops_by_layer"].data
+    rows = table.set_index(["projection", "depth_band"])
+    assert list(rows.loc["v_proj"].index) == ["0-1", "2-3", "4-5", "6-7"]
+    assert rows.loc[("v_proj", "0-1"), "stopped"] == 4  # 2 layers x 2 seeds
+    assert rows.loc[("v_proj", "6-7"), "median"] == 16.5
+    assert rows.loc[("q_proj", "2-3"), "first"] == 52 and rows.loc[("q_proj", "2-3"), "last"] == 53
+    assert rows.loc[("q_proj", "4-5"), "stopped"] == 0
+    assert rows.loc[("q_proj", "4-5"), "layer_runs"] == 4

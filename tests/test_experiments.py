@@ -28,6 +28,9 @@ from experiments.common import OWN_COMMAND, main
 ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf"
 EXPERIMENTS = list(ARTEFACTS)
+#: The paper's artefacts at the paper's scale, and their CPU-scale reproductions (cpu/<name>).
+PAPER_SCALE = [name for name in EXPERIMENTS if not name.startswith("cpu/")]
+CPU_SCALE = [name for name in EXPERIMENTS if name.startswith("cpu/")]
 CONTROLS_GROUP = "+experiment/controls"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled"}
 
@@ -63,7 +66,7 @@ def override(key: str, value: str) -> str:
 
 
 # ---------------------------------------------------------------------------- full presets
-@pytest.mark.parametrize("name", EXPERIMENTS)
+@pytest.mark.parametrize("name", PAPER_SCALE)
 def test_full_preset_composes_and_declares_its_sweep(name):
     cfg = compose_config([f"experiment={name}"])
     OmegaConf.to_container(cfg, resolve=True)
@@ -96,6 +99,17 @@ def test_every_swept_value_composes(name):
             OmegaConf.to_container(cfg, resolve=True)
     if pending:
         pytest.skip(f"{name}: method configs not in conf/method yet: {sorted(set(pending))}")
+
+
+@pytest.mark.parametrize("name", CPU_SCALE)
+def test_cpu_preset_runs_the_shipped_model_on_fixed_eval_examples(name):
+    cfg = compose_config([f"experiment={name}"])
+    OmegaConf.to_container(cfg, resolve=True)
+    assert cfg.experiment_name == cfg.sweep_name == name.replace("/", "_")
+    assert cfg.model.name == "smollm2_135m" and cfg.model.source == "gguf"  # no Hub, no GPU
+    # Every run of a table is scored on the same examples, by one process using both cores.
+    assert cfg.trainer.max_eval_examples and cfg.trainer.num_threads == 2
+    assert cfg.logger.mode == "disabled" and sweep_params(name).get("seed")
 
 
 def test_full_presets_use_the_papers_settings():
@@ -147,7 +161,7 @@ def job_count(params: dict[str, list[str]]) -> int:
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_smoke_preset_is_ci_sized_and_uses_existing_configs(name):
     cfg = compose_config([f"experiment={name}_smoke"])
-    assert cfg.experiment_name == f"{name}_smoke"
+    assert cfg.experiment_name == f"{name.replace('/', '_')}_smoke"
     assert cfg.model.name == "tiny_llama" and cfg.task.name in ("bbc_news", "arithmetic")
     assert cfg.trainer.max_steps <= 8 and cfg.trainer.max_eval_examples <= 16
     params = sweep_params(f"{name}_smoke")
@@ -160,9 +174,9 @@ def test_smoke_preset_is_ci_sized_and_uses_existing_configs(name):
 
 
 def test_every_preset_pair_has_an_entry_and_no_entry_lacks_one():
-    presets = {p.stem for p in (CONF / "experiment").glob("*_smoke.yaml")} - {
-        "_smoke"
-    }  # shared base
+    root = CONF / "experiment"
+    presets = {p.relative_to(root).with_suffix("").as_posix() for p in root.rglob("*_smoke.yaml")}
+    presets -= {"_smoke"}  # the smoke presets' shared base
     named = {name.removesuffix("_smoke") for name in presets}
     assert named == set(ARTEFACTS) | set(OWN_COMMAND)
     for name in named:
@@ -203,7 +217,7 @@ def test_smoke_experiment_end_to_end(name, tmp_path):
         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    sweep = tmp_path / "sweeps" / f"{name}_smoke"
+    sweep = tmp_path / "sweeps" / f"{name.replace('/', '_')}_smoke"
     summaries = sorted(sweep.rglob("summary.json"))
     assert len(summaries) == job_count(sweep_params(f"{name}_smoke"))
     runs = pd.read_csv(sweep / "report" / "tables" / "runs.csv")

@@ -17,6 +17,7 @@ None when the records do not support it (e.g. no two stop rules for the stop-rul
                           to LoRA and Stable-LoRA
 ``overhead``              training time and peak memory relative to LoRA
 ``shrink_stops``          when the layers stopped shrinking
+``shrink_stops_by_layer`` the same by projection (q_proj, v_proj...) and band of depth
 ``summary``               every (model, task, method) group: runs, status, metrics
 ``runs_not_completed``    every failed, diverged or incomplete run and its error
 ========================= ================================================================
@@ -51,7 +52,7 @@ from analysis.tables.gsm8k import gsm8k
 from analysis.tables.init_scale import init_scale, init_scale_stability
 from analysis.tables.overhead import overhead
 from analysis.tables.selection import select_learning_rate
-from analysis.tables.shrink_stops import shrink_stops
+from analysis.tables.shrink_stops import shrink_stops, shrink_stops_by_layer
 from analysis.tables.stop_rule import ablation_stop_rule
 from analysis.tables.summary import runs_not_completed, summary
 from analysis.tables.table1 import table1, table1_avg
@@ -83,6 +84,7 @@ TABLES: dict[str, Callable[[Collection, str], Table | None]] = {
     "reviewer_controls": reviewer_controls,
     "overhead": overhead,
     "shrink_stops": shrink_stops,
+    "shrink_stops_by_layer": shrink_stops_by_layer,
     "summary": summary,
     "runs_not_completed": runs_not_completed,
 }

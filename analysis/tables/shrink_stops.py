@@ -62,3 +62,70 @@ def shrink_stops(coll: Collection, seeds: str = "mean") -> Table | None:
         notes,
         key_columns=3,
     )
+
+
+def layer_position(layer: str) -> tuple[str, int | None]:
+    """``model.layers.12.self_attn.v_proj`` -> (``v_proj``, 12); depth None without one."""
+    parts = layer.split(".")
+    depth = next((int(p) for p in parts if p.isdigit()), None)
+    return parts[-1].split(":")[0], depth
+
+
+def shrink_stops_by_layer(coll: Collection, seeds: str = "mean", bands: int = 4) -> Table | None:
+    """Stop steps by projection and by depth (``bands`` equal bands of the layer index), over
+    layers and seeds: where in the network the stop rule fires first."""
+    if coll.shrink.empty:
+        return None
+    keys = ["model", "task", "label", "method"]
+    layers = coll.shrink.merge(coll.runs[["run_id", *keys]], on="run_id")
+    positions = layers["layer"].map(layer_position)
+    layers = layers.assign(projection=[p for p, _ in positions], depth=[d for _, d in positions])
+    deepest = layers["depth"].max()
+    width = (int(deepest) + 1 + bands - 1) // bands if pd.notna(deepest) else None
+
+    def band(depth) -> str:
+        if width is None or pd.isna(depth):
+            return "all"
+        first = int(depth) // width * width
+        return f"{first}-{min(first + width - 1, int(deepest))}"
+
+    layers["depth_band"] = layers["depth"].map(band)
+    rows_shown, data_rows = [], []
+    groups = sort_frame(layers, keys).groupby(
+        [*keys, "projection", "depth_band"], dropna=False, sort=False
+    )
+    for key, group in groups:
+        stops = group["stop_step"].dropna().astype(float)
+        data = dict(zip([*keys, "projection", "depth_band"], key)) | {
+            "layer_runs": len(group),
+            "stopped": len(stops),
+            "first": stops.min(),
+            "median": stops.median(),
+            "last": stops.max(),
+        }
+        data_rows.append(data)
+        rows_shown.append(
+            {
+                "model": data["model"],
+                "task": data["task"],
+                "method": data["label"],
+                "projection": data["projection"],
+                "layers": data["depth_band"],
+                "stopped": f"{data['stopped']}/{data['layer_runs']}",
+                "first stop": num_text(data["first"], 0),
+                "median stop": num_text(data["median"], 0),
+                "last stop": num_text(data["last"], 0),
+            }
+        )
+    notes = [
+        "Per projection and band of layer indices (depth), over every (layer, seed): stopped "
+        "= layers that met the stop rule / all, and the steps on which they stopped."
+    ]
+    return Table(
+        "shrink_stops_by_layer",
+        "When each layer stopped shrinking, by projection and depth",
+        pd.DataFrame(rows_shown),
+        pd.DataFrame(data_rows),
+        notes,
+        key_columns=5,
+    )

@@ -1,0 +1,138 @@
+"""Reproduce every artefact at one scale and rebuild its committed report.
+
+    python -m experiments.reproduce --scale cpu                  # run, copy records, report
+    python -m experiments.reproduce --scale cpu --only cpu/figure2
+    python -m experiments.reproduce --scale cpu --report-only    # reports from results/ only
+    python -m experiments.reproduce --scale cpu data_root=/data  # Hydra overrides for run.py
+
+For each experiment ``cpu/<name>`` of :data:`experiments.common.EXPERIMENTS` it
+
+1. runs its sweep and report (``python -m experiments cpu/<name>``; sweeps resume, so the
+   set can be completed over several sittings);
+2. copies the compact records of every run (``config.yaml``, ``summary.json``,
+   ``metrics.jsonl``, ``layers.parquet``; never adapters, checkpoints or W&B folders) to
+   ``results/<scale>/<sweep>/runs/<run folder>/``;
+3. rebuilds the report from those committed records into
+   ``results/<scale>/<sweep>/report/`` (the same tables and plots as the sweep's report).
+
+``--report-only`` does step 3 alone: ``tests/test_results.py`` uses it to check that the
+committed reports are what the committed records give.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from experiments.common import EXPERIMENTS, ROOT, sweep_name
+
+#: The files of a run folder that are results (small); everything else stays behind.
+RECORD_FILES = ("config.yaml", "summary.json", "metrics.jsonl", "layers.parquet")
+SCALES = ("cpu",)
+
+
+def experiments_of(scale: str, only: list[str] | None) -> list[str]:
+    names = [name for name in EXPERIMENTS if name.startswith(f"{scale}/")]
+    if only:
+        unknown = sorted(set(only) - set(names))
+        if unknown:
+            raise SystemExit(
+                f"python -m experiments.reproduce: unknown {scale} experiment(s) {unknown}; "
+                f"choose from {names}."
+            )
+        names = [name for name in names if name in only]
+    return names
+
+
+def copy_records(sweep_dir: Path, results_dir: Path) -> int:
+    """Copy the record files of every run under ``sweep_dir`` to ``results_dir/runs``;
+    return how many runs were copied. Runs that are no longer in the sweep are removed."""
+    target_root = results_dir / "runs"
+    if target_root.exists():
+        shutil.rmtree(target_root)
+    copied = 0
+    for summary in sorted(sweep_dir.rglob("summary.json")):
+        run_dir = summary.parent
+        target = target_root / run_dir.relative_to(sweep_dir)
+        target.mkdir(parents=True, exist_ok=True)
+        for name in RECORD_FILES:
+            if (run_dir / name).exists():
+                shutil.copy2(run_dir / name, target / name)
+        copied += 1
+    return copied
+
+
+def report_command(name: str, results_dir: Path, out: Path) -> list[str]:
+    experiment = EXPERIMENTS[name]
+    runs = results_dir / "runs"
+    # Relative to the repository when inside it, so the report's run ids do not depend on
+    # where the clone lives (the committed reports are compared byte for byte).
+    runs_arg = runs.relative_to(ROOT) if runs.is_relative_to(ROOT) else runs
+    return [
+        sys.executable,
+        "-m",
+        "analysis.report",
+        str(runs_arg),
+        "--out",
+        str(out),
+        "--tables",
+        *experiment.tables,
+        "--plots",
+        *experiment.plots,
+    ]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m experiments.reproduce", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--scale", choices=SCALES, required=True)
+    parser.add_argument("--only", nargs="+", metavar="NAME", help="e.g. cpu/figure2")
+    parser.add_argument("--output-root", type=Path, default=ROOT / "outputs")
+    parser.add_argument("--results", type=Path, default=None, help="default: results/<scale>")
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="rebuild the reports from the committed records only",
+    )
+    parser.add_argument(
+        "--report-out",
+        type=Path,
+        default=None,
+        help="write the rebuilt reports under this folder instead",
+    )
+    args, overrides = parser.parse_known_args(argv)
+    results = (args.results or ROOT / "results" / args.scale).resolve()
+    code = 0
+    for name in experiments_of(args.scale, args.only):
+        sweep = sweep_name(name)
+        results_dir = results / sweep
+        if not args.report_only:
+            command = [
+                sys.executable,
+                "-m",
+                "experiments",
+                name,
+                "--output-root",
+                str(args.output_root),
+                *overrides,
+            ]
+            print("[reproduce] " + " ".join(command), flush=True)
+            code |= subprocess.call(command, cwd=ROOT)
+            copied = copy_records(args.output_root / "sweeps" / sweep, results_dir)
+            print(f"[reproduce] {name}: records of {copied} runs in {results_dir / 'runs'}")
+        if not (results_dir / "runs").exists():
+            print(f"[reproduce] {name}: no committed records in {results_dir}; skipped.")
+            continue
+        out = (args.report_out / sweep) if args.report_out else results_dir / "report"
+        command = report_command(name, results_dir, out)
+        print("[reproduce] " + " ".join(command), flush=True)
+        code |= subprocess.call(command, cwd=ROOT)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
