@@ -6,6 +6,7 @@ import math
 import re
 import warnings
 from collections.abc import Mapping, Sequence
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -116,20 +117,23 @@ def apply_lora(
 
     from peft import AdaLoraConfig, LoraConfig, get_peft_model
 
-    common = dict(
+    common: dict[str, Any] = dict(
         lora_alpha=alpha,
         target_modules=target_modules if isinstance(target_modules, str) else list(target_modules),
         lora_dropout=dropout,
         modules_to_save=list(modules_to_save) if modules_to_save else None,
         task_type=task_type,
     )
+    config: LoraConfig  # AdaLoraConfig is a LoraConfig
     if adapter == "adalora":
-        config = AdaLoraConfig(target_r=rank, **dict(adalora), **common)
+        # check_lora_options has made sure that AdaLoRA gets its options (total_step at least).
+        config = AdaLoraConfig(target_r=rank, **dict(adalora or {}), **common)
     else:
         config = LoraConfig(
             r=rank,
             use_rslora=scaling == "rslora",
-            init_lora_weights=True if init == "default" else init,
+            # peft types this as a Literal of its init names; an unknown name is peft's error.
+            init_lora_weights=True if init == "default" else cast(Any, init),
             use_dora=use_dora,
             **common,
         )

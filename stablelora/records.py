@@ -42,7 +42,7 @@ PACKAGES = ("torch", "transformers", "peft", "datasets", "hydra-core", "wandb", 
 
 def package_versions() -> dict[str, str | None]:
     """Installed versions of the packages a result depends on."""
-    versions = {}
+    versions: dict[str, str | None] = {}
     for name in PACKAGES:
         try:
             versions[name] = metadata.version(name)
@@ -222,7 +222,7 @@ def optimizer_metrics(optimizer) -> dict[str, float]:
 
 def read_jsonl(path: Path) -> list[dict]:
     """The records of a ``metrics.jsonl`` file (a torn last line is skipped)."""
-    rows = []
+    rows: list[dict] = []
     if not path.exists():
         return rows
     for line in path.read_text().splitlines():

@@ -12,10 +12,15 @@ import signal
 import socket
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from types import FrameType
+from typing import Any, TextIO
 
 import torch
 
+#: What ``signal.signal`` takes and returns: a function, SIG_DFL / SIG_IGN, or None.
+SignalHandler = Callable[[int, FrameType | None], Any] | int | None
 #: The newest checkpoint first; a save shifts the newest to the second name.
 CHECKPOINTS = ("checkpoint.pt", "checkpoint.prev.pt")
 #: Signals that stop a run after its current step: SLURM's preemption and time limit
@@ -46,7 +51,7 @@ class RunLock:
 
     def __init__(self, run_dir: Path):
         self.path = Path(run_dir) / ".lock"
-        self._file = None
+        self._file: TextIO | None = None
 
     def acquire(self) -> RunLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -219,7 +224,7 @@ class StopSignals:
 
     def __init__(self):
         self.received: int | None = None
-        self.previous: dict[int, object] = {}
+        self.previous: dict[int, SignalHandler] = {}
 
     def _handle(self, signum, frame) -> None:
         if signum == signal.SIGINT and self.received == signal.SIGINT:

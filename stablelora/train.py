@@ -17,8 +17,10 @@ import resource
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
@@ -43,6 +45,10 @@ from stablelora.run_folder import (
     save_adapter,
     save_checkpoint_file,
 )
+
+if TYPE_CHECKING:
+    from stablelora.gamma import FeatureProbe
+    from stablelora.tasks import Task
 
 SCHEDULES = ("linear", "cosine", "constant")
 DEVICES = ("auto", "cpu", "cuda")
@@ -70,6 +76,13 @@ class RunInterrupted(Exception):
 DECLARED_GROUPS = ("model", "task", "method", "optim", "trainer", "logger", "probe")
 
 
+def plain_config(cfg: Any) -> dict[str, Any]:
+    """A config node (a ``DictConfig``) as a plain dict, interpolations resolved."""
+    from omegaconf import OmegaConf
+
+    return cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=True))
+
+
 def optimizer_arguments(optimizer_cfg) -> tuple[str, dict]:
     """(create_optimizer method, its own options) of an ``optimizer`` config node."""
     options = {k: v for k, v in optimizer_cfg.items() if k not in ("name", "builder")}
@@ -92,7 +105,7 @@ def check_config(cfg, config_dirs=None) -> None:
     from stablelora.tasks import check_task_config
 
     try:
-        plain = OmegaConf.to_container(cfg, resolve=True)
+        plain = plain_config(cfg)
     except Exception as error:  # noqa: BLE001 - any resolution error is a config error
         raise ConfigError(str(error).splitlines()[0]) from None
     optim, trainer = plain["optim"], plain["trainer"]
@@ -257,22 +270,20 @@ def build_scheduler(optimizer, optim_cfg, max_steps):
 class Run:
     """Everything the training loop touches, built from the config by :func:`build_run`."""
 
-    cfg: object
+    cfg: Any  # the run's DictConfig
     dist: Distributed
     model: torch.nn.Module  # the peft model (what is saved and evaluated)
     ddp: torch.nn.Module  # the model the loop calls: DDP-wrapped under torchrun
-    task: object
+    task: Task
     optimizer: torch.optim.Optimizer
-    scheduler: object
-    probe: object
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    probe: FeatureProbe
     recorder: RunRecorder
-    autocast: object
+    autocast: Callable[[], contextlib.AbstractContextManager]
 
 
 def build_run(cfg, dist: Distributed, recorder: RunRecorder) -> Run:
     """Load the model, inject LoRA, build the task, optimizer, schedule and probe."""
-    from omegaconf import OmegaConf
-
     from stablelora.gamma import FeatureProbe
     from stablelora.lora import adapter_arguments, apply_lora
     from stablelora.models import load_model
@@ -280,9 +291,8 @@ def build_run(cfg, dist: Distributed, recorder: RunRecorder) -> Run:
     from stablelora.tasks import build_task
 
     optim = cfg.optim
-    adapter = adapter_arguments(OmegaConf.to_container(cfg.adapter, resolve=True),
-                                cfg.trainer.max_steps)  # fmt: skip
-    builder, options = optimizer_arguments(OmegaConf.to_container(cfg.optimizer, resolve=True))
+    adapter = adapter_arguments(plain_config(cfg.adapter), cfg.trainer.max_steps)
+    builder, options = optimizer_arguments(plain_config(cfg.optimizer))
     model, tokenizer = load_model(cfg.model)
     model = apply_lora(model, **adapter).to(dist.device)
     optimizer = create_optimizer(
@@ -328,8 +338,10 @@ def train_step(run: Run, step: int) -> tuple[float, int]:
         tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0
         batch = {k: v.to(dist.device) for k, v in batch.items()}
         is_last = micro == trainer.grad_accum - 1
-        no_sync = dist.world_size > 1 and not is_last
-        with run.ddp.no_sync() if no_sync else contextlib.nullcontext():
+        # The loop's model is DDP-wrapped under torchrun only; gradients sync on the last
+        # micro-batch.
+        ddp = run.ddp if isinstance(run.ddp, torch.nn.parallel.DistributedDataParallel) else None
+        with ddp.no_sync() if ddp is not None and not is_last else contextlib.nullcontext():
             with run.autocast():
                 loss = run.ddp(**batch).loss / trainer.grad_accum
             loss.backward()
@@ -394,7 +406,7 @@ def train(cfg, run_dir: Path) -> dict:
     check_config(cfg)
     started, run_dir, trainer = time.time(), Path(run_dir), cfg.trainer
     is_main = int(os.environ.get("RANK", "0")) == 0
-    resolved = OmegaConf.to_container(cfg, resolve=True)
+    resolved = plain_config(cfg)
     lock = RunLock(run_dir)
     if is_main:
         lock.acquire()
@@ -430,7 +442,7 @@ def train(cfg, run_dir: Path) -> dict:
 def _start(run: Run, run_dir: Path, recorder: RunRecorder) -> dict:
     """The state to train from: the checkpoint's (records cut back to the rows it had seen)
     or a fresh one (no records kept, old checkpoints dropped, the initial evaluation)."""
-    state = {"step": 0, "initial": {}, "best": {}, "train_time": 0.0, "wall_time": 0.0,
+    state: dict[str, Any] = {"step": 0, "initial": {}, "best": {}, "train_time": 0.0, "wall_time": 0.0,
              "attempts": 0, "records": 0, "status": "running", "error": None,
              "loss": None}  # fmt: skip
     loaded = load_checkpoint(run, run_dir) if run.cfg.trainer.resume else None
@@ -486,7 +498,7 @@ def _train(cfg, run_dir: Path, dist: Distributed, recorder: RunRecorder, started
         state.update(step=step, loss=loss, train_time=time.time() - loop_start)
         progress.count(tokens * dist.world_size)
         if step % trainer.log_every == 0 or step == trainer.max_steps:
-            lr = run.scheduler.get_last_lr()[0]
+            lr = float(run.scheduler.get_last_lr()[0])
             metrics |= {"train/loss": loss, "train/lr": lr, **progress.throughput(step),
                         **optimizer_metrics(run.optimizer)}  # fmt: skip
         recorder.log(step, metrics)
@@ -534,10 +546,8 @@ def better(best: dict, result: dict, task, step: int) -> dict:
 
 def summarize(cfg, run: Run, state: dict, final: dict, wall_time: float) -> dict:
     """The ``summary.json`` of a run (schema: ``stablelora.records.make_summary``)."""
-    from omegaconf import OmegaConf
-
     return make_summary(
-        state["status"], OmegaConf.to_container(cfg, resolve=True),
+        state["status"], plain_config(cfg),
         error=state["error"], steps=state["step"],
         main_metric=f"eval/{run.task.main_metric}",
         initial=state["initial"], final=final, best=state["best"],
@@ -645,13 +655,11 @@ def _record_failure(cfg, run_dir: Path, message: str, trace: str | None = None) 
     summary stays (it is replaced atomically)."""
     if int(os.environ.get("RANK", "0")) != 0:
         return
-    from omegaconf import OmegaConf
-
     from stablelora.records import write_json_atomic
 
     run_dir = Path(run_dir)
     steps = [row["step"] for row in read_jsonl(run_dir / "metrics.jsonl")]
-    summary = make_summary("failed", OmegaConf.to_container(cfg, resolve=True), error=message,
+    summary = make_summary("failed", plain_config(cfg), error=message,
                            traceback=trace, steps=max(steps, default=0))  # fmt: skip
     try:
         run_dir.mkdir(parents=True, exist_ok=True)

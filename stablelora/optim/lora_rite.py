@@ -68,7 +68,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
@@ -276,6 +276,7 @@ class _StackedFactor:
         if weight_decay:
             delta.add_(self.value, alpha=weight_decay)
         params, states = self.params, self.states
+        assert self.basis is not None, "factorize() comes first"
         torch._foreach_add_(params, list(delta.to(params[0].dtype).unbind(0)), alpha=-lr)
         torch._foreach_copy_([s["exp_avg"] for s in states], list(M.unbind(0)))
         torch._foreach_copy_([s["basis"] for s in states], list(self.basis.unbind(0)))
@@ -313,9 +314,10 @@ class _Factor:
     group: dict
     triangular: Tensor
     basis_change: Tensor
-    triangular_pinv: Tensor | None = None
-    unmagnified_gram: Tensor | None = None
-    keep: Tensor | None = None
+    # Set by pass 1 (LoRARITE._unmagnify) once both factors of the stack are factorized.
+    triangular_pinv: Tensor = field(init=False)
+    unmagnified_gram: Tensor = field(init=False)
+    keep: Tensor = field(init=False)
 
     @property
     def states(self) -> list[dict]:

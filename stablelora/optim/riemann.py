@@ -265,6 +265,11 @@ def _scaled_gd_update_(params, grads, states, *, lr: float, weight_decay: float)
     torch._foreach_add_(params, grads, alpha=-lr)
 
 
+def _grads(params: list[Tensor]) -> list[Tensor]:
+    """The gradients of ``params`` (the caller kept only factors that have one)."""
+    return [p.grad for p in params if p.grad is not None]
+
+
 class RiemannianAdamW(LoRAFactorAdamW):
     """AdamW whose LoRA-factor gradients are Riemannian-preconditioned (module docstring).
 
@@ -333,19 +338,19 @@ class RiemannianAdamW(LoRAFactorAdamW):
         if self.authors_variant:
             # Gauss-Seidel: B's preconditioner must see A after its update.
             grads_A, _ = riemannian_gradients(
-                [p.grad for p in A_params], [pair.B for pair in with_grad_A], [], [], self.reg,
+                _grads(A_params), [pair.B for pair in with_grad_A], [], [], self.reg,
                 stacked,
             )  # fmt: skip
             self._update(A_params, grads_A)
             _, grads_B = riemannian_gradients(
-                [], [], [p.grad for p in B_params], [pair.A for pair in with_grad_B], self.reg,
+                [], [], _grads(B_params), [pair.A for pair in with_grad_B], self.reg,
                 stacked,
             )  # fmt: skip
             self._update(B_params, grads_B)
             return
         grads_A, grads_B = riemannian_gradients(
-            [p.grad for p in A_params], [pair.B for pair in with_grad_A],
-            [p.grad for p in B_params], [pair.A for pair in with_grad_B], self.reg, stacked,
+            _grads(A_params), [pair.B for pair in with_grad_A],
+            _grads(B_params), [pair.A for pair in with_grad_B], self.reg, stacked,
         )  # fmt: skip
         self._update(A_params + B_params, grads_A + grads_B)
 
