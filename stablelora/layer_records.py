@@ -145,9 +145,13 @@ def _write_atomic(table, path: Path) -> None:
     floats = [name for name in table.column_names if name not in INDEX_COLUMNS]
     tmp = path.with_name(path.name + ".tmp")
     pq.write_table(
-        table, tmp, compression="zstd", compression_level=9, use_dictionary=["layer", "width"],
+        table,
+        tmp,
+        compression="zstd",
+        compression_level=9,
+        use_dictionary=["layer", "width"],
         column_encoding={name: "BYTE_STREAM_SPLIT" for name in floats},
-    )  # fmt: skip
+    )
     os.replace(tmp, path)
 
 
@@ -298,7 +302,9 @@ def wandb_per_layer(per_layer: Mapping[str, Mapping[str, float]], bins: int = 32
 
     names = _column_order({name for values in per_layer.values() for name in values} - {WIDTH_KEY})
     rows = [[layer, v.get(WIDTH_KEY), *map(v.get, names)] for layer, v in per_layer.items()]
-    payload: dict[str, Any] = {"per_layer/table": wandb.Table(columns=["layer", WIDTH_KEY, *names], data=rows)}
+    payload: dict[str, Any] = {
+        "per_layer/table": wandb.Table(columns=["layer", WIDTH_KEY, *names], data=rows)
+    }
     for name in names:
         if name.startswith("gamma/") or name in ("lora/norm_A", "lora/norm_B"):
             values = np.array([v.get(name, np.nan) for v in per_layer.values()], dtype=np.float64)

@@ -26,9 +26,10 @@ CHECKPOINTS = ("checkpoint.pt", "checkpoint.prev.pt")
 #: Signals that stop a run after its current step: SLURM's preemption and time limit
 #: (SIGTERM), Ctrl-C (SIGINT) and the requeue signal of submitit (SIGUSR1 / SIGUSR2).
 STOP_SIGNALS = tuple(
-    getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2")
+    getattr(signal, name)
+    for name in ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2")
     if hasattr(signal, name)
-)  # fmt: skip
+)
 
 
 class RunFolderError(RuntimeError):
@@ -177,8 +178,9 @@ def check_run_folder(run_dir: Path, config: dict) -> None:
     except yaml.YAMLError:
         stored = {"unreadable": True}
     flat_old, flat_new = _flatten(computed_config(stored)), _flatten(computed_config(config))
-    differing = sorted(k for k in flat_old.keys() | flat_new.keys()
-                       if flat_old.get(k) != flat_new.get(k))  # fmt: skip
+    differing = sorted(
+        k for k in flat_old.keys() | flat_new.keys() if flat_old.get(k) != flat_new.get(k)
+    )
     if differing:
         shown = ", ".join(differing[:5]) + (", ..." if len(differing) > 5 else "")
         raise RunFolderError(

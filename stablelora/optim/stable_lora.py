@@ -137,9 +137,15 @@ class StableLoRA(torch.optim.AdamW):
         self.shrink_ratio = check_shrink_ratio(shrink_ratio)
         self.stop_rule = StopRule.parse(stop_rule)
         super().__init__(
-            params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-            foreach=foreach, fused=fused, **adamw_kwargs,
-        )  # fmt: skip
+            params,
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            foreach=foreach,
+            fused=fused,
+            **adamw_kwargs,
+        )
         self.lora_pairs = list(lora_pairs)
         if not self.lora_pairs:
             raise ValueError(
