@@ -47,8 +47,16 @@ from stablelora.records import read_jsonl, read_summary, summary_from_wandb
 
 RUN_FILES = ("summary.json", "config.yaml", "metrics.jsonl")
 #: Folders inside a run (or a report) that never hold runs: not walked.
-SKIP_DIRS = {".hydra", "adapter", "wandb", "report", "plots", "tables", "__pycache__",
-             "layers.parts"}  # fmt: skip
+SKIP_DIRS = {
+    ".hydra",
+    "adapter",
+    "wandb",
+    "report",
+    "plots",
+    "tables",
+    "__pycache__",
+    "layers.parts",
+}
 HISTORY_COLUMNS = ["run_id", "step", "key", "value"]
 SHRINK_COLUMNS = ["run_id", "layer", "shrinking", "stop_step"]
 #: The probe's per-layer feature magnitudes and gamma estimates: many keys per row, and the
@@ -318,7 +326,7 @@ def _layer_history(records: list[tuple], per_layer_probes: bool) -> pd.DataFrame
             "step": long["step"].to_numpy(),
             "key": key,
             "value": long["value"].to_numpy(np.float64),
-        }  # fmt: skip
+        }
     )
 
 
@@ -334,13 +342,16 @@ def _frames(records: list[tuple], per_layer_probes: bool) -> Collection:
     ]
     parts = [part for part in parts if len(part)]
     if parts:
-        history = pd.DataFrame({
-            column: union_categoricals([part[column].astype("category") for part in parts])
-            for column in ("run_id", "key")
-        } | {
-            column: np.concatenate([part[column].to_numpy() for part in parts])
-            for column in ("step", "value")
-        })  # fmt: skip
+        history = pd.DataFrame(
+            {
+                column: union_categoricals([part[column].astype("category") for part in parts])
+                for column in ("run_id", "key")
+            }
+            | {
+                column: np.concatenate([part[column].to_numpy() for part in parts])
+                for column in ("step", "value")
+            }
+        )
         history = history.astype({"step": "int64", "value": "float64"})
         history = history.sort_values(["run_id", "key", "step"], kind="stable")
         history = history[HISTORY_COLUMNS].reset_index(drop=True)
@@ -450,7 +461,7 @@ def variant_keys(
             c
             for c in runs.columns
             if c.startswith("optimizer.") and c not in (*VARIANT_KEYS, *OPTIMIZER_IDENTITY)
-        ),  # fmt: skip
+        ),
     ]
     groups = _group_ids(runs, within)
     keys = []

@@ -236,8 +236,11 @@ def figure2_norms(coll: Collection, out_dir: Path) -> list[Path]:
                 rows = groups.get((*setting, factor))
                 if rows is not None:
                     _lines(ax, rows, colors, notes)
-                ax.set(title=f"||{factor}||_F · {_title(setting)}", xlabel="step",
-                       ylabel=f"||{factor}||_F")  # fmt: skip
+                ax.set(
+                    title=f"||{factor}||_F · {_title(setting)}",
+                    xlabel="step",
+                    ylabel=f"||{factor}||_F",
+                )
                 _legend(ax)
         source = "layers and seeds" if not per_layer.empty else "seeds (mean over layers)"
         _suptitle(fig, f"LoRA factor norms (mean, band: range over {source})", notes)
@@ -258,13 +261,26 @@ def deltas(coll: Collection, out_dir: Path) -> list[Path]:
         for ax, panel in zip(axes, panels):
             rows = groups[panel]
             for key, (color, linestyle) in DELTA_STYLES.items():
-                _band(ax, rows[rows["key"] == key], color, key.removeprefix("feat/"), linestyle,
-                      log=True)  # fmt: skip
-            ax.set(yscale="log", title=f"{panel[-1]} · {_title(panel[:-1])}", xlabel="step",
-                   ylabel="RMS of the output update")  # fmt: skip
+                _band(
+                    ax,
+                    rows[rows["key"] == key],
+                    color,
+                    key.removeprefix("feat/"),
+                    linestyle,
+                    log=True,
+                )
+            ax.set(
+                yscale="log",
+                title=f"{panel[-1]} · {_title(panel[:-1])}",
+                xlabel="step",
+                ylabel="RMS of the output update",
+            )
             _legend(ax)
-        _suptitle(fig, "Feature-update magnitudes (paper's numbering: delta1 = s dB A Z, "
-                  "delta2 = s B dA Z)", notes)  # fmt: skip
+        _suptitle(
+            fig,
+            "Feature-update magnitudes (paper's numbering: delta1 = s dB A Z, delta2 = s B dA Z)",
+            notes,
+        )
         return _save(plt, fig, out_dir, "deltas")
 
 
@@ -285,8 +301,9 @@ def _ratio_frame(coll: Collection, columns: Iterable[str] = ()) -> pd.DataFrame:
     return ratio.merge(info, on="run_id")
 
 
-def _per_setting(out_dir: Path, name: str, frame: pd.DataFrame, ylabel: str, title: str,
-                 log: bool = False) -> list[Path]:  # fmt: skip
+def _per_setting(
+    out_dir: Path, name: str, frame: pd.DataFrame, ylabel: str, title: str, log: bool = False
+) -> list[Path]:
     """A panel per (model, task), a band per method."""
     if frame.empty:
         return []
@@ -300,8 +317,12 @@ def _per_setting(out_dir: Path, name: str, frame: pd.DataFrame, ylabel: str, tit
             _lines(ax, groups[setting], colors, notes, log=log)
             if log:
                 ax.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
-            ax.set(yscale="log" if log else "linear", title=_title(setting), xlabel="step",
-                   ylabel=ylabel)  # fmt: skip
+            ax.set(
+                yscale="log" if log else "linear",
+                title=_title(setting),
+                xlabel="step",
+                ylabel=ylabel,
+            )
             _legend(ax)
         _suptitle(fig, title, notes)
         return _save(plt, fig, out_dir, name)
@@ -309,16 +330,22 @@ def _per_setting(out_dir: Path, name: str, frame: pd.DataFrame, ylabel: str, tit
 
 def delta_ratio(coll: Collection, out_dir: Path) -> list[Path]:
     """delta1/delta2 against step, a curve per method, a panel per setting; log scale."""
-    return _per_setting(out_dir, "delta_ratio", _ratio_frame(coll), "delta1 / delta2",
-                        "delta1/delta2 (1: both factors move the output alike; mean over "
-                        "seeds, band: range)", log=True)  # fmt: skip
+    return _per_setting(
+        out_dir,
+        "delta_ratio",
+        _ratio_frame(coll),
+        "delta1 / delta2",
+        "delta1/delta2 (1: both factors move the output alike; mean over seeds, band: range)",
+        log=True,
+    )
 
 
 def loss(coll: Collection, out_dir: Path) -> list[Path]:
     """Training loss against step (mean over seeds, band: range)."""
     frame = _history(coll, lambda k: k == "train/loss")
-    return _per_setting(out_dir, "loss", frame, "train loss",
-                        "Training loss (mean over seeds, band: range)")  # fmt: skip
+    return _per_setting(
+        out_dir, "loss", frame, "train loss", "Training loss (mean over seeds, band: range)"
+    )
 
 
 def eval_curves(coll: Collection, out_dir: Path) -> list[Path]:
@@ -330,8 +357,13 @@ def eval_curves(coll: Collection, out_dir: Path) -> list[Path]:
     frame = frame[frame["key"] == frame["main_metric"]]
     frame = frame.assign(value=frame["value"] * frame["main_metric"].map(metric_scale))
     metrics = ", ".join(sorted(frame["main_metric"].unique()))
-    return _per_setting(out_dir, "eval", frame, "main metric (accuracy in %)",
-                        f"Evaluation ({metrics}; mean over seeds, band: range)")  # fmt: skip
+    return _per_setting(
+        out_dir,
+        "eval",
+        frame,
+        "main metric (accuracy in %)",
+        f"Evaluation ({metrics}; mean over seeds, band: range)",
+    )
 
 
 def shrink_stops(coll: Collection, out_dir: Path) -> list[Path]:
@@ -347,8 +379,9 @@ def shrink_stops(coll: Collection, out_dir: Path) -> list[Path]:
     with plt.rc_context(STYLE):
         settings = _limit(_combos(frame, SETTING), MAX_PANELS, "settings", notes)
         layers_max = frame.groupby(SETTING)["layer"].nunique().max()
-        fig, axes = _grid(plt, len(settings), ncols=2, width=5.0,
-                          height=max(2.8, 0.18 * layers_max + 1.0))  # fmt: skip
+        fig, axes = _grid(
+            plt, len(settings), ncols=2, width=5.0, height=max(2.8, 0.18 * layers_max + 1.0)
+        )
         colors = label_colors(_labels_in_order(frame["label"]))
         groups = _by(frame, SETTING)
         for ax, setting in zip(axes, settings):
@@ -361,12 +394,22 @@ def shrink_stops(coll: Collection, out_dir: Path) -> list[Path]:
                 offset = (k - (len(labels) - 1) / 2) * 0.8 / max(len(labels), 1)
                 y = mine["layer"].map(position) + offset
                 stopped = mine["stop_step"].notna()
-                ax.scatter(mine.loc[stopped, "stop_step"].astype(float), y[stopped], s=12,
-                           color=colors[label], label=label)  # fmt: skip
+                ax.scatter(
+                    mine.loc[stopped, "stop_step"].astype(float),
+                    y[stopped],
+                    s=12,
+                    color=colors[label],
+                    label=label,
+                )
                 if (~stopped).any():
-                    ax.scatter(mine.loc[~stopped, "steps"].astype(float), y[~stopped], s=14,
-                               marker="x", color=colors[label],
-                               label=f"{label}: still shrinking at the end")  # fmt: skip
+                    ax.scatter(
+                        mine.loc[~stopped, "steps"].astype(float),
+                        y[~stopped],
+                        s=14,
+                        marker="x",
+                        color=colors[label],
+                        label=f"{label}: still shrinking at the end",
+                    )
             ax.set_yticks(range(len(layers)), [_short_layer(layer) for layer in layers], fontsize=6)
             ax.set(title=_title(setting), xlabel="step the layer stopped shrinking")
             _legend(ax)
@@ -406,20 +449,30 @@ def init_scale(coll: Collection, out_dir: Path) -> list[Path]:
         cmap = plt.get_cmap("viridis")
         # Viridis up to 0.85: its last yellow is too pale on white.
         colors = {s: cmap(0.85 * i / max(len(scales) - 1, 1)) for i, s in enumerate(scales)}
-        rows_of = [(_by(ratio, keys) if not ratio.empty else {}, "delta1 / delta2", True),
-                   (_by(norms, keys) if not norms.empty else {}, "||A||_F (mean over layers)",
-                    False)]  # fmt: skip
+        rows_of = [
+            (_by(ratio, keys) if not ratio.empty else {}, "delta1 / delta2", True),
+            (_by(norms, keys) if not norms.empty else {}, "||A||_F (mean over layers)", False),
+        ]
         for col, panel in enumerate(columns):
             for row, (groups, ylabel, log) in enumerate(rows_of):
                 ax = axes[row][col]
                 mine = groups.get(panel)
                 for scale in scales if mine is not None else []:
-                    _band(ax, mine[mine["adapter.init_scale"] == scale], colors[scale],
-                          f"A0 × {format_value(scale)}", log=log)  # fmt: skip
+                    _band(
+                        ax,
+                        mine[mine["adapter.init_scale"] == scale],
+                        colors[scale],
+                        f"A0 × {format_value(scale)}",
+                        log=log,
+                    )
                 if log:
                     ax.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
-                ax.set(yscale="log" if log else "linear", xlabel="step", ylabel=ylabel,
-                       title=f"{panel[-1]} · {_title(panel[:-1])}")  # fmt: skip
+                ax.set(
+                    yscale="log" if log else "linear",
+                    xlabel="step",
+                    ylabel=ylabel,
+                    title=f"{panel[-1]} · {_title(panel[:-1])}",
+                )
                 _legend(ax)
         _suptitle(fig, "Scale of A0: self-stability (mean over seeds, band: range)", notes)
         return _save(plt, fig, out_dir, "init_scale")

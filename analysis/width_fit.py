@@ -155,9 +155,13 @@ def _grid(table: pd.DataFrame):
     methods = list(dict.fromkeys(table["method"]))
     modes = list(dict.fromkeys(table["lr_mode"]))
     fig, axes = plt.subplots(
-        len(modes), len(methods), figsize=(3.6 * len(methods), 3.2 * len(modes)),
-        squeeze=False, sharex=True, sharey="row",
-    )  # fmt: skip
+        len(modes),
+        len(methods),
+        figsize=(3.6 * len(methods), 3.2 * len(modes)),
+        squeeze=False,
+        sharex=True,
+        sharey="row",
+    )
     return plt, fig, axes, methods, modes
 
 
@@ -176,9 +180,11 @@ def plot_magnitudes(table: pd.DataFrame, fits: pd.DataFrame, step: int, stem: Pa
                 if points.empty:
                     continue
                 fit = fits[
-                    (fits["method"] == method) & (fits["lr_mode"] == mode)
-                    & (fits["step"] == step) & (fits["quantity"] == q)
-                ]  # fmt: skip
+                    (fits["method"] == method)
+                    & (fits["lr_mode"] == mode)
+                    & (fits["step"] == step)
+                    & (fits["quantity"] == q)
+                ]
                 label = q if fit.empty else f"{q}: {_cell(fit.iloc[0])}"
                 ax.scatter(points["width"], points["value"], s=10, color=colors[q], alpha=0.6)
                 if not fit.empty and math.isfinite(fit.iloc[0].exponent):
@@ -244,15 +250,17 @@ def analyze(records: str | Path, out_dir: str | Path, steps=None) -> dict:
     wide, check = exponent_table(fits), assumption1_table(fits)
     runs = table[RUN_KEYS].drop_duplicates()
     widths, seeds = sorted(runs["width"].unique().tolist()), sorted(runs["seed"].unique().tolist())
-    markdown = "\n\n".join([
-        "# Width exponents of the feature updates",
-        f"Slope of log(RMS) on log(n), 95% CI; widths {widths}, seeds {seeds}; stable feature "
-        "learning is 0 for the deltas and dY (the paper's numbering: delta1 = s dB A Z, "
-        "delta2 = s B dA Z).",
-        _markdown(wide),
-        "## Assumption 1: gamma[g_A Z] = 1 (holds: the 95% CI of the gAZ slope contains 1)",
-        _markdown(check),
-    ])  # fmt: skip
+    markdown = "\n\n".join(
+        [
+            "# Width exponents of the feature updates",
+            f"Slope of log(RMS) on log(n), 95% CI; widths {widths}, seeds {seeds}; stable feature "
+            "learning is 0 for the deltas and dY (the paper's numbering: delta1 = s dB A Z, "
+            "delta2 = s B dA Z).",
+            _markdown(wide),
+            "## Assumption 1: gamma[g_A Z] = 1 (holds: the 95% CI of the gAZ slope contains 1)",
+            _markdown(check),
+        ]
+    )
     files = [out_dir / "exponents.csv", out_dir / "exponents.md"]
     fits.to_csv(files[0], index=False)
     files[1].write_text(markdown + "\n")

@@ -44,8 +44,13 @@ def run_specs(count: int, rng: random.Random):
         kind = next(kinds)
         model, seed = rng.choice(MODELS), rng.randrange(3)
         method = rng.choice(METHODS)
-        change = {"model.name": model, "seed": seed, "method.name": method,
-                  "optimizer.builder": method, "optim.lr": rng.choice([1e-4, 2e-4])}  # fmt: skip
+        change = {
+            "model.name": model,
+            "seed": seed,
+            "method.name": method,
+            "optimizer.builder": method,
+            "optim.lr": rng.choice([1e-4, 2e-4]),
+        }
         if kind == "qa":
             change["task.name"] = rng.choice(QA)
             change["adapter.init_scale"] = rng.choice([0.0, 0.25, 1.0, 4.0])
@@ -80,24 +85,52 @@ def set_dotted(config: dict, key: str, value) -> None:
 def base_config() -> dict:
     """A resolved config with the sections and keys of the runner's ``config.yaml``."""
     return {
-        "model": {"name": "qwen2_0.5b", "source": "hub", "path": "Qwen/Qwen2-0.5B", "config": {},
-                  "dtype": "float32", "precision": "auto"},
-        "task": {"name": "hellaswag", "family": "hellaswag", "protocol": "loglik",
-                 "prompt_format": "plain", "max_length": 256},
-        "method": {"name": "lora", "optimizer": "lora", "rank": 8, "alpha": 16,
-                   "target_modules": ["q_proj", "v_proj"], "dropout": 0.0, "scaling": "lora",
-                   "init": "default", "init_scale": 1.0, "use_dora": False,
-                   "shrink_ratio": 0.0, "stop_rule": "norm", "loraplus_lr_ratio": None,
-                   "options": {}},
-        "optim": {"lr": 1e-4, "weight_decay": 0.01, "betas": [0.9, 0.999], "eps": 1e-8,
-                  "schedule": "linear", "warmup_steps": 0},
+        "model": {
+            "name": "qwen2_0.5b",
+            "source": "hub",
+            "path": "Qwen/Qwen2-0.5B",
+            "config": {},
+            "dtype": "float32",
+            "precision": "auto",
+        },
+        "task": {
+            "name": "hellaswag",
+            "family": "hellaswag",
+            "protocol": "loglik",
+            "prompt_format": "plain",
+            "max_length": 256,
+        },
+        "method": {
+            "name": "lora",
+            "optimizer": "lora",
+            "rank": 8,
+            "alpha": 16,
+            "target_modules": ["q_proj", "v_proj"],
+            "dropout": 0.0,
+            "scaling": "lora",
+            "init": "default",
+            "init_scale": 1.0,
+            "use_dora": False,
+            "shrink_ratio": 0.0,
+            "stop_rule": "norm",
+            "loraplus_lr_ratio": None,
+            "options": {},
+        },
+        "optim": {
+            "lr": 1e-4,
+            "weight_decay": 0.01,
+            "betas": [0.9, 0.999],
+            "eps": 1e-8,
+            "schedule": "linear",
+            "warmup_steps": 0,
+        },
         "trainer": {"max_steps": 1000, "batch_size": 16, "eval_every": 250, "log_every": 50},
         "logger": {"mode": "offline", "project": "stablelora"},
         "probe": {"enabled": True, "first_steps": 200, "every": 50},
         "seed": 0,
         "output_root": "outputs",
         "sweep_name": "benchmark",
-    }  # fmt: skip
+    }
 
 
 def write_records(root: Path, count: int, seed: int = 0) -> None:
@@ -118,8 +151,13 @@ def write_records(root: Path, count: int, seed: int = 0) -> None:
         for step in range(0, steps + 1, 50):
             row = {"step": step}
             if step:
-                row.update({"train/loss": rng.uniform(0.5, 2.0), "train/lr": 1e-4,
-                            "train/steps_per_s": 5.0})  # fmt: skip
+                row.update(
+                    {
+                        "train/loss": rng.uniform(0.5, 2.0),
+                        "train/lr": 1e-4,
+                        "train/steps_per_s": 5.0,
+                    }
+                )
             if step and (step <= 200 or step % 100 == 0):  # the probe's cadence
                 for q in PROBE_QUANTITIES:
                     row[f"feat/{q}"] = rng.uniform(1e-4, 1e-2)
@@ -147,17 +185,31 @@ def write_records(root: Path, count: int, seed: int = 0) -> None:
             final.update({f"eval/acc/{t}": rng.uniform(0.3, 0.9) for t in QA})
         shrinks = config["method"]["optimizer"] == "stable_lora"
         summary = {
-            "status": status, "error": None if status == "completed" else "synthetic",
-            "steps": steps, "max_steps": 1000, "main_metric": "eval/acc",
-            "initial": {"eval/acc": 0.25}, "final": final if status == "completed" else {},
-            "best": {"eval/acc": acc, "step": 1000}, "train_loss_final": 1.0,
-            "wall_time_s": rng.uniform(200, 260), "train_time_s": rng.uniform(180, 240),
-            "peak_memory_mb": 4000.0, "method": config["method"]["name"],
-            "task": config["task"]["name"], "model": config["model"]["name"],
+            "status": status,
+            "error": None if status == "completed" else "synthetic",
+            "steps": steps,
+            "max_steps": 1000,
+            "main_metric": "eval/acc",
+            "initial": {"eval/acc": 0.25},
+            "final": final if status == "completed" else {},
+            "best": {"eval/acc": acc, "step": 1000},
+            "train_loss_final": 1.0,
+            "wall_time_s": rng.uniform(200, 260),
+            "train_time_s": rng.uniform(180, 240),
+            "peak_memory_mb": 4000.0,
+            "method": config["method"]["name"],
+            "task": config["task"]["name"],
+            "model": config["model"]["name"],
             "seed": config["seed"],
-            "shrink": {layer: {"shrinking": False, "stop_step": rng.randrange(50, 400)}
-                       for layer in LAYERS} if shrinks else None,
-        }  # fmt: skip
+            "shrink": (
+                {
+                    layer: {"shrinking": False, "stop_step": rng.randrange(50, 400)}
+                    for layer in LAYERS
+                }
+                if shrinks
+                else None
+            ),
+        }
         (run_dir / "summary.json").write_text(json.dumps(summary))
 
 
@@ -184,11 +236,15 @@ def main(argv=None) -> dict:
             tables = build_tables(coll, mode)
             timings[mode] = time.perf_counter() - started
         total = collected + timings["mean"]
-        print(f"{len(coll.runs)} runs, {len(coll.history):,} history values "
-              f"(records written in {written:.1f} s)")  # fmt: skip
+        print(
+            f"{len(coll.runs)} runs, {len(coll.history):,} history values "
+            f"(records written in {written:.1f} s)"
+        )
         print(f"collect:               {collected:6.2f} s")
-        print(f"every table, mean:     {timings['mean']:6.2f} s  ({len(tables)} tables: "
-              f"{', '.join(t.name for t in tables)})")  # fmt: skip
+        print(
+            f"every table, mean:     {timings['mean']:6.2f} s  ({len(tables)} tables: "
+            f"{', '.join(t.name for t in tables)})"
+        )
         print(f"every table, best:     {timings['best']:6.2f} s")
         print(f"collect + tables:      {total:6.2f} s  (target < 10 s)")
         return {"collect_s": collected, "tables_s": timings, "total_s": total}

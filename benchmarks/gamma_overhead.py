@@ -29,10 +29,14 @@ def build(args):
 
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=2 * args.hidden,
-        num_hidden_layers=args.layers, num_attention_heads=4, num_key_value_heads=4,
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=2 * args.hidden,
+        num_hidden_layers=args.layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
         max_position_embeddings=args.seq_len,
-    )  # fmt: skip
+    )
     return apply_lora(
         LlamaForCausalLM(config), rank=8, alpha=16, target_modules=["q_proj", "v_proj"]
     )
@@ -74,9 +78,13 @@ def main(argv=None) -> dict:
     for label, model, enabled in (("off", off_model, False), ("on", on_model, True)):
         optimizer = create_optimizer(model, args.method, lr=1e-4)
         probe = FeatureProbe(
-            model, find_lora_pairs(model), first_steps=args.first_steps, every=args.every,
-            max_tokens=args.max_tokens, enabled=enabled,
-        )  # fmt: skip
+            model,
+            find_lora_pairs(model),
+            first_steps=args.first_steps,
+            every=args.every,
+            max_tokens=args.max_tokens,
+            enabled=enabled,
+        )
         runs[label] = {"model": model, "optimizer": optimizer, "probe": probe, "times": []}
 
     generator = torch.Generator().manual_seed(0)

@@ -45,10 +45,19 @@ OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": 
 os.environ.update({key: os.environ.get(key, value) for key, value in OFFLINE_ENV.items()})
 
 STEP_METHODS = [
-    "adamw", "adamw fused", "stable_lora shrinking", "stable_lora stopped", "loop shrinking",
-    "loop stopped", "riemann", "riemann per_layer", "riemann stacked", "lora_rite",
-    "lora_rite per_layer", "lora_rite stacked",
-]  # fmt: skip
+    "adamw",
+    "adamw fused",
+    "stable_lora shrinking",
+    "stable_lora stopped",
+    "loop shrinking",
+    "loop stopped",
+    "riemann",
+    "riemann per_layer",
+    "riemann stacked",
+    "lora_rite",
+    "lora_rite per_layer",
+    "lora_rite stacked",
+]
 END_TO_END_METHODS = ["lora", "loraplus", "stable_lora", "riemann", "lora_rite"]
 
 
@@ -98,8 +107,13 @@ def cuda_tests(device: str, timeout: float) -> list[Row]:
         return [Row("tests (pytest -m cuda)", "FAIL", "; ".join(failed[:3]) or summary)]
     if device == "cpu":
         only_skipped = counts.get("skipped", 0) > 0 and not counts.get("passed")
-        return [Row("tests (pytest -m cuda)", "skip" if only_skipped else "FAIL",
-                    f"{summary} (no CUDA device)")]  # fmt: skip
+        return [
+            Row(
+                "tests (pytest -m cuda)",
+                "skip" if only_skipped else "FAIL",
+                f"{summary} (no CUDA device)",
+            )
+        ]
     return [Row("tests (pytest -m cuda)", "ok" if counts.get("passed") else "FAIL", summary)]
 
 
@@ -123,8 +137,13 @@ def optimizer_steps(device: str, sizes: Sizes) -> list[Row]:
         detail = f"{result['median_s'] * 1e3:.2f} ms, {result['ratio']:.3f}x AdamW foreach{note}"
         rows.append(Row(f"optimizer step: {name}", "ok", detail))
     loop, batched = results["loop shrinking"], results["stable_lora shrinking"]
-    rows.append(Row("optimizer step: per-layer loop / batched Stable-LoRA", "ok",
-                    f"{loop['median_s'] / batched['median_s']:.2f}x while shrinking"))  # fmt: skip
+    rows.append(
+        Row(
+            "optimizer step: per-layer loop / batched Stable-LoRA",
+            "ok",
+            f"{loop['median_s'] / batched['median_s']:.2f}x while shrinking",
+        )
+    )
     return rows
 
 
@@ -132,8 +151,9 @@ def end_to_end(device: str, sizes: Sizes) -> list[Row]:
     """The runner's training loop (probes off) per method: tokens/s, against the first."""
     import throughput
 
-    base = throughput.base_overrides(sizes.model, "bbc_news", sizes.e2e_steps,
-                                     sizes.e2e_batch_size, device)  # fmt: skip
+    base = throughput.base_overrides(
+        sizes.model, "bbc_news", sizes.e2e_steps, sizes.e2e_batch_size, device
+    )
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         results = throughput.method_throughput(sizes.e2e_methods, base, repeats=1)
     reference = results[sizes.e2e_methods[0]]["tokens_per_s"]
@@ -143,7 +163,7 @@ def end_to_end(device: str, sizes: Sizes) -> list[Row]:
             "ok",
             f"{result['tokens_per_s']:.0f} tokens/s, {result['tokens_per_s'] / reference:.3f}x "
             f"{sizes.e2e_methods[0]}",
-        )  # fmt: skip
+        )
         for method, result in results.items()
     ]
 
@@ -159,12 +179,20 @@ def ddp(device: str, timeout: float) -> list[Row]:
     torchrun = Path(sys.executable).with_name("torchrun")
     backend = "NCCL" if device == "cuda" else "gloo"
     with tempfile.TemporaryDirectory() as output:
-        command = [str(torchrun), "--nproc_per_node=2", f"--master_port={_free_port()}",
-                   "run.py", "experiment=smoke", "logger.mode=disabled",
-                   f"trainer.device={device}", f"output_root={output}"]  # fmt: skip
+        command = [
+            str(torchrun),
+            "--nproc_per_node=2",
+            f"--master_port={_free_port()}",
+            "run.py",
+            "experiment=smoke",
+            "logger.mode=disabled",
+            f"trainer.device={device}",
+            f"output_root={output}",
+        ]
         env = {**os.environ, **OFFLINE_ENV, "OMP_NUM_THREADS": "1"}
-        result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
-                                timeout=timeout)  # fmt: skip
+        result = subprocess.run(
+            command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+        )
         summaries = list(Path(output).glob("runs/*/summary.json"))
         if result.returncode != 0 or len(summaries) != 1:
             tail = (result.stderr.strip().splitlines() or ["no output"])[-1][:200]
@@ -185,23 +213,38 @@ def print_table(rows: list[Row]) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto",
-                        help="auto: cuda if visible, else report that and exit 0")  # fmt: skip
+    parser.add_argument(
+        "--device",
+        choices=["auto", "cuda", "cpu"],
+        default="auto",
+        help="auto: cuda if visible, else report that and exit 0",
+    )
     parser.add_argument("--tiny", action="store_true", help="tiny sizes (the CPU smoke run)")
-    parser.add_argument("--ddp", choices=["auto", "on", "off"], default="auto",
-                        help="auto: only with 2+ GPUs; on: also on CPU (gloo)")  # fmt: skip
-    parser.add_argument("--sections", nargs="+", default=["tests", "steps", "e2e", "ddp"],
-                        choices=["tests", "steps", "e2e", "ddp"])  # fmt: skip
-    parser.add_argument("--budget-s", type=float, default=450.0,
-                        help="no section starts after this many seconds")  # fmt: skip
+    parser.add_argument(
+        "--ddp",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="auto: only with 2+ GPUs; on: also on CPU (gloo)",
+    )
+    parser.add_argument(
+        "--sections",
+        nargs="+",
+        default=["tests", "steps", "e2e", "ddp"],
+        choices=["tests", "steps", "e2e", "ddp"],
+    )
+    parser.add_argument(
+        "--budget-s", type=float, default=450.0, help="no section starts after this many seconds"
+    )
     args = parser.parse_args(argv)
     start = time.perf_counter()
     device = args.device
     if device == "auto":
         if not torch.cuda.is_available():
-            print("GPU check: no CUDA device visible (torch.cuda.is_available() is False): "
-                  "nothing to check on this machine. A CPU smoke run of the same code: "
-                  "python benchmarks/gpu_check.py --device cpu --tiny")  # fmt: skip
+            print(
+                "GPU check: no CUDA device visible (torch.cuda.is_available() is False): "
+                "nothing to check on this machine. A CPU smoke run of the same code: "
+                "python benchmarks/gpu_check.py --device cpu --tiny"
+            )
             return 0
         device = "cuda"
     if device == "cuda" and not torch.cuda.is_available():
@@ -214,10 +257,12 @@ def main(argv=None) -> int:
         "tests": lambda: cuda_tests(device, timeout=240),
         "steps": lambda: optimizer_steps(device, sizes),
         "e2e": lambda: end_to_end(device, sizes),
-        "ddp": lambda: ddp(device, timeout=180) if run_ddp else [
-            Row("ddp: 2 processes", "skip", f"{gpus} GPU(s) visible, 2 needed")
-        ],
-    }  # fmt: skip
+        "ddp": lambda: (
+            ddp(device, timeout=180)
+            if run_ddp
+            else [Row("ddp: 2 processes", "skip", f"{gpus} GPU(s) visible, 2 needed")]
+        ),
+    }
     rows: list[Row] = []
     for name in args.sections:
         began = time.perf_counter()
@@ -233,9 +278,11 @@ def main(argv=None) -> int:
 
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU smoke run"
     failed = sum(row.result == "FAIL" for row in rows)
-    print(f"GPU check on {device} ({name}), torch {torch.__version__}, {gpus} GPU(s), "
-          f"{'tiny sizes, ' if args.tiny else ''}{time.perf_counter() - start:.0f} s: "
-          f"{'all passed' if not failed else f'{failed} FAILED'}")  # fmt: skip
+    print(
+        f"GPU check on {device} ({name}), torch {torch.__version__}, {gpus} GPU(s), "
+        f"{'tiny sizes, ' if args.tiny else ''}{time.perf_counter() - start:.0f} s: "
+        f"{'all passed' if not failed else f'{failed} FAILED'}"
+    )
     print_table(rows)
     return 1 if failed else 0
 

@@ -58,10 +58,14 @@ from stablelora.optim.riemann import RiemannianAdamW
 HIDDEN, INTERMEDIATE = 4096, 11008
 # (name, out_features m, in_features n) of Llama-2-7B's adapted linears.
 PROJECTIONS = [
-    ("q_proj", HIDDEN, HIDDEN), ("k_proj", HIDDEN, HIDDEN), ("v_proj", HIDDEN, HIDDEN),
-    ("o_proj", HIDDEN, HIDDEN), ("gate_proj", INTERMEDIATE, HIDDEN),
-    ("up_proj", INTERMEDIATE, HIDDEN), ("down_proj", HIDDEN, INTERMEDIATE),
-]  # fmt: skip
+    ("q_proj", HIDDEN, HIDDEN),
+    ("k_proj", HIDDEN, HIDDEN),
+    ("v_proj", HIDDEN, HIDDEN),
+    ("o_proj", HIDDEN, HIDDEN),
+    ("gate_proj", INTERMEDIATE, HIDDEN),
+    ("up_proj", INTERMEDIATE, HIDDEN),
+    ("down_proj", HIDDEN, INTERMEDIATE),
+]
 LR = 1e-6  # tiny, so that B stays far below the stop threshold in the "shrinking" runs
 SHRINK_RATIO = 5e-4
 TARGETS = {  # ratio to AdamW that the issue asks for
@@ -83,10 +87,12 @@ def lora_layout(layers: int, rank: int) -> list[tuple[str, int, int]]:
 def make_gradients(layout, rank, device, generator) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """One fixed random gradient for each A (rank, n) and B (m, rank), scaled like real ones."""
     return [
-        (torch.randn(rank, n, generator=generator).to(device) * 1e-3,
-         torch.randn(m, rank, generator=generator).to(device) * 1e-3)
+        (
+            torch.randn(rank, n, generator=generator).to(device) * 1e-3,
+            torch.randn(m, rank, generator=generator).to(device) * 1e-3,
+        )
         for _, m, n in layout
-    ]  # fmt: skip
+    ]
 
 
 def make_pairs(layout, rank, device, generator, grads, B_std: float) -> list[LoRAPair]:

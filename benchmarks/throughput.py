@@ -105,9 +105,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument(
-        "--methods", nargs="+", default=None,
+        "--methods",
+        nargs="+",
+        default=None,
         help="instead: the runner's loop per method (probe off), as ratios to the first",
-    )  # fmt: skip
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -128,8 +130,10 @@ def main() -> None:
             times[name].append(runner_seconds(configs[name]))
     bare = statistics.median(times["bare loop"])
     device = "cuda" if torch.cuda.is_available() else f"cpu x {torch.get_num_threads()} threads"
-    print(f"{args.model} on {args.task}, {args.steps} steps x batch {args.batch_size}, "
-          f"{tokens} tokens, {device}, median of {args.repeats}")  # fmt: skip
+    print(
+        f"{args.model} on {args.task}, {args.steps} steps x batch {args.batch_size}, "
+        f"{tokens} tokens, {device}, median of {args.repeats}"
+    )
     print("| loop | seconds | tokens/s | ratio to bare |")
     print("|---|---|---|---|")
     for name, samples in times.items():
@@ -146,12 +150,20 @@ def main() -> None:
 def base_overrides(model: str, task: str, steps: int, batch_size: int, device: str) -> list:
     """Hydra overrides of a timed run: no evaluation, checkpoints, logger or progress bar."""
     return [
-        f"model={model}", f"task={task}", "method=stable_lora", "logger.mode=disabled",
-        f"trainer.max_steps={steps}", f"trainer.batch_size={batch_size}",
-        "trainer.eval_before=false", "trainer.max_eval_examples=1", "trainer.checkpoint_every=0",
-        "trainer.progress_bar=false", "trainer.resume=false", "trainer.log_every=10",
+        f"model={model}",
+        f"task={task}",
+        "method=stable_lora",
+        "logger.mode=disabled",
+        f"trainer.max_steps={steps}",
+        f"trainer.batch_size={batch_size}",
+        "trainer.eval_before=false",
+        "trainer.max_eval_examples=1",
+        "trainer.checkpoint_every=0",
+        "trainer.progress_bar=false",
+        "trainer.resume=false",
+        "trainer.log_every=10",
         f"trainer.device={device}",
-    ]  # fmt: skip
+    ]
 
 
 def method_throughput(methods, base, repeats: int) -> dict[str, dict[str, float]]:
@@ -176,14 +188,18 @@ def compare_methods(args, base) -> None:
     """End-to-end time of the runner's training loop per method, interleaved."""
     results = method_throughput(args.methods, base, args.repeats)
     reference = results[args.methods[0]]["seconds"]
-    print(f"{args.model} on {args.task}, {args.steps} steps x batch {args.batch_size}, "
-          f"runner loop without probes, median of {args.repeats}")  # fmt: skip
+    print(
+        f"{args.model} on {args.task}, {args.steps} steps x batch {args.batch_size}, "
+        f"runner loop without probes, median of {args.repeats}"
+    )
     print(f"| method | seconds | tokens/s | ratio to {args.methods[0]} |")
     print("|---|---|---|---|")
     for method, result in results.items():
         seconds = result["seconds"]
-        print(f"| {method} | {seconds:.2f} | {result['tokens_per_s']:.0f} | "
-              f"{seconds / reference:.3f} |")  # fmt: skip
+        print(
+            f"| {method} | {seconds:.2f} | {result['tokens_per_s']:.0f} | "
+            f"{seconds / reference:.3f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up a virtual environment and run either the main job or the test suite.
 #   bash scripts/setup.sh run    # install, then `python run.py` (embedded default, offline, CPU)
-#   bash scripts/setup.sh test   # install, then ruff + the whole pytest suite (slow tests included)
+#   bash scripts/setup.sh test   # install, then ruff, mypy and the whole pytest suite (slow tests too)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode="${1:-test}"
@@ -17,6 +17,7 @@ py="$venv/bin/python"
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE="${WANDB_MODE:-offline}"
 case "$mode" in
   run)  shift || true; "$venv/bin/python" run.py "$@" ;;
-  test) "$venv/bin/ruff" check . && "$venv/bin/ruff" format --check . && "$venv/bin/python" -m pytest -q -ra ;;
+  test) "$venv/bin/ruff" check . && "$venv/bin/ruff" format --check . \
+          && "$venv/bin/mypy" stablelora && "$venv/bin/python" -m pytest -q -ra ;;
   *) echo "usage: bash scripts/setup.sh run|test" >&2; exit 2 ;;
 esac

@@ -9,7 +9,9 @@ import os
 import re
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -35,7 +37,7 @@ def computed_config(cfg) -> dict:
     """The resolved configuration as a plain dict, without :data:`DISPLAY_KEYS`: what a run
     computes. Accepts a DictConfig (resolved here) or an already resolved dict."""
     if isinstance(cfg, DictConfig):
-        top = [key for key in cfg if key != "hydra"]
+        top = [str(key) for key in cfg if key != "hydra"]
         cfg = OmegaConf.to_container(OmegaConf.masked_copy(cfg, top), resolve=True)
     computed = json.loads(json.dumps(cfg, default=str))  # a deep copy with plain values
     for key in DISPLAY_KEYS:
@@ -97,7 +99,7 @@ def method_name(*, _root_) -> str:
     return f"{adapter}+{optimizer}"
 
 
-RESOLVERS = {
+RESOLVERS: dict[str, Callable[..., Any]] = {
     "run_dir_name": run_dir_name,
     "width_scaled_lr": width_scaled_lr,
     "method_name": method_name,
@@ -167,7 +169,7 @@ def sweep_summary_line(outcomes: list[dict]) -> tuple[str, bool]:
 try:
     from hydra.experimental.callback import Callback
 except ImportError:  # pragma: no cover - hydra is a dependency of the runner only
-    Callback = object
+    Callback = object  # type: ignore[misc,assignment]  # a plain base class stands in
 
 
 class SweepSummary(Callback):

@@ -93,6 +93,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import torch
@@ -256,11 +257,12 @@ class _Snapshot:
     @classmethod
     def take(cls, layers: list[_Layer]) -> _Snapshot:
         grads = [layer.pair.A.grad for layer in layers]
+        present = [grad for grad in grads if grad is not None]
         return cls(
             layers=layers,
             A=torch.stack([layer.pair.A.detach() for layer in layers]).float(),
             B=torch.stack([layer.pair.B.detach() for layer in layers]).float(),
-            grad_A=None if any(g is None for g in grads) else torch.stack(grads).float(),
+            grad_A=torch.stack(present).float() if len(present) == len(grads) else None,
         )
 
     def stats(self, optimizer) -> torch.Tensor:
@@ -268,7 +270,8 @@ class _Snapshot:
         pairs = [layer.pair for layer in self.layers]
         A_new = torch.stack([pair.A.detach() for pair in pairs]).float()
         B_new = torch.stack([pair.B.detach() for pair in pairs]).float()
-        Z = torch.stack([layer.Z for layer in self.layers])  # (L, T, n)
+        # (L, T, n); a snapshot holds only layers that captured their input
+        Z = torch.stack(cast(list[torch.Tensor], [layer.Z for layer in self.layers]))
         scale = torch.tensor([pair.scale for pair in pairs], device=Z.device)
         terms = update_rms(self.A, self.B, A_new, B_new, Z, scale)
         direction = adam_directions(optimizer, [pair.A for pair in pairs])

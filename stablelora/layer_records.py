@@ -41,6 +41,7 @@ import os
 import shutil
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -72,7 +73,8 @@ def split_per_layer(metrics: Mapping[str, float]) -> tuple[dict, dict[str, dict[
     """``metrics`` -> (aggregate keys, ``{layer: {column: value}}``): a key
     ``<section>/<layer>/<q>`` (section in :data:`SECTIONS`, three parts or more) is per-layer,
     with column ``<section>/<q>`` (``width`` for ``lora/<layer>/width``)."""
-    aggregates, per_layer = {}, {}
+    aggregates: dict[str, float] = {}
+    per_layer: dict[str, dict[str, float]] = {}
     for key, value in metrics.items():
         section, _, rest = key.partition("/")
         layer, _, name = rest.rpartition("/")
@@ -143,9 +145,13 @@ def _write_atomic(table, path: Path) -> None:
     floats = [name for name in table.column_names if name not in INDEX_COLUMNS]
     tmp = path.with_name(path.name + ".tmp")
     pq.write_table(
-        table, tmp, compression="zstd", compression_level=9, use_dictionary=["layer", "width"],
+        table,
+        tmp,
+        compression="zstd",
+        compression_level=9,
+        use_dictionary=["layer", "width"],
         column_encoding={name: "BYTE_STREAM_SPLIT" for name in floats},
-    )  # fmt: skip
+    )
     os.replace(tmp, path)
 
 
@@ -296,11 +302,13 @@ def wandb_per_layer(per_layer: Mapping[str, Mapping[str, float]], bins: int = 32
 
     names = _column_order({name for values in per_layer.values() for name in values} - {WIDTH_KEY})
     rows = [[layer, v.get(WIDTH_KEY), *map(v.get, names)] for layer, v in per_layer.items()]
-    payload = {"per_layer/table": wandb.Table(columns=["layer", WIDTH_KEY, *names], data=rows)}
+    payload: dict[str, Any] = {
+        "per_layer/table": wandb.Table(columns=["layer", WIDTH_KEY, *names], data=rows)
+    }
     for name in names:
         if name.startswith("gamma/") or name in ("lora/norm_A", "lora/norm_B"):
             values = np.array([v.get(name, np.nan) for v in per_layer.values()], dtype=np.float64)
             values = values[np.isfinite(values)]
             if values.size:
-                payload[f"per_layer/{name}"] = wandb.Histogram(values, num_bins=bins)
+                payload[f"per_layer/{name}"] = wandb.Histogram(values.tolist(), num_bins=bins)
     return payload

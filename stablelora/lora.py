@@ -6,6 +6,7 @@ import math
 import re
 import warnings
 from collections.abc import Mapping, Sequence
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -16,8 +17,15 @@ SCALINGS = ("lora", "rslora")
 ADAPTERS = ("lora", "adalora")
 #: peft AdaLoraConfig fields that ``apply_lora(adalora={...})`` passes on.
 ADALORA_OPTIONS = (
-    "init_r", "total_step", "tinit", "tfinal", "deltaT", "beta1", "beta2", "orth_reg_weight",
-)  # fmt: skip
+    "init_r",
+    "total_step",
+    "tinit",
+    "tfinal",
+    "deltaT",
+    "beta1",
+    "beta2",
+    "orth_reg_weight",
+)
 
 
 def linear_layer_names(model: nn.Module) -> list[str]:
@@ -46,9 +54,10 @@ def check_target_modules(model: nn.Module, target_modules: str | Sequence[str]) 
         if not target_modules:
             raise ValueError("target_modules is empty: name at least one layer, e.g. ['q_proj'].")
         missing = [
-            target for target in target_modules
+            target
+            for target in target_modules
             if not any(name == target or name.endswith("." + target) for name in module_names)
-        ]  # fmt: skip
+        ]
     if missing:
         raise ValueError(
             f"target_modules {missing} match no module of {type(model).__name__}; its linear "
@@ -109,27 +118,36 @@ def apply_lora(
     """
     check_options(unknown, lora_options(), "apply_lora")
     check_lora_options(
-        rank=rank, alpha=alpha, scaling=scaling, dropout=dropout, init_scale=init_scale,
-        use_dora=use_dora, adapter=adapter, adalora=adalora,
-    )  # fmt: skip
+        rank=rank,
+        alpha=alpha,
+        scaling=scaling,
+        dropout=dropout,
+        init_scale=init_scale,
+        use_dora=use_dora,
+        adapter=adapter,
+        adalora=adalora,
+    )
     check_target_modules(model, target_modules)
 
     from peft import AdaLoraConfig, LoraConfig, get_peft_model
 
-    common = dict(
+    common: dict[str, Any] = dict(
         lora_alpha=alpha,
         target_modules=target_modules if isinstance(target_modules, str) else list(target_modules),
         lora_dropout=dropout,
         modules_to_save=list(modules_to_save) if modules_to_save else None,
         task_type=task_type,
     )
+    config: LoraConfig  # AdaLoraConfig is a LoraConfig
     if adapter == "adalora":
-        config = AdaLoraConfig(target_r=rank, **dict(adalora), **common)
+        # check_lora_options has made sure that AdaLoRA gets its options (total_step at least).
+        config = AdaLoraConfig(target_r=rank, **dict(adalora or {}), **common)
     else:
         config = LoraConfig(
             r=rank,
             use_rslora=scaling == "rslora",
-            init_lora_weights=True if init == "default" else init,
+            # peft types this as a Literal of its init names; an unknown name is peft's error.
+            init_lora_weights=True if init == "default" else cast(Any, init),
             use_dora=use_dora,
             **common,
         )
@@ -145,9 +163,16 @@ def lora_options() -> list[str]:
 
 
 def check_lora_options(
-    *, rank=8, alpha=16.0, scaling="lora", dropout=0.0, init_scale=1.0, use_dora=False,
-    adapter="lora", adalora=None,
-) -> None:  # fmt: skip
+    *,
+    rank=8,
+    alpha=16.0,
+    scaling="lora",
+    dropout=0.0,
+    init_scale=1.0,
+    use_dora=False,
+    adapter="lora",
+    adalora=None,
+) -> None:
     """The checks of :func:`apply_lora` that need no model (one-line ValueErrors)."""
     if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
         raise ValueError(f"rank must be a positive integer, got {rank!r}.")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib.util
 import os
 from pathlib import Path
+from typing import cast
 
 import torch
 
@@ -97,7 +98,7 @@ def _dequantised_gguf(package: str, gguf_file: str) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # The weights are plain float tensors now; without this the saved config claims GGUF.
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]  # nn.Module types every attribute
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     partial = target.with_name(target.name + f".tmp{os.getpid()}")
@@ -139,7 +140,7 @@ def load_model(model_cfg):
         from omegaconf import OmegaConf
 
         tokenizer = load_tokenizer(model_cfg.tokenizer)
-        options = OmegaConf.to_container(model_cfg.config, resolve=True)
+        options = cast(dict, OmegaConf.to_container(model_cfg.config, resolve=True))
         options.setdefault("vocab_size", len(tokenizer))
         config = AutoConfig.for_model(model_cfg.architecture, **options)
         if attn:
@@ -173,7 +174,7 @@ def skeleton(model_cfg):
     if model_cfg.source == "config":
         from omegaconf import OmegaConf
 
-        options = OmegaConf.to_container(model_cfg.config, resolve=True)
+        options = cast(dict, OmegaConf.to_container(model_cfg.config, resolve=True))
         config = AutoConfig.for_model(model_cfg.architecture, **{"vocab_size": 8, **options})
     else:
         if model_cfg.source == "gguf":

@@ -42,7 +42,7 @@ PACKAGES = ("torch", "transformers", "peft", "datasets", "hydra-core", "wandb", 
 
 def package_versions() -> dict[str, str | None]:
     """Installed versions of the packages a result depends on."""
-    versions = {}
+    versions: dict[str, str | None] = {}
     for name in PACKAGES:
         try:
             versions[name] = metadata.version(name)
@@ -57,8 +57,11 @@ def git_commit() -> str | None:
     try:
         commit = subprocess.run(
             ["git", "-C", str(root), "describe", "--always", "--dirty", "--abbrev=40"],
-            capture_output=True, text=True, timeout=10, check=True,
-        ).stdout.strip()  # fmt: skip
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
     return commit or None
@@ -103,10 +106,29 @@ def _jsonable(value):
 #: The fields of ``summary.json`` (besides those an optimizer adds through its
 #: ``record_summary()``: see :func:`optimizer_summary`), in the README's order.
 SUMMARY_FIELDS = (
-    "status", "error", "traceback", "steps", "max_steps", "main_metric", "initial", "final",
-    "best", "train_loss_final", "wall_time_s", "train_time_s", "attempts", "peak_memory_mb",
-    "world_size", "device", "versions", "git_commit", "method", "task", "model", "seed",
-)  # fmt: skip
+    "status",
+    "error",
+    "traceback",
+    "steps",
+    "max_steps",
+    "main_metric",
+    "initial",
+    "final",
+    "best",
+    "train_loss_final",
+    "wall_time_s",
+    "train_time_s",
+    "attempts",
+    "peak_memory_mb",
+    "world_size",
+    "device",
+    "versions",
+    "git_commit",
+    "method",
+    "task",
+    "model",
+    "seed",
+)
 SECTIONS = ("initial", "final", "best")
 #: Summary statuses the analysis may see besides :data:`STATUSES`: a run with no summary.
 INCOMPLETE = "incomplete"
@@ -131,10 +153,13 @@ def make_summary(status: str, config: dict, *, extra: dict | None = None, **fiel
     summary.update({section: {} for section in SECTIONS})
     summary.update(
         max_steps=(config.get("trainer") or {}).get("max_steps"),
-        method=_config_name(config, "method"), task=_config_name(config, "task"),
-        model=_config_name(config, "model"), seed=config.get("seed"),
-        versions=package_versions(), git_commit=git_commit(),
-    )  # fmt: skip
+        method=_config_name(config, "method"),
+        task=_config_name(config, "task"),
+        model=_config_name(config, "model"),
+        seed=config.get("seed"),
+        versions=package_versions(),
+        git_commit=git_commit(),
+    )
     summary.update(fields, status=status)
     summary.update(extra or {})
     return summary
@@ -222,7 +247,7 @@ def optimizer_metrics(optimizer) -> dict[str, float]:
 
 def read_jsonl(path: Path) -> list[dict]:
     """The records of a ``metrics.jsonl`` file (a torn last line is skipped)."""
-    rows = []
+    rows: list[dict] = []
     if not path.exists():
         return rows
     for line in path.read_text().splitlines():
@@ -278,11 +303,18 @@ class RunRecorder:
 
             def init(mode):
                 return wandb.init(
-                    project=logger_cfg.project, entity=logger_cfg.entity, group=logger_cfg.group,
-                    tags=list(logger_cfg.tags), name=run_name, config=self.config, id=run_id,
-                    resume="allow", mode=mode, dir=str(self.run_dir),
+                    project=logger_cfg.project,
+                    entity=logger_cfg.entity,
+                    group=logger_cfg.group,
+                    tags=list(logger_cfg.tags),
+                    name=run_name,
+                    config=self.config,
+                    id=run_id,
+                    resume="allow",
+                    mode=mode,
+                    dir=str(self.run_dir),
                     settings=wandb.Settings(console="off", silent=True, init_timeout=timeout),
-                )  # fmt: skip
+                )
 
             if logger_cfg.mode != "online":
                 return init(logger_cfg.mode)

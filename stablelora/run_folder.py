@@ -12,18 +12,24 @@ import signal
 import socket
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from types import FrameType
+from typing import Any, TextIO
 
 import torch
 
+#: What ``signal.signal`` takes and returns: a function, SIG_DFL / SIG_IGN, or None.
+SignalHandler = Callable[[int, FrameType | None], Any] | int | None
 #: The newest checkpoint first; a save shifts the newest to the second name.
 CHECKPOINTS = ("checkpoint.pt", "checkpoint.prev.pt")
 #: Signals that stop a run after its current step: SLURM's preemption and time limit
 #: (SIGTERM), Ctrl-C (SIGINT) and the requeue signal of submitit (SIGUSR1 / SIGUSR2).
 STOP_SIGNALS = tuple(
-    getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2")
+    getattr(signal, name)
+    for name in ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2")
     if hasattr(signal, name)
-)  # fmt: skip
+)
 
 
 class RunFolderError(RuntimeError):
@@ -46,7 +52,7 @@ class RunLock:
 
     def __init__(self, run_dir: Path):
         self.path = Path(run_dir) / ".lock"
-        self._file = None
+        self._file: TextIO | None = None
 
     def acquire(self) -> RunLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -172,8 +178,9 @@ def check_run_folder(run_dir: Path, config: dict) -> None:
     except yaml.YAMLError:
         stored = {"unreadable": True}
     flat_old, flat_new = _flatten(computed_config(stored)), _flatten(computed_config(config))
-    differing = sorted(k for k in flat_old.keys() | flat_new.keys()
-                       if flat_old.get(k) != flat_new.get(k))  # fmt: skip
+    differing = sorted(
+        k for k in flat_old.keys() | flat_new.keys() if flat_old.get(k) != flat_new.get(k)
+    )
     if differing:
         shown = ", ".join(differing[:5]) + (", ..." if len(differing) > 5 else "")
         raise RunFolderError(
@@ -219,7 +226,7 @@ class StopSignals:
 
     def __init__(self):
         self.received: int | None = None
-        self.previous: dict[int, object] = {}
+        self.previous: dict[int, SignalHandler] = {}
 
     def _handle(self, signum, frame) -> None:
         if signum == signal.SIGINT and self.received == signal.SIGINT:

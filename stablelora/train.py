@@ -17,8 +17,10 @@ import resource
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
@@ -43,6 +45,10 @@ from stablelora.run_folder import (
     save_adapter,
     save_checkpoint_file,
 )
+
+if TYPE_CHECKING:
+    from stablelora.gamma import FeatureProbe
+    from stablelora.tasks import Task
 
 SCHEDULES = ("linear", "cosine", "constant")
 DEVICES = ("auto", "cpu", "cuda")
@@ -70,6 +76,13 @@ class RunInterrupted(Exception):
 DECLARED_GROUPS = ("model", "task", "method", "optim", "trainer", "logger", "probe")
 
 
+def plain_config(cfg: Any) -> dict[str, Any]:
+    """A config node (a ``DictConfig``) as a plain dict, interpolations resolved."""
+    from omegaconf import OmegaConf
+
+    return cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=True))
+
+
 def optimizer_arguments(optimizer_cfg) -> tuple[str, dict]:
     """(create_optimizer method, its own options) of an ``optimizer`` config node."""
     options = {k: v for k, v in optimizer_cfg.items() if k not in ("name", "builder")}
@@ -92,7 +105,7 @@ def check_config(cfg, config_dirs=None) -> None:
     from stablelora.tasks import check_task_config
 
     try:
-        plain = OmegaConf.to_container(cfg, resolve=True)
+        plain = plain_config(cfg)
     except Exception as error:  # noqa: BLE001 - any resolution error is a config error
         raise ConfigError(str(error).splitlines()[0]) from None
     optim, trainer = plain["optim"], plain["trainer"]
@@ -147,9 +160,11 @@ def _config_message(message: str) -> str:
     """Name the config key of an apply_lora / create_optimizer argument in its message."""
     for group, names in (
         ("adapter", ("rank", "alpha", "scaling", "dropout", "init_scale")),
-        ("optimizer", ("shrink_ratio", "stop_rule", "loraplus_lr_ratio", "large_wd_on",
-                       "large_weight_decay")),
-    ):  # fmt: skip
+        (
+            "optimizer",
+            ("shrink_ratio", "stop_rule", "loraplus_lr_ratio", "large_wd_on", "large_weight_decay"),
+        ),
+    ):
         for name in names:
             if message.startswith(name):
                 return f"{group}.{message}"
@@ -248,8 +263,9 @@ def build_scheduler(optimizer, optim_cfg, max_steps):
     from transformers import get_scheduler
 
     name = {"constant": "constant_with_warmup"}.get(optim_cfg.schedule, optim_cfg.schedule)
-    return get_scheduler(name, optimizer, num_warmup_steps=optim_cfg.warmup_steps,
-                         num_training_steps=max_steps)  # fmt: skip
+    return get_scheduler(
+        name, optimizer, num_warmup_steps=optim_cfg.warmup_steps, num_training_steps=max_steps
+    )
 
 
 # ---------------------------------------------------------------------------- the recipe
@@ -257,22 +273,20 @@ def build_scheduler(optimizer, optim_cfg, max_steps):
 class Run:
     """Everything the training loop touches, built from the config by :func:`build_run`."""
 
-    cfg: object
+    cfg: Any  # the run's DictConfig
     dist: Distributed
     model: torch.nn.Module  # the peft model (what is saved and evaluated)
     ddp: torch.nn.Module  # the model the loop calls: DDP-wrapped under torchrun
-    task: object
+    task: Task
     optimizer: torch.optim.Optimizer
-    scheduler: object
-    probe: object
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    probe: FeatureProbe
     recorder: RunRecorder
-    autocast: object
+    autocast: Callable[[], contextlib.AbstractContextManager]
 
 
 def build_run(cfg, dist: Distributed, recorder: RunRecorder) -> Run:
     """Load the model, inject LoRA, build the task, optimizer, schedule and probe."""
-    from omegaconf import OmegaConf
-
     from stablelora.gamma import FeatureProbe
     from stablelora.lora import adapter_arguments, apply_lora
     from stablelora.models import load_model
@@ -280,33 +294,51 @@ def build_run(cfg, dist: Distributed, recorder: RunRecorder) -> Run:
     from stablelora.tasks import build_task
 
     optim = cfg.optim
-    adapter = adapter_arguments(OmegaConf.to_container(cfg.adapter, resolve=True),
-                                cfg.trainer.max_steps)  # fmt: skip
-    builder, options = optimizer_arguments(OmegaConf.to_container(cfg.optimizer, resolve=True))
+    adapter = adapter_arguments(plain_config(cfg.adapter), cfg.trainer.max_steps)
+    builder, options = optimizer_arguments(plain_config(cfg.optimizer))
     model, tokenizer = load_model(cfg.model)
     model = apply_lora(model, **adapter).to(dist.device)
     optimizer = create_optimizer(
-        model, builder, lr=optim.lr, weight_decay=optim.weight_decay, betas=tuple(optim.betas),
-        eps=optim.eps, foreach=optim.foreach, fused=optim.fused, **options,
-    )  # fmt: skip
+        model,
+        builder,
+        lr=optim.lr,
+        weight_decay=optim.weight_decay,
+        betas=tuple(optim.betas),
+        eps=optim.eps,
+        foreach=optim.foreach,
+        fused=optim.fused,
+        **options,
+    )
     ddp = model
     if dist.world_size > 1:
         device_ids = None if dist.device.type == "cpu" else [dist.device]
         ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
     probe = FeatureProbe(
-        model, find_lora_pairs(model), first_steps=cfg.probe.first_steps,
-        every=cfg.probe.every, max_tokens=cfg.probe.max_tokens,
-        enabled=cfg.probe.enabled and dist.is_main, per_layer=cfg.probe.per_layer,
-    )  # fmt: skip
+        model,
+        find_lora_pairs(model),
+        first_steps=cfg.probe.first_steps,
+        every=cfg.probe.every,
+        max_tokens=cfg.probe.max_tokens,
+        enabled=cfg.probe.enabled and dist.is_main,
+        per_layer=cfg.probe.per_layer,
+    )
     precision = cfg.model.precision
     use_bf16 = precision == "bf16" or (precision == "auto" and dist.device.type == "cuda")
     autocast = functools.partial(
         torch.autocast, dist.device.type, dtype=torch.bfloat16, enabled=use_bf16
     )
     return Run(
-        cfg, dist, model, ddp, build_task(cfg.task, tokenizer, seed=cfg.seed), optimizer,
-        build_scheduler(optimizer, optim, cfg.trainer.max_steps), probe, recorder, autocast,
-    )  # fmt: skip
+        cfg,
+        dist,
+        model,
+        ddp,
+        build_task(cfg.task, tokenizer, seed=cfg.seed),
+        optimizer,
+        build_scheduler(optimizer, optim, cfg.trainer.max_steps),
+        probe,
+        recorder,
+        autocast,
+    )
 
 
 def train_step(run: Run, step: int) -> tuple[float, int]:
@@ -322,14 +354,20 @@ def train_step(run: Run, step: int) -> tuple[float, int]:
         # Each rank takes its own slice of the global batch; the position depends on the
         # step only, so a resumed run reads exactly the data it would have read.
         position = ((step - 1) * trainer.grad_accum + micro) * dist.world_size + dist.rank
-        indices = batch_indices(run.task.num_train_examples, run.cfg.seed,
-                                position * trainer.batch_size, trainer.batch_size)  # fmt: skip
+        indices = batch_indices(
+            run.task.num_train_examples,
+            run.cfg.seed,
+            position * trainer.batch_size,
+            trainer.batch_size,
+        )
         batch = run.task.collate(indices)
         tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0
         batch = {k: v.to(dist.device) for k, v in batch.items()}
         is_last = micro == trainer.grad_accum - 1
-        no_sync = dist.world_size > 1 and not is_last
-        with run.ddp.no_sync() if no_sync else contextlib.nullcontext():
+        # The loop's model is DDP-wrapped under torchrun only; gradients sync on the last
+        # micro-batch.
+        ddp = run.ddp if isinstance(run.ddp, torch.nn.parallel.DistributedDataParallel) else None
+        with ddp.no_sync() if ddp is not None and not is_last else contextlib.nullcontext():
             with run.autocast():
                 loss = run.ddp(**batch).loss / trainer.grad_accum
             loss.backward()
@@ -342,8 +380,11 @@ def evaluate(run: Run, step: int) -> dict[str, float]:
     metrics = {}
     if run.dist.is_main:
         with run.autocast():
-            result = run.task.evaluate(run.model, batch_size=run.cfg.trainer.eval_batch_size,
-                                       max_examples=run.cfg.trainer.max_eval_examples)  # fmt: skip
+            result = run.task.evaluate(
+                run.model,
+                batch_size=run.cfg.trainer.eval_batch_size,
+                max_examples=run.cfg.trainer.max_eval_examples,
+            )
         metrics = {f"eval/{k}": v for k, v in result.items()}
         run.recorder.log(step, metrics)
     run.dist.barrier()
@@ -356,9 +397,13 @@ def save_checkpoint(run: Run, run_dir: Path, state: dict) -> None:
     position follows from ``state["step"]``. The previous checkpoint is kept."""
     if run.dist.is_main:
         trainable = {n: p.detach() for n, p in run.model.named_parameters() if p.requires_grad}
-        payload = {"trainable": trainable, "optimizer": run.optimizer.state_dict(),
-                   "scheduler": run.scheduler.state_dict(), "rng": rng_state(run.dist.device),
-                   "state": state}  # fmt: skip
+        payload = {
+            "trainable": trainable,
+            "optimizer": run.optimizer.state_dict(),
+            "scheduler": run.scheduler.state_dict(),
+            "rng": rng_state(run.dist.device),
+            "state": state,
+        }
         save_checkpoint_file(payload, run_dir)
     run.dist.barrier()
 
@@ -394,7 +439,7 @@ def train(cfg, run_dir: Path) -> dict:
     check_config(cfg)
     started, run_dir, trainer = time.time(), Path(run_dir), cfg.trainer
     is_main = int(os.environ.get("RANK", "0")) == 0
-    resolved = OmegaConf.to_container(cfg, resolve=True)
+    resolved = plain_config(cfg)
     lock = RunLock(run_dir)
     if is_main:
         lock.acquire()
@@ -430,9 +475,18 @@ def train(cfg, run_dir: Path) -> dict:
 def _start(run: Run, run_dir: Path, recorder: RunRecorder) -> dict:
     """The state to train from: the checkpoint's (records cut back to the rows it had seen)
     or a fresh one (no records kept, old checkpoints dropped, the initial evaluation)."""
-    state = {"step": 0, "initial": {}, "best": {}, "train_time": 0.0, "wall_time": 0.0,
-             "attempts": 0, "records": 0, "status": "running", "error": None,
-             "loss": None}  # fmt: skip
+    state: dict[str, Any] = {
+        "step": 0,
+        "initial": {},
+        "best": {},
+        "train_time": 0.0,
+        "wall_time": 0.0,
+        "attempts": 0,
+        "records": 0,
+        "status": "running",
+        "error": None,
+        "loss": None,
+    }
     loaded = load_checkpoint(run, run_dir) if run.cfg.trainer.resume else None
     if loaded is not None:
         state.update(loaded)
@@ -448,8 +502,14 @@ def _start(run: Run, run_dir: Path, recorder: RunRecorder) -> dict:
     return state
 
 
-def _train(cfg, run_dir: Path, dist: Distributed, recorder: RunRecorder, started: float,
-           signals: StopSignals) -> dict:  # fmt: skip
+def _train(
+    cfg,
+    run_dir: Path,
+    dist: Distributed,
+    recorder: RunRecorder,
+    started: float,
+    signals: StopSignals,
+) -> dict:
     from stablelora.lora import step_hooks
 
     trainer = cfg.trainer
@@ -470,8 +530,9 @@ def _train(cfg, run_dir: Path, dist: Distributed, recorder: RunRecorder, started
     for step in range(state["step"] + 1, trainer.max_steps + 1):
         loss, tokens = train_step(run, step)
         if not math.isfinite(loss):
-            state.update(status="diverged", error=f"loss is {loss} at step {step}", step=step,
-                         loss=loss)  # fmt: skip
+            state.update(
+                status="diverged", error=f"loss is {loss} at step {step}", step=step, loss=loss
+            )
             recorder.log(step, {"train/loss": loss})
             break
         if cfg.optim.max_grad_norm:
@@ -486,9 +547,13 @@ def _train(cfg, run_dir: Path, dist: Distributed, recorder: RunRecorder, started
         state.update(step=step, loss=loss, train_time=time.time() - loop_start)
         progress.count(tokens * dist.world_size)
         if step % trainer.log_every == 0 or step == trainer.max_steps:
-            lr = run.scheduler.get_last_lr()[0]
-            metrics |= {"train/loss": loss, "train/lr": lr, **progress.throughput(step),
-                        **optimizer_metrics(run.optimizer)}  # fmt: skip
+            lr = float(run.scheduler.get_last_lr()[0])
+            metrics |= {
+                "train/loss": loss,
+                "train/lr": lr,
+                **progress.throughput(step),
+                **optimizer_metrics(run.optimizer),
+            }
         recorder.log(step, metrics)
         progress.update(loss)
         if trainer.eval_every and step % trainer.eval_every == 0 and step < trainer.max_steps:
@@ -534,18 +599,24 @@ def better(best: dict, result: dict, task, step: int) -> dict:
 
 def summarize(cfg, run: Run, state: dict, final: dict, wall_time: float) -> dict:
     """The ``summary.json`` of a run (schema: ``stablelora.records.make_summary``)."""
-    from omegaconf import OmegaConf
-
     return make_summary(
-        state["status"], OmegaConf.to_container(cfg, resolve=True),
-        error=state["error"], steps=state["step"],
+        state["status"],
+        plain_config(cfg),
+        error=state["error"],
+        steps=state["step"],
         main_metric=f"eval/{run.task.main_metric}",
-        initial=state["initial"], final=final, best=state["best"],
-        train_loss_final=state["loss"], wall_time_s=wall_time,
-        train_time_s=state["train_time"], attempts=state["attempts"],
-        peak_memory_mb=peak_memory_mb(run.dist.device), world_size=run.dist.world_size,
-        device=str(run.dist.device), extra=optimizer_summary(run.optimizer),
-    )  # fmt: skip
+        initial=state["initial"],
+        final=final,
+        best=state["best"],
+        train_loss_final=state["loss"],
+        wall_time_s=wall_time,
+        train_time_s=state["train_time"],
+        attempts=state["attempts"],
+        peak_memory_mb=peak_memory_mb(run.dist.device),
+        world_size=run.dist.world_size,
+        device=str(run.dist.device),
+        extra=optimizer_summary(run.optimizer),
+    )
 
 
 class Progress:
@@ -556,8 +627,13 @@ class Progress:
         if enabled and trainer_cfg.progress_bar:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=trainer_cfg.max_steps, initial=start_step, desc=name,
-                            dynamic_ncols=True, file=sys.stderr)  # fmt: skip
+            self.bar = tqdm(
+                total=trainer_cfg.max_steps,
+                initial=start_step,
+                desc=name,
+                dynamic_ncols=True,
+                file=sys.stderr,
+            )
         self.last_step, self.last_time, self.tokens = start_step, time.time(), 0
 
     def count(self, tokens: int) -> None:
@@ -568,8 +644,10 @@ class Progress:
         padding excluded) since the last call."""
         now = time.time()
         elapsed = max(now - self.last_time, 1e-9)
-        rates = {"train/steps_per_s": (step - self.last_step) / elapsed,
-                 "train/tokens_per_s": self.tokens / elapsed}  # fmt: skip
+        rates = {
+            "train/steps_per_s": (step - self.last_step) / elapsed,
+            "train/tokens_per_s": self.tokens / elapsed,
+        }
         self.last_step, self.last_time, self.tokens = step, now, 0
         return rates
 
@@ -615,9 +693,12 @@ def run_job(cfg, run_dir: Path, multirun: bool = False):
         return fail(str(error))
     except RunInterrupted as error:
         report_to_sweep(run_dir, "interrupted")
-        print(f"stablelora: {run_dir} interrupted by signal {error.signum} after step "
-              f"{error.step} (checkpoint saved); rerun the same command to resume.",
-              file=sys.stderr, flush=True)  # fmt: skip
+        print(
+            f"stablelora: {run_dir} interrupted by signal {error.signum} after step "
+            f"{error.step} (checkpoint saved); rerun the same command to resume.",
+            file=sys.stderr,
+            flush=True,
+        )
         run_launcher_handler(error.signum)  # e.g. submitit: requeue the job
         sys.exit(128 + error.signum if error.signum else 1)
     except OSError as error:
@@ -645,14 +726,13 @@ def _record_failure(cfg, run_dir: Path, message: str, trace: str | None = None) 
     summary stays (it is replaced atomically)."""
     if int(os.environ.get("RANK", "0")) != 0:
         return
-    from omegaconf import OmegaConf
-
     from stablelora.records import write_json_atomic
 
     run_dir = Path(run_dir)
     steps = [row["step"] for row in read_jsonl(run_dir / "metrics.jsonl")]
-    summary = make_summary("failed", OmegaConf.to_container(cfg, resolve=True), error=message,
-                           traceback=trace, steps=max(steps, default=0))  # fmt: skip
+    summary = make_summary(
+        "failed", plain_config(cfg), error=message, traceback=trace, steps=max(steps, default=0)
+    )
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(run_dir / "summary.json", summary)

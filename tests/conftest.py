@@ -43,8 +43,9 @@ def compose_config(overrides=(), config_dirs=()):
 
 def run_cli(*args, cwd=ROOT, timeout=600):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline"}
-    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=timeout)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def adapter_state(run_dir: Path) -> dict[str, torch.Tensor]:

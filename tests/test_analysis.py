@@ -36,8 +36,9 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_M
 
 
 def run_python(*args, timeout=600):
-    result = subprocess.run([sys.executable, *args], cwd=ROOT, env=ENV, capture_output=True,
-                            text=True, timeout=timeout)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     return result
 
@@ -59,8 +60,15 @@ def _retag(run_dir: Path, seed: int, **summary_changes) -> None:
 def sweep(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("analysis")
     run_python("run.py", "-m", "experiment=table1_qa_smoke", f"output_root={root}")
-    run_python("run.py", "-m", "experiment=table1_qa_smoke", f"output_root={root}",
-               "method=lora", "adapter.rank=0", "seed=0")  # fmt: skip
+    run_python(
+        "run.py",
+        "-m",
+        "experiment=table1_qa_smoke",
+        f"output_root={root}",
+        "method=lora",
+        "adapter.rank=0",
+        "seed=0",
+    )
     sweep_dir = root / "sweeps" / "table1_qa_smoke"
     # A third stable_lora seed with a different accuracy, so that mean and best differ.
     third = sweep_dir / "method=stable_lora,seed=2"
@@ -93,9 +101,16 @@ def hand_records(sweep_dir: Path) -> pd.DataFrame:
         final = summary.get("final", {}).get("eval/acc") if status == "completed" else None
         # .hydra/config.yaml is unresolved (method.name is an interpolation): the summary names it
         method = summary.get("method") or config["method"]["name"]
-        rows.append({"run": run_dir.name, "method": method,
-                     "rank": config["adapter"]["rank"], "seed": config["seed"], "status": status,
-                     "acc": math.nan if final is None else 100 * final})  # fmt: skip
+        rows.append(
+            {
+                "run": run_dir.name,
+                "method": method,
+                "rank": config["adapter"]["rank"],
+                "seed": config["seed"],
+                "status": status,
+                "acc": math.nan if final is None else 100 * final,
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -237,9 +252,11 @@ def test_report_command_writes_tables_and_plots(sweep, tmp_path):
 
 
 def test_report_imports_no_torch():
-    code = ("import sys, analysis.report, analysis.plots; "
-            "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers')]; "
-            "assert not bad, bad")  # fmt: skip
+    code = (
+        "import sys, analysis.report, analysis.plots; "
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers')]; "
+        "assert not bad, bad"
+    )
     run_python("-c", code)
 
 
@@ -251,30 +268,69 @@ def _set(config: dict, dotted: str, value) -> None:
     config[last] = value
 
 
-def write_run(root: Path, name: str, *, model="tiny_llama", task="bbc_news", method="lora",
-              seed=0, acc=0.5, status="completed", config=None, final=None, metrics=(),
-              main_metric="eval/acc", train_time=10.0, shrink=None) -> Path:  # fmt: skip
+def write_run(
+    root: Path,
+    name: str,
+    *,
+    model="tiny_llama",
+    task="bbc_news",
+    method="lora",
+    seed=0,
+    acc=0.5,
+    status="completed",
+    config=None,
+    final=None,
+    metrics=(),
+    main_metric="eval/acc",
+    train_time=10.0,
+    shrink=None,
+) -> Path:
     """A run directory in the runner's format, with the values given."""
     run_dir = root / name
     run_dir.mkdir(parents=True)
     shrinks = method.startswith("stable")
-    cfg = {"model": {"name": model}, "task": {"name": task, "protocol": "loglik"},
-           "method": {"name": method},
-           "adapter": {"name": "lora", "rank": 8, "target_modules": ["q_proj", "v_proj"],
-                       "init_scale": 1.0},
-           "optimizer": {"name": method, "builder": "stable_lora" if shrinks else method,
-                         **({"shrink_ratio": 5e-4, "stop_rule": "norm"} if shrinks else {})},
-           "optim": {"lr": 1e-4}, "trainer": {"max_steps": 10}, "seed": seed}  # fmt: skip
+    cfg = {
+        "model": {"name": model},
+        "task": {"name": task, "protocol": "loglik"},
+        "method": {"name": method},
+        "adapter": {
+            "name": "lora",
+            "rank": 8,
+            "target_modules": ["q_proj", "v_proj"],
+            "init_scale": 1.0,
+        },
+        "optimizer": {
+            "name": method,
+            "builder": "stable_lora" if shrinks else method,
+            **({"shrink_ratio": 5e-4, "stop_rule": "norm"} if shrinks else {}),
+        },
+        "optim": {"lr": 1e-4},
+        "trainer": {"max_steps": 10},
+        "seed": seed,
+    }
     for key, value in (config or {}).items():
         _set(cfg, key, value)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg))
     final = {main_metric: acc} if final is None else final
-    summary = {"status": status, "error": None if status == "completed" else "boom",
-               "steps": 10, "max_steps": 10, "main_metric": main_metric,
-               "initial": {main_metric: 0.25}, "final": final if status == "completed" else {},
-               "best": {}, "train_loss_final": 1.0, "wall_time_s": train_time + 1,
-               "train_time_s": train_time, "peak_memory_mb": 1000.0, "method": method,
-               "task": task, "model": model, "seed": seed, "shrink": shrink}  # fmt: skip
+    summary = {
+        "status": status,
+        "error": None if status == "completed" else "boom",
+        "steps": 10,
+        "max_steps": 10,
+        "main_metric": main_metric,
+        "initial": {main_metric: 0.25},
+        "final": final if status == "completed" else {},
+        "best": {},
+        "train_loss_final": 1.0,
+        "wall_time_s": train_time + 1,
+        "train_time_s": train_time,
+        "peak_memory_mb": 1000.0,
+        "method": method,
+        "task": task,
+        "model": model,
+        "seed": seed,
+        "shrink": shrink,
+    }
     (run_dir / "summary.json").write_text(json.dumps(summary))
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
     return run_dir
@@ -289,8 +345,15 @@ def test_table1_published_average_and_difference(tmp_path):
     for method, values in accuracies.items():
         for seed, acc in enumerate(values):
             for offset, task in enumerate(published.QA_TASKS):
-                write_run(tmp_path, f"{method}-{task}-{seed}", model="qwen2_0.5b", task=task,
-                          method=method, seed=seed, acc=acc + offset / 100)  # fmt: skip
+                write_run(
+                    tmp_path,
+                    f"{method}-{task}-{seed}",
+                    model="qwen2_0.5b",
+                    task=task,
+                    method=method,
+                    seed=seed,
+                    acc=acc + offset / 100,
+                )
     for mode in ("mean", "best"):
         table = tables_of(tmp_path, mode)["table1"]
         data = table.data.set_index("method")
@@ -341,9 +404,16 @@ def test_merged_mixture_and_stop_rule_ablation(tmp_path):
     subtasks = {f"eval/acc/{t}": 0.5 + i / 100 for i, t in enumerate(published.QA_TASKS)}
     for rule, acc in (("norm", 0.63), ("never", 0.62)):
         for seed in (0, 1):
-            write_run(tmp_path, f"{rule}-{seed}", model="qwen2_0.5b", task="merged_qa",
-                      method="stable_lora", seed=seed, config={"optimizer.stop_rule": rule},
-                      final={"eval/acc": acc + seed / 100, **subtasks})  # fmt: skip
+            write_run(
+                tmp_path,
+                f"{rule}-{seed}",
+                model="qwen2_0.5b",
+                task="merged_qa",
+                method="stable_lora",
+                seed=seed,
+                config={"optimizer.stop_rule": rule},
+                final={"eval/acc": acc + seed / 100, **subtasks},
+            )
     tables = tables_of(tmp_path)
     main = tables["table1"].data.set_index("label")
     assert main.loc["stable_lora, stop_rule=norm", "avg"] == pytest.approx(63.5)
@@ -359,13 +429,22 @@ def test_merged_mixture_and_stop_rule_ablation(tmp_path):
 
 
 def test_target_modules_ablation_with_published(tmp_path):
-    sets = {"q_proj,v_proj": 0.80, "q_proj,k_proj,v_proj,o_proj": 0.82,
-            ",".join(published.ALL_PROJECTIONS): 0.84}  # fmt: skip
+    sets = {
+        "q_proj,v_proj": 0.80,
+        "q_proj,k_proj,v_proj,o_proj": 0.82,
+        ",".join(published.ALL_PROJECTIONS): 0.84,
+    }
     for modules, acc in sets.items():
         for method in ("lora", "stable_lora"):
-            write_run(tmp_path, f"{method}-{len(modules)}", model="llama3.2_3b",
-                      task="merged_qa", method=method, acc=acc,
-                      config={"adapter.target_modules": modules.split(",")})  # fmt: skip
+            write_run(
+                tmp_path,
+                f"{method}-{len(modules)}",
+                model="llama3.2_3b",
+                task="merged_qa",
+                method=method,
+                acc=acc,
+                config={"adapter.target_modules": modules.split(",")},
+            )
     table = tables_of(tmp_path)["ablation_target_modules"]
     data = table.data.set_index(["modules", "label"])
     paper = published.TARGET_MODULES_ABLATION[("llama3.2_3b", "merged_qa")]
@@ -375,18 +454,35 @@ def test_target_modules_ablation_with_published(tmp_path):
     )
     assert data.loc[("q_proj,v_proj", "lora"), "diff"] == pytest.approx(80 - 83.79)
     assert list(table.display["modules"].loc[lambda s: s != ""]) == [
-        "q,v", "q,k,v,o", "q,k,v,o,gate,up,down"
-    ]  # fmt: skip
+        "q,v",
+        "q,k,v,o",
+        "q,k,v,o,gate,up,down",
+    ]
 
 
 def test_gsm8k_by_step_budget(tmp_path):
     for method, accs in (("lora", (0.40, 0.50, 0.58)), ("stable_lora", (0.42, 0.52, 0.60))):
         metrics = [{"step": s, "eval/acc": a} for s, a in zip((1000, 2000, 5000), accs)]
-        write_run(tmp_path, method, model="llama3.2_3b", task="metamath_gsm8k", method=method,
-                  acc=accs[-1], metrics=[{"step": 0, "eval/acc": 0.1}, *metrics],
-                  config={"task.protocol": "generate"})  # fmt: skip
-    write_run(tmp_path, "failed", model="llama3.2_3b", task="metamath_gsm8k", method="lora",
-              seed=1, status="failed", config={"task.protocol": "generate"})  # fmt: skip
+        write_run(
+            tmp_path,
+            method,
+            model="llama3.2_3b",
+            task="metamath_gsm8k",
+            method=method,
+            acc=accs[-1],
+            metrics=[{"step": 0, "eval/acc": 0.1}, *metrics],
+            config={"task.protocol": "generate"},
+        )
+    write_run(
+        tmp_path,
+        "failed",
+        model="llama3.2_3b",
+        task="metamath_gsm8k",
+        method="lora",
+        seed=1,
+        status="failed",
+        config={"task.protocol": "generate"},
+    )
     tables = tables_of(tmp_path)
     assert "table1" not in tables  # generation runs are not QA accuracy
     data = tables["gsm8k"].data.set_index(["label", "step"])
@@ -399,8 +495,15 @@ def test_gsm8k_by_step_budget(tmp_path):
 def test_overhead_relative_to_lora(tmp_path):
     for method, seconds in (("lora", (100.0, 110.0)), ("stable_lora", (105.0, 115.5))):
         for seed, time_s in enumerate(seconds):
-            write_run(tmp_path, f"{method}-{seed}", model="qwen2_0.5b", task="hellaswag",
-                      method=method, seed=seed, train_time=time_s)  # fmt: skip
+            write_run(
+                tmp_path,
+                f"{method}-{seed}",
+                model="qwen2_0.5b",
+                task="hellaswag",
+                method=method,
+                seed=seed,
+                train_time=time_s,
+            )
     data = tables_of(tmp_path)["overhead"].data.set_index("method")
     assert data.loc["stable_lora", "time_rel"] == pytest.approx((110.25 / 105 - 1) * 100)
     assert data.loc["lora", "time_rel"] == 0
@@ -411,10 +514,22 @@ def test_init_scale_tables_from_histories(tmp_path):
     for scale in (0.0, 4.0):
         for method in ("lora", "stable_lora"):
             ratio = 10.0 if method == "lora" and scale else 1.0
-            metrics = [{"step": s, "feat/delta1": ratio * s, "feat/delta2": float(s),
-                        "lora/norm_A": 2.0 + s} for s in (1, 2)]  # fmt: skip
-            write_run(tmp_path, f"{method}-{scale}", method=method, metrics=metrics,
-                      config={"adapter.init_scale": scale})  # fmt: skip
+            metrics = [
+                {
+                    "step": s,
+                    "feat/delta1": ratio * s,
+                    "feat/delta2": float(s),
+                    "lora/norm_A": 2.0 + s,
+                }
+                for s in (1, 2)
+            ]
+            write_run(
+                tmp_path,
+                f"{method}-{scale}",
+                method=method,
+                metrics=metrics,
+                config={"adapter.init_scale": scale},
+            )
     tables = tables_of(tmp_path)
     assert list(tables["init_scale"].display.columns[-2:]) == ["A0 × 0", "A0 × 4"]
     stability = tables["init_scale_stability"].data.set_index(
@@ -427,12 +542,20 @@ def test_init_scale_tables_from_histories(tmp_path):
 
 
 def test_reviewer_controls_and_shrink_stops(tmp_path):
-    stops = {"layer.0.q_proj": {"shrinking": False, "stop_step": 30},
-             "layer.0.v_proj": {"shrinking": True, "stop_step": None}}  # fmt: skip
+    stops = {
+        "layer.0.q_proj": {"shrinking": False, "stop_step": 30},
+        "layer.0.v_proj": {"shrinking": True, "stop_step": None},
+    }
     write_run(tmp_path, "lora", acc=0.60)
     write_run(tmp_path, "stable", method="stable_lora", acc=0.64, shrink=stops)
-    write_run(tmp_path, "steps", method="stable_lora", acc=0.62, shrink=stops,
-              config={"optimizer.stop_rule": "steps:20"})  # fmt: skip
+    write_run(
+        tmp_path,
+        "steps",
+        method="stable_lora",
+        acc=0.62,
+        shrink=stops,
+        config={"optimizer.stop_rule": "steps:20"},
+    )
     write_run(tmp_path, "wd", method="adamw_large_wd", acc=0.61)
     tables = tables_of(tmp_path)
     controls = tables["reviewer_controls"].data.set_index("label")
@@ -446,14 +569,20 @@ def test_reviewer_controls_and_shrink_stops(tmp_path):
 def test_select_learning_rate_keeps_the_best_lr_per_method(tmp_path):
     for lr, acc in ((1e-4, 0.60), (2e-4, 0.70), (4e-4, 0.65)):
         for seed in (0, 1):
-            write_run(tmp_path, f"lora-{lr}-{seed}", acc=acc, seed=seed,
-                      config={"optim.lr": lr})  # fmt: skip
+            write_run(tmp_path, f"lora-{lr}-{seed}", acc=acc, seed=seed, config={"optim.lr": lr})
     write_run(tmp_path, "stable-1", method="stable_lora", acc=0.5, config={"optim.lr": 1e-4})
     write_run(tmp_path, "stable-4", method="stable_lora", acc=0.9, config={"optim.lr": 4e-4})
     coll = collect(tmp_path)
-    assert set(coll.runs["label"]) == {f"{m}, lr={lr:g}" for m, lr in
-                                       [("lora", 1e-4), ("lora", 2e-4), ("lora", 4e-4),
-                                        ("stable_lora", 1e-4), ("stable_lora", 4e-4)]}  # fmt: skip
+    assert set(coll.runs["label"]) == {
+        f"{m}, lr={lr:g}"
+        for m, lr in [
+            ("lora", 1e-4),
+            ("lora", 2e-4),
+            ("lora", 4e-4),
+            ("stable_lora", 1e-4),
+            ("stable_lora", 4e-4),
+        ]
+    }
     kept, table = select_learning_rate(coll.runs)
     assert dict(zip(kept["method"], kept["optim.lr"])) == {"lora": 2e-4, "stable_lora": 4e-4}
     assert len(kept) == 3 and set(kept["label"]) == {"lora", "stable_lora"}
@@ -472,11 +601,24 @@ def test_width_exponents_are_delegated_to_width_fit(tmp_path):
     for width in (128, 256, 512):
         for seed in (0, 1):
             # delta1 ~ n^0, gAZ ~ n^1: the fits must find the exponents.
-            metrics = [{"step": s, "feat/delta1": 0.1 * (1 + seed / 10),
-                        "feat/gAZ": width * (1 + seed / 10), "feat/Z": 1.0}
-                       for s in (2, 10)]  # fmt: skip
-            write_run(tmp_path, f"w{width}-{seed}", model="toy_width", task="toy_teacher",
-                      seed=seed, metrics=metrics, config={"model.width": width})  # fmt: skip
+            metrics = [
+                {
+                    "step": s,
+                    "feat/delta1": 0.1 * (1 + seed / 10),
+                    "feat/gAZ": width * (1 + seed / 10),
+                    "feat/Z": 1.0,
+                }
+                for s in (2, 10)
+            ]
+            write_run(
+                tmp_path,
+                f"w{width}-{seed}",
+                model="toy_width",
+                task="toy_teacher",
+                seed=seed,
+                metrics=metrics,
+                config={"model.width": width},
+            )
     found, files = width_tables(collect(tmp_path), [tmp_path], tmp_path / "out")
     (table,) = found
     fits = table.data.set_index(["quantity", "step"])
@@ -519,21 +661,47 @@ class FakeSummary(dict):
 def fake_wandb_run(**changes):
     """An object with the attributes of a ``wandb.apis.public.Run`` that the conversion uses,
     holding what the runner logs: the resolved config, a flat summary and the history."""
-    config = {"model": {"name": "qwen2_0.5b"}, "task": {"name": "hellaswag"},
-              "method": {"name": "stable_lora"},
-              "adapter": {"rank": 8, "target_modules": ["q_proj", "v_proj"]},
-              "optim": {"lr": 1e-4}, "seed": 1}  # fmt: skip
-    summary = FakeSummary({"status": "completed", "steps": 20, "main_metric": "eval/acc_norm",
-                           "method": "stable_lora", "task": "hellaswag", "model": "qwen2_0.5b",
-                           "seed": 1, "train_time_s": 12.5, "final/eval/acc_norm": 0.41,
-                           "final/eval/acc": 0.38, "best/eval/acc_norm": 0.42, "best/step": 10,
-                           "_runtime": 99, "train/loss": 1.7})  # fmt: skip
-    history = [{"_step": 0, "eval/acc_norm": 0.3, "_runtime": 1},
-               {"_step": 10, "train/loss": 2.0, "lora/norm_A": 1.5},
-               {"_step": 20, "train/loss": 1.7, "eval/acc_norm": 0.41}]  # fmt: skip
-    run = SimpleNamespace(id="abc123", name="method=stable_lora,seed=1", group="table1_qa",
-                          path=["me", "stablelora", "abc123"], state="finished", config=config,
-                          summary=summary, scan_history=lambda: iter(history))  # fmt: skip
+    config = {
+        "model": {"name": "qwen2_0.5b"},
+        "task": {"name": "hellaswag"},
+        "method": {"name": "stable_lora"},
+        "adapter": {"rank": 8, "target_modules": ["q_proj", "v_proj"]},
+        "optim": {"lr": 1e-4},
+        "seed": 1,
+    }
+    summary = FakeSummary(
+        {
+            "status": "completed",
+            "steps": 20,
+            "main_metric": "eval/acc_norm",
+            "method": "stable_lora",
+            "task": "hellaswag",
+            "model": "qwen2_0.5b",
+            "seed": 1,
+            "train_time_s": 12.5,
+            "final/eval/acc_norm": 0.41,
+            "final/eval/acc": 0.38,
+            "best/eval/acc_norm": 0.42,
+            "best/step": 10,
+            "_runtime": 99,
+            "train/loss": 1.7,
+        }
+    )
+    history = [
+        {"_step": 0, "eval/acc_norm": 0.3, "_runtime": 1},
+        {"_step": 10, "train/loss": 2.0, "lora/norm_A": 1.5},
+        {"_step": 20, "train/loss": 1.7, "eval/acc_norm": 0.41},
+    ]
+    run = SimpleNamespace(
+        id="abc123",
+        name="method=stable_lora,seed=1",
+        group="table1_qa",
+        path=["me", "stablelora", "abc123"],
+        state="finished",
+        config=config,
+        summary=summary,
+        scan_history=lambda: iter(history),
+    )
     for key, value in changes.items():
         setattr(run, key, value)
     return run
@@ -546,9 +714,11 @@ def test_wandb_run_converts_like_a_run_directory():
     assert row["final/eval/acc"] == 0.38 and row["best/step"] == 10
     assert row["adapter.target_modules"] == "q_proj,v_proj" and row["optim.lr"] == 1e-4
     assert row["train_time_s"] == 12.5 and shrink == []
-    assert metrics == [{"step": 0, "eval/acc_norm": 0.3},
-                       {"step": 10, "train/loss": 2.0, "lora/norm_A": 1.5},
-                       {"step": 20, "train/loss": 1.7, "eval/acc_norm": 0.41}]  # fmt: skip
+    assert metrics == [
+        {"step": 0, "eval/acc_norm": 0.3},
+        {"step": 10, "train/loss": 2.0, "lora/norm_A": 1.5},
+        {"step": 20, "train/loss": 1.7, "eval/acc_norm": 0.41},
+    ]
     crashed = fake_wandb_run(state="crashed", summary=FakeSummary({"_step": 3}))
     row, _, _ = wandb_run_records(crashed)
     assert row["status"] == "failed" and row["method"] == "stable_lora"  # from the config
@@ -560,8 +730,12 @@ def test_collect_wandb_filters_by_group_and_tags():
     class FakeApi:
         def runs(self, path, filters=None):
             calls.append((path, filters))
-            return [fake_wandb_run(), fake_wandb_run(id="def456", path=["me", "p", "def456"],
-                                                     state="running", summary=FakeSummary())]  # fmt: skip
+            return [
+                fake_wandb_run(),
+                fake_wandb_run(
+                    id="def456", path=["me", "p", "def456"], state="running", summary=FakeSummary()
+                ),
+            ]
 
     coll = collect_wandb("me/stablelora", group="table1_qa", tags=["paper"], api=FakeApi())
     assert calls == [("me/stablelora", {"group": "table1_qa", "tags": {"$in": ["paper"]}})]

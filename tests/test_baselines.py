@@ -62,13 +62,19 @@ def _close(actual, expected, atol=1e-6):
 @pytest.mark.parametrize(
     ("reg", "expected_A", "expected_B"),
     [
-        (0.0, [[2.666667, 1.333333, -2.666667], [0.666667, -0.666667, 5.333333]],
-         [[0, 2], [3, 1], [3, -1]]),
-        (1e-6, [[2.666665, 1.333332, -2.666663], [0.666667, -0.666666, 5.333329]],
-         [[0, 2], [2.999999, 1], [2.999999, -1]]),
+        (
+            0.0,
+            [[2.666667, 1.333333, -2.666667], [0.666667, -0.666667, 5.333333]],
+            [[0, 2], [3, 1], [3, -1]],
+        ),
+        (
+            1e-6,
+            [[2.666665, 1.333332, -2.666663], [0.666667, -0.666666, 5.333329]],
+            [[0, 2], [2.999999, 1], [2.999999, -1]],
+        ),
         (1.0, [[1.75, 0.75, -1], [0.75, -0.25, 3]], [[0, 1.6], [2, 0.8], [2, -0.8]]),
     ],
-)  # fmt: skip
+)
 @pytest.mark.parametrize("stacked", [False, True])
 def test_riemann_preconditioned_gradients_match_table(reg, expected_A, expected_B, stacked):
     A, B, _ = _toy_pair()
@@ -170,9 +176,13 @@ def test_riemann_rejects_conflicting_variants():
 # ---------------------------------------------------------------- LoRA-RITE, worked example
 
 RITE_PLAIN = {  # the worked example's settings: no eps, clip, skip, weight decay
-    "lr": 0.01, "betas": (0.9, 0.999), "rite_eps": 0.0, "clip_unmagnified_grad": 0.0,
-    "update_skipping": 0.0, "weight_decay": 0.0,
-}  # fmt: skip
+    "lr": 0.01,
+    "betas": (0.9, 0.999),
+    "rite_eps": 0.0,
+    "clip_unmagnified_grad": 0.0,
+    "update_skipping": 0.0,
+    "weight_decay": 0.0,
+}
 RITE_DELTA_A1 = [[-0.010917, -0.004896, 0.007540], [-0.001322, 0.001885, -0.013953]]
 RITE_DELTA_B1 = [[0, -0.007071], [-0.008660, -0.003536], [-0.008660, 0.003536]]
 
@@ -241,8 +251,14 @@ def test_lora_rite_is_invariant_to_reparametrisation(apply_escape, layout):
     A1, B1 = torch.linalg.inv(reparam) @ A0, B0 @ reparam
 
     def rite(A, B):  # library defaults: eps 1e-6, clip and skip at 1
-        return LoRARITE([A, B], [LoRAPair("x", A, B, SCALE)], lr=0.05, weight_decay=0,
-                        apply_escape=apply_escape, layout=layout)  # fmt: skip
+        return LoRARITE(
+            [A, B],
+            [LoRAPair("x", A, B, SCALE)],
+            lr=0.05,
+            weight_decay=0,
+            apply_escape=apply_escape,
+            layout=layout,
+        )
 
     product = _regression_product(A0, B0, target, rite)
     assert (product - B0 @ A0).abs().max() > 0.5
@@ -263,13 +279,22 @@ def _tiny_model(seed=0, *, dora=False, head=False, bias=False, random_B=False):
     """1-layer Llama with LoRA on q_proj (B 32 x 4) and v_proj (B 16 x 4)."""
     torch.manual_seed(seed)
     config = transformers.LlamaConfig(
-        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-        num_attention_heads=4, num_key_value_heads=2, attention_bias=bias,
-    )  # fmt: skip
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        attention_bias=bias,
+    )
     model = apply_lora(
-        transformers.LlamaForCausalLM(config), rank=4, alpha=8, target_modules=["q_proj", "v_proj"],
-        use_dora=dora, modules_to_save=["lm_head"] if head else None,
-    )  # fmt: skip
+        transformers.LlamaForCausalLM(config),
+        rank=4,
+        alpha=8,
+        target_modules=["q_proj", "v_proj"],
+        use_dora=dora,
+        modules_to_save=["lm_head"] if head else None,
+    )
     if bias:  # trainable biases next to the LoRA factors
         for name, param in model.named_parameters():
             if name.endswith("base_layer.bias"):
@@ -430,9 +455,12 @@ def test_load_rejects_other_layers():
 def test_adamw_large_wd_groups(large_wd_on):
     model = _tiny_model(dora=True, head=True, bias=True)
     optimizer = create_optimizer(
-        model, method="adamw_large_wd", weight_decay=0.01, large_wd_on=large_wd_on,
+        model,
+        method="adamw_large_wd",
+        weight_decay=0.01,
+        large_wd_on=large_wd_on,
         large_weight_decay=0.3,
-    )  # fmt: skip
+    )
     assert isinstance(optimizer, torch.optim.AdamW)
     pairs = find_lora_pairs(model)
     large = {id(pair.A) for pair in pairs}

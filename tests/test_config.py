@@ -39,9 +39,19 @@ def test_default_is_the_embedded_offline_job():
 
 @pytest.mark.parametrize(
     "group",
-    ["model", "task", "adapter", "optimizer", "method", "variant", "optim", "trainer", "logger",
-     "probe"],
-)  # fmt: skip
+    [
+        "model",
+        "task",
+        "adapter",
+        "optimizer",
+        "method",
+        "variant",
+        "optim",
+        "trainer",
+        "logger",
+        "probe",
+    ],
+)
 def test_every_option_of_every_group_composes(group):
     options = group_options(group)
     assert options, f"conf/{group} is empty"
@@ -54,18 +64,55 @@ def test_every_option_of_every_group_composes(group):
 
 def test_contract_names_exist():
     for group, names in {
-        "model": ["tiny_llama", "tiny_qwen2", "smollm2_135m", "qwen2_0.5b", "qwen2_1.5b",
-                  "llama3.2_1b", "llama3.2_3b", "llama3.1_8b"],
-        "method": ["lora", "rslora", "dora", "adalora", "loraplus", "stable_lora",
-                   "stable_rslora", "stable_dora", "stable_adalora", "stable_loraplus", "riemann",
-                   "lora_rite", "adamw_large_wd", "shrink_fixed_steps"],
+        "model": [
+            "tiny_llama",
+            "tiny_qwen2",
+            "smollm2_135m",
+            "qwen2_0.5b",
+            "qwen2_1.5b",
+            "llama3.2_1b",
+            "llama3.2_3b",
+            "llama3.1_8b",
+        ],
+        "method": [
+            "lora",
+            "rslora",
+            "dora",
+            "adalora",
+            "loraplus",
+            "stable_lora",
+            "stable_rslora",
+            "stable_dora",
+            "stable_adalora",
+            "stable_loraplus",
+            "riemann",
+            "lora_rite",
+            "adamw_large_wd",
+            "shrink_fixed_steps",
+        ],
         "adapter": ["lora", "rslora", "dora", "adalora", "pissa", "olora"],
-        "optimizer": ["adamw", "loraplus", "stable_lora", "riemann", "lora_rite",
-                      "adamw_large_wd", "shrink_fixed_steps"],
-        "task": ["hellaswag", "siqa", "obqa", "arc_easy", "arc_challenge", "merged_qa",
-                 "metamath_gsm8k", "bbc_news", "arithmetic"],
+        "optimizer": [
+            "adamw",
+            "loraplus",
+            "stable_lora",
+            "riemann",
+            "lora_rite",
+            "adamw_large_wd",
+            "shrink_fixed_steps",
+        ],
+        "task": [
+            "hellaswag",
+            "siqa",
+            "obqa",
+            "arc_easy",
+            "arc_challenge",
+            "merged_qa",
+            "metamath_gsm8k",
+            "bbc_news",
+            "arithmetic",
+        ],
         "experiment": ["smoke"],
-    }.items():  # fmt: skip
+    }.items():
         assert set(names) <= set(group_options(group)), group
 
 
@@ -115,10 +162,18 @@ def test_methods_differ_only_where_they_should():
         ("rslora", {"name": "rslora", "scaling": "rslora"}, {}),
         ("dora", {"name": "dora", "use_dora": True}, {}),
         ("loraplus", {}, {"name": "loraplus", "builder": "loraplus", "loraplus_lr_ratio": 16}),
-        ("stable_lora", {}, {"name": "stable_lora", "builder": "stable_lora",
-                             "shrink_ratio": 5e-4, "stop_rule": "norm",
-                             "loraplus_lr_ratio": None}),
-    ]:  # fmt: skip
+        (
+            "stable_lora",
+            {},
+            {
+                "name": "stable_lora",
+                "builder": "stable_lora",
+                "shrink_ratio": 5e-4,
+                "stop_rule": "norm",
+                "loraplus_lr_ratio": None,
+            },
+        ),
+    ]:
         cfg = compose_config([f"method={name}"])
         changed = {k: v for k, v in cfg.adapter.items() if lora.adapter.get(k) != v}
         assert changed == adapter, name
@@ -135,12 +190,20 @@ def test_methods_differ_only_where_they_should():
         (["method=riemann", "adapter=dora"], "dora+riemann", "dora", "riemann"),
         (["adapter=dora", "method=riemann"], "dora+riemann", "dora", "riemann"),
         (["method=stable_dora", "optimizer=lora_rite"], "dora+lora_rite", "dora", "lora_rite"),
-        (["method=stable_lora", "optimizer.shrink_ratio=1e-3"], "stable_lora", "lora",
-         "stable_lora"),
-        (["adapter=pissa", "optimizer=adamw_large_wd"], "pissa+adamw_large_wd", "pissa",
-         "adamw_large_wd"),
+        (
+            ["method=stable_lora", "optimizer.shrink_ratio=1e-3"],
+            "stable_lora",
+            "lora",
+            "stable_lora",
+        ),
+        (
+            ["adapter=pissa", "optimizer=adamw_large_wd"],
+            "pissa+adamw_large_wd",
+            "pissa",
+            "adamw_large_wd",
+        ),
     ],
-)  # fmt: skip
+)
 def test_any_adapter_composes_with_any_optimizer(overrides, name, adapter, optimizer):
     from stablelora.train import check_config
 
@@ -191,9 +254,15 @@ def test_every_optimizer_rejects_an_unknown_option_naming_the_valid_ones(method)
 
 @pytest.mark.parametrize(
     "method,foreign",
-    [("lora", "shrink_ratio"), ("loraplus", "stop_rule"), ("riemann", "rite_eps"),
-     ("lora_rite", "reg"), ("stable_lora", "large_wd_on"), ("adamw_large_wd", "shrink_ratio")],
-)  # fmt: skip
+    [
+        ("lora", "shrink_ratio"),
+        ("loraplus", "stop_rule"),
+        ("riemann", "rite_eps"),
+        ("lora_rite", "reg"),
+        ("stable_lora", "large_wd_on"),
+        ("adamw_large_wd", "shrink_ratio"),
+    ],
+)
 def test_an_option_of_another_method_is_rejected(method, foreign):
     from stablelora.optim import create_optimizer, optimizer_options
 
@@ -306,10 +375,19 @@ def test_runner_config_error_is_one_line_exit_2_before_the_model_loads(
         overrides = [*overrides, f"output_root={tmp_path}"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     result = subprocess.run(
-        [sys.executable, str(ROOT / "run.py"), *overrides, "model=tiny_llama",
-         "logger.mode=disabled"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            str(ROOT / "run.py"),
+            *overrides,
+            "model=tiny_llama",
+            "logger.mode=disabled",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 2, result.stderr[-2000:]
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0] and "config error" in lines[0], lines
@@ -389,8 +467,10 @@ def test_a_new_optimizer_is_one_module_and_one_yaml(extension_dirs):
     optimizer.step()
     assert torch.allclose(pair_A, before - 0.05)  # lr * step_scale, the yaml's option
     with pytest.raises(ConfigError, match=f"optimizer={name} .*no option 'regg'.*step_scale"):
-        check_config(compose_config([f"optimizer={name}", "model=tiny_llama", "+optimizer.regg=1"],
-                                    [conf]), config_dirs=[CONF, conf])  # fmt: skip
+        check_config(
+            compose_config([f"optimizer={name}", "model=tiny_llama", "+optimizer.regg=1"], [conf]),
+            config_dirs=[CONF, conf],
+        )
 
 
 NEW_TASK = '''
@@ -452,10 +532,13 @@ def test_a_new_task_family_is_one_module_and_one_yaml(extension_dirs):
         check_config(bad, config_dirs=[CONF, conf])
 
 
-@pytest.mark.parametrize("launcher,target", [
-    ("joblib", "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"),
-    ("submitit_slurm", "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "launcher,target",
+    [
+        ("joblib", "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"),
+        ("submitit_slurm", "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"),
+    ],
+)
 def test_launchers_compose_with_the_local_example(launcher, target, tmp_path):
     import shutil
 

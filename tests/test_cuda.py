@@ -19,8 +19,12 @@ CUDA = torch.device("cuda")
 
 
 def _lora_model(seed=0, B_std=0.0):
-    model = apply_lora(tiny_llama(seed=seed), rank=4, alpha=8,
-                       target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]).to(CUDA)  # fmt: skip
+    model = apply_lora(
+        tiny_llama(seed=seed),
+        rank=4,
+        alpha=8,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+    ).to(CUDA)
     if B_std:  # B far above the stop threshold: every layer stops on the first step
         with torch.no_grad():
             for pair in find_lora_pairs(model):

@@ -193,11 +193,17 @@ def test_unknown_experiment_is_one_line_naming_the_choices(capsys):
 def test_experiment_entry_builds_the_sweep_and_report_commands(tmp_path):
     from experiments.common import commands
 
-    args = argparse.Namespace(smoke=True, output_root=tmp_path, seeds="best",
-                              overrides=["trainer.max_steps=2"])  # fmt: skip
+    args = argparse.Namespace(
+        smoke=True, output_root=tmp_path, seeds="best", overrides=["trainer.max_steps=2"]
+    )
     sweep, report, sweep_dir = commands(ARTEFACTS["ablation_stop_rule"], args)
-    assert sweep[1:] == ["run.py", "-m", "experiment=ablation_stop_rule_smoke",
-                         f"output_root={tmp_path.resolve()}", "trainer.max_steps=2"]  # fmt: skip
+    assert sweep[1:] == [
+        "run.py",
+        "-m",
+        "experiment=ablation_stop_rule_smoke",
+        f"output_root={tmp_path.resolve()}",
+        "trainer.max_steps=2",
+    ]
     assert sweep_dir == tmp_path.resolve() / "sweeps" / "ablation_stop_rule_smoke"
     assert report[1:5] == ["-m", "analysis.report", str(sweep_dir), "--seeds"]
     assert "ablation_stop_rule" in report[report.index("--tables") :]
@@ -214,8 +220,12 @@ def test_smoke_experiment_end_to_end(name, tmp_path):
     experiment = ARTEFACTS[name]
     result = subprocess.run(
         [sys.executable, "-m", "experiments", name, "--smoke", "--output-root", str(tmp_path)],
-        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     sweep = tmp_path / "sweeps" / f"{name.replace('/', '_')}_smoke"
     summaries = sorted(sweep.rglob("summary.json"))

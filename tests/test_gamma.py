@@ -38,8 +38,12 @@ class OneLayer(nn.Module):
 
 def toy_lora(width=32, depth=2, seed=0):
     torch.manual_seed(seed)
-    model = apply_lora(build_toy_model(width, depth, seed), rank=4, alpha=8,
-                       target_modules=list(TOY_TARGET_MODULES))  # fmt: skip
+    model = apply_lora(
+        build_toy_model(width, depth, seed),
+        rank=4,
+        alpha=8,
+        target_modules=list(TOY_TARGET_MODULES),
+    )
     return model, ToyTeacherTask(width, depth, seed, num_train=64, num_eval=32)
 
 
@@ -122,8 +126,9 @@ def test_per_layer_gamma_is_recomputed_bit_for_bit_from_rms_and_width():
         assert np.all(widths == [p.A.shape[1] for p in find_lora_pairs(model)])
         gammas = np.array([[metrics[f"gamma/{n}/{q}"] for q in QUANTITIES] for n in names])
         assert np.array_equal(gamma_values(rms, widths[:, None]), gammas)
-        assert np.array_equal(gamma_values(rms.ravel(), widths.repeat(len(QUANTITIES))),
-                              gammas.ravel())  # fmt: skip
+        assert np.array_equal(
+            gamma_values(rms.ravel(), widths.repeat(len(QUANTITIES))), gammas.ravel()
+        )
         for name, width in zip(names, widths):
             assert gamma_value(metrics[f"feat/{name}/dY"], width) == metrics[f"gamma/{name}/dY"]
 
@@ -383,8 +388,9 @@ def test_toy_activations_are_order_one_at_every_width():
             h = block(h)
             assert 0.7 < h.square().mean().sqrt() < 1.4, width
         assert not any(p.requires_grad for p in model.parameters())
-    torch.testing.assert_close(build_toy_model(32, 2, 5).blocks[1].fc.weight,
-                               build_toy_model(32, 2, 5).blocks[1].fc.weight)  # fmt: skip
+    torch.testing.assert_close(
+        build_toy_model(32, 2, 5).blocks[1].fc.weight, build_toy_model(32, 2, 5).blocks[1].fc.weight
+    )
 
 
 def test_toy_task_contract_and_learnability():
@@ -427,8 +433,14 @@ def test_width_sweep_smoke_runs_through_the_runner_and_writes_the_exponent_table
     assert set(table["method"]) == {"lora", "stable_lora"}
     assert {"delta1", "delta2", "delta3", "dY", "gAZ"} <= set(table.columns)
     assert (sweep / "records.jsonl").stat().st_size > 0
-    for name in ("exponents.csv", "exponents.md", "width_fit.png",
-                 "width_fit.pdf", "exponents_vs_step.png", "exponents_vs_step.pdf"):  # fmt: skip
+    for name in (
+        "exponents.csv",
+        "exponents.md",
+        "width_fit.png",
+        "width_fit.pdf",
+        "exponents_vs_step.png",
+        "exponents_vs_step.pdf",
+    ):
         assert (sweep / "report" / name).stat().st_size > 0, name
     assert "Assumption 1" in (sweep / "report" / "exponents.md").read_text()
     fits = result["fits"]

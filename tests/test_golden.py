@@ -40,8 +40,9 @@ GOLDEN_LOSSES = [
 
 def test_first_ten_losses_match_the_golden_values(tmp_path, one_thread):
     train(compose_config(GOLDEN_RUN), tmp_path)
-    losses = [row["train/loss"] for row in read_jsonl(tmp_path / "metrics.jsonl")
-              if "train/loss" in row]  # fmt: skip
+    losses = [
+        row["train/loss"] for row in read_jsonl(tmp_path / "metrics.jsonl") if "train/loss" in row
+    ]
     if os.environ.get("GOLDEN_PRINT"):
         print(losses)
     assert losses == pytest.approx(GOLDEN_LOSSES, rel=1e-5)

@@ -23,8 +23,14 @@ no_cuda_only = pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA devi
 def test_script_says_there_is_no_gpu_and_exits_0_quickly():
     env = {**os.environ, "PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": ""}
     start = time.perf_counter()
-    result = subprocess.run(["bash", "scripts/gpu_check.sh"], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    result = subprocess.run(
+        ["bash", "scripts/gpu_check.sh"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     assert "no CUDA device visible" in result.stdout
     assert time.perf_counter() - start < 60  # torch's import, nothing else
@@ -60,11 +66,12 @@ def test_a_failing_section_is_a_failed_row_and_exit_1(capsys, monkeypatch):
 @pytest.mark.slow
 def test_whole_cpu_smoke_run_skips_the_cuda_tests_and_runs_gloo_ddp():
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    # Sections steps and e2e: the fast test above.
+    argv = ["benchmarks/gpu_check.py", "--device", "cpu", "--tiny", "--ddp", "on",
+            "--sections", "tests", "ddp"]  # fmt: skip
     result = subprocess.run(
-        [sys.executable, "benchmarks/gpu_check.py", "--device", "cpu", "--tiny", "--ddp", "on",
-         "--sections", "tests", "ddp"],  # steps and e2e: the fast test above
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        [sys.executable, *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
     assert result.returncode == 0, result.stdout + result.stderr[-2000:]
     rows = {line.split(" | ")[0].lstrip("| "): line for line in result.stdout.splitlines()}
     assert " | skip | " in rows["tests (pytest -m cuda)"]

@@ -168,8 +168,16 @@ def test_recorder_routes_per_layer_keys_to_the_layer_file(tmp_path):
 
     from stablelora.records import RunRecorder
 
-    logger = OmegaConf.create({"mode": "disabled", "project": "p", "entity": None,
-                               "group": None, "tags": [], "per_layer_every": 1})  # fmt: skip
+    logger = OmegaConf.create(
+        {
+            "mode": "disabled",
+            "project": "p",
+            "entity": None,
+            "group": None,
+            "tags": [],
+            "per_layer_every": 1,
+        }
+    )
     recorder = RunRecorder(tmp_path, {}, logger, "run")
     rows = probe_metrics(steps=3)
     for step, metrics in enumerate(rows, start=1):
@@ -205,8 +213,13 @@ def test_resumed_run_has_the_layer_records_of_an_uninterrupted_one(
 ):
     from test_runner import Interrupted
 
-    overrides = ["experiment=smoke", "logger.mode=disabled", "trainer.max_steps=8",
-                 "trainer.checkpoint_every=4", "probe.first_steps=8"]  # fmt: skip
+    overrides = [
+        "experiment=smoke",
+        "logger.mode=disabled",
+        "trainer.max_steps=8",
+        "trainer.checkpoint_every=4",
+        "probe.first_steps=8",
+    ]
     run_with_layers(overrides, tmp_path / "uninterrupted")
     with monkeypatch.context() as patch:
         if hard_kill:  # a SIGKILL: the buffered rows (step 5) are lost, the flushed part stays
@@ -227,15 +240,17 @@ def test_smoke_run_records_stay_small(tmp_path):
     """Bytes per logged step of the smoke run's records (a regression shows here)."""
     from test_runner import read_wandb_records
 
-    run_with_layers(["experiment=smoke", "logger.mode=offline", "logger.per_layer_every=3"],
-                    tmp_path)  # fmt: skip
+    run_with_layers(
+        ["experiment=smoke", "logger.mode=offline", "logger.per_layer_every=3"], tmp_path
+    )
     logged_steps = len(read_jsonl(tmp_path / "metrics.jsonl"))
     local = sum(
         path.stat().st_size
         for path in tmp_path.rglob("*")
-        if path.is_file() and not {"adapter", "wandb", ".hydra"} & set(path.parts)
+        if path.is_file()
+        and not {"adapter", "wandb", ".hydra"} & set(path.parts)
         and path.name != "checkpoint.pt"
-    )  # fmt: skip
+    )
     assert local / logged_steps < SMOKE_BYTES_PER_LOGGED_STEP, (local, logged_steps)
     (run_file,) = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
     records = read_wandb_records(run_file)

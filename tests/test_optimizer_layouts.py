@@ -26,11 +26,11 @@ RANK = 4
 SCALE = 2.0
 # (m, n) of each layer: B is (m, r), A is (r, n).
 SHAPES = [
-    (24, 24), (24, 24), (24, 24),  # a stack of three square layers
-    (8, 24), (8, 24),  # GQA-narrow k/v projections
-    (512, 24), (512, 24),  # tall B, paired rows on the per-layer path
+    *[(24, 24)] * 3,  # a stack of three square layers
+    *[(8, 24)] * 2,  # GQA-narrow k/v projections
+    *[(512, 24)] * 2,  # tall B, paired rows on the per-layer path
     (257, 16),  # tall B with an odd row count: never paired
-]  # fmt: skip
+]
 SILENT_LAYER, SILENT_STEPS = 1, (2, 5)  # no gradients at these steps
 OTHER_GROUP_LAYER = 3  # its factors train in a second parameter group (twice the lr)
 STEPS = 12
@@ -79,8 +79,9 @@ class _Problem(nn.Module):
             self.B[nan_at[1]].grad[0, 0] = float("nan")
 
 
-def _train(make_optimizer, layout, *, seed=0, zero_B_layer=None, nan_at=None, steps=STEPS,
-           device="cpu"):  # fmt: skip
+def _train(
+    make_optimizer, layout, *, seed=0, zero_B_layer=None, nan_at=None, steps=STEPS, device="cpu"
+):
     problem = _Problem(seed, zero_B_layer, device)
     optimizer = make_optimizer(problem, layout)
     start = [p.detach().clone() for p in problem.parameters()]
@@ -121,15 +122,16 @@ RITE_VARIANTS = {
         "clip_unmagnified_grad": 0.5,
         "update_skipping": 0.0,
         "betas": (0.8, 0.95),
-    },  # fmt: skip
+    },
     "no clip, tight skipping": {"clip_unmagnified_grad": 0.0, "update_skipping": 0.3},
 }
 
 
 def _rite(options):
     def make(problem, layout):
-        return LoRARITE(problem.param_groups(lr=0.02), problem.pairs(), lr=0.02,
-                        layout=layout, **options)  # fmt: skip
+        return LoRARITE(
+            problem.param_groups(lr=0.02), problem.pairs(), lr=0.02, layout=layout, **options
+        )
 
     return make
 
@@ -156,8 +158,9 @@ def _riemann(options):
     def make(problem, layout):
         lr = options.get("lr", 0.02)
         rest = {k: v for k, v in options.items() if k != "lr"}
-        return RiemannianAdamW(problem.param_groups(lr), problem.pairs(), lr=lr, layout=layout,
-                               **rest)  # fmt: skip
+        return RiemannianAdamW(
+            problem.param_groups(lr), problem.pairs(), lr=lr, layout=layout, **rest
+        )
 
     return make
 
@@ -176,10 +179,12 @@ def test_riemannian_gradients_stacked_flag():
     problem = _Problem(seed=3)
     problem.backward(step=0)
     grads_A, grads_B = [A.grad for A in problem.A], [B.grad for B in problem.B]
-    per_layer = riemannian_gradients(grads_A, list(problem.B), grads_B, list(problem.A), 1e-3,
-                                     stacked=False)  # fmt: skip
-    stacked = riemannian_gradients(grads_A, list(problem.B), grads_B, list(problem.A), 1e-3,
-                                   stacked=True)  # fmt: skip
+    per_layer = riemannian_gradients(
+        grads_A, list(problem.B), grads_B, list(problem.A), 1e-3, stacked=False
+    )
+    stacked = riemannian_gradients(
+        grads_A, list(problem.B), grads_B, list(problem.A), 1e-3, stacked=True
+    )
     for expected, actual in zip(per_layer[0] + per_layer[1], stacked[0] + stacked[1]):
         torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-14)
     damped = problem.B[0].detach().T @ problem.B[0].detach() + 1e-3 * torch.eye(RANK, dtype=F64)
@@ -192,10 +197,13 @@ def test_layouts_agree_on_a_dora_model(method):
 
     def train(layout):
         model = apply_lora(
-            tiny_llama(seed=0, dtype=F64, attention_bias=True), rank=RANK, alpha=8,
-            target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], use_dora=True,
+            tiny_llama(seed=0, dtype=F64, attention_bias=True),
+            rank=RANK,
+            alpha=8,
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+            use_dora=True,
             modules_to_save=["lm_head"],
-        )  # fmt: skip
+        )
         with torch.no_grad():
             for pair in find_lora_pairs(model):  # B = 0 would give A no gradient at first
                 pair.B.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(pair.name)))
@@ -246,8 +254,11 @@ def test_layout_option_selects_the_path(method, batched_op):
 @pytest.mark.parametrize("method", ["lora_rite", "riemann"])
 def test_cuda_default_layout_matches_the_cpu_per_layer_path(method):
     """On CUDA, ``layout="auto"`` is the stacked path: the same training as on CPU, float64."""
-    make = _rite(RITE_VARIANTS["escape, capping, weight decay, clip"]) if method == "lora_rite" \
-        else _riemann({})  # fmt: skip
+    make = (
+        _rite(RITE_VARIANTS["escape, capping, weight decay, clip"])
+        if method == "lora_rite"
+        else _riemann({})
+    )
     on_cpu, _, _ = _train(make, "per_layer", zero_B_layer=0, nan_at=(4, 5))
     on_cuda, _, _ = _train(make, "auto", zero_B_layer=0, nan_at=(4, 5), device="cuda")
     for expected, actual in zip(on_cpu.parameters(), on_cuda.parameters()):

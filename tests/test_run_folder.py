@@ -52,8 +52,8 @@ def test_run_folder_is_a_function_of_the_resolved_config():
         ["method=stable_lora", "method=lora"]
     )
     # Where and how a run is shown does not move it; what it computes does.
-    assert run_dirs(["experiment=smoke", "seed=1", "logger.mode=disabled",
-                     "trainer.device=cpu", "trainer.progress_bar=true"]) == smoke  # fmt: skip
+    display = ["logger.mode=disabled", "trainer.device=cpu", "trainer.progress_bar=true"]
+    assert run_dirs(["experiment=smoke", "seed=1", *display]) == smoke
     assert run_dirs(["experiment=smoke", "seed=1", "optim.lr=3e-4"]) != smoke
     name = Path(smoke).name
     assert name.startswith("stable_lora-bbc_news-tiny_llama-s1-")
@@ -75,8 +75,10 @@ def test_rerun_with_another_config_in_the_same_folder_stops(tmp_path):
     cfg = compose_config(SMOKE + ["trainer.max_steps=1", "logger.mode=disabled", "probe=off"])
     (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     display = ["trainer.progress_bar=true", "trainer.num_threads=1"]
-    assert train(compose_config(SMOKE + ["trainer.max_steps=1", "probe=off", *display]),
-                 tmp_path)["status"] == "completed"  # fmt: skip
+    summary = train(
+        compose_config(SMOKE + ["trainer.max_steps=1", "probe=off", *display]), tmp_path
+    )
+    assert summary["status"] == "completed"
 
 
 # ---------------------------------------------------------------------------- lock
@@ -110,8 +112,7 @@ def test_resumed_records_hold_every_row_once(tmp_path, monkeypatch, uninterrupte
     assert summary["wall_time_s"] >= summary["train_time_s"] > 0
 
 
-def test_stop_between_final_evaluation_and_summary_logs_once(tmp_path, monkeypatch,
-                                                             uninterrupted):  # fmt: skip
+def test_stop_between_final_evaluation_and_summary_logs_once(tmp_path, monkeypatch, uninterrupted):
     cfg = compose_config(FAST + ["trainer.checkpoint_every=2"])
 
     def killed(self, summary):
@@ -138,8 +139,9 @@ def test_records_shorter_than_the_checkpoint_stop_with_one_line(tmp_path, monkey
 
 
 # ---------------------------------------------------------------------------- checkpoints
-def test_damaged_newest_checkpoint_falls_back_to_the_older(tmp_path, monkeypatch, capsys,
-                                                          uninterrupted):  # fmt: skip
+def test_damaged_newest_checkpoint_falls_back_to_the_older(
+    tmp_path, monkeypatch, capsys, uninterrupted
+):
     cfg = compose_config(FAST + ["trainer.checkpoint_every=2"])
     with pytest.raises(Interrupted):
         train_killed_at_batch(cfg, tmp_path, 5, monkeypatch)  # checkpoints at steps 2 and 4
@@ -224,8 +226,9 @@ def train_signalled_at_batch(cfg, run_dir, batch_number, signum, monkeypatch):
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1])
-def test_stop_signal_checkpoints_and_resumes_bit_identically(tmp_path, monkeypatch, capsys,
-                                                            uninterrupted, signum):  # fmt: skip
+def test_stop_signal_checkpoints_and_resumes_bit_identically(
+    tmp_path, monkeypatch, capsys, uninterrupted, signum
+):
     cfg = compose_config(FAST + ["trainer.checkpoint_every=100"])  # no regular checkpoint
     with pytest.raises(SystemExit) as exit_info:
         train_signalled_at_batch(cfg, tmp_path, 3, signum, monkeypatch)
@@ -278,8 +281,10 @@ def test_throughput_and_optimizer_records_are_logged_under_one_key(uninterrupted
     assert all(row["train/tokens_per_s"] > 0 and row["train/steps_per_s"] > 0 for row in logged)
     assert all(0.0 <= row["shrink/fraction_shrinking"] <= 1.0 for row in logged)
     assert not any("lora/shrinking" in row for row in read_jsonl(run_dir / "metrics.jsonl"))
-    assert set(summary["shrink"]) == {"model.layers.0.self_attn.q_proj",
-                                      "model.layers.0.self_attn.v_proj"}  # fmt: skip
+    assert set(summary["shrink"]) == {
+        "model.layers.0.self_attn.q_proj",
+        "model.layers.0.self_attn.v_proj",
+    }
 
 
 def test_runner_names_no_method():
@@ -296,8 +301,14 @@ def test_adalora_step_hook_comes_from_the_adapter():
 
     lora = apply_lora(tiny_llama(), rank=2, alpha=4, target_modules=["q_proj"])
     assert step_hooks(lora) == []
-    adalora = apply_lora(tiny_llama(), rank=2, alpha=4, target_modules=["q_proj"],
-                         adapter="adalora", adalora={"total_step": 10, "init_r": 4})  # fmt: skip
+    adalora = apply_lora(
+        tiny_llama(),
+        rank=2,
+        alpha=4,
+        target_modules=["q_proj"],
+        adapter="adalora",
+        adalora={"total_step": 10, "init_r": 4},
+    )
     (hook,) = step_hooks(adalora)
     assert hook == adalora.base_model.update_and_allocate
 
@@ -307,8 +318,12 @@ def test_collect_deduplicates_repeated_rows_and_says_so(tmp_path):
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    rows = [{"step": 0, "eval/acc": 0.2}, {"step": 2, "train/loss": 1.0},
-            {"step": 0, "eval/acc": 0.2}, {"step": 2, "train/loss": 0.9}]  # fmt: skip
+    rows = [
+        {"step": 0, "eval/acc": 0.2},
+        {"step": 2, "train/loss": 1.0},
+        {"step": 0, "eval/acc": 0.2},
+        {"step": 2, "train/loss": 0.9},
+    ]
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.warns(UserWarning, match="2 metric values were logged more than once"):
         history = collect(tmp_path).history
@@ -330,8 +345,16 @@ def test_wandb_online_without_network_continues_offline(tmp_path, monkeypatch, c
         return "offline run"
 
     monkeypatch.setattr(wandb, "init", fake_init)
-    logger = OmegaConf.create({"mode": "online", "project": "p", "entity": None, "group": "g",
-                               "tags": [], "init_timeout": 7})  # fmt: skip
+    logger = OmegaConf.create(
+        {
+            "mode": "online",
+            "project": "p",
+            "entity": None,
+            "group": "g",
+            "tags": [],
+            "init_timeout": 7,
+        }
+    )
     recorder = RunRecorder(tmp_path, {}, logger, "name")
     assert recorder.wandb_run == "offline run" and modes == ["online", "offline"]
     assert timeouts == [7, 7]
@@ -360,6 +383,7 @@ def test_sweep_summary_counts_jobs_and_fails_the_sweep(tmp_path, monkeypatch, ca
         callback.on_multirun_end(config)
     assert exit_info.value.code == 1
     line = capsys.readouterr().out.strip()
-    assert line == (f"stablelora sweep: 1 completed, 1 diverged, 1 failed ({tmp_path / 'c'}), "
-                    "0 interrupted")  # fmt: skip
+    assert line == (
+        f"stablelora sweep: 1 completed, 1 diverged, 1 failed ({tmp_path / 'c'}), 0 interrupted"
+    )
     assert sweep_summary_line([{"run_dir": "x", "status": "diverged"}])[1] is False

@@ -29,8 +29,17 @@ def test_in_process_run_writes_complete_records(tmp_path):
     assert summary["status"] == "completed" and summary["steps"] == 6
     stored = json.loads((tmp_path / "summary.json").read_text())
     assert stored["status"] == "completed"
-    for key in ("initial", "final", "best", "wall_time_s", "peak_memory_mb", "versions",
-                "git_commit", "shrink", "train_loss_final"):  # fmt: skip
+    for key in (
+        "initial",
+        "final",
+        "best",
+        "wall_time_s",
+        "peak_memory_mb",
+        "versions",
+        "git_commit",
+        "shrink",
+        "train_loss_final",
+    ):
         assert key in stored, key
     assert set(stored["shrink"]) == {
         f"model.layers.{i}.self_attn.{m}_proj" for i in range(2) for m in "qv"
@@ -138,10 +147,21 @@ def test_cli_sigterm_checkpoints_and_exits_with_one_line(tmp_path):
     import time
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    args = [*SMOKE, "trainer.max_steps=100000", "trainer.checkpoint_every=0", "probe=off",
-            f"output_root={tmp_path}"]  # fmt: skip
-    process = subprocess.Popen([sys.executable, "run.py", *args], cwd=ROOT, env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    args = [
+        *SMOKE,
+        "trainer.max_steps=100000",
+        "trainer.checkpoint_every=0",
+        "probe=off",
+        f"output_root={tmp_path}",
+    ]
+    process = subprocess.Popen(
+        [sys.executable, "run.py", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 300
     while time.time() < deadline and not list(tmp_path.glob("runs/*/metrics.jsonl")):
         time.sleep(0.5)
@@ -158,8 +178,15 @@ def test_cli_sigterm_checkpoints_and_exits_with_one_line(tmp_path):
 @pytest.mark.slow
 def test_multirun_records_a_failing_job_and_runs_the_others(tmp_path):
     # joblib: the local parallel launcher; one job fails its config check, one completes.
-    result = run_cli("run.py", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", *SMOKE,
-                     "adapter.rank=4,0", f"output_root={tmp_path}")  # fmt: skip
+    result = run_cli(
+        "run.py",
+        "-m",
+        "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=2",
+        *SMOKE,
+        "adapter.rank=4,0",
+        f"output_root={tmp_path}",
+    )
     assert result.returncode == 1, result.stderr[-3000:]
     sweep = tmp_path / "sweeps" / "smoke"
     summaries = [json.loads(p.read_text()) for p in sweep.glob("*/summary.json")]
@@ -200,11 +227,26 @@ def test_cli_bad_input_is_one_line_and_nonzero_exit(tmp_path, override, message)
 def test_ddp_with_two_gloo_processes(tmp_path):
     torchrun = Path(sys.executable).with_name("torchrun")
     result = subprocess.run(
-        [str(torchrun), "--nproc_per_node=2", "--master_port=29533", "run.py", *SMOKE,
-         "trainer.device=cpu", f"output_root={tmp_path}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
-    )  # fmt: skip
+        [
+            str(torchrun),
+            "--nproc_per_node=2",
+            "--master_port=29533",
+            "run.py",
+            *SMOKE,
+            "trainer.device=cpu",
+            f"output_root={tmp_path}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={
+            **os.environ,
+            "HF_HUB_OFFLINE": "1",
+            "HF_DATASETS_OFFLINE": "1",
+            "OMP_NUM_THREADS": "1",
+        },
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((only_run_dir(tmp_path / "runs") / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["world_size"] == 2

@@ -67,12 +67,22 @@ class ReferenceStableLoRA:
 def test_matches_reference_algorithm_over_300_steps(stop_rule, implementation):
     torch.set_num_threads(1)
     ours, reference_model = lora_model(), lora_model()
-    flags = {"foreach": dict(foreach=True), "fused": dict(fused=True),
-             "single_tensor": dict(foreach=False)}[implementation]  # fmt: skip
+    flags = {
+        "foreach": dict(foreach=True),
+        "fused": dict(fused=True),
+        "single_tensor": dict(foreach=False),
+    }[implementation]
     optimizer = create_optimizer(
-        ours, "stable_lora", lr=LR, weight_decay=WEIGHT_DECAY, betas=BETAS, eps=EPS,
-        shrink_ratio=SHRINK, stop_rule=stop_rule, **flags,
-    )  # fmt: skip
+        ours,
+        "stable_lora",
+        lr=LR,
+        weight_decay=WEIGHT_DECAY,
+        betas=BETAS,
+        eps=EPS,
+        shrink_ratio=SHRINK,
+        stop_rule=stop_rule,
+        **flags,
+    )
     reference = ReferenceStableLoRA(reference_model, stop_rule)
     batches = token_batches(300)
     train_steps(ours, optimizer, batches)
@@ -262,9 +272,14 @@ def test_works_as_hf_trainer_optimizer(tmp_path):
     optimizer = create_optimizer(model, "stable_lora", lr=LR, shrink_ratio=SHRINK)
     scheduler = get_linear_schedule_with_warmup(optimizer, 0, 4)
     args = TrainingArguments(
-        output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=2, report_to=[],
-        use_cpu=True, save_strategy="no", logging_strategy="no",
-    )  # fmt: skip
+        output_dir=str(tmp_path),
+        max_steps=4,
+        per_device_train_batch_size=2,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        logging_strategy="no",
+    )
     before = [p.detach().clone() for p in model.parameters() if p.requires_grad]
     Trainer(
         model=model, args=args, train_dataset=dataset, optimizers=(optimizer, scheduler)

@@ -40,10 +40,20 @@ CONF = ROOT / "conf" / "task"
 FIXTURES = ROOT / "tests" / "fixtures" / "tasks"
 QA_TASKS = ("hellaswag", "siqa", "obqa", "arc_easy", "arc_challenge")
 CONTRACT_FIELDS = {
-    "name", "family", "hub_id", "hub_config", "train_split", "eval_split", "data_dir",
-    "protocol", "prompt_format", "max_train_examples", "max_eval_examples", "max_length",
+    "name",
+    "family",
+    "hub_id",
+    "hub_config",
+    "train_split",
+    "eval_split",
+    "data_dir",
+    "protocol",
+    "prompt_format",
+    "max_train_examples",
+    "max_eval_examples",
+    "max_length",
     "max_new_tokens",
-}  # fmt: skip
+}
 
 
 @pytest.fixture(autouse=True)
@@ -297,8 +307,12 @@ def test_acc_norm_divides_by_characters_not_tokens(tok):
     accented = ids(tok, "é")
     assert len(accented) == 2
     probs = torch.full((len(tok),), 0.1 / (len(tok) - 4))
-    for token, p in ((ids(tok, " ")[0], 0.2), (ids(tok, "a")[0], 0.2),
-                     (accented[0], 0.25), (accented[1], 0.25)):  # fmt: skip
+    for token, p in (
+        (ids(tok, " ")[0], 0.2),
+        (ids(tok, "a")[0], 0.2),
+        (accented[0], 0.25),
+        (accented[1], 0.25),
+    ):
         probs[token] = p
     model = FixedDistributionLM(probs.log())
     cfg = TaskConfig(name="toy", family="arc")
@@ -318,9 +332,14 @@ def test_single_token_choices_share_one_forward(tok):
 
 def test_batched_loglik_matches_one_at_a_time_on_llama(tok):
     model = byte_llama()
-    requests = [(ids(tok, context + cont), len(ids(tok, cont)))
-                for context, cont in [("Question: why?\nAnswer:", " because"), ("Hi", " there you go"),
-                                      ("A much longer context sentence here.", " ok")]]  # fmt: skip
+    requests = [
+        (ids(tok, context + cont), len(ids(tok, cont)))
+        for context, cont in [
+            ("Question: why?\nAnswer:", " because"),
+            ("Hi", " there you go"),
+            ("A much longer context sentence here.", " ok"),
+        ]
+    ]
     batched = loglikelihoods(model, requests, batch_size=3, pad_id=0)
     single = loglikelihoods(model, requests, batch_size=1, pad_id=0)
     assert batched == pytest.approx(single, abs=1e-4)

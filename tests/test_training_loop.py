@@ -54,12 +54,18 @@ def test_every_epoch_is_a_new_permutation(seed):
 def test_ties_in_the_best_evaluation_go_to_the_earlier_step(tmp_path):
     # At lr = 1e-30 the float32 weights cannot move: every evaluation (steps 2 and 4, and the
     # final one at 6; step 0's is the initial, not a candidate) scores the same.
-    overrides = SMOKE + ["method=lora", "optim.lr=1e-30", "trainer.eval_every=2", "probe=off",
-                         "trainer.checkpoint_every=0"]  # fmt: skip
+    overrides = SMOKE + [
+        "method=lora",
+        "optim.lr=1e-30",
+        "trainer.eval_every=2",
+        "probe=off",
+        "trainer.checkpoint_every=0",
+    ]
     summary = train(compose_config(overrides), tmp_path)
     assert summary["status"] == "completed"
     metric = summary["main_metric"]
-    scores = {row["step"]: row[metric] for row in read_jsonl(tmp_path / "metrics.jsonl")
-              if metric in row}  # fmt: skip
+    scores = {
+        row["step"]: row[metric] for row in read_jsonl(tmp_path / "metrics.jsonl") if metric in row
+    }
     assert sorted(scores) == [0, 2, 4, 6] and len(set(scores.values())) == 1
     assert summary["best"]["step"] == 2

@@ -54,13 +54,24 @@ def test_stable_dora_updates_every_trainable_tensor():
 
 
 def test_stable_adalora_trains_50_steps_and_allocates_ranks(tmp_path):
-    cfg = compose_config([
-        "experiment=smoke", "logger.mode=disabled", "method=stable_adalora",
-        "trainer.max_steps=50", "trainer.checkpoint_every=0", "trainer.log_every=10",
-        "adapter.adalora.tinit=5", "adapter.adalora.tfinal=10", "adapter.adalora.deltaT=5",
-        "adapter.adalora.init_r=8", "adapter.rank=4", "optimizer.shrink_ratio=0.01",
-        "probe=off", "optim.lr=1e-3",
-    ])  # fmt: skip
+    cfg = compose_config(
+        [
+            "experiment=smoke",
+            "logger.mode=disabled",
+            "method=stable_adalora",
+            "trainer.max_steps=50",
+            "trainer.checkpoint_every=0",
+            "trainer.log_every=10",
+            "adapter.adalora.tinit=5",
+            "adapter.adalora.tfinal=10",
+            "adapter.adalora.deltaT=5",
+            "adapter.adalora.init_r=8",
+            "adapter.rank=4",
+            "optimizer.shrink_ratio=0.01",
+            "probe=off",
+            "optim.lr=1e-3",
+        ]
+    )
     summary = run_training(cfg, tmp_path)
     assert summary["status"] == "completed", summary.get("error")
     assert math.isfinite(summary["train_loss_final"])

@@ -15,9 +15,14 @@ import functools
 import torch
 
 TINY_LLAMA = dict(
-    vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-)  # fmt: skip
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+)
 #: LoRA targets, learning rate and shrink ratio of the optimizer tests on the tiny Llama.
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 LR, SHRINK = 5e-3, 1e-2
@@ -66,9 +71,16 @@ def byte_llama(seed: int = 0):
     """:func:`tiny_llama` for :func:`byte_tokenizer`: one layer, 258 tokens, long positions,
     in eval mode."""
     return tiny_llama(
-        seed, vocab_size=258, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-        max_position_embeddings=1024, pad_token_id=0, bos_token_id=None, eos_token_id=1,
-    ).eval()  # fmt: skip
+        seed,
+        vocab_size=258,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=1024,
+        pad_token_id=0,
+        bos_token_id=None,
+        eos_token_id=1,
+    ).eval()
 
 
 def lora_model(dtype=torch.float64, seed=0, **lora_options):

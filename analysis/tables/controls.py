@@ -49,8 +49,9 @@ def reviewer_controls(coll: Collection, seeds: str = "mean") -> Table | None:
     plain = runs[(runs["method"] == "stable_lora") & (fixed_steps == "norm")]
     for name, ref_runs in {"lora": runs[runs["method"] == "lora"], "stable_lora": plain}.items():
         ref = aggregate(ref_runs, ["model", "task"], seeds)[["model", "task", "value"]]
-        cells = cells.merge(ref.rename(columns={"value": f"ref_{name}"}), on=["model", "task"],
-                            how="left")  # fmt: skip
+        cells = cells.merge(
+            ref.rename(columns={"value": f"ref_{name}"}), on=["model", "task"], how="left"
+        )
         cells[f"diff_{name}"] = cells["value"] - cells[f"ref_{name}"]
     shown = pd.DataFrame(
         {

@@ -142,8 +142,9 @@ def cell_text(stats, mode: str, digits: int = 2, fmt: Callable[[float], str] | N
 
 def grouped(frame: pd.DataFrame, keys: list[str]) -> dict[tuple, pd.DataFrame]:
     """``{key tuple: rows}`` of ``frame`` grouped on ``keys`` (missing keys as a dash)."""
-    filled = frame.assign(**{k: frame[k].astype(object).where(frame[k].notna(), DASH)
-                             for k in keys})  # fmt: skip
+    filled = frame.assign(
+        **{k: frame[k].astype(object).where(frame[k].notna(), DASH) for k in keys}
+    )
     return {key: group for key, group in filled.groupby(keys, sort=False)}
 
 

@@ -137,17 +137,23 @@ def _loraplus_groups(model, optimizer_cls, lr, weight_decay, loraplus_lr_ratio, 
 
     _check_loraplus_lr_ratio(loraplus_lr_ratio)
     return create_loraplus_optimizer(
-        model, optimizer_cls, lr=lr, loraplus_lr_ratio=float(loraplus_lr_ratio),
-        loraplus_weight_decay=weight_decay, **kwargs,
-    )  # fmt: skip
+        model,
+        optimizer_cls,
+        lr=lr,
+        loraplus_lr_ratio=float(loraplus_lr_ratio),
+        loraplus_weight_decay=weight_decay,
+        **kwargs,
+    )
 
 
 @register_optimizer("lora")
 def _build_adamw(model, pairs, *, lr, weight_decay, betas, eps, foreach, fused):
     return torch.optim.AdamW(
-        _trainable(model), lr=lr, weight_decay=weight_decay,
+        _trainable(model),
+        lr=lr,
+        weight_decay=weight_decay,
         **_adamw_kwargs(betas, eps, foreach, fused),
-    )  # fmt: skip
+    )
 
 
 @register_optimizer("rslora")
@@ -176,14 +182,30 @@ def _build_loraplus(
     model, pairs, *, lr, weight_decay, betas, eps, foreach, fused, loraplus_lr_ratio=16.0
 ):
     return _loraplus_groups(
-        model, torch.optim.AdamW, lr, weight_decay, loraplus_lr_ratio,
+        model,
+        torch.optim.AdamW,
+        lr,
+        weight_decay,
+        loraplus_lr_ratio,
         **_adamw_kwargs(betas, eps, foreach, fused),
-    )  # fmt: skip
+    )
 
 
 @register_optimizer("stable_lora", check=_check_stable_lora)
-def _build_stable_lora(model, pairs, *, lr, weight_decay, betas, eps, foreach, fused,
-                       shrink_ratio=5e-4, stop_rule="norm", loraplus_lr_ratio=None):  # fmt: skip
+def _build_stable_lora(
+    model,
+    pairs,
+    *,
+    lr,
+    weight_decay,
+    betas,
+    eps,
+    foreach,
+    fused,
+    shrink_ratio=5e-4,
+    stop_rule="norm",
+    loraplus_lr_ratio=None,
+):
     stable = {"lora_pairs": pairs, "shrink_ratio": shrink_ratio, "stop_rule": stop_rule}
     adamw = _adamw_kwargs(betas, eps, foreach, fused)
     if loraplus_lr_ratio is not None:
@@ -253,9 +275,16 @@ def create_optimizer(
             "rank=..., target_modules=[...]) before creating the optimizer."
         )
     return builder(
-        model, pairs, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps,
-        foreach=foreach, fused=fused, **options,
-    )  # fmt: skip
+        model,
+        pairs,
+        lr=lr,
+        weight_decay=weight_decay,
+        betas=betas,
+        eps=eps,
+        foreach=foreach,
+        fused=fused,
+        **options,
+    )
 
 
 discover_optimizers()  # every module of the package registers its builders

@@ -16,9 +16,13 @@ LARGE_WD_TARGETS = ("A", "AB")
 
 
 def large_weight_decay_groups(
-    model: torch.nn.Module, pairs, *, large_wd_on: str, large_weight_decay: float,
+    model: torch.nn.Module,
+    pairs,
+    *,
+    large_wd_on: str,
+    large_weight_decay: float,
     weight_decay: float,
-) -> list[dict]:  # fmt: skip
+) -> list[dict]:
     """AdamW parameter groups: the chosen LoRA factors at ``large_weight_decay``, the rest at
     ``weight_decay``. Every trainable parameter is in exactly one group; each group carries a
     ``"name"`` for logging.
@@ -56,14 +60,33 @@ def check_large_weight_decay(large_wd_on: str, large_weight_decay: float) -> Non
 
 
 @register_optimizer("adamw_large_wd", check=lambda options: check_large_weight_decay(**options))
-def _build_adamw_large_wd(model, pairs, *, lr, weight_decay, betas, eps, foreach, fused,
-                          large_wd_on="A", large_weight_decay=0.1):  # fmt: skip
+def _build_adamw_large_wd(
+    model,
+    pairs,
+    *,
+    lr,
+    weight_decay,
+    betas,
+    eps,
+    foreach,
+    fused,
+    large_wd_on="A",
+    large_weight_decay=0.1,
+):
     groups = large_weight_decay_groups(
-        model, pairs, large_wd_on=large_wd_on, large_weight_decay=large_weight_decay,
+        model,
+        pairs,
+        large_wd_on=large_wd_on,
+        large_weight_decay=large_weight_decay,
         weight_decay=weight_decay,
-    )  # fmt: skip
+    )
     groups = [group for group in groups if group["params"]]  # AdamW rejects empty groups
     return torch.optim.AdamW(
-        groups, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
-        foreach=foreach, fused=fused,
-    )  # fmt: skip
+        groups,
+        lr=lr,
+        betas=tuple(betas),
+        eps=eps,
+        weight_decay=weight_decay,
+        foreach=foreach,
+        fused=fused,
+    )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -171,7 +172,7 @@ class LoRAFactorAdamW(torch.optim.AdamW):
         grads = [factor.grad for factor in factors]
         for factor in factors:  # AdamW skips parameters without a gradient
             factor.grad = None
-        adamw_step = torch.optim.AdamW.step
+        adamw_step: Any = torch.optim.AdamW.step  # a function, possibly torch's hook wrapper
         if getattr(adamw_step, "hooked", False):
             # torch wraps each optimizer class's step() in the runner of the step hooks, which
             # already ran around this optimizer's step(): call AdamW's own step, so they run once.

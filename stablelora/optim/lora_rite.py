@@ -68,7 +68,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
@@ -165,9 +165,17 @@ class _PerLayerFactor:
         return torch.stack([tall_gram(grad) for grad in self.grads])
 
     def update(
-        self, transport: Tensor, gradient_map: Tensor, remagnify: Tensor, *, keep: Tensor,
-        finite: Tensor, lr: float, weight_decay: float, update_capping: float,
-    ) -> None:  # fmt: skip
+        self,
+        transport: Tensor,
+        gradient_map: Tensor,
+        remagnify: Tensor,
+        *,
+        keep: Tensor,
+        finite: Tensor,
+        lr: float,
+        weight_decay: float,
+        update_capping: float,
+    ) -> None:
         """``M <- M transport + G gradient_map``; ``X <- (1 - lr wd) X - lr M' remagnify``.
 
         ``M'`` is M capped to RMS ``update_capping`` (0 = off); ``keep`` and ``finite`` (k,)
@@ -257,9 +265,17 @@ class _StackedFactor:
         return mat.mT @ Y if self.rank_first else Y @ mat
 
     def update(
-        self, transport: Tensor, gradient_map: Tensor, remagnify: Tensor, *, keep: Tensor,
-        finite: Tensor, lr: float, weight_decay: float, update_capping: float,
-    ) -> None:  # fmt: skip
+        self,
+        transport: Tensor,
+        gradient_map: Tensor,
+        remagnify: Tensor,
+        *,
+        keep: Tensor,
+        finite: Tensor,
+        lr: float,
+        weight_decay: float,
+        update_capping: float,
+    ) -> None:
         """As :meth:`_PerLayerFactor.update`, one batched product at a time."""
         grad = self.grad.masked_fill_(~keep[:, None, None], 0.0)  # no NaN through G @ map
         M = _stack_state(self.states, "exp_avg").to(grad.dtype)
@@ -276,6 +292,7 @@ class _StackedFactor:
         if weight_decay:
             delta.add_(self.value, alpha=weight_decay)
         params, states = self.params, self.states
+        assert self.basis is not None, "factorize() comes first"
         torch._foreach_add_(params, list(delta.to(params[0].dtype).unbind(0)), alpha=-lr)
         torch._foreach_copy_([s["exp_avg"] for s in states], list(M.unbind(0)))
         torch._foreach_copy_([s["basis"] for s in states], list(self.basis.unbind(0)))
@@ -313,9 +330,10 @@ class _Factor:
     group: dict
     triangular: Tensor
     basis_change: Tensor
-    triangular_pinv: Tensor | None = None
-    unmagnified_gram: Tensor | None = None
-    keep: Tensor | None = None
+    # Set by pass 1 (LoRARITE._unmagnify) once both factors of the stack are factorized.
+    triangular_pinv: Tensor = field(init=False)
+    unmagnified_gram: Tensor = field(init=False)
+    keep: Tensor = field(init=False)
 
     @property
     def states(self) -> list[dict]:
@@ -391,9 +409,17 @@ class LoRARITE(LoRAFactorAdamW):
         self.update_capping = float(update_capping)
         self.apply_escape = bool(apply_escape)
         super().__init__(
-            params, lora_pairs, layout=layout, lr=lr, betas=betas, eps=eps,
-            weight_decay=weight_decay, foreach=foreach, fused=fused, **adamw_kwargs,
-        )  # fmt: skip
+            params,
+            lora_pairs,
+            layout=layout,
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            foreach=foreach,
+            fused=fused,
+            **adamw_kwargs,
+        )
 
     def _options(self) -> dict:
         return {
@@ -426,9 +452,14 @@ class LoRARITE(LoRAFactorAdamW):
             state_A = self._factor_state(pair.A, rank, rank_first=True)
             self._factor_state(pair.B, rank, rank_first=False)
             key = _StackKey(
-                tuple(pair.A.shape), tuple(pair.B.shape), pair.A.dtype, pair.A.device,
-                float(state_A["step"]), group_of[id(pair.A)], group_of[id(pair.B)],
-            )  # fmt: skip
+                tuple(pair.A.shape),
+                tuple(pair.B.shape),
+                pair.A.dtype,
+                pair.A.device,
+                float(state_A["step"]),
+                group_of[id(pair.A)],
+                group_of[id(pair.B)],
+            )
             stacks.setdefault(key, []).append(pair)
         layers = [
             (key.steps_done, *self._unmagnify(key, members)) for key, members in stacks.items()
@@ -484,9 +515,13 @@ class LoRARITE(LoRAFactorAdamW):
         return A, B
 
     def _update_factor(
-        self, own: _Factor, other: _Factor, projection: Tensor, steps_done: float,
+        self,
+        own: _Factor,
+        other: _Factor,
+        projection: Tensor,
+        steps_done: float,
         clip_scale: Tensor | None,
-    ) -> None:  # fmt: skip
+    ) -> None:
         """Pass 2 for one factor of a stack: second moment, whitening, first moment, update.
 
         With ``c`` the skip/clip factor of each layer, the whitened gradient
@@ -514,10 +549,15 @@ class LoRARITE(LoRAFactorAdamW):
             scale[:, None, None] * other.triangular_pinv @ inverse_sqrt(V, rho, self.rite_eps)
         )
         own.tensors.update(
-            beta1 * projection.mT, (1.0 - beta1) * whitening, other.triangular_pinv.mT,
-            keep=own.keep, finite=torch.isfinite(own.squared_norm()), lr=own.group["lr"],
-            weight_decay=own.group["weight_decay"], update_capping=self.update_capping,
-        )  # fmt: skip
+            beta1 * projection.mT,
+            (1.0 - beta1) * whitening,
+            other.triangular_pinv.mT,
+            keep=own.keep,
+            finite=torch.isfinite(own.squared_norm()),
+            lr=own.group["lr"],
+            weight_decay=own.group["weight_decay"],
+            update_capping=self.update_capping,
+        )
         states = own.states
         torch._foreach_copy_([s["second_moment"] for s in states], list(V.unbind(0)))
         torch._foreach_copy_([s["escaped_mass"] for s in states], list(rho.unbind(0)))
@@ -533,12 +573,34 @@ def _stack_state(states: list[dict], key: str) -> Tensor:
 
 
 @register_optimizer("lora_rite")
-def _build_lora_rite(model, pairs, *, lr, weight_decay, betas, eps, foreach, fused,
-                     rite_eps=1e-6, clip_unmagnified_grad=1.0, update_skipping=1.0,
-                     update_capping=0.0, apply_escape=False):  # fmt: skip
+def _build_lora_rite(
+    model,
+    pairs,
+    *,
+    lr,
+    weight_decay,
+    betas,
+    eps,
+    foreach,
+    fused,
+    rite_eps=1e-6,
+    clip_unmagnified_grad=1.0,
+    update_skipping=1.0,
+    update_capping=0.0,
+    apply_escape=False,
+):
     return LoRARITE(
-        [p for p in model.parameters() if p.requires_grad], pairs, rite_eps=rite_eps,
-        clip_unmagnified_grad=clip_unmagnified_grad, update_skipping=update_skipping,
-        update_capping=update_capping, apply_escape=apply_escape, lr=lr, betas=tuple(betas),
-        eps=eps, weight_decay=weight_decay, foreach=foreach, fused=fused,
-    )  # fmt: skip
+        [p for p in model.parameters() if p.requires_grad],
+        pairs,
+        rite_eps=rite_eps,
+        clip_unmagnified_grad=clip_unmagnified_grad,
+        update_skipping=update_skipping,
+        update_capping=update_capping,
+        apply_escape=apply_escape,
+        lr=lr,
+        betas=tuple(betas),
+        eps=eps,
+        weight_decay=weight_decay,
+        foreach=foreach,
+        fused=fused,
+    )

@@ -8,6 +8,7 @@ factor.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import nn
@@ -39,10 +40,10 @@ class LoRAPair:
         return self.A.numel() / self.B.numel()
 
 
-def _factor(container: nn.Module | nn.ParameterDict, adapter: str) -> torch.Tensor:
+def _factor(container: nn.ModuleDict | nn.ParameterDict, adapter: str) -> torch.Tensor:
     entry = container[adapter]
     # LoRA keeps an nn.Linear per adapter, AdaLoRA a bare Parameter in a ParameterDict.
-    return entry.weight if isinstance(entry, nn.Module) else entry
+    return cast(torch.Tensor, entry.weight) if isinstance(entry, nn.Module) else entry
 
 
 def find_lora_pairs(model: nn.Module, trainable_only: bool = True) -> list[LoRAPair]:

@@ -211,10 +211,22 @@ def _adam_update_(
         # torch AdamW's own fused CPU kernel: the same formulas in one pass over memory instead
         # of seven (the result differs from the foreach path by float rounding only).
         torch._fused_adamw_(
-            params, grads, exp_avgs, exp_avg_sqs, [], steps, amsgrad=False, lr=float(lr),
-            beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps, maximize=False,
-            grad_scale=None, found_inf=None,
-        )  # fmt: skip
+            params,
+            grads,
+            exp_avgs,
+            exp_avg_sqs,
+            [],
+            steps,
+            amsgrad=False,
+            lr=float(lr),
+            beta1=beta1,
+            beta2=beta2,
+            weight_decay=weight_decay,
+            eps=eps,
+            maximize=False,
+            grad_scale=None,
+            found_inf=None,
+        )
         return
     if weight_decay and not decay_after_step:
         torch._foreach_mul_(params, 1.0 - lr * weight_decay)
@@ -265,6 +277,11 @@ def _scaled_gd_update_(params, grads, states, *, lr: float, weight_decay: float)
     torch._foreach_add_(params, grads, alpha=-lr)
 
 
+def _grads(params: list[Tensor]) -> list[Tensor]:
+    """The gradients of ``params`` (the caller kept only factors that have one)."""
+    return [p.grad for p in params if p.grad is not None]
+
+
 class RiemannianAdamW(LoRAFactorAdamW):
     """AdamW whose LoRA-factor gradients are Riemannian-preconditioned (module docstring).
 
@@ -313,9 +330,17 @@ class RiemannianAdamW(LoRAFactorAdamW):
         self.authors_variant = bool(authors_variant)
         self.scaled_gd = bool(scaled_gd)
         super().__init__(
-            params, lora_pairs, layout=layout, lr=lr, betas=betas, eps=eps,
-            weight_decay=weight_decay, foreach=foreach, fused=fused, **adamw_kwargs,
-        )  # fmt: skip
+            params,
+            lora_pairs,
+            layout=layout,
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            foreach=foreach,
+            fused=fused,
+            **adamw_kwargs,
+        )
 
     def _options(self) -> dict:
         return {
@@ -333,20 +358,32 @@ class RiemannianAdamW(LoRAFactorAdamW):
         if self.authors_variant:
             # Gauss-Seidel: B's preconditioner must see A after its update.
             grads_A, _ = riemannian_gradients(
-                [p.grad for p in A_params], [pair.B for pair in with_grad_A], [], [], self.reg,
+                _grads(A_params),
+                [pair.B for pair in with_grad_A],
+                [],
+                [],
+                self.reg,
                 stacked,
-            )  # fmt: skip
+            )
             self._update(A_params, grads_A)
             _, grads_B = riemannian_gradients(
-                [], [], [p.grad for p in B_params], [pair.A for pair in with_grad_B], self.reg,
+                [],
+                [],
+                _grads(B_params),
+                [pair.A for pair in with_grad_B],
+                self.reg,
                 stacked,
-            )  # fmt: skip
+            )
             self._update(B_params, grads_B)
             return
         grads_A, grads_B = riemannian_gradients(
-            [p.grad for p in A_params], [pair.B for pair in with_grad_A],
-            [p.grad for p in B_params], [pair.A for pair in with_grad_B], self.reg, stacked,
-        )  # fmt: skip
+            _grads(A_params),
+            [pair.B for pair in with_grad_A],
+            _grads(B_params),
+            [pair.A for pair in with_grad_B],
+            self.reg,
+            stacked,
+        )
         self._update(A_params + B_params, grads_A + grads_B)
 
     def _update(self, params: list[Tensor], grads: list[Tensor]) -> None:
@@ -362,16 +399,24 @@ class RiemannianAdamW(LoRAFactorAdamW):
             member_grads = [grads[i] for i in indices]
             if self.scaled_gd:
                 _scaled_gd_update_(
-                    members, member_grads, states, lr=group["lr"],
+                    members,
+                    member_grads,
+                    states,
+                    lr=group["lr"],
                     weight_decay=group["weight_decay"],
-                )  # fmt: skip
+                )
             else:
                 _adam_update_(
-                    members, member_grads, states, lr=group["lr"], betas=group["betas"],
-                    eps=group["eps"], weight_decay=group["weight_decay"],
+                    members,
+                    member_grads,
+                    states,
+                    lr=group["lr"],
+                    betas=group["betas"],
+                    eps=group["eps"],
+                    weight_decay=group["weight_decay"],
                     correct_bias=not self.authors_variant,
                     decay_after_step=self.authors_variant,
-                )  # fmt: skip
+                )
 
     def _factor_state(self, param: Tensor) -> dict:
         state = self.state[param]
@@ -385,10 +430,30 @@ class RiemannianAdamW(LoRAFactorAdamW):
 
 
 @register_optimizer("riemann")
-def _build_riemann(model, pairs, *, lr, weight_decay, betas, eps, foreach, fused,
-                   reg=1e-6, authors_variant=False, scaled_gd=False):  # fmt: skip
+def _build_riemann(
+    model,
+    pairs,
+    *,
+    lr,
+    weight_decay,
+    betas,
+    eps,
+    foreach,
+    fused,
+    reg=1e-6,
+    authors_variant=False,
+    scaled_gd=False,
+):
     return RiemannianAdamW(
-        [p for p in model.parameters() if p.requires_grad], pairs, reg=reg,
-        authors_variant=authors_variant, scaled_gd=scaled_gd, lr=lr, betas=tuple(betas),
-        eps=eps, weight_decay=weight_decay, foreach=foreach, fused=fused,
-    )  # fmt: skip
+        [p for p in model.parameters() if p.requires_grad],
+        pairs,
+        reg=reg,
+        authors_variant=authors_variant,
+        scaled_gd=scaled_gd,
+        lr=lr,
+        betas=tuple(betas),
+        eps=eps,
+        weight_decay=weight_decay,
+        foreach=foreach,
+        fused=fused,
+    )

@@ -22,6 +22,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any, TypedDict
 
 import torch
 
@@ -30,12 +31,19 @@ from stablelora.optim.pairs import LoRAPair
 STOP_RULES = ("norm", "never", "steps:N")
 
 
+class LayerShrink(TypedDict):
+    """One layer's entry of :meth:`StableLoRA.shrink_state`."""
+
+    shrinking: bool
+    stop_step: int | None  # the step it stopped shrinking at, None while it shrinks
+
+
 @dataclass(frozen=True)
 class StopRule:
     """When a layer stops shrinking: ``norm`` (the paper), ``never``, or after ``steps`` steps."""
 
     kind: str
-    steps: int | None = None
+    steps: int = 0  # kind "steps" only
 
     @classmethod
     def parse(cls, rule: str | StopRule) -> StopRule:
@@ -89,7 +97,7 @@ class _LayerGroup:
 def _adamw_step(optimizer: torch.optim.AdamW) -> None:
     """AdamW's own step, without the hook wrapper torch puts on ``AdamW.step``: our ``step``
     is wrapped already, and step hooks must run once per step, not twice."""
-    step = torch.optim.AdamW.step
+    step: Any = torch.optim.AdamW.step  # a function, possibly torch's hook wrapper
     if getattr(step, "hooked", False):
         step = step.__wrapped__
     step(optimizer)
@@ -129,9 +137,15 @@ class StableLoRA(torch.optim.AdamW):
         self.shrink_ratio = check_shrink_ratio(shrink_ratio)
         self.stop_rule = StopRule.parse(stop_rule)
         super().__init__(
-            params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-            foreach=foreach, fused=fused, **adamw_kwargs,
-        )  # fmt: skip
+            params,
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            foreach=foreach,
+            fused=fused,
+            **adamw_kwargs,
+        )
         self.lora_pairs = list(lora_pairs)
         if not self.lora_pairs:
             raise ValueError(
@@ -234,7 +248,7 @@ class StableLoRA(torch.optim.AdamW):
         """Names of the LoRA layers, in the order of :meth:`shrink_state`."""
         return [pair.name for pair in self.lora_pairs]
 
-    def shrink_state(self) -> dict[str, dict[str, int | bool | None]]:
+    def shrink_state(self) -> dict[str, LayerShrink]:
         """Per layer: ``{"shrinking": bool, "stop_step": int or None}`` (one host sync)."""
         shrinking, stop_step = self._gather("shrinking"), self._gather("stop_step")
         return {

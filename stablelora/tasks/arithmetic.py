@@ -19,6 +19,7 @@ import random
 import re
 import sys
 import zlib
+from collections.abc import Set
 
 from stablelora.tasks.base import MathTask
 from stablelora.tasks.data import DataSource, TaskConfig
@@ -67,12 +68,13 @@ def import_generator():
     diophantine = importlib.import_module("sympy.solvers.diophantine.diophantine")
     package = sys.modules["sympy.solvers.diophantine"]
     if not hasattr(package, "base_solution_linear"):
-        package.base_solution_linear = diophantine.base_solution_linear
+        # The shim adds the attribute that the type checker rightly finds missing.
+        package.base_solution_linear = diophantine.base_solution_linear  # type: ignore[attr-defined]
     return importlib.import_module("mathematics_dataset.modules.arithmetic")
 
 
 def generate_problems(
-    count: int, seed: int, module_names, level: str, exclude: set[str] = frozenset()
+    count: int, seed: int, module_names, level: str, exclude: Set[str] = frozenset()
 ) -> list[dict]:
     """``count`` distinct GSM8K-format rows, cycling through ``module_names``.
 
@@ -95,7 +97,8 @@ def generate_problems(
     random.seed(seed)
     np.random.seed(seed % 2**32)
     try:
-        rows, seen, attempts = [], set(exclude), 0
+        rows: list[dict] = []
+        seen, attempts = set(exclude), 0
         while len(rows) < count:
             attempts += 1
             if attempts > 20 * count:
@@ -121,6 +124,8 @@ def build(cfg: TaskConfig, tokenizer, *, seed: int) -> MathTask:
     """Generated eval problems (fixed) and training problems (from ``seed``)."""
     modules = list(cfg.options.get("modules") or DEFAULT_MODULES)
     level = cfg.options.get("level", "easy")
+    # check() has made sure that both counts are set.
+    assert cfg.max_eval_examples is not None and cfg.max_train_examples is not None
     evals = generate_problems(cfg.max_eval_examples, EVAL_SEED, modules, level)
     exclude = {row["question"] for row in evals}
     train = generate_problems(cfg.max_train_examples, seed, modules, level, exclude)

@@ -89,7 +89,8 @@ def build(cfg: TaskConfig, tokenizer, *, seed: int) -> MultipleChoiceTask:
     max_words = int(cfg.options.get("max_words", DEFAULT_MAX_WORDS))
     dirs = topic_dirs(corpus_dir(cfg))
     topics = [d.name for d in dirs]
-    train, evals = [], []
+    train: list[MultipleChoiceExample] = []
+    evals: list[MultipleChoiceExample] = []
     for topic, folder in enumerate(dirs):
         for path in sorted(folder.glob("*.txt")):
             example = to_example(*read_article(path), topic, topics, max_words)

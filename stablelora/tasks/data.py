@@ -68,7 +68,7 @@ class DataSource:
     """Where one split of one dataset comes from: the Hub, or ``data_dir`` when it is set."""
 
     task: str
-    hub_id: str
+    hub_id: str | None
     hub_config: str | None
     split: str
     data_dir: str | None
@@ -76,7 +76,9 @@ class DataSource:
 
     @property
     def hub_name(self) -> str:
-        return self.hub_id + (f" ({self.hub_config})" if self.hub_config else "")
+        return f"{self.hub_id or 'its dataset'}" + (
+            f" ({self.hub_config})" if self.hub_config else ""
+        )
 
 
 def split_source(cfg: TaskConfig, split: str) -> DataSource:
@@ -151,6 +153,7 @@ def load_rows(source: DataSource) -> Sequence[dict]:
         path = local_split_file(source.data_dir, source.split)
         if path is None:
             check_source(source)  # raises the explanatory error
+        assert path is not None
         return read_local_rows(path)
     import datasets
 
@@ -161,7 +164,8 @@ def select_rows(rows: Sequence[dict], indices: list[int]) -> list[dict]:
     """The rows at ``indices``; one ``select`` call for a Hub dataset instead of n lookups."""
     if isinstance(rows, list):
         return [rows[i] for i in indices]
-    return rows.select(indices).to_list()
+    dataset: Any = rows  # a datasets.Dataset
+    return dataset.select(indices).to_list()
 
 
 def sample_indices(n: int, limit: int | None, seed: int, *, shuffle: bool) -> list[int]:
