@@ -20,7 +20,7 @@ register_resolvers()
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg):
-    from stablelora.train import run_job
+    from stablelora.job import run_job
 
     hydra_cfg = HydraConfig.get()
     if cfg.trainer.num_threads is None:  # parallel jobs share the cores instead of each all

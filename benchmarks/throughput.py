@@ -71,7 +71,8 @@ def bare_seconds(cfg) -> float:
     from stablelora.models import load_model
     from stablelora.optim import create_optimizer
     from stablelora.tasks import build_task
-    from stablelora.train import batch_indices, optimizer_arguments
+    from stablelora.train import batch_indices
+    from stablelora.validation import optimizer_arguments
 
     torch.manual_seed(cfg.seed)
     model, tokenizer = load_model(cfg.model)

@@ -7,7 +7,7 @@ unknown key) and any key an experiment file adds: both would run silently with t
 A group's declared keys are the union over its options (``conf/<group>/*.yaml``, their
 defaults lists followed, and the group's node in ``config.yaml``); the ``adapter`` and
 ``optimizer`` groups are checked against ``apply_lora``'s and the optimizer builders'
-signatures instead (see :func:`stablelora.train.check_config`).
+signatures instead (see :func:`stablelora.validation.check_config`).
 """
 
 from __future__ import annotations
@@ -193,7 +193,7 @@ class OutputRootCheck(Callback):
     creates the run or sweep folder inside it (which would fail with a traceback)."""
 
     def _check(self, config) -> None:
-        from stablelora.train import CONFIG_ERROR_EXIT
+        from stablelora.validation import CONFIG_ERROR_EXIT
 
         try:
             check_output_root(Path(str(config.output_root)))

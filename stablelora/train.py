@@ -1,14 +1,13 @@
 """One training run: load, inject LoRA, train with the chosen optimizer, evaluate, record.
 
 ``train(cfg, run_dir)`` is the whole recipe; ``run.py`` only composes the config and calls
-``run_job``, which turns errors into records. Single process or ``torchrun`` (DDP: every rank
-trains, rank 0 evaluates, logs and writes).
+:func:`stablelora.job.run_job`, which turns errors into records. Single process or
+``torchrun`` (DDP: every rank trains, rank 0 evaluates, logs and writes).
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import functools
 import math
 import os
@@ -16,50 +15,34 @@ import random
 import resource
 import sys
 import time
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from stablelora.records import (
-    RecordsError,
     RunRecorder,
     make_summary,
     optimizer_metrics,
     optimizer_summary,
-    read_jsonl,
     read_summary,
-    result_table,
 )
 from stablelora.run_folder import (
-    RunFolderError,
     RunLock,
     StopSignals,
     check_run_folder,
     load_checkpoint_file,
     remove_checkpoints,
-    run_launcher_handler,
     save_adapter,
     save_checkpoint_file,
 )
+from stablelora.validation import check_config, optimizer_arguments, plain_config
 
 if TYPE_CHECKING:
     from stablelora.gamma import FeatureProbe
     from stablelora.tasks import Task
-
-SCHEDULES = ("linear", "cosine", "constant")
-DEVICES = ("auto", "cpu", "cuda")
-
-
-class ConfigError(ValueError):
-    """A user error in the config: reported as one line, before anything expensive."""
-
-
-#: The exit code of a run stopped by a :class:`ConfigError` (a usage error).
-CONFIG_ERROR_EXIT = 2
 
 
 class RunInterrupted(Exception):
@@ -68,107 +51,6 @@ class RunInterrupted(Exception):
     def __init__(self, signum: int, step: int):
         super().__init__(f"stopped by signal {signum} after step {step}")
         self.signum, self.step = signum, step
-
-
-# ---------------------------------------------------------------------------- validation
-#: Groups checked against the keys their yaml files declare (stablelora.checks); the adapter
-#: and optimizer groups are checked against apply_lora's and the builders' signatures.
-DECLARED_GROUPS = ("model", "task", "method", "optim", "trainer", "logger", "probe")
-
-
-def plain_config(cfg: Any) -> dict[str, Any]:
-    """A config node (a ``DictConfig``) as a plain dict, interpolations resolved."""
-    from omegaconf import OmegaConf
-
-    return cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=True))
-
-
-def optimizer_arguments(optimizer_cfg) -> tuple[str, dict]:
-    """(create_optimizer method, its own options) of an ``optimizer`` config node."""
-    options = {k: v for k, v in optimizer_cfg.items() if k not in ("name", "builder")}
-    return optimizer_cfg["builder"], options
-
-
-def check_config(cfg, config_dirs=None) -> None:
-    """Raise :class:`ConfigError` (one line: what is wrong, how to fix it) for a bad config:
-    a key no yaml of its group declares, a value of the wrong type or range, an adapter or
-    optimizer option their functions do not take, an unusable ``output_root``, a model or
-    task that cannot be loaded. Loads nothing; ``config_dirs``: the config search path
-    (default: Hydra's, or the repository's ``conf/``)."""
-    from omegaconf import OmegaConf
-
-    from stablelora.checks import check_groups, check_output_root
-    from stablelora.lora import adapter_arguments, check_lora_options, lora_options
-    from stablelora.models import check_model_config
-    from stablelora.optim import check_optimizer_options
-    from stablelora.options import check_options
-    from stablelora.tasks import check_task_config
-
-    try:
-        plain = plain_config(cfg)
-    except Exception as error:  # noqa: BLE001 - any resolution error is a config error
-        raise ConfigError(str(error).splitlines()[0]) from None
-    optim, trainer = plain["optim"], plain["trainer"]
-    try:
-        check_groups(plain, DECLARED_GROUPS, config_dirs)
-        adapter_keys = ["name", "kind", *(k for k in lora_options() if k != "adapter")]
-        check_options(plain["adapter"], adapter_keys, f"adapter={plain['adapter'].get('name')}")
-        adapter = adapter_arguments(plain["adapter"], trainer["max_steps"])
-        needs_model = ("init", "target_modules", "modules_to_save", "task_type")
-        check_lora_options(**{k: v for k, v in adapter.items() if k not in needs_model})
-        builder, options = optimizer_arguments(plain["optimizer"])
-        name = plain["optimizer"].get("name")
-        check_optimizer_options(builder, options, f"optimizer={name} (builder {builder!r})")
-        check_model_config(cfg.model)
-        check_task_config(cfg.task)
-    except ValueError as error:
-        raise ConfigError(_config_message(str(error))) from None
-    rules = [  # (holds, "key must ...") for each value a user can get wrong
-        (optim["lr"] > 0, "optim.lr must be positive"),
-        (optim["weight_decay"] >= 0, "optim.weight_decay must be >= 0"),
-        (trainer["max_steps"] > 0, "trainer.max_steps must be positive"),
-        (trainer["batch_size"] > 0, "trainer.batch_size must be positive"),
-        (trainer["grad_accum"] >= 1, "trainer.grad_accum must be >= 1"),
-        (optim["schedule"] in SCHEDULES, f"optim.schedule must be one of {SCHEDULES}"),
-        (trainer["device"] in DEVICES, f"trainer.device must be one of {DEVICES}"),
-    ]
-    for holds, rule in rules:
-        if not holds:
-            key = rule.split()[0]
-            raise ConfigError(f"{rule}, got {key}={OmegaConf.select(cfg, key)}.")
-    try:
-        check_output_root(Path(plain["output_root"]))
-    except ValueError as error:
-        raise ConfigError(str(error)) from None
-    from stablelora.lora import check_target_modules
-    from stablelora.models import skeleton
-
-    model_tree = skeleton(cfg.model)
-    if model_tree is not None:
-        try:
-            check_target_modules(model_tree, adapter["target_modules"])
-        except ValueError as error:
-            message = str(error).replace("target_modules", "adapter.target_modules", 1)
-            raise ConfigError(message) from None
-    if trainer["device"] == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(
-            "trainer.device=cuda, but no CUDA device is visible: use trainer.device=cpu."
-        )
-
-
-def _config_message(message: str) -> str:
-    """Name the config key of an apply_lora / create_optimizer argument in its message."""
-    for group, names in (
-        ("adapter", ("rank", "alpha", "scaling", "dropout", "init_scale")),
-        (
-            "optimizer",
-            ("shrink_ratio", "stop_rule", "loraplus_lr_ratio", "large_wd_on", "large_weight_decay"),
-        ),
-    ):
-        for name in names:
-            if message.startswith(name):
-                return f"{group}.{message}"
-    return message
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -659,82 +541,3 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-
-
-def run_job(cfg, run_dir: Path, multirun: bool = False):
-    """Train, turning errors into records and one line each: a bad config; a folder that is
-    busy, holds another configuration or has only damaged checkpoints (nothing recorded in
-    it); short records; a full disk; a stop signal (``interrupted``, resumable). Any other
-    error marks the run ``failed`` with its traceback. In a multirun a failed job is recorded
-    and the sweep goes on (the sweep summary counts it); in a single run the process exits
-    non-zero. A diverged run is a result: exit code 0."""
-    from stablelora.config import report_to_sweep
-
-    def fail(message: str, record: bool = True, trace: str | None = None, code: int = 1):
-        if record:
-            _record_failure(cfg, run_dir, message, trace)
-        report_to_sweep(run_dir, "failed")
-        if multirun:
-            print(f"stablelora: {run_dir.name}: {message}", file=sys.stderr)
-            return None
-        if code == 1:
-            sys.exit(f"stablelora: {message}")  # one line on stderr, exit code 1
-        print(f"stablelora: {message}", file=sys.stderr, flush=True)
-        sys.exit(code)  # CONFIG_ERROR_EXIT for a usage error
-
-    run_dir = Path(run_dir)
-    try:
-        summary = train(cfg, run_dir)
-    except ConfigError as error:
-        return fail(f"config error: {error}", code=CONFIG_ERROR_EXIT)
-    except RunFolderError as error:
-        return fail(str(error), record=False)
-    except RecordsError as error:
-        return fail(str(error))
-    except RunInterrupted as error:
-        report_to_sweep(run_dir, "interrupted")
-        print(
-            f"stablelora: {run_dir} interrupted by signal {error.signum} after step "
-            f"{error.step} (checkpoint saved); rerun the same command to resume.",
-            file=sys.stderr,
-            flush=True,
-        )
-        run_launcher_handler(error.signum)  # e.g. submitit: requeue the job
-        sys.exit(128 + error.signum if error.signum else 1)
-    except OSError as error:
-        if error.errno != errno.ENOSPC:
-            return fail(f"{type(error).__name__}: {error}", trace=traceback.format_exc())
-        return fail(
-            f"no space left on device ({error.filename or run_dir}): free some space and rerun "
-            "the same command to resume from the last checkpoint."
-        )
-    except Exception as error:
-        _record_failure(cfg, run_dir, f"{type(error).__name__}: {error}", traceback.format_exc())
-        report_to_sweep(run_dir, "failed")
-        if multirun:
-            print(f"stablelora: run {run_dir} failed: {error}", file=sys.stderr)
-            return None
-        raise
-    report_to_sweep(run_dir, summary["status"])
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(result_table(summary) + f"\nrecords: {run_dir}")
-    return summary
-
-
-def _record_failure(cfg, run_dir: Path, message: str, trace: str | None = None) -> None:
-    """A ``failed`` summary; on a full disk this write may fail too, and then the previous
-    summary stays (it is replaced atomically)."""
-    if int(os.environ.get("RANK", "0")) != 0:
-        return
-    from stablelora.records import write_json_atomic
-
-    run_dir = Path(run_dir)
-    steps = [row["step"] for row in read_jsonl(run_dir / "metrics.jsonl")]
-    summary = make_summary(
-        "failed", plain_config(cfg), error=message, traceback=trace, steps=max(steps, default=0)
-    )
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(run_dir / "summary.json", summary)
-    except OSError:
-        pass

@@ -13,6 +13,7 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import re  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -101,3 +102,24 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("cuda") is not None:
             item.add_marker(skip)
+
+
+def check_latex(text: str) -> None:
+    """A parse check of a booktabs table fragment."""
+    environments = re.findall(r"\\(begin|end)\{(\w+)\}", text)
+    stack = []
+    for kind, name in environments:
+        if kind == "begin":
+            stack.append(name)
+        else:
+            assert stack and stack.pop() == name, f"unbalanced \\end{{{name}}}"
+    assert not stack, f"unclosed environments {stack}"
+    assert "\\begin{tabular}" in text and "\\end{tabular}" in text
+    body = text[text.index("\\begin{tabular}") : text.index("\\end{tabular}")]
+    assert body.count("\\toprule") == body.count("\\midrule") == body.count("\\bottomrule") == 1
+    spec = re.search(r"\\begin\{tabular\}\{([lrc]+)\}", body).group(1)
+    rows = [line for line in body.splitlines() if line.endswith("\\\\")]
+    assert rows, "no rows"
+    for line in rows:
+        assert len(re.findall(r"(?<!\\)&", line)) == len(spec) - 1, line
+    assert text.count("{") - text.count("\\{") == text.count("}") - text.count("\\}")

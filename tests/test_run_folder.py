@@ -22,9 +22,10 @@ from stablelora.config import (
     report_to_sweep,
     sweep_summary_line,
 )
+from stablelora.job import run_job
 from stablelora.records import RecordsError, RunRecorder, read_jsonl, read_summary
 from stablelora.run_folder import RunFolderError, RunLock
-from stablelora.train import RunInterrupted, run_job, train
+from stablelora.train import RunInterrupted, train
 
 FAST = SMOKE + ["probe=off", "model.config.num_hidden_layers=1"]
 

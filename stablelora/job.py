@@ -1,0 +1,97 @@
+"""``run_job``: what ``run.py`` calls. It runs :func:`stablelora.train.train` and turns every way
+a run can end into records, one line and an exit code: a config error (exit code 2), a busy or
+foreign run folder, short records, a full disk, a stop signal (``interrupted``, resumable),
+any other error (``failed``, with its traceback). A diverged run is a result (exit code 0).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import sys
+import traceback
+from pathlib import Path
+
+from stablelora.records import RecordsError, make_summary, read_jsonl, result_table
+from stablelora.run_folder import RunFolderError, run_launcher_handler
+from stablelora.train import RunInterrupted, train
+from stablelora.validation import CONFIG_ERROR_EXIT, ConfigError, plain_config
+
+
+def run_job(cfg, run_dir: Path, multirun: bool = False):
+    """Train, turning errors into records and one line each: a bad config; a folder that is
+    busy, holds another configuration or has only damaged checkpoints (nothing recorded in
+    it); short records; a full disk; a stop signal (``interrupted``, resumable). Any other
+    error marks the run ``failed`` with its traceback. In a multirun a failed job is recorded
+    and the sweep goes on (the sweep summary counts it); in a single run the process exits
+    non-zero. A diverged run is a result: exit code 0."""
+    from stablelora.config import report_to_sweep
+
+    def fail(message: str, record: bool = True, trace: str | None = None, code: int = 1):
+        if record:
+            _record_failure(cfg, run_dir, message, trace)
+        report_to_sweep(run_dir, "failed")
+        if multirun:
+            print(f"stablelora: {run_dir.name}: {message}", file=sys.stderr)
+            return None
+        if code == 1:
+            sys.exit(f"stablelora: {message}")  # one line on stderr, exit code 1
+        print(f"stablelora: {message}", file=sys.stderr, flush=True)
+        sys.exit(code)  # CONFIG_ERROR_EXIT for a usage error
+
+    run_dir = Path(run_dir)
+    try:
+        summary = train(cfg, run_dir)
+    except ConfigError as error:
+        return fail(f"config error: {error}", code=CONFIG_ERROR_EXIT)
+    except RunFolderError as error:
+        return fail(str(error), record=False)
+    except RecordsError as error:
+        return fail(str(error))
+    except RunInterrupted as error:
+        report_to_sweep(run_dir, "interrupted")
+        print(
+            f"stablelora: {run_dir} interrupted by signal {error.signum} after step "
+            f"{error.step} (checkpoint saved); rerun the same command to resume.",
+            file=sys.stderr,
+            flush=True,
+        )
+        run_launcher_handler(error.signum)  # e.g. submitit: requeue the job
+        sys.exit(128 + error.signum if error.signum else 1)
+    except OSError as error:
+        if error.errno != errno.ENOSPC:
+            return fail(f"{type(error).__name__}: {error}", trace=traceback.format_exc())
+        return fail(
+            f"no space left on device ({error.filename or run_dir}): free some space and rerun "
+            "the same command to resume from the last checkpoint."
+        )
+    except Exception as error:
+        _record_failure(cfg, run_dir, f"{type(error).__name__}: {error}", traceback.format_exc())
+        report_to_sweep(run_dir, "failed")
+        if multirun:
+            print(f"stablelora: run {run_dir} failed: {error}", file=sys.stderr)
+            return None
+        raise
+    report_to_sweep(run_dir, summary["status"])
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(result_table(summary) + f"\nrecords: {run_dir}")
+    return summary
+
+
+def _record_failure(cfg, run_dir: Path, message: str, trace: str | None = None) -> None:
+    """A ``failed`` summary; on a full disk this write may fail too, and then the previous
+    summary stays (it is replaced atomically)."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    from stablelora.records import write_json_atomic
+
+    run_dir = Path(run_dir)
+    steps = [row["step"] for row in read_jsonl(run_dir / "metrics.jsonl")]
+    summary = make_summary(
+        "failed", plain_config(cfg), error=message, traceback=trace, steps=max(steps, default=0)
+    )
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(run_dir / "summary.json", summary)
+    except OSError:
+        pass

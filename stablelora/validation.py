@@ -1,0 +1,124 @@
+"""Config validation: every error a user can make in a config, found before anything loads.
+
+:func:`check_config` raises :class:`ConfigError` with one line saying what is wrong and how
+to fix it; the runner reports it and exits with :data:`CONFIG_ERROR_EXIT` (2, a usage error).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, cast
+
+import torch
+
+SCHEDULES = ("linear", "cosine", "constant")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class ConfigError(ValueError):
+    """A user error in the config: reported as one line, before anything expensive."""
+
+
+#: The exit code of a run stopped by a :class:`ConfigError` (a usage error).
+CONFIG_ERROR_EXIT = 2
+
+
+# ---------------------------------------------------------------------------- validation
+#: Groups checked against the keys their yaml files declare (stablelora.checks); the adapter
+#: and optimizer groups are checked against apply_lora's and the builders' signatures.
+DECLARED_GROUPS = ("model", "task", "method", "optim", "trainer", "logger", "probe")
+
+
+def plain_config(cfg: Any) -> dict[str, Any]:
+    """A config node (a ``DictConfig``) as a plain dict, interpolations resolved."""
+    from omegaconf import OmegaConf
+
+    return cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=True))
+
+
+def optimizer_arguments(optimizer_cfg) -> tuple[str, dict]:
+    """(create_optimizer method, its own options) of an ``optimizer`` config node."""
+    options = {k: v for k, v in optimizer_cfg.items() if k not in ("name", "builder")}
+    return optimizer_cfg["builder"], options
+
+
+def check_config(cfg, config_dirs=None) -> None:
+    """Raise :class:`ConfigError` (one line: what is wrong, how to fix it) for a bad config:
+    a key no yaml of its group declares, a value of the wrong type or range, an adapter or
+    optimizer option their functions do not take, an unusable ``output_root``, a model or
+    task that cannot be loaded. Loads nothing; ``config_dirs``: the config search path
+    (default: Hydra's, or the repository's ``conf/``)."""
+    from omegaconf import OmegaConf
+
+    from stablelora.checks import check_groups, check_output_root
+    from stablelora.lora import adapter_arguments, check_lora_options, lora_options
+    from stablelora.models import check_model_config
+    from stablelora.optim import check_optimizer_options
+    from stablelora.options import check_options
+    from stablelora.tasks import check_task_config
+
+    try:
+        plain = plain_config(cfg)
+    except Exception as error:  # noqa: BLE001 - any resolution error is a config error
+        raise ConfigError(str(error).splitlines()[0]) from None
+    optim, trainer = plain["optim"], plain["trainer"]
+    try:
+        check_groups(plain, DECLARED_GROUPS, config_dirs)
+        adapter_keys = ["name", "kind", *(k for k in lora_options() if k != "adapter")]
+        check_options(plain["adapter"], adapter_keys, f"adapter={plain['adapter'].get('name')}")
+        adapter = adapter_arguments(plain["adapter"], trainer["max_steps"])
+        needs_model = ("init", "target_modules", "modules_to_save", "task_type")
+        check_lora_options(**{k: v for k, v in adapter.items() if k not in needs_model})
+        builder, options = optimizer_arguments(plain["optimizer"])
+        name = plain["optimizer"].get("name")
+        check_optimizer_options(builder, options, f"optimizer={name} (builder {builder!r})")
+        check_model_config(cfg.model)
+        check_task_config(cfg.task)
+    except ValueError as error:
+        raise ConfigError(_config_message(str(error))) from None
+    rules = [  # (holds, "key must ...") for each value a user can get wrong
+        (optim["lr"] > 0, "optim.lr must be positive"),
+        (optim["weight_decay"] >= 0, "optim.weight_decay must be >= 0"),
+        (trainer["max_steps"] > 0, "trainer.max_steps must be positive"),
+        (trainer["batch_size"] > 0, "trainer.batch_size must be positive"),
+        (trainer["grad_accum"] >= 1, "trainer.grad_accum must be >= 1"),
+        (optim["schedule"] in SCHEDULES, f"optim.schedule must be one of {SCHEDULES}"),
+        (trainer["device"] in DEVICES, f"trainer.device must be one of {DEVICES}"),
+    ]
+    for holds, rule in rules:
+        if not holds:
+            key = rule.split()[0]
+            raise ConfigError(f"{rule}, got {key}={OmegaConf.select(cfg, key)}.")
+    try:
+        check_output_root(Path(plain["output_root"]))
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    from stablelora.lora import check_target_modules
+    from stablelora.models import skeleton
+
+    model_tree = skeleton(cfg.model)
+    if model_tree is not None:
+        try:
+            check_target_modules(model_tree, adapter["target_modules"])
+        except ValueError as error:
+            message = str(error).replace("target_modules", "adapter.target_modules", 1)
+            raise ConfigError(message) from None
+    if trainer["device"] == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(
+            "trainer.device=cuda, but no CUDA device is visible: use trainer.device=cpu."
+        )
+
+
+def _config_message(message: str) -> str:
+    """Name the config key of an apply_lora / create_optimizer argument in its message."""
+    for group, names in (
+        ("adapter", ("rank", "alpha", "scaling", "dropout", "init_scale")),
+        (
+            "optimizer",
+            ("shrink_ratio", "stop_rule", "loraplus_lr_ratio", "large_wd_on", "large_weight_decay"),
+        ),
+    ):
+        for name in names:
+            if message.startswith(name):
+                return f"{group}.{message}"
+    return message

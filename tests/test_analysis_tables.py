@@ -1,0 +1,433 @@
+"""analysis/ on small synthetic records: every table's numbers and its published
+comparison, seed protocols, lr selection and width fits, without training anything."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from conftest import check_latex
+
+from analysis import published
+from analysis.collect import collect
+from analysis.plots import build_plots
+from analysis.report import width_tables
+from analysis.tables import build_tables, latex_escape, select_learning_rate
+
+
+# ---------------------------------------------------------------------------- synthetic
+def _set(config: dict, dotted: str, value) -> None:
+    *parents, last = dotted.split(".")
+    for key in parents:
+        config = config.setdefault(key, {})
+    config[last] = value
+
+
+def write_run(
+    root: Path,
+    name: str,
+    *,
+    model="tiny_llama",
+    task="bbc_news",
+    method="lora",
+    seed=0,
+    acc=0.5,
+    status="completed",
+    config=None,
+    final=None,
+    metrics=(),
+    main_metric="eval/acc",
+    train_time=10.0,
+    shrink=None,
+) -> Path:
+    """A run directory in the runner's format, with the values given."""
+    run_dir = root / name
+    run_dir.mkdir(parents=True)
+    shrinks = method.startswith("stable")
+    cfg = {
+        "model": {"name": model},
+        "task": {"name": task, "protocol": "loglik"},
+        "method": {"name": method},
+        "adapter": {
+            "name": "lora",
+            "rank": 8,
+            "target_modules": ["q_proj", "v_proj"],
+            "init_scale": 1.0,
+        },
+        "optimizer": {
+            "name": method,
+            "builder": "stable_lora" if shrinks else method,
+            **({"shrink_ratio": 5e-4, "stop_rule": "norm"} if shrinks else {}),
+        },
+        "optim": {"lr": 1e-4},
+        "trainer": {"max_steps": 10},
+        "seed": seed,
+    }
+    for key, value in (config or {}).items():
+        _set(cfg, key, value)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg))
+    final = {main_metric: acc} if final is None else final
+    summary = {
+        "status": status,
+        "error": None if status == "completed" else "boom",
+        "steps": 10,
+        "max_steps": 10,
+        "main_metric": main_metric,
+        "initial": {main_metric: 0.25},
+        "final": final if status == "completed" else {},
+        "best": {},
+        "train_loss_final": 1.0,
+        "wall_time_s": train_time + 1,
+        "train_time_s": train_time,
+        "peak_memory_mb": 1000.0,
+        "method": method,
+        "task": task,
+        "model": model,
+        "seed": seed,
+        "shrink": shrink,
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
+    return run_dir
+
+
+def tables_of(root: Path, mode="mean") -> dict:
+    return {t.name: t for t in build_tables(collect(root), mode)}
+
+
+def test_table1_published_average_and_difference(tmp_path):
+    accuracies = {"lora": [0.60, 0.62, 0.61], "stable_lora": [0.64, 0.66, 0.65]}
+    for method, values in accuracies.items():
+        for seed, acc in enumerate(values):
+            for offset, task in enumerate(published.QA_TASKS):
+                write_run(
+                    tmp_path,
+                    f"{method}-{task}-{seed}",
+                    model="qwen2_0.5b",
+                    task=task,
+                    method=method,
+                    seed=seed,
+                    acc=acc + offset / 100,
+                )
+    for mode in ("mean", "best"):
+        table = tables_of(tmp_path, mode)["table1"]
+        data = table.data.set_index("method")
+        for method, values in accuracies.items():
+            per_seed = pd.Series(values) * 100 + 2  # the tasks' mean offset is 2 points
+            ours = per_seed.max() if mode == "best" else per_seed.mean()
+            assert data.loc[method, "avg"] == pytest.approx(ours)
+            paper = published.TABLE1_QA_AVERAGE["qwen2_0.5b"][method]
+            assert data.loc[method, "paper"] == paper
+            assert data.loc[method, "diff"] == pytest.approx(ours - paper)
+        assert list(table.display.columns[-2:]) == ["Paper", "Δ"]
+    layout = tables_of(tmp_path)["table1_avg"].display
+    assert list(layout["source"]) == ["ours", "paper", "Δ"]
+    assert layout.loc[1, "stable_lora"] == "64.01"
+
+
+def test_seeds_spread_is_the_sample_std(tmp_path):
+    accuracies = [0.60, 0.62, 0.67]
+    for seed, acc in enumerate(accuracies):
+        write_run(tmp_path, f"lora-{seed}", seed=seed, acc=acc)
+    row = tables_of(tmp_path)["table1"].data.iloc[0]
+    percent = [100 * acc for acc in accuracies]
+    mean = sum(percent) / 3
+    sample_std = math.sqrt(sum((v - mean) ** 2 for v in percent) / (3 - 1))
+    assert row["bbc_news"] == pytest.approx(mean) and row["bbc_news_n"] == 3
+    assert row["bbc_news_std"] == pytest.approx(sample_std)
+
+
+def test_a_seed_missing_a_task_has_no_average(tmp_path):
+    # Seed 0 has both tasks, seed 1 only hellaswag: the average is seed 0's alone, counted as
+    # one of two, never the mean of seed 1's single task.
+    write_run(tmp_path, "hs-0", task="hellaswag", seed=0, acc=0.40)
+    write_run(tmp_path, "siqa-0", task="siqa", seed=0, acc=0.60)
+    write_run(tmp_path, "hs-1", task="hellaswag", seed=1, acc=0.90)
+    for mode, hellaswag in (("mean", 65.0), ("best", 90.0)):
+        table = tables_of(tmp_path, mode)["table1"]
+        row = table.data.iloc[0]
+        assert row["hellaswag"] == pytest.approx(hellaswag) and row["hellaswag_n"] == 2
+        if mode == "mean":
+            assert row["avg"] == pytest.approx(50.0)
+            assert (row["avg_n"], row["avg_runs"]) == (1, 2)
+            assert table.display.iloc[0]["Avg"] == "50.00 (n=1/2)"
+        else:  # the best of each task: siqa has one run of the two seeds
+            assert row["avg"] == pytest.approx((90.0 + 60.0) / 2)
+
+
+def test_merged_mixture_and_stop_rule_ablation(tmp_path):
+    subtasks = {f"eval/acc/{t}": 0.5 + i / 100 for i, t in enumerate(published.QA_TASKS)}
+    for rule, acc in (("norm", 0.63), ("never", 0.62)):
+        for seed in (0, 1):
+            write_run(
+                tmp_path,
+                f"{rule}-{seed}",
+                model="qwen2_0.5b",
+                task="merged_qa",
+                method="stable_lora",
+                seed=seed,
+                config={"optimizer.stop_rule": rule},
+                final={"eval/acc": acc + seed / 100, **subtasks},
+            )
+    tables = tables_of(tmp_path)
+    main = tables["table1"].data.set_index("label")
+    assert main.loc["stable_lora, stop_rule=norm", "avg"] == pytest.approx(63.5)
+    assert main.loc["stable_lora, stop_rule=norm", "hellaswag"] == pytest.approx(50.0)
+    assert math.isnan(main.loc["stable_lora, stop_rule=norm", "paper"])  # not per-task training
+    ablation = tables["ablation_stop_rule"].data.set_index("stop_rule")
+    for rule, expected in (("norm", 63.5), ("never", 62.5)):
+        assert ablation.loc[rule, "value"] == pytest.approx(expected)
+        paper = published.STOP_RULE_ABLATION["qwen2_0.5b"][rule]
+        assert ablation.loc[rule, "paper"] == paper
+        assert ablation.loc[rule, "diff"] == pytest.approx(expected - paper)
+    check_latex(tables["ablation_stop_rule"].latex())
+
+
+def test_target_modules_ablation_with_published(tmp_path):
+    sets = {
+        "q_proj,v_proj": 0.80,
+        "q_proj,k_proj,v_proj,o_proj": 0.82,
+        ",".join(published.ALL_PROJECTIONS): 0.84,
+    }
+    for modules, acc in sets.items():
+        for method in ("lora", "stable_lora"):
+            write_run(
+                tmp_path,
+                f"{method}-{len(modules)}",
+                model="llama3.2_3b",
+                task="merged_qa",
+                method=method,
+                acc=acc,
+                config={"adapter.target_modules": modules.split(",")},
+            )
+    table = tables_of(tmp_path)["ablation_target_modules"]
+    data = table.data.set_index(["modules", "label"])
+    paper = published.TARGET_MODULES_ABLATION[("llama3.2_3b", "merged_qa")]
+    assert (
+        data.loc[("q_proj,v_proj", "stable_lora"), "paper"]
+        == paper[("q_proj", "v_proj")]["stable_lora"]
+    )
+    assert data.loc[("q_proj,v_proj", "lora"), "diff"] == pytest.approx(80 - 83.79)
+    assert list(table.display["modules"].loc[lambda s: s != ""]) == [
+        "q,v",
+        "q,k,v,o",
+        "q,k,v,o,gate,up,down",
+    ]
+
+
+def test_gsm8k_by_step_budget(tmp_path):
+    for method, accs in (("lora", (0.40, 0.50, 0.58)), ("stable_lora", (0.42, 0.52, 0.60))):
+        metrics = [{"step": s, "eval/acc": a} for s, a in zip((1000, 2000, 5000), accs)]
+        write_run(
+            tmp_path,
+            method,
+            model="llama3.2_3b",
+            task="metamath_gsm8k",
+            method=method,
+            acc=accs[-1],
+            metrics=[{"step": 0, "eval/acc": 0.1}, *metrics],
+            config={"task.protocol": "generate"},
+        )
+    write_run(
+        tmp_path,
+        "failed",
+        model="llama3.2_3b",
+        task="metamath_gsm8k",
+        method="lora",
+        seed=1,
+        status="failed",
+        config={"task.protocol": "generate"},
+    )
+    tables = tables_of(tmp_path)
+    assert "table1" not in tables  # generation runs are not QA accuracy
+    data = tables["gsm8k"].data.set_index(["label", "step"])
+    assert data.loc[("stable_lora", 5000), "value"] == pytest.approx(60.0)
+    assert data.loc[("stable_lora", 5000), "paper"] == 59.44
+    assert data.loc[("lora", 2000), "n"] == 1 and data.loc[("lora", 2000), "runs"] == 2
+    assert list(tables["gsm8k"].display.columns[-3:]) == ["step 1000", "step 2000", "step 5000"]
+
+
+def test_overhead_relative_to_lora(tmp_path):
+    for method, seconds in (("lora", (100.0, 110.0)), ("stable_lora", (105.0, 115.5))):
+        for seed, time_s in enumerate(seconds):
+            write_run(
+                tmp_path,
+                f"{method}-{seed}",
+                model="qwen2_0.5b",
+                task="hellaswag",
+                method=method,
+                seed=seed,
+                train_time=time_s,
+            )
+    data = tables_of(tmp_path)["overhead"].data.set_index("method")
+    assert data.loc["stable_lora", "time_rel"] == pytest.approx((110.25 / 105 - 1) * 100)
+    assert data.loc["lora", "time_rel"] == 0
+    assert data.loc["stable_lora", "paper_time_rel"] == 0.6
+
+
+def test_init_scale_tables_from_histories(tmp_path):
+    for scale in (0.0, 4.0):
+        for method in ("lora", "stable_lora"):
+            ratio = 10.0 if method == "lora" and scale else 1.0
+            metrics = [
+                {
+                    "step": s,
+                    "feat/delta1": ratio * s,
+                    "feat/delta2": float(s),
+                    "lora/norm_A": 2.0 + s,
+                }
+                for s in (1, 2)
+            ]
+            write_run(
+                tmp_path,
+                f"{method}-{scale}",
+                method=method,
+                metrics=metrics,
+                config={"adapter.init_scale": scale},
+            )
+    tables = tables_of(tmp_path)
+    assert list(tables["init_scale"].display.columns[-2:]) == ["A0 × 0", "A0 × 4"]
+    stability = tables["init_scale_stability"].data.set_index(
+        ["label", "quantity", "adapter.init_scale"]
+    )
+    assert stability.loc[("lora", "delta1/delta2 (last probe)", 4.0), "value"] == pytest.approx(10)
+    assert stability.loc[("lora", "||A|| last/first", 4.0), "value"] == pytest.approx(4 / 3)
+    paths = build_plots(collect(tmp_path), tmp_path / "plots", ["init_scale", "delta_ratio"])
+    assert {p.name for p in paths} >= {"init_scale.png", "init_scale.pdf", "delta_ratio.png"}
+
+
+def test_reviewer_controls_and_shrink_stops(tmp_path):
+    stops = {
+        "layer.0.q_proj": {"shrinking": False, "stop_step": 30},
+        "layer.0.v_proj": {"shrinking": True, "stop_step": None},
+    }
+    write_run(tmp_path, "lora", acc=0.60)
+    write_run(tmp_path, "stable", method="stable_lora", acc=0.64, shrink=stops)
+    write_run(
+        tmp_path,
+        "steps",
+        method="stable_lora",
+        acc=0.62,
+        shrink=stops,
+        config={"optimizer.stop_rule": "steps:20"},
+    )
+    write_run(tmp_path, "wd", method="adamw_large_wd", acc=0.61)
+    tables = tables_of(tmp_path)
+    controls = tables["reviewer_controls"].data.set_index("label")
+    assert controls.loc["stable_lora, stop_rule=steps:20", "diff_lora"] == pytest.approx(2.0)
+    assert controls.loc["adamw_large_wd", "diff_stable_lora"] == pytest.approx(-3.0)
+    shrink = tables["shrink_stops"].data.set_index("label")
+    assert shrink.loc["stable_lora, stop_rule=norm", "stopped"] == 1
+    assert shrink.loc["stable_lora, stop_rule=norm", "median"] == 30
+
+
+def test_select_learning_rate_keeps_the_best_lr_per_method(tmp_path):
+    for lr, acc in ((1e-4, 0.60), (2e-4, 0.70), (4e-4, 0.65)):
+        for seed in (0, 1):
+            write_run(tmp_path, f"lora-{lr}-{seed}", acc=acc, seed=seed, config={"optim.lr": lr})
+    write_run(tmp_path, "stable-1", method="stable_lora", acc=0.5, config={"optim.lr": 1e-4})
+    write_run(tmp_path, "stable-4", method="stable_lora", acc=0.9, config={"optim.lr": 4e-4})
+    coll = collect(tmp_path)
+    assert set(coll.runs["label"]) == {
+        f"{m}, lr={lr:g}"
+        for m, lr in [
+            ("lora", 1e-4),
+            ("lora", 2e-4),
+            ("lora", 4e-4),
+            ("stable_lora", 1e-4),
+            ("stable_lora", 4e-4),
+        ]
+    }
+    kept, table = select_learning_rate(coll.runs)
+    assert dict(zip(kept["method"], kept["optim.lr"])) == {"lora": 2e-4, "stable_lora": 4e-4}
+    assert len(kept) == 3 and set(kept["label"]) == {"lora", "stable_lora"}
+    assert table.display["chosen"].tolist().count("yes") == 2
+
+
+def test_unfinished_run_without_summary_is_incomplete(tmp_path):
+    run_dir = write_run(tmp_path, "running", metrics=[{"step": 3, "train/loss": 1.0}])
+    (run_dir / "summary.json").unlink()
+    coll = collect(tmp_path)
+    assert coll.runs.loc[0, "status"] == "incomplete" and coll.runs.loc[0, "steps"] == 3
+    assert tables_of(tmp_path)["runs_not_completed"].display.loc[0, "status"] == "incomplete"
+
+
+def test_width_exponents_are_delegated_to_width_fit(tmp_path):
+    for width in (128, 256, 512):
+        for seed in (0, 1):
+            # delta1 ~ n^0, gAZ ~ n^1: the fits must find the exponents.
+            metrics = [
+                {
+                    "step": s,
+                    "feat/delta1": 0.1 * (1 + seed / 10),
+                    "feat/gAZ": width * (1 + seed / 10),
+                    "feat/Z": 1.0,
+                }
+                for s in (2, 10)
+            ]
+            write_run(
+                tmp_path,
+                f"w{width}-{seed}",
+                model="toy_width",
+                task="toy_teacher",
+                seed=seed,
+                metrics=metrics,
+                config={"model.width": width},
+            )
+    found, files = width_tables(collect(tmp_path), [tmp_path], tmp_path / "out")
+    (table,) = found
+    fits = table.data.set_index(["quantity", "step"])
+    assert fits.loc[("gAZ", 10), "exponent"] == pytest.approx(1.0)
+    assert fits.loc[("delta1", 10), "exponent"] == pytest.approx(0.0, abs=1e-9)
+    assert any(p.name == "gamma_width.png" for p in files)
+
+
+def test_width_fit_interval_is_t_times_the_standard_error():
+    from analysis.width_fit import fit_slope, t_quantile
+
+    log_width = np.log(np.repeat([128.0, 256, 512, 1024], 3))
+    noise = np.tile([0.13, -0.07, 0.02], 4) + np.repeat([0.0, 0.05, -0.04, 0.01], 3)
+    log_value = 0.5 * log_width + 1.0 + noise
+    fit = fit_slope(log_width, log_value)
+    # The standard error of a least-squares slope, by hand.
+    points = len(log_width)
+    slope, intercept = np.polyfit(log_width, log_value, 1)
+    residuals = log_value - (slope * log_width + intercept)
+    sxx = ((log_width - log_width.mean()) ** 2).sum()
+    stderr = math.sqrt((residuals**2).sum() / (points - 2) / sxx)
+    half = t_quantile(0.975, points - 2) * stderr
+    assert fit["exponent"] == pytest.approx(slope)
+    assert fit["ci_high"] - fit["exponent"] == pytest.approx(half, rel=1e-9)
+    assert fit["exponent"] - fit["ci_low"] == pytest.approx(half, rel=1e-9)
+    assert t_quantile(0.975, points - 2) == pytest.approx(2.228, abs=2e-3)  # t table, 10 dof
+
+
+def test_latex_escape_specials():
+    assert latex_escape("a_b & 5% ± Δ") == r"a\_b \& 5\% $\pm$ $\Delta$"
+
+
+def test_shrink_stops_by_projection_and_depth(tmp_path):
+    def layer(depth, projection):
+        return f"model.layers.{depth}.self_attn.{projection}"
+
+    # 8 layers: v_proj stops early everywhere, q_proj only in the first half of the depth.
+    stops = {layer(d, "v_proj"): {"shrinking": False, "stop_step": 10 + d} for d in range(8)}
+    stops |= {
+        layer(d, "q_proj"): {"shrinking": d >= 4, "stop_step": 50 + d if d < 4 else None}
+        for d in range(8)
+    }
+    for seed in (0, 1):
+        write_run(tmp_path, f"stable-{seed}", method="stable_lora", seed=seed, shrink=stops)
+    table = tables_of(tmp_path)["shrink_stops_by_layer"].data
+    rows = table.set_index(["projection", "depth_band"])
+    assert list(rows.loc["v_proj"].index) == ["0-1", "2-3", "4-5", "6-7"]
+    assert rows.loc[("v_proj", "0-1"), "stopped"] == 4  # 2 layers x 2 seeds
+    assert rows.loc[("v_proj", "6-7"), "median"] == 16.5
+    assert rows.loc[("q_proj", "2-3"), "first"] == 52 and rows.loc[("q_proj", "2-3"), "last"] == 53
+    assert rows.loc[("q_proj", "4-5"), "stopped"] == 0
+    assert rows.loc[("q_proj", "4-5"), "layer_runs"] == 4
