@@ -434,6 +434,20 @@ def result_table(summary: dict) -> str:
     loss = _number(summary.get("train_loss_final"))
     if loss is not None:
         lines.append(f"| train/loss (last step) | | {loss:.4f} |")
+    counts = summary.get("shrink_layers")
+    if counts:
+        median = counts.get("median_stop_step")
+        lines += [
+            "",
+            f"shrink: {counts['stopped']} of {counts['layers']} LoRA layers stopped shrinking"
+            + (f" (median stop step {median:g})" if median is not None else "")
+            + f", {counts['shrinking']} still shrinking"
+            + (
+                " (the stop rule never fired: A was shrunk on every step)"
+                if not counts["stopped"]
+                else ""
+            ),
+        ]
     return "\n".join(lines)
 
 

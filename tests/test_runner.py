@@ -20,7 +20,7 @@ from conftest import (
     train_killed_at_batch,
 )
 
-from stablelora.records import read_jsonl
+from stablelora.records import read_jsonl, result_table
 from stablelora.train import train
 
 
@@ -41,6 +41,11 @@ def test_in_process_run_writes_complete_records(tmp_path):
         "train_loss_final",
     ):
         assert key in stored, key
+    counts = stored["shrink_layers"]  # the per-layer states, summarised
+    stops = [entry["stop_step"] for entry in stored["shrink"].values()]
+    assert counts["layers"] == 4 and counts["stopped"] == sum(s is not None for s in stops)
+    assert counts["shrinking"] == sum(entry["shrinking"] for entry in stored["shrink"].values())
+    assert f"shrink: {counts['stopped']} of 4 LoRA layers stopped" in result_table(stored)
     assert set(stored["shrink"]) == {
         f"model.layers.{i}.self_attn.{m}_proj" for i in range(2) for m in "qv"
     }

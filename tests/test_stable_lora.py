@@ -346,3 +346,22 @@ def test_grad_scaler_overflow_skips_the_shrink_too():
     scaler.step(optimizer)
     scaler.update()
     assert torch.equal(A, before) and optimizer.shrink_step == 0
+
+
+def test_shrink_counts_summarise_the_layers():
+    from stablelora.optim.stable_lora import shrink_counts
+
+    def layer(stop_step):
+        return {"shrinking": stop_step is None, "stop_step": stop_step}
+
+    state = {"a": layer(40), "b": layer(None), "c": layer(10), "d": layer(25), "e": layer(None)}
+    assert shrink_counts(state) == {
+        "layers": 5,
+        "shrinking": 2,
+        "stopped": 3,
+        "median_stop_step": 25,
+    }
+    state["f"] = layer(30)  # an even count: the mean of the two middle stop steps
+    assert shrink_counts(state)["median_stop_step"] == 27.5
+    none = shrink_counts({"a": layer(None)})
+    assert none == {"layers": 1, "shrinking": 1, "stopped": 0, "median_stop_step": None}

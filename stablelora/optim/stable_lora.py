@@ -66,6 +66,24 @@ class StopRule:
         return f"steps:{self.steps}" if self.kind == "steps" else self.kind
 
 
+def shrink_counts(state: dict[str, LayerShrink]) -> dict[str, float | int | None]:
+    """``{"layers", "shrinking", "stopped", "median_stop_step"}`` of a
+    :meth:`StableLoRA.shrink_state` (the median over the layers that stopped; None when none
+    did)."""
+    stops = sorted(entry["stop_step"] for entry in state.values() if entry["stop_step"] is not None)
+    middle = len(stops) // 2
+    median = None
+    if stops:
+        median = stops[middle] if len(stops) % 2 else (stops[middle - 1] + stops[middle]) / 2
+    shrinking = sum(bool(entry["shrinking"]) for entry in state.values())
+    return {
+        "layers": len(state),
+        "shrinking": shrinking,
+        "stopped": len(stops),
+        "median_stop_step": median,
+    }
+
+
 def check_shrink_ratio(shrink_ratio: float) -> float:
     """Return ``shrink_ratio`` as a float if it lies in [0, 1), else raise a ValueError."""
     if not isinstance(shrink_ratio, (int, float)) or not 0.0 <= float(shrink_ratio) < 1.0:
@@ -266,8 +284,11 @@ class StableLoRA(torch.optim.AdamW):
         }
 
     def record_summary(self) -> dict:
-        """Added by the runner to ``summary.json``: ``shrink``, see :meth:`shrink_state`."""
-        return {"shrink": self.shrink_state()}
+        """Added by the runner to ``summary.json``: ``shrink`` (per layer, see
+        :meth:`shrink_state`) and ``shrink_layers`` (how many layers are still shrinking, how
+        many stopped, and the median stop step of those that did)."""
+        state = self.shrink_state()
+        return {"shrink": state, "shrink_layers": shrink_counts(state)}
 
     def record_layers(self) -> dict[str, dict[str, float | None]]:
         """Per layer, logged by the feature probe as ``lora/<layer>/<key>``."""
