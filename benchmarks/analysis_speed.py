@@ -102,9 +102,10 @@ def base_config() -> dict:
             "prompt_format": "plain",
             "max_length": 256,
         },
-        "method": {
+        "method": {"name": "lora", "preset": "lora", "adapter": "lora", "optimizer": "adamw"},
+        "adapter": {
             "name": "lora",
-            "optimizer": "lora",
+            "kind": "lora",
             "rank": 8,
             "alpha": 16,
             "target_modules": ["q_proj", "v_proj"],
@@ -113,11 +114,8 @@ def base_config() -> dict:
             "init": "default",
             "init_scale": 1.0,
             "use_dora": False,
-            "shrink_ratio": 0.0,
-            "stop_rule": "norm",
-            "loraplus_lr_ratio": None,
-            "options": {},
         },
+        "optimizer": {"name": "adamw", "builder": "lora"},
         "optim": {
             "lr": 1e-4,
             "weight_decay": 0.01,
@@ -144,8 +142,8 @@ def write_records(root: Path, count: int, seed: int = 0) -> None:
         config = base_config()
         for key, value in change.items():
             set_dotted(config, key, value)
-        if config["method"]["optimizer"] == "stable_lora":
-            config["method"]["shrink_ratio"] = 5e-4
+        if config["optimizer"]["builder"] == "stable_lora":  # Stable-LoRA's own options
+            config["optimizer"] = {"shrink_ratio": 5e-4, "stop_rule": "norm", **config["optimizer"]}
         (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
         acc = rng.uniform(0.3, 0.9)
         metrics, steps = [], 1000 if status == "completed" else rng.randrange(1, 1000)
@@ -185,7 +183,7 @@ def write_records(root: Path, count: int, seed: int = 0) -> None:
         final = {"eval/acc": acc}
         if config["task"]["name"] == "merged_qa":
             final.update({f"eval/acc/{t}": rng.uniform(0.3, 0.9) for t in QA})
-        shrinks = config["method"]["optimizer"] == "stable_lora"
+        shrinks = config["optimizer"]["builder"] == "stable_lora"
         summary = {
             "status": status,
             "error": None if status == "completed" else "synthetic",
