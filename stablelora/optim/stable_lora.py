@@ -19,6 +19,7 @@ shrink costs nothing at all.
 
 from __future__ import annotations
 
+import statistics
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -70,17 +71,13 @@ def shrink_counts(state: dict[str, LayerShrink]) -> dict[str, float | int | None
     """``{"layers", "shrinking", "stopped", "median_stop_step"}`` of a
     :meth:`StableLoRA.shrink_state` (the median over the layers that stopped; None when none
     did)."""
-    stops = sorted(entry["stop_step"] for entry in state.values() if entry["stop_step"] is not None)
-    middle = len(stops) // 2
-    median = None
-    if stops:
-        median = stops[middle] if len(stops) % 2 else (stops[middle - 1] + stops[middle]) / 2
+    stops = [entry["stop_step"] for entry in state.values() if entry["stop_step"] is not None]
     shrinking = sum(bool(entry["shrinking"]) for entry in state.values())
     return {
         "layers": len(state),
         "shrinking": shrinking,
         "stopped": len(stops),
-        "median_stop_step": median,
+        "median_stop_step": statistics.median(stops) if stops else None,
     }
 
 
