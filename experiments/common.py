@@ -37,6 +37,10 @@ class Experiment:
     description: str
     tables: tuple[str, ...]
     plots: tuple[str, ...]
+    #: A sweep parameter whose values each run in a process of their own, one after the
+    #: other (one ``run.py -m ... <key>=<value>`` per value): for per-process measures such as
+    #: the peak memory (max RSS) of the overhead table.
+    process_per: str | None = None
 
 
 #: Every artefact: its tables and plots (``analysis.report`` names), in the README's order.
@@ -92,6 +96,37 @@ EXPERIMENTS: dict[str, Experiment] = {
             ("figure2_norms", "delta_ratio", "shrink_stops"),
         ),
         # CPU scale: SmolLM2-135M (shipped offline) on this machine's budget; results/cpu/.
+        Experiment(
+            "cpu/table1",
+            "Table 1 at CPU scale: five methods x 3 seeds on ARC-Easy, OpenBookQA and BBC "
+            "News, with the paired Stable-LoRA - LoRA difference.",
+            ("table1", "table1_avg", "paired_difference", "summary", "runs_not_completed"),
+            ("loss",),
+        ),
+        Experiment(
+            "cpu/ablations",
+            "Ablations at CPU scale on the compressed schedule: stop rule, scale of A0 and the "
+            "reviewers' controls.",
+            (
+                "ablation_stop_rule",
+                "init_scale",
+                "init_scale_stability",
+                "reviewer_controls",
+                "shrink_stops",
+                "shrink_stops_by_layer",
+                "summary",
+                "runs_not_completed",
+            ),
+            ("figure2_norms", "delta_ratio", "shrink_stops", "init_scale"),
+        ),
+        Experiment(
+            "cpu/overhead",
+            "Overhead at CPU scale: training time and peak memory relative to LoRA, one "
+            "process per method.",
+            ("overhead", "summary", "runs_not_completed"),
+            ("loss",),
+            process_per="method",
+        ),
         Experiment(
             "cpu/figure2",
             "Figure 2 at CPU scale, the paper's defaults: factor norms and feature updates.",
@@ -196,6 +231,35 @@ def commands(experiment: Experiment, args: argparse.Namespace) -> tuple[list[str
     return sweep, report, sweep_dir
 
 
+def sweep_values(preset: str, key: str, overrides: list[str]) -> list[str]:
+    """The values ``key`` takes in the sweep: from an override ``key=a,b`` when given, else
+    from the preset's ``hydra.sweeper.params`` (composed with Hydra, so inherited ones count)."""
+    for override in overrides:
+        if override.startswith(f"{key}="):
+            return [v.strip() for v in override.split("=", 1)[1].split(",") if v.strip()]
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        config = compose("config", overrides=[f"experiment={preset}"], return_hydra_config=True)
+    params = config.hydra.sweeper.params or {}
+    if key not in params:
+        raise SystemExit(f"python -m experiments: {preset} does not sweep {key!r}.")
+    return [v.strip() for v in str(params[key]).split(",") if v.strip()]
+
+
+def sweep_commands(
+    experiment: Experiment, args: argparse.Namespace, sweep: list[str]
+) -> list[list[str]]:
+    """The sweep as one command, or one per value of ``experiment.process_per``."""
+    key = experiment.process_per
+    if key is None:
+        return [sweep]
+    preset = f"{experiment.name}_smoke" if args.smoke else experiment.name
+    values = sweep_values(preset, key, args.overrides)
+    base = [part for part in sweep if not part.startswith(f"{key}=")]
+    return [[*base, f"{key}={value}"] for value in values]
+
+
 def usage() -> str:
     rows = [f"  {e.name:<24} {e.description}" for e in EXPERIMENTS.values()]
     rows.append(f"  {'width_sweep':<24} Width exponents of the feature updates (toy network).")
@@ -233,8 +297,9 @@ def main(argv=None) -> int:
     sweep, report, sweep_dir = commands(experiment, args)
     sweep_code = 0
     if not args.skip_sweep:
-        print("[experiments] " + " ".join(sweep), flush=True)
-        sweep_code = subprocess.call(sweep, cwd=ROOT)
+        for command in sweep_commands(experiment, args, sweep):
+            print("[experiments] " + " ".join(command), flush=True)
+            sweep_code |= subprocess.call(command, cwd=ROOT)
     if not sweep_dir.exists():
         print(f"[experiments] no records in {sweep_dir}: the sweep did not start.", file=sys.stderr)
         return sweep_code or 1

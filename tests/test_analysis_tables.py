@@ -431,3 +431,67 @@ def test_shrink_stops_by_projection_and_depth(tmp_path):
     assert rows.loc[("q_proj", "2-3"), "first"] == 52 and rows.loc[("q_proj", "2-3"), "last"] == 53
     assert rows.loc[("q_proj", "4-5"), "stopped"] == 0
     assert rows.loc[("q_proj", "4-5"), "layer_runs"] == 4
+
+
+def test_paired_difference_against_lora_by_seed(tmp_path):
+    # Two tasks, three seeds; stable_lora is lora + (task, seed)-specific offsets, so every
+    # pair's difference is known. Seed 2 of stable_lora lacks obqa: it has no Avg pair.
+    lora = {("arc_easy", 0): 0.50, ("arc_easy", 1): 0.52, ("arc_easy", 2): 0.54,
+            ("obqa", 0): 0.30, ("obqa", 1): 0.34, ("obqa", 2): 0.32}  # fmt: skip
+    offsets = {("arc_easy", 0): 0.02, ("arc_easy", 1): -0.01, ("arc_easy", 2): 0.05,
+               ("obqa", 0): 0.01, ("obqa", 1): 0.03}  # fmt: skip
+    for (task, seed), acc in lora.items():
+        write_run(tmp_path, f"lora-{task}-{seed}", task=task, seed=seed, acc=acc)
+    for (task, seed), offset in offsets.items():
+        write_run(
+            tmp_path,
+            f"stable-{task}-{seed}",
+            task=task,
+            seed=seed,
+            method="stable_lora",
+            acc=lora[task, seed] + offset,
+        )
+    write_run(tmp_path, "riemann-obqa-1", task="obqa", seed=1, method="riemann", acc=0.20,
+              status="failed")  # fmt: skip
+    table = tables_of(tmp_path)["paired_difference"]
+    data = table.data.set_index(["task", "label"])
+    arc = np.array([2.0, -1.0, 5.0])
+    row = data.loc[("arc_easy", "stable_lora")]
+    assert row["pairs"] == 3 and row["diff_mean"] == pytest.approx(arc.mean())
+    assert row["diff_std"] == pytest.approx(arc.std(ddof=1))
+    half = 4.302653 * arc.std(ddof=1) / math.sqrt(3)  # t(0.975, 2) from tables
+    assert row["ci_low"] == pytest.approx(arc.mean() - half, abs=1e-3)
+    assert row["ci_high"] == pytest.approx(arc.mean() + half, abs=1e-3)
+    assert (row["ahead"], row["behind"]) == (2, 1)
+    assert row["per_seed"] == "s0: +2.0, s1: -1.0, s2: +5.0"
+    # Avg pairs: seeds 0 and 1 only (the mean over both tasks of each seed's difference).
+    avg = data.loc[("Avg", "stable_lora")]
+    per_seed_avg = np.array([(2.0 + 1.0) / 2, (-1.0 + 3.0) / 2])
+    assert avg["pairs"] == 2 and avg["diff_mean"] == pytest.approx(per_seed_avg.mean())
+    # The paper's task order, the average last; the failed riemann run has no pair.
+    assert list(table.data["task"]) == ["obqa", "arc_easy", "Avg"]
+    assert table.display.iloc[0]["95% CI"].startswith("[")
+
+
+def test_reviewer_controls_reference_is_at_the_default_init_scale(tmp_path):
+    # One sweep that also varies the scale of A0 (experiment=cpu/ablations): the Δ columns
+    # compare with LoRA and Stable-LoRA at peft's A0, never with a mean over the scales.
+    for method, accs in (("lora", (0.60, 0.30)), ("stable_lora", (0.64, 0.20))):
+        for scale, acc in zip((1.0, 4.0), accs):
+            write_run(tmp_path, f"{method}-{scale}", method=method, acc=acc,
+                      config={"adapter.init_scale": scale})  # fmt: skip
+    write_run(tmp_path, "wd", method="adamw_large_wd", acc=0.61)
+    controls = tables_of(tmp_path)["reviewer_controls"].data.set_index("label")
+    assert controls.loc["adamw_large_wd", "diff_lora"] == pytest.approx(1.0)
+    assert controls.loc["adamw_large_wd", "diff_stable_lora"] == pytest.approx(-3.0)
+    assert controls.loc["lora, init_scale=4", "diff_lora"] == pytest.approx(-30.0)
+
+
+def test_overhead_elsewhere_shows_the_papers_ratios_for_orientation(tmp_path):
+    for method, seconds in (("lora", 100.0), ("lora_rite", 150.0)):
+        write_run(tmp_path, method, model="smollm2_135m", method=method, train_time=seconds)
+    table = tables_of(tmp_path)["overhead"]
+    data = table.data.set_index("method")
+    assert data.loc["lora_rite", "time_rel"] == pytest.approx(50.0)
+    assert data.loc["lora_rite", "paper_time_rel"] == 46.0  # Qwen2-0.5B, HellaSwag
+    assert "paper Δ time (qwen2_0.5b, hellaswag, GPU)" in table.display.columns

@@ -209,6 +209,28 @@ def test_experiment_entry_builds_the_sweep_and_report_commands(tmp_path):
     assert "ablation_stop_rule" in report[report.index("--tables") :]
 
 
+def test_process_per_method_gives_one_sweep_command_per_value(tmp_path):
+    from experiments.common import commands, sweep_commands
+
+    experiment = ARTEFACTS["cpu/overhead"]
+    assert experiment.process_per == "method"
+    for overrides, methods in (
+        (["seed=0"], sweep_params("cpu/overhead")["method"]),  # the preset's values
+        (["method=riemann,lora", "seed=0"], ["riemann", "lora"]),  # the command line's
+    ):
+        args = argparse.Namespace(smoke=False, output_root=tmp_path, seeds="mean",
+                                  overrides=overrides)  # fmt: skip
+        sweep, _, _ = commands(experiment, args)
+        split = sweep_commands(experiment, args, sweep)
+        assert [command[-1] for command in split] == [f"method={m}" for m in methods]
+        assert all(sum(part.startswith("method=") for part in c) == 1 for c in split)
+        assert all("seed=0" in command for command in split)
+    assert len(methods) == 2 and len(sweep_params("cpu/overhead")["method"]) == 5
+    no_split = ARTEFACTS["cpu/table1"]
+    args.overrides = []
+    assert sweep_commands(no_split, args, ["x"]) == [["x"]]
+
+
 # ---------------------------------------------------------------------------- end to end
 def read_display(report_dir: Path, table: str) -> str:
     return (report_dir / "tables" / f"{table}.md").read_text()
@@ -272,6 +294,24 @@ def check_artefact(name: str, report: Path) -> None:
     elif name == "init_scale":
         assert "A0 × 0" in read_display(report, "init_scale")
         assert "delta1/delta2" in read_display(report, "init_scale_stability")
+    elif name == "cpu/table1":
+        paired = pd.read_csv(tables / "paired_difference.csv")
+        assert set(paired["label"]) == {"loraplus", "stable_lora"}
+        assert (paired["pairs"] == 2).all() and paired["ci_low"].notna().all()
+    elif name == "cpu/ablations":
+        controls = pd.read_csv(tables / "reviewer_controls.csv").set_index("label")
+        lora = controls.loc["lora, init_scale=1", "value"]
+        assert controls.loc["lora, init_scale=1", "diff_lora"] == 0
+        assert controls.loc["adamw_large_wd", "diff_lora"] == pytest.approx(
+            controls.loc["adamw_large_wd", "value"] - lora
+        )
+        scales = pd.read_csv(tables / "init_scale.csv")
+        assert set(scales["adapter.init_scale"]) == {1.0, 4.0}
+        rules = set(pd.read_csv(tables / "ablation_stop_rule.csv")["stop_rule"])
+        assert rules == {"norm", "never", "steps:50"}
+    elif name == "cpu/overhead":  # one process per method: each has its own peak memory
+        data = pd.read_csv(tables / "overhead.csv").set_index("method")
+        assert set(data.index) == {"lora", "stable_lora"} and (data["memory"] > 0).all()
     elif name == "reviewer_controls":
         data = pd.read_csv(tables / "reviewer_controls.csv")
         assert set(data["label"]) == {"lora", "stable_lora", "shrink_fixed_steps", "adamw_large_wd"}

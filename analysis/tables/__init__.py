@@ -8,6 +8,8 @@ None when the records do not support it (e.g. no two stop rules for the stop-rul
                           the published average and the difference (one CSV row per method)
 ``table1_avg``            Table 1's layout: rows models, columns methods, average accuracy,
                           with the published row and the difference below ours
+``paired_difference``     every method minus LoRA on the same model, task and seed: mean ±
+                          std over seeds, 95% CI, seeds ahead/behind
 ``gsm8k``                 accuracy of generation tasks (GSM8K) by step budget
 ``ablation_stop_rule``    shrinking methods by stop rule (``norm``, ``never``, ``steps:N``)
 ``ablation_target_modules`` accuracy by target-module set and method
@@ -51,6 +53,7 @@ from analysis.tables.formatting import Table, cell_text, latex_escape
 from analysis.tables.gsm8k import gsm8k
 from analysis.tables.init_scale import init_scale, init_scale_stability
 from analysis.tables.overhead import overhead
+from analysis.tables.paired import paired_difference
 from analysis.tables.selection import select_learning_rate
 from analysis.tables.shrink_stops import shrink_stops, shrink_stops_by_layer
 from analysis.tables.stop_rule import ablation_stop_rule
@@ -76,6 +79,7 @@ __all__ = [
 TABLES: dict[str, Callable[[Collection, str], Table | None]] = {
     "table1": table1,
     "table1_avg": table1_avg,
+    "paired_difference": paired_difference,
     "gsm8k": gsm8k,
     "ablation_stop_rule": ablation_stop_rule,
     "ablation_target_modules": ablation_target_modules,

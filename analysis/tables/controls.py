@@ -46,8 +46,13 @@ def reviewer_controls(coll: Collection, seeds: str = "mean") -> Table | None:
         cells = cells.merge(stops.rename("median_stop_step").reset_index(), on=keys, how="left")
     else:
         cells["median_stop_step"] = math.nan
-    plain = runs[(runs["method"] == "stable_lora") & (fixed_steps == "norm")]
-    for name, ref_runs in {"lora": runs[runs["method"] == "lora"], "stable_lora": plain}.items():
+    # The references are the methods as the paper runs them: in a sweep that also varies the
+    # scale of A0 (experiment=cpu/ablations), only their runs at peft's A0 (x 1).
+    init_scale = pd.to_numeric(runs.get("adapter.init_scale", 1.0), errors="coerce")
+    default_init = pd.Series(init_scale, index=runs.index).fillna(1.0) == 1.0
+    lora = runs[(runs["method"] == "lora") & default_init]
+    plain = runs[(runs["method"] == "stable_lora") & (fixed_steps == "norm") & default_init]
+    for name, ref_runs in {"lora": lora, "stable_lora": plain}.items():
         ref = aggregate(ref_runs, ["model", "task"], seeds)[["model", "task", "value"]]
         cells = cells.merge(
             ref.rename(columns={"value": f"ref_{name}"}), on=["model", "task"], how="left"
@@ -68,9 +73,10 @@ def reviewer_controls(coll: Collection, seeds: str = "mean") -> Table | None:
         protocol_note(seeds),
         "Δ: percentage points against the mean (or best) of the "
         "reference's runs on the same model and task; Stable-LoRA = the paper's stop rule "
-        "(norm). adamw_large_wd: AdamW with a large decoupled weight decay on A (or A and "
-        "B); steps:N: shrink on steps 1..N only. median stop step: the median over layers "
-        "of the step a layer stopped shrinking (median over seeds).",
+        "(norm); both at peft's A0 (init scale 1). adamw_large_wd: AdamW with a large "
+        "decoupled weight decay on A (or A and B); steps:N: shrink on steps 1..N only. "
+        "median stop step: the median over layers of the step a layer stopped shrinking "
+        "(median over seeds).",
     ]
     notes += not_completed_note(runs)
     return Table(
