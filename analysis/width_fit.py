@@ -146,6 +146,63 @@ def assumption1_table(fits: pd.DataFrame) -> pd.DataFrame:
     return gaz[["method", "lr_mode", "step", "exponent [95% CI]", "holds", "points"]]
 
 
+#: The learning rate's width exponent of each mode of experiments/width_sweep.py: eta ~ n^-c.
+LR_WIDTH_EXPONENT = {"fixed": 0.0, "scaled": 0.5}
+
+
+def predicted_exponent(quantity: str, lr_mode: str, step: int) -> float:
+    """The width exponent the paper's gamma rules predict for ``feat/<quantity>`` on ``step``.
+
+    With gamma[s] = 0 (s = alpha/r or alpha/sqrt(r), r fixed), B0 = 0, gamma[A0 Z] = 0 (peft's
+    A0 has variance ~ 1/n), gamma[Z] = 0, Adam directions with Theta(1) entries and
+    Assumption 1 (gamma[g_A Z] = 1), and gamma[eta] = -c: after the first step B_t = Theta(eta)
+    and A_t Z = A0 Z + (A_t - A0) Z with gamma = max(0, gamma[eta] + 1), so
+    delta1 = s dB A_t Z -> gamma[eta] + max(0, gamma[eta] + 1), delta2 = s B_t dA Z and
+    delta3 = s dB dA Z -> 2 gamma[eta] + 1, dY -> their max. On step 1 A = A0 and B = 0:
+    delta1 -> gamma[eta] and delta2 = delta3 = 0 (no exponent). The shrink of Stable-LoRA,
+    LoRA+'s fixed lr ratio and rsLoRA's 1/sqrt(r) are width-free: the same predictions.
+    NaN where the rules give none (Z of deeper blocks, step 1's zero deltas)."""
+    if lr_mode not in LR_WIDTH_EXPONENT:
+        return math.nan
+    lr = -LR_WIDTH_EXPONENT[lr_mode]
+    if step <= 1:
+        first = {"delta1": lr, "dY": lr, "gAZ": 1.0, "AZ": 0.0}
+        return first.get(quantity, math.nan)
+    a_z = max(0.0, lr + 1.0)
+    rules = {
+        "delta1": lr + a_z,
+        "delta2": 2 * lr + 1.0,
+        "delta3": 2 * lr + 1.0,
+        "gAZ": 1.0,
+        "AZ": a_z,
+    }
+    rules["dY"] = max(rules["delta1"], rules["delta2"], rules["delta3"])
+    return rules.get(quantity, math.nan)
+
+
+def theory_table(fits: pd.DataFrame, quantities=(*DECOMPOSITION, "gAZ")) -> pd.DataFrame:
+    """Rows (method, lr_mode, step), a column per quantity: the predicted exponent and
+    ``ok`` when the fit's 95% CI contains it, else the measured minus the predicted."""
+    fits = fits[fits["quantity"].isin(quantities)].copy()
+    fits["predicted"] = [
+        predicted_exponent(q, m, int(t))
+        for q, m, t in zip(fits["quantity"], fits["lr_mode"], fits["step"])
+    ]
+
+    def verdict(row) -> str:
+        if not (math.isfinite(row.predicted) and math.isfinite(row.ci_low)):
+            return "n/a"
+        if row.ci_low <= row.predicted <= row.ci_high:
+            return f"{row.predicted:+.1f} ok"
+        return f"{row.predicted:+.1f} off by {row.exponent - row.predicted:+.2f}"
+
+    fits["cell"] = fits.apply(verdict, axis=1)
+    wide = fits.pivot_table(
+        index=["method", "lr_mode", "step"], columns="quantity", values="cell", aggfunc="first"
+    )
+    return wide.reindex(columns=[q for q in quantities if q in wide.columns]).reset_index()
+
+
 def _grid(table: pd.DataFrame):
     import matplotlib
 
@@ -259,6 +316,11 @@ def analyze(records: str | Path, out_dir: str | Path, steps=None) -> dict:
             _markdown(wide),
             "## Assumption 1: gamma[g_A Z] = 1 (holds: the 95% CI of the gAZ slope contains 1)",
             _markdown(check),
+            "## Against the gamma rules",
+            "The exponent the paper's gamma rules predict (analysis.width_fit.predicted_exponent:"
+            " lr ~ n^0 (fixed) or n^-1/2 (scaled), B0 = 0, gamma[A0 Z] = 0, Assumption 1) and "
+            "whether the fit's 95% CI contains it (ok), else the measured minus the predicted.",
+            _markdown(theory_table(fits)),
         ]
     )
     files = [out_dir / "exponents.csv", out_dir / "exponents.md"]

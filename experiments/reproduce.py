@@ -5,7 +5,8 @@
     python -m experiments.reproduce --scale cpu --report-only    # reports from results/ only
     python -m experiments.reproduce --scale cpu data_root=/data  # Hydra overrides for run.py
 
-For each experiment ``cpu/<name>`` of :data:`experiments.common.EXPERIMENTS` it
+For each experiment ``cpu/<name>`` of :data:`experiments.common.EXPERIMENTS` (and the toy
+``width_sweep``, which runs at the same scale everywhere) it
 
 1. runs its sweep and report (``python -m experiments cpu/<name>``; sweeps resume, so the
    set can be completed over several sittings);
@@ -15,13 +16,16 @@ For each experiment ``cpu/<name>`` of :data:`experiments.common.EXPERIMENTS` it
 3. rebuilds the report from those committed records into
    ``results/<scale>/<sweep>/report/`` (the same tables and plots as the sweep's report).
 
-``--report-only`` does step 3 alone: ``tests/test_results.py`` uses it to check that the
-committed reports are what the committed records give.
+The width sweep keeps one ``records.jsonl`` (its runs' feature magnitudes, the input of
+:mod:`analysis.width_fit`) instead of run folders, and gets no Hydra overrides (its preset
+is self-contained). ``--report-only`` does step 3 alone: ``tests/test_results.py`` uses it
+to check that the committed reports are what the committed records give.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import subprocess
 import sys
@@ -34,8 +38,12 @@ RECORD_FILES = ("config.yaml", "summary.json", "metrics.jsonl", "layers.parquet"
 SCALES = ("cpu",)
 
 
+#: The toy width sweep (python -m experiments width_sweep): the same at every scale.
+WIDTH_SWEEP = "width_sweep"
+
+
 def experiments_of(scale: str, only: list[str] | None) -> list[str]:
-    names = [name for name in EXPERIMENTS if name.startswith(f"{scale}/")]
+    names = [name for name in EXPERIMENTS if name.startswith(f"{scale}/")] + [WIDTH_SWEEP]
     if only:
         unknown = sorted(set(only) - set(names))
         if unknown:
@@ -63,6 +71,24 @@ def copy_records(sweep_dir: Path, results_dir: Path) -> int:
                 shutil.copy2(run_dir / name, target / name)
         copied += 1
     return copied
+
+
+def copy_width_records(sweep_dir: Path, results_dir: Path) -> int:
+    """The sweep's ``records.jsonl`` without machine paths; return its number of runs."""
+    results_dir.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for line in (sweep_dir / "records.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        record.pop("run_dir", None)
+        lines.append(json.dumps(record) + "\n")
+    (results_dir / "records.jsonl").write_text("".join(lines))
+    return len(lines)
+
+
+def width_report_command(results_dir: Path, out: Path) -> list[str]:
+    records = results_dir / "records.jsonl"
+    records_arg = records.relative_to(ROOT) if records.is_relative_to(ROOT) else records
+    return [sys.executable, "-m", "analysis.width_fit", str(records_arg), "--out", str(out)]
 
 
 def report_command(name: str, results_dir: Path, out: Path) -> list[str]:
@@ -108,6 +134,9 @@ def main(argv=None) -> int:
     results = (args.results or ROOT / "results" / args.scale).resolve()
     code = 0
     for name in experiments_of(args.scale, args.only):
+        if name == WIDTH_SWEEP:
+            code |= width_sweep(args, results / WIDTH_SWEEP)
+            continue
         sweep = sweep_name(name)
         results_dir = results / sweep
         if not args.report_only:
@@ -132,6 +161,26 @@ def main(argv=None) -> int:
         print("[reproduce] " + " ".join(command), flush=True)
         code |= subprocess.call(command, cwd=ROOT)
     return code
+
+
+def width_sweep(args: argparse.Namespace, results_dir: Path) -> int:
+    """Run the toy width sweep (unless ``--report-only``), keep its records and fit them."""
+    code = 0
+    if not args.report_only:
+        command = [sys.executable, "-m", "experiments", WIDTH_SWEEP, "--output-root",
+                   str(args.output_root)]  # fmt: skip
+        print("[reproduce] " + " ".join(command), flush=True)
+        code = subprocess.call(command, cwd=ROOT)
+        runs = copy_width_records(args.output_root / "sweeps" / WIDTH_SWEEP, results_dir)
+        print(f"[reproduce] {WIDTH_SWEEP}: records of {runs} runs in {results_dir}")
+    if not (results_dir / "records.jsonl").exists():
+        print(f"[reproduce] {WIDTH_SWEEP}: no committed records in {results_dir}; skipped.")
+        return code
+    out = (args.report_out / WIDTH_SWEEP) if args.report_out else results_dir / "report"
+    command = width_report_command(results_dir, out)
+    print("[reproduce] " + " ".join(command), flush=True)
+    # The fit prints its tables; the report's files are what is kept.
+    return code | subprocess.call(command, cwd=ROOT, stdout=subprocess.DEVNULL)
 
 
 if __name__ == "__main__":

@@ -495,3 +495,26 @@ def test_overhead_elsewhere_shows_the_papers_ratios_for_orientation(tmp_path):
     assert data.loc["lora_rite", "time_rel"] == pytest.approx(50.0)
     assert data.loc["lora_rite", "paper_time_rel"] == 46.0  # Qwen2-0.5B, HellaSwag
     assert "paper Δ time (qwen2_0.5b, hellaswag, GPU)" in table.display.columns
+
+
+def test_width_predictions_follow_the_gamma_rules():
+    from analysis.width_fit import predicted_exponent, theory_table
+
+    # Fixed lr: every delta grows like n; lr ~ n^-1/2 is the self-stable rate: all Theta(1).
+    for q in ("delta1", "delta2", "delta3", "dY"):
+        assert predicted_exponent(q, "fixed", 50) == 1.0
+        assert predicted_exponent(q, "scaled", 50) == 0.0
+    assert predicted_exponent("AZ", "scaled", 50) == 0.5 and predicted_exponent("gAZ", "x", 9) != 1
+    # Step 1: A = A0 (gamma[A0 Z] = 0) and B = 0, so delta2 has no exponent.
+    assert predicted_exponent("delta1", "scaled", 1) == -0.5
+    assert math.isnan(predicted_exponent("delta2", "fixed", 1))
+    fits = pd.DataFrame(
+        [
+            {"method": "lora", "lr_mode": "scaled", "step": 10, "quantity": "delta1",
+             "exponent": 0.05, "ci_low": -0.1, "ci_high": 0.2},
+            {"method": "lora", "lr_mode": "scaled", "step": 10, "quantity": "delta2",
+             "exponent": 0.4, "ci_low": 0.3, "ci_high": 0.5},
+        ]
+    )  # fmt: skip
+    row = theory_table(fits).iloc[0]
+    assert row["delta1"] == "+0.0 ok" and row["delta2"] == "+0.0 off by +0.40"

@@ -63,8 +63,14 @@ def test_committed_reports_are_rebuilt_from_the_committed_records(tmp_path):
             assert (rebuilt / name).read_text() == (committed / name).read_text(), (sweep, name)
         plots = {p.name for p in (RESULTS / sweep / "report" / "plots").glob("*.png")}
         assert plots == {p.name for p in (tmp_path / sweep / "plots").glob("*.png")}
+    width = RESULTS / "width_sweep"
+    assert (width / "records.jsonl").exists(), "the width sweep's records are committed"
+    for name in ("exponents.md", "exponents.csv"):
+        rebuilt = (tmp_path / "width_sweep" / name).read_text()
+        assert rebuilt == (width / "report" / name).read_text(), name
+    assert "/work" not in (width / "records.jsonl").read_text()[:5000]  # no machine paths
 
 
-@pytest.mark.parametrize("sweep", SWEEPS)
+@pytest.mark.parametrize("sweep", [*SWEEPS, "width_sweep"])
 def test_results_readme_names_every_sweep(sweep):
     assert sweep in (RESULTS / "README.md").read_text()
