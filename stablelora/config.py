@@ -21,6 +21,9 @@ DISPLAY_KEYS = (
     "hydra",
     "logger",
     "output_root",
+    # Where local dataset copies live: what a run reads is its resolved task.data_dir, so a
+    # task that does not read data_root (BBC News) computes the same with or without it.
+    "data_root",
     "sweep_name",
     "experiment_name",
     "trainer.progress_bar",

@@ -19,6 +19,7 @@ from stablelora.config import (
     SWEEP_LOG_ENV,
     SweepSummary,
     default_num_threads,
+    register_resolvers,
     report_to_sweep,
     sweep_summary_line,
 )
@@ -31,6 +32,7 @@ FAST = SMOKE + ["probe=off", "model.config.num_hidden_layers=1"]
 
 
 def run_dirs(overrides, key="hydra.run.dir"):
+    register_resolvers()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose("config", overrides=list(overrides), return_hydra_config=True)
         return str(OmegaConf.select(cfg, key))
@@ -66,6 +68,14 @@ def test_paths_in_overrides_never_nest_folders():
         name = folder.rsplit("/", 1)[-1]
         assert "/" not in name.strip() and "data" not in name
     assert run_dirs(["output_root=/out"]).startswith("/out/runs/")
+
+
+def test_data_root_names_a_folder_only_through_the_data_a_task_reads():
+    # BBC News does not read data_root: one folder with or without it; ARC reads
+    # <data_root>/arc_easy, so the copy it reads is part of what it computes.
+    assert run_dirs(["data_root=/data"]) == run_dirs([])
+    arc = ["task=arc_easy"]
+    assert run_dirs([*arc, "data_root=/data"]) != run_dirs([*arc, "data_root=/elsewhere"])
 
 
 def test_rerun_with_another_config_in_the_same_folder_stops(tmp_path):
