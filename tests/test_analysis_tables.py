@@ -518,3 +518,78 @@ def test_width_predictions_follow_the_gamma_rules():
     )  # fmt: skip
     row = theory_table(fits).iloc[0]
     assert row["delta1"] == "+0.0 ok" and row["delta2"] == "+0.0 off by +0.40"
+
+
+def test_llm_adapters_benchmarks_per_dataset_and_average(tmp_path):
+    from analysis.tables.llm_adapters import BENCHMARKS
+
+    commonsense = BENCHMARKS["commonsense8"][1]
+    maths = BENCHMARKS["maths7"][1]
+
+    def adapters_run(name, task, datasets, accs, *, method="lora", seed=0, status="completed"):
+        final = {f"eval/acc/{d}": a for d, a in zip(datasets, accs)}
+        final["eval/acc"] = sum(accs) / len(accs)
+        config = {
+            "task.family": "llm_adapters",
+            "task.protocol": "generate",
+            "task.eval_datasets": list(datasets),
+            "task.train_file": "math_10k.json" if task == "maths7" else "commonsense_15k.json",
+        }
+        metrics = [{"step": 10, "eval/acc": final["eval/acc"]}]
+        write_run(
+            tmp_path, name, task=task, method=method, seed=seed, status=status, config=config,
+            final=final, metrics=metrics,
+        )  # fmt: skip
+
+    # Commonsense-8: dataset i scores 50 + i (lora) or 60 + i (stable_lora), +10 on seed 1.
+    for method, base in (("lora", 0.50), ("stable_lora", 0.60)):
+        for seed in (0, 1):
+            accs = [base + i / 100 + seed / 10 for i in range(8)]
+            adapters_run(
+                f"{method}-cs-{seed}", "commonsense8", commonsense, accs, method=method, seed=seed
+            )
+    adapters_run("lora-cs-2", "commonsense8", commonsense, [0.9] * 8, seed=2, status="failed")
+    # Maths-7, one run; and a run evaluated on one dataset of each benchmark.
+    adapters_run("m-0", "maths7", maths, [0.10, 0.20, 0.30, 0.40, 0.50, 0.60, 0.70])
+    adapters_run("mixed-0", "mixed", ("boolq", "gsm8k"), [0.80, 0.40])
+    write_run(tmp_path, "other", task="bbc_news", acc=0.5)  # not an LLM-Adapters run
+
+    for mode in ("mean", "best"):
+        tables = tables_of(tmp_path, mode)
+        cs = tables["commonsense8"].data.set_index(["task", "method"])
+        lora, stable = cs.loc[("commonsense8", "lora")], cs.loc[("commonsense8", "stable_lora")]
+        # per dataset over seeds: (50 + i, 60 + i) -> mean 55 + i, best 60 + i
+        shift = 5.0 if mode == "mean" else 10.0
+        for i, dataset in enumerate(commonsense):
+            assert lora[dataset] == pytest.approx(50 + i + shift)
+            assert stable[dataset] == pytest.approx(60 + i + shift)
+        # Avg: per run the mean of its 8 datasets (50 + 3.5, + 10 on seed 1), then over seeds
+        assert lora["avg"] == pytest.approx(53.5 + shift)
+        assert (lora["avg_n"], lora["avg_runs"]) == (2, 3)  # the failed run counts as missing
+        if mode == "mean":
+            assert lora["avg_std"] == pytest.approx(math.sqrt(50.0))  # sample std of 53.5, 63.5
+        mixed = cs.loc[("mixed", "lora")]
+        assert mixed["boolq"] == pytest.approx(80.0) and mixed["avg"] == pytest.approx(80.0)
+        assert math.isnan(mixed["piqa"])
+        ms = tables["maths7"].data.set_index("task")
+        assert ms.loc["maths7", "gsm8k"] == pytest.approx(20.0)
+        assert ms.loc["maths7", "avg"] == pytest.approx(40.0)
+        assert ms.loc["mixed", "gsm8k"] == pytest.approx(40.0)
+        assert ms.loc["mixed", "avg"] == pytest.approx(40.0)
+        assert set(ms.index) == {"maths7", "mixed"}
+        assert set(cs.reset_index()["task"]) == {"commonsense8", "mixed"}
+    display = tables_of(tmp_path)["commonsense8"].display
+    assert list(display.columns) == [
+        "model", "task", "training", "method", "BoolQ", "PIQA", "SIQA", "HellaSwag",
+        "WinoGrande", "ARC-e", "ARC-c", "OBQA", "Avg",
+    ]  # fmt: skip
+    row = display[(display["task"] == "commonsense8") & (display["method"] == "lora")].iloc[0]
+    assert row["Avg"] == "58.50 ± 7.07 (n=2/3)" and row["training"] == "commonsense_15k.json"
+    assert display[display["task"] == "mixed"].iloc[0]["PIQA"] == "—"
+    table = tables_of(tmp_path)["maths7"]
+    assert list(table.display.columns)[-8:] == [
+        "MultiArith", "GSM8K", "AddSub", "AQuA", "SingleEq", "SVAMP", "MAWPS", "Avg",
+    ]  # fmt: skip
+    check_latex(table.latex())
+    assert any("did not complete" in note for note in tables_of(tmp_path)["commonsense8"].notes)
+    assert "gsm8k" not in tables_of(tmp_path)  # their own tables, not GSM8K's by step budget

@@ -11,6 +11,9 @@ None when the records do not support it (e.g. no two stop rules for the stop-rul
 ``paired_difference``     every method minus LoRA on the same model, task and seed: mean ±
                           std over seeds, 95% CI, seeds ahead/behind
 ``gsm8k``                 accuracy of generation tasks (GSM8K) by step budget
+``commonsense8``          LLM-Adapters' eight commonsense datasets: a column per dataset and
+                          the average (the DoRA paper's layout)
+``maths7``                LLM-Adapters' seven maths datasets, the same way
 ``ablation_stop_rule``    shrinking methods by stop rule (``norm``, ``never``, ``steps:N``)
 ``ablation_target_modules`` accuracy by target-module set and method
 ``init_scale``            accuracy by the scale of A0, and ``init_scale_stability``: the
@@ -52,6 +55,7 @@ from analysis.tables.controls import reviewer_controls
 from analysis.tables.formatting import Table, cell_text, latex_escape
 from analysis.tables.gsm8k import gsm8k
 from analysis.tables.init_scale import init_scale, init_scale_stability
+from analysis.tables.llm_adapters import commonsense8, maths7
 from analysis.tables.overhead import overhead
 from analysis.tables.paired import paired_difference
 from analysis.tables.selection import select_learning_rate
@@ -81,6 +85,8 @@ TABLES: dict[str, Callable[[Collection, str], Table | None]] = {
     "table1_avg": table1_avg,
     "paired_difference": paired_difference,
     "gsm8k": gsm8k,
+    "commonsense8": commonsense8,
+    "maths7": maths7,
     "ablation_stop_rule": ablation_stop_rule,
     "ablation_target_modules": ablation_target_modules,
     "init_scale": init_scale,

@@ -16,7 +16,8 @@ needs no list or import line.
 
 Main metrics: ``acc_norm`` for HellaSwag under loglik, ``acc`` otherwise (multiple choice:
 argmax of the summed log-probs, or exact answer label under generation; merged_qa: the mean of
-the subtasks' ``acc``; maths: final number within 1e-3).
+the subtasks' ``acc``; maths: final number within 1e-3; llm_adapters: the mean of its datasets'
+``acc``, each by LLM-Adapters' rule for that dataset).
 """
 
 from __future__ import annotations

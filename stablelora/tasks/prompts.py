@@ -33,6 +33,18 @@ ALPACA_TEMPLATE = (
     "                ### Response:\n"
     "                "
 )
+# The variant for a row with a non-empty ``input`` (their evaluation template's, whitespace
+# included: no space after the header sentence here).
+ALPACA_INPUT_TEMPLATE = (
+    "Below is an instruction that describes a task, paired with an input that provides further "
+    "context. Write a response that appropriately completes the request.\n\n"
+    "                ### Instruction:\n"
+    "                {instruction}\n\n"
+    "                ### Input:\n"
+    "                {input}\n\n"
+    "                ### Response:\n"
+    "                "
+)
 LLM_ADAPTERS_ANSWER = "the correct answer is"
 # LLM-Adapters extracts the first match of a fixed alternation per dataset: answer1..answer5
 # for ARC/OBQA/SIQA, ending1..ending4 for HellaSwag.
@@ -69,8 +81,12 @@ class MathExample:
     gold: float | None
 
 
-def alpaca_prompt(instruction: str) -> str:
-    """LLM-Adapters' Alpaca wrapper (no-input variant), whitespace quirks included."""
+def alpaca_prompt(instruction: str, input_text: str = "") -> str:
+    """LLM-Adapters' Alpaca wrapper, whitespace quirks included: the no-input variant, or the
+    one with an ``### Input:`` section when ``input_text`` (a row's ``input``) is not empty,
+    as their ``generate_prompt`` chooses."""
+    if input_text:
+        return ALPACA_INPUT_TEMPLATE.format(instruction=instruction, input=input_text)
     return ALPACA_TEMPLATE.format(instruction=instruction)
 
 
