@@ -11,6 +11,8 @@ None when the records do not support it (e.g. no two stop rules for the stop-rul
 ``paired_difference``     every method minus LoRA on the same model, task and seed: mean ±
                           std over seeds, 95% CI, seeds ahead/behind
 ``gsm8k``                 accuracy of generation tasks (GSM8K) by step budget
+``dialogue``              dialogue tasks: held-out reply loss, perplexity and ROUGE-L by
+                          method (mean ± std over seeds), after a ``before training`` row
 ``ablation_stop_rule``    shrinking methods by stop rule (``norm``, ``never``, ``steps:N``)
 ``ablation_target_modules`` accuracy by target-module set and method
 ``init_scale``            accuracy by the scale of A0, and ``init_scale_stability``: the
@@ -49,6 +51,7 @@ from analysis.tables.aggregation import (
     sort_frame,
 )
 from analysis.tables.controls import reviewer_controls
+from analysis.tables.dialogue import dialogue
 from analysis.tables.formatting import Table, cell_text, latex_escape
 from analysis.tables.gsm8k import gsm8k
 from analysis.tables.init_scale import init_scale, init_scale_stability
@@ -81,6 +84,7 @@ TABLES: dict[str, Callable[[Collection, str], Table | None]] = {
     "table1_avg": table1_avg,
     "paired_difference": paired_difference,
     "gsm8k": gsm8k,
+    "dialogue": dialogue,
     "ablation_stop_rule": ablation_stop_rule,
     "ablation_target_modules": ablation_target_modules,
     "init_scale": init_scale,
