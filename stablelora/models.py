@@ -113,6 +113,54 @@ def _dequantised_gguf(package: str, gguf_file: str) -> Path:
     return target
 
 
+def tokenizer_dir(model_cfg) -> Path | None:
+    """The local folder of a model's tokenizer files, found without loading anything; None
+    when they are not at hand (a GGUF not dequantised yet, a Hub id not in the cache)."""
+    source, name = model_cfg.get("source"), model_cfg.get("tokenizer") or None
+    try:
+        if source == "gguf" and name is None:
+            folder = cache_dir_of(model_cfg.package, model_cfg.gguf_file)
+        elif source in ("config", "gguf", "hub"):
+            name = name or model_cfg.get("path")
+            if not name:
+                return None
+            if name == "smollm2":
+                folder = cache_dir_of(*SMOLLM2)
+            elif Path(name).is_dir():
+                folder = Path(name)
+            else:
+                from huggingface_hub import try_to_load_from_cache
+
+                found = try_to_load_from_cache(name, "tokenizer_config.json")
+                if not isinstance(found, str):
+                    return None
+                folder = Path(found).parent
+        else:
+            return None
+    except Exception:  # noqa: BLE001 - anything missing means "not at hand"
+        return None
+    return folder if folder.is_dir() else None
+
+
+def has_chat_template(model_cfg) -> bool | None:
+    """Whether the model's tokenizer has a chat template, read from its files
+    (``chat_template.jinja`` or ``tokenizer_config.json``); None when they are not at hand."""
+    import json
+
+    folder = tokenizer_dir(model_cfg)
+    if folder is None:
+        return None
+    if (folder / "chat_template.jinja").is_file() or (folder / "chat_template.json").is_file():
+        return True
+    config = folder / "tokenizer_config.json"
+    if not config.is_file():
+        return None
+    try:
+        return bool(json.loads(config.read_text(encoding="utf-8")).get("chat_template"))
+    except (OSError, ValueError):
+        return None
+
+
 def load_tokenizer(name: str):
     """A tokenizer by Hub id or path; ``smollm2`` is SmolLM2's, from the offline package."""
     from transformers import AutoTokenizer

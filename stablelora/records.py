@@ -37,7 +37,16 @@ from stablelora.layer_records import LayerRecords, split_per_layer, wandb_per_la
 
 #: ``interrupted``: stopped by a signal after a checkpoint; rerunning the command resumes it.
 STATUSES = ("completed", "diverged", "failed", "interrupted")
-PACKAGES = ("torch", "transformers", "peft", "datasets", "hydra-core", "wandb", "stablelora")
+PACKAGES = (
+    "torch",
+    "transformers",
+    "peft",
+    "datasets",
+    "hydra-core",
+    "wandb",
+    "rouge-score",  # the ROUGE-L of dialogue tasks
+    "stablelora",
+)
 
 
 def package_versions() -> dict[str, str | None]:

@@ -55,7 +55,7 @@ def check_config(cfg, config_dirs=None) -> None:
     from stablelora.models import check_model_config
     from stablelora.optim import check_optimizer_options
     from stablelora.options import check_options
-    from stablelora.tasks import check_task_config
+    from stablelora.tasks import check_chat_template, check_task_config
 
     try:
         plain = plain_config(cfg)
@@ -74,6 +74,7 @@ def check_config(cfg, config_dirs=None) -> None:
         check_optimizer_options(builder, options, f"optimizer={name} (builder {builder!r})")
         check_model_config(cfg.model)
         check_task_config(cfg.task)
+        check_chat_template(cfg.task, cfg.model)
     except ValueError as error:
         raise ConfigError(_config_message(str(error))) from None
     rules = [  # (holds, "key must ...") for each value a user can get wrong

@@ -40,6 +40,7 @@ def write_run(
     status="completed",
     config=None,
     final=None,
+    initial=None,
     metrics=(),
     main_metric="eval/acc",
     train_time=10.0,
@@ -78,7 +79,7 @@ def write_run(
         "steps": 10,
         "max_steps": 10,
         "main_metric": main_metric,
-        "initial": {main_metric: 0.25},
+        "initial": {main_metric: 0.25} if initial is None else initial,
         "final": final if status == "completed" else {},
         "best": {},
         "train_loss_final": 1.0,
@@ -250,6 +251,62 @@ def test_gsm8k_by_step_budget(tmp_path):
     assert data.loc[("stable_lora", 5000), "paper"] == 59.44
     assert data.loc[("lora", 2000), "n"] == 1 and data.loc[("lora", 2000), "runs"] == 2
     assert list(tables["gsm8k"].display.columns[-3:]) == ["step 1000", "step 2000", "step 5000"]
+
+
+def test_dialogue_table_loss_ppl_rouge_by_method(tmp_path):
+    dialogue = {"task.family": "chatterbot", "task.protocol": "generate"}
+    results = {  # (loss, rougeL) per seed
+        "lora": [(2.0, 0.10), (2.2, 0.20), (2.4, 0.30)],
+        "stable_lora": [(1.9, 0.20), (2.0, 0.25), (2.1, 0.30)],
+    }
+    for method, values in results.items():
+        for seed, (loss, rouge) in enumerate(values):
+            write_run(
+                tmp_path,
+                f"{method}-{seed}",
+                model="smollm2_135m",
+                task="chatterbot",
+                method=method,
+                seed=seed,
+                main_metric="eval/loss",
+                final={"eval/loss": loss, "eval/ppl": math.exp(loss), "eval/rougeL": rouge},
+                initial={"eval/loss": 3.0, "eval/ppl": math.exp(3.0), "eval/rougeL": 0.05},
+                config=dialogue,
+            )
+    write_run(tmp_path, "failed", model="smollm2_135m", task="chatterbot",
+              method="stable_lora", seed=3, status="failed", main_metric="eval/loss",
+              config=dialogue)  # fmt: skip
+    write_run(tmp_path, "bbc", model="smollm2_135m", acc=0.7)  # not a dialogue run
+    tables = tables_of(tmp_path)
+    assert "gsm8k" not in tables  # dialogue runs generate, but are not GSM8K-like
+    assert not any("chatterbot" in str(c) for c in tables["table1"].data.columns)
+    assert "chatterbot" not in tables["table1"].markdown()
+    table = tables["dialogue"]
+    data = table.data.set_index("label")
+    assert list(data.index) == ["before training", "lora", "stable_lora"]
+    # lora: loss 2.2 ± 0.2, ppl the mean of e^2, e^2.2, e^2.4, ROUGE-L 20 ± 10 (in %)
+    lora = data.loc["lora"]
+    assert lora["loss"] == pytest.approx(2.2) and lora["loss_std"] == pytest.approx(0.2)
+    assert lora["ppl"] == pytest.approx((math.exp(2.0) + math.exp(2.2) + math.exp(2.4)) / 3)
+    assert lora["rougeL"] == pytest.approx(20.0) and lora["rougeL_std"] == pytest.approx(10.0)
+    stable = data.loc["stable_lora"]
+    assert stable["loss"] == pytest.approx(2.0) and stable["loss_std"] == pytest.approx(0.1)
+    assert (stable["loss_n"], stable["loss_runs"]) == (3, 4)  # the failed run counts as missing
+    assert stable["rougeL"] == pytest.approx(25.0) and stable["rougeL_std"] == pytest.approx(5.0)
+    before = data.loc["before training"]
+    assert before["loss"] == pytest.approx(3.0) and before["loss_n"] == 6
+    assert before["rougeL"] == pytest.approx(5.0)
+    shown = table.display.set_index("method")
+    assert list(shown.columns) == ["model", "task", "loss", "ppl", "ROUGE-L (%)"]
+    assert shown.loc["lora", "loss"] == "2.200 ± 0.200 (n=3)"
+    assert shown.loc["lora", "ROUGE-L (%)"] == "20.00 ± 10.00 (n=3)"
+    assert shown.loc["stable_lora", "loss"] == "2.000 ± 0.100 (n=3/4)"
+    check_latex(table.latex())
+    # best of seeds: the lowest loss and ppl, the highest ROUGE-L, each on its own
+    best = tables_of(tmp_path, "best")["dialogue"].data.set_index("label")
+    assert best.loc["lora", "loss"] == pytest.approx(2.0)
+    assert best.loc["lora", "ppl"] == pytest.approx(math.exp(2.0))
+    assert best.loc["lora", "rougeL"] == pytest.approx(30.0)
 
 
 def test_overhead_relative_to_lora(tmp_path):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import math
 import os
 import subprocess
 import sys
@@ -162,7 +163,8 @@ def job_count(params: dict[str, list[str]]) -> int:
 def test_smoke_preset_is_ci_sized_and_uses_existing_configs(name):
     cfg = compose_config([f"experiment={name}_smoke"])
     assert cfg.experiment_name == f"{name.replace('/', '_')}_smoke"
-    assert cfg.model.name == "tiny_llama" and cfg.task.name in ("bbc_news", "arithmetic")
+    assert cfg.model.name == "tiny_llama"
+    assert cfg.task.name in ("bbc_news", "arithmetic", "chatterbot")  # offline tasks
     assert cfg.trainer.max_steps <= 8 and cfg.trainer.max_eval_examples <= 16
     params = sweep_params(f"{name}_smoke")
     assert job_count(params) <= 6
@@ -312,6 +314,15 @@ def check_artefact(name: str, report: Path) -> None:
     elif name == "cpu/overhead":  # one process per method: each has its own peak memory
         data = pd.read_csv(tables / "overhead.csv").set_index("method")
         assert set(data.index) == {"lora", "stable_lora"} and (data["memory"] > 0).all()
+    elif name == "cpu/dialogue":
+        data = pd.read_csv(tables / "dialogue.csv").set_index("label")
+        assert list(data.index) == ["before training", "lora", "stable_lora"]
+        assert (data.loc[["lora", "stable_lora"], ["loss_n", "rougeL_n"]] == 2).all().all()
+        assert (data["loss"] > 0).all() and (data["ppl"] >= 1).all()
+        assert data["rougeL"].between(0, 100).all()
+        # ppl = exp(loss) run by run, so the mean ppl is at least exp(mean loss)
+        assert (data["ppl"] >= data["loss"].map(math.exp) * (1 - 1e-9)).all()
+        assert "ROUGE-L (%)" in read_display(report, "dialogue")
     elif name == "reviewer_controls":
         data = pd.read_csv(tables / "reviewer_controls.csv")
         assert set(data["label"]) == {"lora", "stable_lora", "shrink_fixed_steps", "adamw_large_wd"}

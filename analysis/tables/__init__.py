@@ -14,6 +14,8 @@ None when the records do not support it (e.g. no two stop rules for the stop-rul
 ``commonsense8``          LLM-Adapters' eight commonsense datasets: a column per dataset and
                           the average (the DoRA paper's layout)
 ``maths7``                LLM-Adapters' seven maths datasets, the same way
+``dialogue``              dialogue tasks: held-out reply loss, perplexity and ROUGE-L by
+                          method (mean ± std over seeds), after a ``before training`` row
 ``ablation_stop_rule``    shrinking methods by stop rule (``norm``, ``never``, ``steps:N``)
 ``ablation_target_modules`` accuracy by target-module set and method
 ``init_scale``            accuracy by the scale of A0, and ``init_scale_stability``: the
@@ -52,6 +54,7 @@ from analysis.tables.aggregation import (
     sort_frame,
 )
 from analysis.tables.controls import reviewer_controls
+from analysis.tables.dialogue import dialogue
 from analysis.tables.formatting import Table, cell_text, latex_escape
 from analysis.tables.gsm8k import gsm8k
 from analysis.tables.init_scale import init_scale, init_scale_stability
@@ -87,6 +90,7 @@ TABLES: dict[str, Callable[[Collection, str], Table | None]] = {
     "gsm8k": gsm8k,
     "commonsense8": commonsense8,
     "maths7": maths7,
+    "dialogue": dialogue,
     "ablation_stop_rule": ablation_stop_rule,
     "ablation_target_modules": ablation_target_modules,
     "init_scale": init_scale,

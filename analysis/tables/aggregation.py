@@ -31,8 +31,18 @@ METHOD_ORDER = (
     "stable_adalora",
 )
 MODEL_ORDER = (*published.PAPER_MODELS, "llama3.1_8b", "smollm2_135m", "tiny_llama", "tiny_qwen2")
-TASK_ORDER = (*published.QA_TASKS, "merged_qa", "bbc_news", "metamath_gsm8k", "arithmetic")
+TASK_ORDER = (
+    *published.QA_TASKS,
+    "merged_qa",
+    "bbc_news",
+    "metamath_gsm8k",
+    "arithmetic",
+    "chatterbot",
+    "wizardlm",
+)
 GENERATE_TASKS = ("metamath_gsm8k", "arithmetic")
+#: Dialogue task families (stablelora/tasks/dialogue.py), also the names of their tasks.
+DIALOGUE_TASKS = ("chatterbot", "wizardlm")
 AVG = "Avg"
 
 
@@ -162,17 +172,28 @@ def display_values(runs: pd.DataFrame, column: str = "score") -> pd.DataFrame:
 
 def accuracy_runs(runs: pd.DataFrame) -> pd.DataFrame:
     """The runs scored by log-likelihood accuracy (Table 1 and the ablations): generation
-    tasks (GSM8K, by step budget) and loss-scored tasks (the toy width task) are left out."""
+    tasks (GSM8K, by step budget), dialogue tasks (their own table) and loss-scored tasks
+    (the toy width task) are left out."""
     if runs.empty:
         return runs
-    return runs[~is_generation(runs) & ~runs["main_metric"].map(lower_is_better).astype(bool)]
+    lower = runs["main_metric"].map(lower_is_better).astype(bool)
+    return runs[~is_generation(runs) & ~is_dialogue(runs) & ~lower]
 
 
 def is_generation(runs: pd.DataFrame) -> pd.Series:
-    """Runs scored by generation (GSM8K-like tasks), shown by step budget, not in Table 1."""
+    """Runs scored by generation and accuracy (GSM8K-like tasks), shown by step budget, not
+    in Table 1; dialogue tasks generate too but have their own table (:func:`is_dialogue`)."""
     by_name = runs["task"].isin(GENERATE_TASKS)
     if "task.protocol" in runs:
-        return (runs["task.protocol"] == "generate").fillna(False) | by_name
+        by_name = (runs["task.protocol"] == "generate").fillna(False) | by_name
+    return by_name & ~is_dialogue(runs)
+
+
+def is_dialogue(runs: pd.DataFrame) -> pd.Series:
+    """Runs of a dialogue task (by ``task.family`` where recorded, else by the task's name)."""
+    by_name = runs["task"].isin(DIALOGUE_TASKS)
+    if "task.family" in runs:
+        return runs["task.family"].isin(DIALOGUE_TASKS) | by_name
     return by_name
 
 

@@ -9,15 +9,17 @@ Usage (``task_cfg`` is the composed ``task`` node of the Hydra config, or a plai
     metrics = task.evaluate(model, batch_size=16)    # {"acc": ..., "n": ...}; task.main_metric
 
 One module per task family, ``stablelora/tasks/<family>.py``, defines ``KIND``
-("multiple_choice", "math" or "regression"), ``sources(cfg)`` (the Hub datasets it reads, for
-the offline check), ``build(cfg, tokenizer, *, seed)`` and optionally ``check(cfg)``. Any
-module of this package with ``KIND`` and ``build`` is a family (:func:`families`): adding one
-needs no list or import line.
+("multiple_choice", "math", "dialogue" or "regression"), ``sources(cfg)`` (the Hub datasets it
+reads, for the offline check), ``build(cfg, tokenizer, *, seed)`` and optionally
+``check(cfg)``. Any module of this package with ``KIND`` and ``build`` is a family
+(:func:`families`): adding one needs no list or import line.
 
 Main metrics: ``acc_norm`` for HellaSwag under loglik, ``acc`` otherwise (multiple choice:
 argmax of the summed log-probs, or exact answer label under generation; merged_qa: the mean of
 the subtasks' ``acc``; maths: final number within 1e-3; llm_adapters: the mean of its datasets'
-``acc``, each by LLM-Adapters' rule for that dataset).
+``acc``, each by LLM-Adapters' rule for that dataset); dialogue (``chatterbot``,
+``wizardlm``): the held-out reply ``loss`` by default (``task.main_metric``: ``loss``, ``ppl``
+or ``rougeL``; see :mod:`stablelora.tasks.dialogue`).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from stablelora.tasks.base import MathTask, MultipleChoiceTask, Task
 from stablelora.tasks.data import PROMPT_FORMATS, PROTOCOLS, TaskConfig, check_source
 
 #: Families whose examples are token sequences (a prompt and an answer).
-TOKEN_KINDS = ("multiple_choice", "math")
+TOKEN_KINDS = ("multiple_choice", "math", "dialogue")
 
 __all__ = [
     "MathTask",
@@ -38,6 +40,7 @@ __all__ = [
     "Task",
     "TaskConfig",
     "build_task",
+    "check_chat_template",
     "check_task_config",
     "families",
 ]
@@ -114,6 +117,20 @@ def check_task_config(task_cfg: Any) -> None:
         module.check(cfg)
     for source in module.sources(cfg):
         check_source(source)
+
+
+def check_chat_template(task_cfg: Any, model_cfg: Any) -> None:
+    """Raise ValueError (one line) when a dialogue task needs the tokenizer's chat template
+    and the model's tokenizer files, read without loading anything, have none. Says nothing
+    when those files are not at hand yet (the task then checks when it is built)."""
+    cfg = TaskConfig.from_any(task_cfg)
+    if family_module(cfg).KIND != "dialogue":
+        return
+    from stablelora.models import has_chat_template
+    from stablelora.tasks.dialogue import needs_chat_template, no_template_message
+
+    if needs_chat_template(cfg) and has_chat_template(model_cfg) is False:
+        raise ValueError(no_template_message(cfg.name, f"model={model_cfg.get('name')}"))
 
 
 def build_task(task_cfg: Any, tokenizer, *, seed: int) -> Task:
