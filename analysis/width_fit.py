@@ -153,22 +153,30 @@ LR_WIDTH_EXPONENT = {"fixed": 0.0, "scaled": 0.5}
 def predicted_exponent(quantity: str, lr_mode: str, step: int) -> float:
     """The width exponent the paper's gamma rules predict for ``feat/<quantity>`` on ``step``.
 
-    With gamma[s] = 0 (s = alpha/r or alpha/sqrt(r), r fixed), B0 = 0, gamma[A0 Z] = 0 (peft's
-    A0 has variance ~ 1/n), gamma[Z] = 0, Adam directions with Theta(1) entries and
-    Assumption 1 (gamma[g_A Z] = 1), and gamma[eta] = -c: after the first step B_t = Theta(eta)
-    and A_t Z = A0 Z + (A_t - A0) Z with gamma = max(0, gamma[eta] + 1), so
-    delta1 = s dB A_t Z -> gamma[eta] + max(0, gamma[eta] + 1), delta2 = s B_t dA Z and
-    delta3 = s dB dA Z -> 2 gamma[eta] + 1, dY -> their max. On step 1 A = A0 and B = 0:
-    delta1 -> gamma[eta] and delta2 = delta3 = 0 (no exponent). The shrink of Stable-LoRA,
-    LoRA+'s fixed lr ratio and rsLoRA's 1/sqrt(r) are width-free: the same predictions.
-    NaN where the rules give none (Z of deeper blocks, step 1's zero deltas)."""
+    Inputs: gamma[s] = 0 (s = alpha/r or alpha/sqrt(r), r fixed), B0 = 0, gamma[A0 Z] = 0
+    (peft's A0 has variance ~ 1/n), gamma[Z] = 0, Adam directions with Theta(1) entries,
+    Assumption 1 (gamma[g_A Z] = 1) and gamma[eta] = -c (``lr_mode``). A's gradient is
+    s B^T dL/dY Z^T, zero while B = 0: A first moves on step 2. The probe of step t measures
+    the update of step t from (A_{t-1}, B_{t-1}). So:
+
+    - step 1 (B = 0, A = A0): delta1 = s dB A0 Z -> gamma[eta]; delta2 = delta3 = 0.
+    - step 2 (B_1 = Theta(eta), A_1 = A0): delta1 -> gamma[eta]; delta2 = s B_1 dA Z and
+      delta3 = s dB dA Z -> 2 gamma[eta] + 1.
+    - step t >= 3: A_{t-1} Z = A0 Z + (A_{t-1} - A0) Z -> max(0, gamma[eta] + 1), so
+      delta1 -> gamma[eta] + max(0, gamma[eta] + 1); delta2, delta3 -> 2 gamma[eta] + 1.
+
+    dY is the max of the deltas present (asymptotically; at finite widths a sum of terms with
+    different exponents has a slope in between). Stable-LoRA's shrink, LoRA+'s fixed lr ratio
+    and rsLoRA's 1/sqrt(r) are width-free: the same predictions. NaN where the rules give none
+    (Z of deeper blocks, the zero deltas of step 1).
+    """
     if lr_mode not in LR_WIDTH_EXPONENT:
         return math.nan
     lr = -LR_WIDTH_EXPONENT[lr_mode]
     if step <= 1:
         first = {"delta1": lr, "dY": lr, "gAZ": 1.0, "AZ": 0.0}
         return first.get(quantity, math.nan)
-    a_z = max(0.0, lr + 1.0)
+    a_z = 0.0 if step == 2 else max(0.0, lr + 1.0)
     rules = {
         "delta1": lr + a_z,
         "delta2": 2 * lr + 1.0,

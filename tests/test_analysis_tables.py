@@ -562,9 +562,13 @@ def test_width_predictions_follow_the_gamma_rules():
         assert predicted_exponent(q, "fixed", 50) == 1.0
         assert predicted_exponent(q, "scaled", 50) == 0.0
     assert predicted_exponent("AZ", "scaled", 50) == 0.5 and predicted_exponent("gAZ", "x", 9) != 1
-    # Step 1: A = A0 (gamma[A0 Z] = 0) and B = 0, so delta2 has no exponent.
+    # Step 1: A = A0 (gamma[A0 Z] = 0) and B = 0, so delta2 has no exponent; A's gradient is
+    # zero while B = 0, so on step 2 delta1 still sees A0 Z while delta2 already has its rate.
     assert predicted_exponent("delta1", "scaled", 1) == -0.5
     assert math.isnan(predicted_exponent("delta2", "fixed", 1))
+    assert predicted_exponent("delta1", "fixed", 2) == 0.0
+    assert predicted_exponent("delta2", "fixed", 2) == 1.0
+    assert predicted_exponent("delta1", "fixed", 3) == 1.0
     fits = pd.DataFrame(
         [
             {"method": "lora", "lr_mode": "scaled", "step": 10, "quantity": "delta1",
