@@ -123,3 +123,18 @@ def check_latex(text: str) -> None:
     for line in rows:
         assert len(re.findall(r"(?<!\\)&", line)) == len(spec) - 1, line
     assert text.count("{") - text.count("\\{") == text.count("}") - text.count("\\}")
+
+
+@pytest.fixture
+def hub_offline(monkeypatch):
+    """The Hugging Face Hub and datasets offline, as on CI machines."""
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="module")
+def tok():
+    """A byte-level tokenizer (tests/tiny.py): every text encodes, no files needed."""
+    from tiny import byte_tokenizer
+
+    return byte_tokenizer()

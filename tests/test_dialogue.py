@@ -37,15 +37,7 @@ BYTE_TEMPLATE = (
 )
 
 
-@pytest.fixture(autouse=True)
-def offline(monkeypatch):
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return byte_tokenizer()
+pytestmark = pytest.mark.usefixtures("hub_offline")  # conftest: no test reaches the Hub
 
 
 @pytest.fixture(scope="module")

