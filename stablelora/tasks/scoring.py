@@ -178,24 +178,18 @@ def label_nll(
     model, encoded: Sequence[tuple[list[int], list[int]]], *, batch_size: int, pad_id: int
 ) -> tuple[float, int]:
     """(total negative log-likelihood, number of tokens) of the labelled tokens (labels other
-    than -100) of ``(input ids, labels)`` sequences, in float32, ``batch_size`` at a time.
+    than -100) of ``(input ids, labels)`` sequences whose labelled tokens are their tail (a
+    context labelled -100, then the answer), through :func:`loglikelihoods`.
 
     The token-weighted mean loss is ``total / tokens`` (every labelled token counts once,
-    whatever sequence it is in); position t's logits predict token t + 1, as in training.
+    whatever sequence it is in).
     """
-    device = model_device(model)
-    total, count = 0.0, 0
-    for start in range(0, len(encoded), batch_size):
-        batch = collate_train(encoded[start : start + batch_size], pad_id)
-        logits = model(
-            input_ids=batch["input_ids"].to(device),
-            attention_mask=batch["attention_mask"].to(device),
-        ).logits
-        labels = batch["labels"][:, 1:].to(device)
-        for row in range(labels.shape[0]):  # one row at a time: a float32 copy of one row
-            nll = torch.nn.functional.cross_entropy(
-                logits[row, :-1].float(), labels[row], ignore_index=IGNORE_INDEX, reduction="sum"
-            )
-            total += nll.item()
-        count += int((labels != IGNORE_INDEX).sum())
-    return total, count
+    requests = []
+    for ids, labels in encoded:
+        n = sum(label != IGNORE_INDEX for label in labels)
+        if any(label != IGNORE_INDEX for label in labels[: len(labels) - n]):
+            raise ValueError("label_nll needs the labelled tokens at the end of each sequence")
+        if n:  # a sequence without labelled tokens adds nothing
+            requests.append((ids, n))
+    sums = loglikelihoods(model, requests, batch_size=batch_size, pad_id=pad_id)
+    return -sum(sums), sum(n for _, n in requests)
