@@ -43,6 +43,9 @@ TASK_ORDER = (
 GENERATE_TASKS = ("metamath_gsm8k", "arithmetic")
 #: Dialogue task families (stablelora/tasks/dialogue.py), also the names of their tasks.
 DIALOGUE_TASKS = ("chatterbot", "wizardlm")
+#: Task families with tables of their own (analysis/tables/dialogue.py, llm_adapters.py):
+#: never in Table 1, the ablations or the GSM8K table.
+OWN_TABLE_FAMILIES = (*DIALOGUE_TASKS, "llm_adapters")
 AVG = "Avg"
 
 
@@ -177,16 +180,24 @@ def accuracy_runs(runs: pd.DataFrame) -> pd.DataFrame:
     if runs.empty:
         return runs
     lower = runs["main_metric"].map(lower_is_better).astype(bool)
-    return runs[~is_generation(runs) & ~is_dialogue(runs) & ~lower]
+    return runs[~is_generation(runs) & ~has_own_table(runs) & ~lower]
 
 
 def is_generation(runs: pd.DataFrame) -> pd.Series:
     """Runs scored by generation and accuracy (GSM8K-like tasks), shown by step budget, not
-    in Table 1; dialogue tasks generate too but have their own table (:func:`is_dialogue`)."""
+    in Table 1; the dialogue and LLM-Adapters families generate too but have their own tables
+    (:func:`has_own_table`)."""
     by_name = runs["task"].isin(GENERATE_TASKS)
     if "task.protocol" in runs:
         by_name = (runs["task.protocol"] == "generate").fillna(False) | by_name
-    return by_name & ~is_dialogue(runs)
+    return by_name & ~has_own_table(runs)
+
+
+def has_own_table(runs: pd.DataFrame) -> pd.Series:
+    """Runs of a family in :data:`OWN_TABLE_FAMILIES` (by ``task.family`` where recorded,
+    else by the task's name for the dialogue tasks)."""
+    by_family = runs["task.family"].isin(OWN_TABLE_FAMILIES) if "task.family" in runs else False
+    return runs["task"].isin(DIALOGUE_TASKS) | by_family
 
 
 def is_dialogue(runs: pd.DataFrame) -> pd.Series:

@@ -41,8 +41,6 @@ def gsm8k(coll: Collection, seeds: str = "mean") -> Table | None:
     """Accuracy of generation tasks (MetaMathQA -> GSM8K) at each evaluated step budget."""
     check_mode(seeds)
     runs = coll.runs[is_generation(coll.runs)] if len(coll.runs) else coll.runs
-    if "task.family" in runs:  # LLM-Adapters' benchmarks have their tables (llm_adapters.py)
-        runs = runs[runs["task.family"] != "llm_adapters"]
     if runs.empty:
         return None
     points = eval_points(coll, runs)
