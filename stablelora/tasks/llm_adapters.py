@@ -75,7 +75,6 @@ columns with care).
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,7 +82,12 @@ from pathlib import Path
 from stablelora.options import check_options
 from stablelora.tasks.base import Task
 from stablelora.tasks.data import EVAL_SHUFFLE_SEED, DataSource, TaskConfig, sample_indices
-from stablelora.tasks.prompts import alpaca_prompt, extract_last_number, numbers_match
+from stablelora.tasks.prompts import (
+    alpaca_prompt,
+    extract_last_number,
+    first_label,
+    numbers_match,
+)
 
 KIND = "math"  # scored by generating an answer (protocol=generate)
 OPTIONS = ("train_file", "eval_datasets")
@@ -153,8 +157,7 @@ def extract_answer(dataset: str, response: str) -> str | float | None:
     kind = DATASETS[dataset]
     if kind == "number":
         return extract_last_number(response)
-    found = re.findall("|".join(map(re.escape, LABELS[kind])), response.strip())
-    return found[0] if found else ""
+    return first_label(response, LABELS[kind])
 
 
 def is_correct(dataset: str, prediction: str | float | None, gold: str | float) -> bool:

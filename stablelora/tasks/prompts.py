@@ -23,6 +23,7 @@ this keeps the tokens the model is trained on, scored on and generates from iden
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 ALPACA_TEMPLATE = (
@@ -152,8 +153,13 @@ def extract_choice_label(text: str, label_word: str) -> str:
 
     Case-sensitive, like theirs: ``Answer2`` does not count.
     """
-    alternatives = "|".join(f"{label_word}{k}" for k in range(1, LABEL_MAX[label_word] + 1))
-    found = re.findall(alternatives, text.strip())
+    return first_label(text, [f"{label_word}{k}" for k in range(1, LABEL_MAX[label_word] + 1)])
+
+
+def first_label(text: str, labels: Sequence[str]) -> str:
+    """The first of ``labels`` occurring in ``text`` (stripped; substrings count, case
+    matters), or ``""``: the regex alternation LLM-Adapters' evaluation scripts search with."""
+    found = re.findall("|".join(map(re.escape, labels)), text.strip())
     return found[0] if found else ""
 
 
