@@ -238,20 +238,41 @@ def commands(experiment: Experiment, args: argparse.Namespace) -> tuple[list[str
     return sweep, report, sweep_dir
 
 
-def sweep_values(preset: str, key: str, overrides: list[str]) -> list[str]:
-    """The values ``key`` takes in the sweep: from an override ``key=a,b`` when given, else
-    from the preset's ``hydra.sweeper.params`` (composed with Hydra, so inherited ones count)."""
-    for override in overrides:
-        if override.startswith(f"{key}="):
-            return [v.strip() for v in override.split("=", 1)[1].split(",") if v.strip()]
+def split_values(text: str) -> list[str]:
+    """Hydra's choice sweep ``a,b,[c,d]`` -> ``["a", "b", "[c,d]"]`` (commas inside brackets
+    belong to a list value; blanks around values, e.g. from a folded YAML string, stripped)."""
+    values, depth, current = [], 0, ""
+    for char in text:
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            values.append(current.strip())
+            current = ""
+        else:
+            current += char
+    return [*values, current.strip()]
+
+
+def sweep_params(preset: str) -> dict[str, list[str]]:
+    """The preset's ``hydra.sweeper.params`` as {key: [values]}, composed with Hydra (so
+    those it inherits from other presets count)."""
     from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
         config = compose("config", overrides=[f"experiment={preset}"], return_hydra_config=True)
     params = config.hydra.sweeper.params or {}
+    return {str(key): split_values(str(value)) for key, value in params.items()}
+
+
+def sweep_values(preset: str, key: str, overrides: list[str]) -> list[str]:
+    """The values ``key`` takes in the sweep: from an override ``key=a,b`` when given, else
+    from the preset's ``hydra.sweeper.params``."""
+    for override in overrides:
+        if override.startswith(f"{key}="):
+            return split_values(override.split("=", 1)[1])
+    params = sweep_params(preset)
     if key not in params:
         raise SystemExit(f"python -m experiments: {preset} does not sweep {key!r}.")
-    return [v.strip() for v in str(params[key]).split(",") if v.strip()]
+    return params[key]
 
 
 def sweep_commands(

@@ -19,12 +19,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from conftest import compose_config
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from analysis import published
 from experiments.common import EXPERIMENTS as ARTEFACTS
-from experiments.common import OWN_COMMAND, main
+from experiments.common import OWN_COMMAND, main, sweep_params
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf"
@@ -38,28 +37,6 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_M
 
 def exists(group: str, option: str) -> bool:
     return (CONF / group / f"{option}.yaml").exists()
-
-
-def sweep_params(preset: str) -> dict[str, list[str]]:
-    """The preset's ``hydra.sweeper.params`` as {key: [values]}, read through Hydra."""
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("config", overrides=[f"experiment={preset}"], return_hydra_config=True)
-    params = OmegaConf.to_container(cfg.hydra.sweeper.params)
-    return {key: split_values(str(value)) for key, value in params.items()}
-
-
-def split_values(text: str) -> list[str]:
-    """Hydra's choice sweep ``a,b,[c,d]`` -> ``["a", "b", "[c,d]"]`` (commas inside brackets
-    belong to a list value)."""
-    values, depth, current = [], 0, ""
-    for char in text:
-        depth += {"[": 1, "]": -1}.get(char, 0)
-        if char == "," and depth == 0:
-            values.append(current.strip())
-            current = ""
-        else:
-            current += char
-    return [*values, current.strip()]
 
 
 def override(key: str, value: str) -> str:
