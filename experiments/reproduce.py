@@ -85,18 +85,21 @@ def copy_width_records(sweep_dir: Path, results_dir: Path) -> int:
     return len(lines)
 
 
+def in_repository(path: Path) -> Path:
+    """``path`` relative to the repository when inside it, so that what a report records (its
+    run ids) does not depend on where the clone lives: committed reports are compared byte
+    for byte."""
+    return path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+
+
 def width_report_command(results_dir: Path, out: Path) -> list[str]:
-    records = results_dir / "records.jsonl"
-    records_arg = records.relative_to(ROOT) if records.is_relative_to(ROOT) else records
-    return [sys.executable, "-m", "analysis.width_fit", str(records_arg), "--out", str(out)]
+    records = in_repository(results_dir / "records.jsonl")
+    return [sys.executable, "-m", "analysis.width_fit", str(records), "--out", str(out)]
 
 
 def report_command(name: str, results_dir: Path, out: Path) -> list[str]:
     experiment = EXPERIMENTS[name]
-    runs = results_dir / "runs"
-    # Relative to the repository when inside it, so the report's run ids do not depend on
-    # where the clone lives (the committed reports are compared byte for byte).
-    runs_arg = runs.relative_to(ROOT) if runs.is_relative_to(ROOT) else runs
+    runs_arg = in_repository(results_dir / "runs")
     return [
         sys.executable,
         "-m",
