@@ -131,7 +131,12 @@ def _markdown(frame: pd.DataFrame) -> str:
 
 def exponent_table(fits: pd.DataFrame, quantities=(*DECOMPOSITION, "gAZ", "Z")) -> pd.DataFrame:
     """Rows (method, lr_mode, step), one column per quantity: "exponent [95% CI]"."""
-    fits = fits[fits["quantity"].isin(quantities)].assign(cell=lambda f: f.apply(_cell, axis=1))
+    fits = fits[fits["quantity"].isin(quantities)]
+    return _by_quantity(fits.assign(cell=fits.apply(_cell, axis=1)), quantities)
+
+
+def _by_quantity(fits: pd.DataFrame, quantities) -> pd.DataFrame:
+    """``fits``' ``cell`` texts with rows (method, lr_mode, step), a column per quantity."""
     wide = fits.pivot_table(
         index=["method", "lr_mode", "step"], columns="quantity", values="cell", aggfunc="first"
     )
@@ -205,10 +210,7 @@ def theory_table(fits: pd.DataFrame, quantities=(*DECOMPOSITION, "gAZ")) -> pd.D
         return f"{row.predicted:+.1f} off by {row.exponent - row.predicted:+.2f}"
 
     fits["cell"] = fits.apply(verdict, axis=1)
-    wide = fits.pivot_table(
-        index=["method", "lr_mode", "step"], columns="quantity", values="cell", aggfunc="first"
-    )
-    return wide.reindex(columns=[q for q in quantities if q in wide.columns]).reset_index()
+    return _by_quantity(fits, quantities)
 
 
 def _grid(table: pd.DataFrame):
