@@ -4,6 +4,7 @@
     python -m experiments.reproduce --scale cpu --only cpu/figure2
     python -m experiments.reproduce --scale cpu --report-only    # reports from results/ only
     python -m experiments.reproduce --scale cpu data_root=/data  # Hydra overrides for run.py
+    python -m experiments.reproduce --scale cpu --only cpu/table1 seed=1  # one sitting
 
 For each experiment ``cpu/<name>`` of :data:`experiments.common.EXPERIMENTS` (and the toy
 ``width_sweep``, which runs at the same scale everywhere) it
@@ -12,7 +13,9 @@ For each experiment ``cpu/<name>`` of :data:`experiments.common.EXPERIMENTS` (an
    set can be completed over several sittings);
 2. copies the compact records of every run (``config.yaml``, ``summary.json``,
    ``metrics.jsonl``, ``layers.parquet``; never adapters, checkpoints or W&B folders) to
-   ``results/<scale>/<sweep>/runs/<run folder>/``;
+   ``results/<scale>/<sweep>/runs/<run folder>/``, next to the committed runs this sitting
+   did not run (so seeds run on different days and machines add up; ``--prune`` drops
+   committed runs the outputs do not hold);
 3. rebuilds the report from those committed records into
    ``results/<scale>/<sweep>/report/`` (the same tables and plots as the sweep's report).
 
@@ -55,22 +58,35 @@ def experiments_of(scale: str, only: list[str] | None) -> list[str]:
     return names
 
 
-def copy_records(sweep_dir: Path, results_dir: Path) -> int:
-    """Copy the record files of every run under ``sweep_dir`` to ``results_dir/runs``;
-    return how many runs were copied. Runs that are no longer in the sweep are removed."""
+def copy_records(sweep_dir: Path, results_dir: Path, prune: bool = False) -> tuple[int, int]:
+    """Copy the record files of every run under ``sweep_dir`` to ``results_dir/runs``
+    (replacing the committed copy of that run); return (runs copied, committed runs kept).
+
+    Committed runs that ``sweep_dir`` does not hold are kept: a sweep finished in several
+    sittings, on machines that do not share ``outputs/``, adds to the committed records (e.g.
+    ``seed=1`` today, ``seed=2`` tomorrow). ``prune=True`` removes them instead, for when
+    the sweep's outputs are complete and a run folder was renamed or dropped from the preset.
+    """
     target_root = results_dir / "runs"
+    fresh = {summary.parent for summary in sweep_dir.rglob("summary.json")}
+    names = {run_dir.relative_to(sweep_dir) for run_dir in fresh}
+    kept = 0
     if target_root.exists():
-        shutil.rmtree(target_root)
-    copied = 0
-    for summary in sorted(sweep_dir.rglob("summary.json")):
-        run_dir = summary.parent
+        for summary in sorted(target_root.rglob("summary.json")):
+            committed = summary.parent
+            if committed.relative_to(target_root) in names:
+                shutil.rmtree(committed)
+            elif prune:
+                shutil.rmtree(committed)
+            else:
+                kept += 1
+    for run_dir in sorted(fresh):
         target = target_root / run_dir.relative_to(sweep_dir)
         target.mkdir(parents=True, exist_ok=True)
         for name in RECORD_FILES:
             if (run_dir / name).exists():
                 shutil.copy2(run_dir / name, target / name)
-        copied += 1
-    return copied
+    return len(fresh), kept
 
 
 def copy_width_records(sweep_dir: Path, results_dir: Path) -> int:
@@ -133,6 +149,12 @@ def main(argv=None) -> int:
         default=None,
         help="write the rebuilt reports under this folder instead",
     )
+    parser.add_argument(
+        "--prune",
+        action="store_true",
+        help="drop committed runs that the sweep's outputs do not hold (default: keep them, "
+        "so that sittings on different machines add up)",
+    )
     args, overrides = parser.parse_known_args(argv)
     results = (args.results or ROOT / "results" / args.scale).resolve()
     code = 0
@@ -154,8 +176,17 @@ def main(argv=None) -> int:
             ]
             print("[reproduce] " + " ".join(command), flush=True)
             code |= subprocess.call(command, cwd=ROOT)
-            copied = copy_records(args.output_root / "sweeps" / sweep, results_dir)
-            print(f"[reproduce] {name}: records of {copied} runs in {results_dir / 'runs'}")
+            copied, kept = copy_records(
+                args.output_root / "sweeps" / sweep, results_dir, prune=args.prune
+            )
+            print(
+                f"[reproduce] {name}: records of {copied} runs copied to {results_dir / 'runs'}"
+                + (
+                    f"; {kept} committed runs not in this sweep's outputs kept (--prune drops them)"
+                    if kept
+                    else ""
+                )
+            )
         if not (results_dir / "runs").exists():
             print(f"[reproduce] {name}: no committed records in {results_dir}; skipped.")
             continue
