@@ -74,9 +74,7 @@ def copy_records(sweep_dir: Path, results_dir: Path, prune: bool = False) -> tup
     if target_root.exists():
         for summary in sorted(target_root.rglob("summary.json")):
             committed = summary.parent
-            if committed.relative_to(target_root) in names:
-                shutil.rmtree(committed)
-            elif prune:
+            if committed.relative_to(target_root) in names or prune:
                 shutil.rmtree(committed)
             else:
                 kept += 1
