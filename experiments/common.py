@@ -100,7 +100,14 @@ EXPERIMENTS: dict[str, Experiment] = {
             "cpu/table1",
             "Table 1 at CPU scale: five methods x 3 seeds on ARC-Easy, OpenBookQA and BBC "
             "News, with the paired Stable-LoRA - LoRA difference.",
-            ("table1", "table1_avg", "paired_difference", "summary", "runs_not_completed"),
+            (
+                "table1",
+                "table1_best",
+                "table1_avg",
+                "paired_difference",
+                "summary",
+                "runs_not_completed",
+            ),
             ("loss",),
         ),
         Experiment(

@@ -3,6 +3,7 @@ rows models and columns methods (``table1_avg``), beside the published averages.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pandas as pd
@@ -187,6 +188,16 @@ def table1(coll: Collection, seeds: str = "mean") -> Table | None:
     title = "Table 1: accuracy (%) per task and average"
     key_columns = 3 if "training" in display else 2
     return Table("table1", title, display, data, notes, key_columns)
+
+
+def table1_best(coll: Collection, seeds: str = "mean") -> Table | None:
+    """:func:`table1` with the best of the seeds per task (the paper's protocol), whatever
+    the report's ``seeds``: the mean ± std table and the best-of table side by side."""
+    table = table1(coll, "best")
+    if table is None:
+        return None
+    title = "Table 1, best of the seeds per task (the paper's protocol): accuracy (%)"
+    return dataclasses.replace(table, name="table1_best", title=title)
 
 
 def table1_avg(coll: Collection, seeds: str = "mean") -> Table | None:
