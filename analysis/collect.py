@@ -238,21 +238,27 @@ def run_row(
             row[f"{section}/{key}"] = value
     for key in ("train_loss_final", "wall_time_s", "train_time_s", "attempts", "peak_memory_mb"):
         row[key] = summary.get(key)
-    row.update(_shrink_stats(summary.get("shrink")))
+    row.update(_shrink_stats(summary))
     row.update(flat)
     return row
 
 
-def _shrink_stats(shrink: dict | None) -> dict:
+def _shrink_stats(summary: dict) -> dict:
+    """Counts of the shrink state as the run recorded them (``shrink_layers``, from
+    ``stablelora.optim.stable_lora.shrink_counts``: the median is ``statistics.median``), plus
+    the last stop step from the per-layer ``shrink``."""
+    shrink, counts = summary.get("shrink"), summary.get("shrink_layers") or {}
     if not shrink:
         return {}
-    stops = [layer.get("stop_step") for layer in shrink.values()]
-    stopped = sorted(s for s in stops if s is not None)
+    stopped = [
+        layer["stop_step"] for layer in shrink.values() if layer.get("stop_step") is not None
+    ]
+    median = counts.get("median_stop_step")
     return {
-        "shrink/layers": len(stops),
-        "shrink/stopped": len(stopped),
-        "shrink/stop_step_median": stopped[len(stopped) // 2] if stopped else math.nan,
-        "shrink/stop_step_max": stopped[-1] if stopped else math.nan,
+        "shrink/layers": counts.get("layers", len(shrink)),
+        "shrink/stopped": counts.get("stopped", len(stopped)),
+        "shrink/stop_step_median": math.nan if median is None else median,
+        "shrink/stop_step_max": max(stopped) if stopped else math.nan,
     }
 
 

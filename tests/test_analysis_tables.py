@@ -18,6 +18,7 @@ from analysis.collect import collect
 from analysis.plots import build_plots
 from analysis.report import width_tables
 from analysis.tables import build_tables, latex_escape, select_learning_rate
+from stablelora.optim.stable_lora import shrink_counts
 
 
 # ---------------------------------------------------------------------------- synthetic
@@ -91,6 +92,8 @@ def write_run(
         "model": model,
         "seed": seed,
         "shrink": shrink,
+        # As StableLoRA.record_summary writes them: the counts from the per-layer state.
+        "shrink_layers": shrink_counts(shrink) if shrink else None,
     }
     (run_dir / "summary.json").write_text(json.dumps(summary))
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
@@ -395,6 +398,24 @@ def test_reviewer_controls_and_shrink_stops(tmp_path):
     shrink = tables["shrink_stops"].data.set_index("label")
     assert shrink.loc["stable_lora, stop_rule=norm", "stopped"] == 1
     assert shrink.loc["stable_lora, stop_rule=norm", "median"] == 30
+
+
+def test_every_table_gives_the_runs_median_stop_step(tmp_path):
+    # Two stopped layers: the median is their mean (35), in every table and in summary.json
+    # (the report once took the upper one, 40, in reviewer_controls only).
+    stops = {
+        f"layer.{i}.v_proj": {"shrinking": False, "stop_step": s} for i, s in enumerate((30, 40))
+    }
+    stops["layer.2.v_proj"] = {"shrinking": True, "stop_step": None}
+    write_run(tmp_path, "lora", acc=0.60)
+    write_run(tmp_path, "stable", method="stable_lora", acc=0.64, shrink=stops)
+    write_run(tmp_path, "wd", method="adamw_large_wd", acc=0.61)
+    tables = tables_of(tmp_path)
+    controls = tables["reviewer_controls"].data.set_index("label")
+    assert controls.loc["stable_lora", "median_stop_step"] == 35
+    assert tables["shrink_stops"].data.set_index("label").loc["stable_lora", "median"] == 35
+    runs = collect(tmp_path).runs.set_index("run_id")
+    assert runs.filter(like="stable", axis=0)["shrink/stop_step_max"].iloc[0] == 40
 
 
 def test_select_learning_rate_keeps_the_best_lr_per_method(tmp_path):
