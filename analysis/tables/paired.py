@@ -11,7 +11,7 @@ import pandas as pd
 from analysis.collect import Collection
 from analysis.tables.aggregation import AVG, accuracy_runs, check_mode, sort_frame
 from analysis.tables.formatting import Table, num_text
-from analysis.tables.table1 import qa_scores
+from analysis.tables.table1 import qa_scores, seed_averages
 from analysis.width_fit import t_quantile
 
 #: The method every other one is paired with (the paper's baseline column).
@@ -20,20 +20,15 @@ REFERENCE = "lora"
 
 def seed_scores(runs: pd.DataFrame) -> pd.DataFrame:
     """Completed per-(run, task) scores in % plus, per seed of a per-task training, ``Avg``:
-    the mean over the tasks when the seed has a score on every task of its (model, training)
-    group (a seed missing a task has no average, as in Table 1)."""
+    the seed's average over the tasks as in Table 1 (:func:`seed_averages`)."""
     scores = qa_scores(runs)
-    scores = scores[scores["value"].notna()]
     per_task = scores[(scores["training"] == "per-task") & (scores["task"] != AVG)]
+    scores = scores[scores["value"].notna()]
     if per_task.empty:
         return scores
-    needed = per_task.groupby(["model", "training"])["task"].nunique().rename("needed")
+    average = seed_averages(per_task)
+    average = average[average["value"].notna()].assign(task=AVG)
     keys = ["model", "training", "label", "method", "seed"]
-    by_seed = per_task.groupby(keys, dropna=False).agg(
-        value=("value", "mean"), tasks=("task", "nunique")
-    )
-    by_seed = by_seed.reset_index().join(needed, on=["model", "training"])
-    average = by_seed[by_seed["tasks"] >= by_seed["needed"]].assign(task=AVG)
     return pd.concat([scores, average[[*keys, "task", "value"]]], ignore_index=True)
 
 

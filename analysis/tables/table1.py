@@ -78,6 +78,26 @@ def _first_problem(statuses: pd.Series) -> str:
     return next((status for status in statuses if status != "completed"), "missing task")
 
 
+def seed_averages(per_task: pd.DataFrame) -> pd.DataFrame:
+    """Per (model, training, label, method, seed) of per-task scores (``qa_scores`` rows of
+    per-task training): ``value``, the mean over the tasks when the seed has a score on every
+    task of its (model, training) group, else NaN (a missing or failed task makes the
+    average missing, never a mean of fewer tasks), and ``status`` (``completed``, or the
+    first problem). The one definition of a seed's average, for Table 1 and for the paired
+    differences."""
+    keys = ["model", "training", "label", "method", "seed"]
+    needed = per_task.groupby(["model", "training"])["task"].nunique().rename("needed")
+    scored = per_task[per_task["value"].notna()]
+    by_seed = per_task.groupby(keys, dropna=False, sort=False)
+    seeds = by_seed.agg(value=("value", "mean"), status=("status", _first_problem))
+    seeds["tasks"] = scored.groupby(keys, dropna=False)["task"].nunique()
+    seeds = seeds.reset_index().join(needed, on=["model", "training"])
+    complete = seeds["tasks"].fillna(0) >= seeds["needed"]
+    seeds["value"] = seeds["value"].where(complete)
+    seeds["status"] = seeds["status"].where(~complete, "completed")
+    return seeds
+
+
 def _table1_cells(runs: pd.DataFrame, mode: str) -> tuple[pd.DataFrame, list[str]]:
     """Aggregated cells of Table 1 (one row per model, training, label, task incl. Avg)."""
     scores = qa_scores(runs)
@@ -89,19 +109,10 @@ def _table1_cells(runs: pd.DataFrame, mode: str) -> tuple[pd.DataFrame, list[str
     per_task = task_scores[task_scores["training"] == "per-task"]
     parts = [cells]
     if not per_task.empty:
-        # Every task of the (model, training) group is needed for an average: a missing or
-        # failed task makes a seed's average missing (and counted so), never a mean of fewer.
+        # Every task of the (model, training) group is needed for an average (seed_averages).
         needed = per_task.groupby(["model", "training"])["task"].nunique().rename("needed")
         if mode == "mean":
-            scored = per_task[per_task["value"].notna()]
-            by_seed = per_task.groupby([*keys, "seed"], dropna=False, sort=False)
-            seeds = by_seed.agg(value=("value", "mean"), status=("status", _first_problem))
-            seeds["tasks"] = scored.groupby([*keys, "seed"], dropna=False)["task"].nunique()
-            seeds = seeds.reset_index().join(needed, on=["model", "training"])
-            complete = seeds["tasks"].fillna(0) >= seeds["needed"]
-            seeds["value"] = seeds["value"].where(complete)
-            seeds["status"] = seeds["status"].where(~complete, "completed")
-            average = aggregate(seeds, keys, "mean")
+            average = aggregate(seed_averages(per_task), keys, "mean")
         else:  # best of seeds per task (per training run), then their mean
             task_cells = cells[cells["training"] == "per-task"]
             average = (
