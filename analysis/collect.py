@@ -244,19 +244,19 @@ def run_row(
 
 
 def _shrink_stats(summary: dict) -> dict:
-    """Counts of the shrink state as the run recorded them (``shrink_layers``, from
-    ``stablelora.optim.stable_lora.shrink_counts``: the median is ``statistics.median``), plus
-    the last stop step from the per-layer ``shrink``."""
-    shrink, counts = summary.get("shrink"), summary.get("shrink_layers") or {}
+    """Layers, stopped layers and the last stop step from the per-layer ``shrink``; the median
+    stop step as the run recorded it (``shrink_layers``, from
+    ``stablelora.optim.stable_lora.shrink_counts``), not computed a second time here."""
+    shrink = summary.get("shrink")
     if not shrink:
         return {}
     stopped = [
         layer["stop_step"] for layer in shrink.values() if layer.get("stop_step") is not None
     ]
-    median = counts.get("median_stop_step")
+    median = (summary.get("shrink_layers") or {}).get("median_stop_step")
     return {
-        "shrink/layers": counts.get("layers", len(shrink)),
-        "shrink/stopped": counts.get("stopped", len(stopped)),
+        "shrink/layers": len(shrink),
+        "shrink/stopped": len(stopped),
         "shrink/stop_step_median": math.nan if median is None else median,
         "shrink/stop_step_max": max(stopped) if stopped else math.nan,
     }

@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,8 +43,6 @@ def assert_same_table(rebuilt: Path, committed: Path) -> None:
     if committed.suffix == ".md":
         assert rebuilt.read_text() == committed.read_text(), committed
         return
-    import pandas as pd
-
     pd.testing.assert_frame_equal(
         pd.read_csv(rebuilt),
         pd.read_csv(committed),

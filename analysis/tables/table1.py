@@ -110,10 +110,10 @@ def _table1_cells(runs: pd.DataFrame, mode: str) -> tuple[pd.DataFrame, list[str
     parts = [cells]
     if not per_task.empty:
         # Every task of the (model, training) group is needed for an average (seed_averages).
-        needed = per_task.groupby(["model", "training"])["task"].nunique().rename("needed")
         if mode == "mean":
             average = aggregate(seed_averages(per_task), keys, "mean")
         else:  # best of seeds per task (per training run), then their mean
+            needed = per_task.groupby(["model", "training"])["task"].nunique().rename("needed")
             task_cells = cells[cells["training"] == "per-task"]
             average = (
                 task_cells.assign(scored=task_cells["n"] > 0)
