@@ -113,6 +113,50 @@ def batch_indices(num_examples, seed, position, batch_size) -> list[int]:
     ]
 
 
+class TrainOrder:
+    """The training stream: example indices as a pure function of (seed, position).
+
+    Without grouping it is :func:`batch_indices`' per-epoch shuffled stream. With
+    ``pool_batches = k >= 2`` and ``length_of`` (an example's token length), the stream is cut
+    into pools of ``k * batch_size`` consecutive positions; each pool's examples are sorted by
+    length (ties by index), cut into ``k`` batches, and the batches shuffled (seeded by seed
+    and pool). Every example keeps its epoch (up to the pool that straddles an epoch's end),
+    a batch holds sequences of similar length (little padding), and a resumed run reads
+    exactly what it would have read. ``batch_size`` is an optimizer step's batch (all
+    micro-batches of all ranks): a step reads one sorted batch, whatever its split.
+    """
+
+    def __init__(self, num_examples, seed, batch_size, pool_batches=0, length_of=None):
+        self.num_examples, self.seed, self.batch_size = num_examples, seed, batch_size
+        self.grouped = pool_batches >= 2 and length_of is not None
+        self.pool_size = pool_batches * batch_size
+        self.length_of = length_of
+        self._pool = functools.lru_cache(maxsize=4)(self._pool_order)
+
+    def indices(self, position: int, count: int) -> list[int]:
+        """Examples at stream positions ``position .. position+count-1``."""
+        if not self.grouped:
+            return batch_indices(self.num_examples, self.seed, position, count)
+        return [
+            self._pool(index // self.pool_size)[index % self.pool_size]
+            for index in range(position, position + count)
+        ]
+
+    def _pool_order(self, pool: int) -> list[int]:
+        examples = batch_indices(
+            self.num_examples, self.seed, pool * self.pool_size, self.pool_size
+        )
+        assert self.length_of is not None
+        examples.sort(key=lambda i: (self.length_of(i), i))
+        batches = [
+            examples[start : start + self.batch_size]
+            for start in range(0, self.pool_size, self.batch_size)
+        ]
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + pool)
+        order = torch.randperm(len(batches), generator=generator).tolist()
+        return [i for b in order for i in batches[b]]
+
+
 def seed_everything(seed: int, deterministic: bool) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
@@ -158,8 +202,9 @@ class Run:
     cfg: Any  # the run's DictConfig
     dist: Distributed
     model: torch.nn.Module  # the peft model (what is saved and evaluated)
-    ddp: torch.nn.Module  # the model the loop calls: DDP-wrapped under torchrun
+    ddp: torch.nn.Module  # the loss the loop calls (CausalLMLoss): DDP-wrapped under torchrun
     task: Task
+    order: TrainOrder  # which examples each step reads
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     probe: FeatureProbe
@@ -170,6 +215,7 @@ class Run:
 def build_run(cfg, dist: Distributed, recorder: RunRecorder) -> Run:
     """Load the model, inject LoRA, build the task, optimizer, schedule and probe."""
     from stablelora.gamma import FeatureProbe
+    from stablelora.lm_head import CausalLMLoss
     from stablelora.lora import adapter_arguments, apply_lora
     from stablelora.models import load_model
     from stablelora.optim import create_optimizer, find_lora_pairs
@@ -191,10 +237,10 @@ def build_run(cfg, dist: Distributed, recorder: RunRecorder) -> Run:
         fused=optim.fused,
         **options,
     )
-    ddp = model
+    ddp: torch.nn.Module = CausalLMLoss(model, head=cfg.trainer.lm_head)
     if dist.world_size > 1:
         device_ids = None if dist.device.type == "cpu" else [dist.device]
-        ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+        ddp = torch.nn.parallel.DistributedDataParallel(ddp, device_ids=device_ids)
     probe = FeatureProbe(
         model,
         find_lora_pairs(model),
@@ -209,12 +255,25 @@ def build_run(cfg, dist: Distributed, recorder: RunRecorder) -> Run:
     autocast = functools.partial(
         torch.autocast, dist.device.type, dtype=torch.bfloat16, enabled=use_bf16
     )
+    task = build_task(cfg.task, tokenizer, seed=cfg.seed)
+    task.lm_head = cfg.trainer.lm_head
+    # Pools are cut in optimizer steps' batches (all micro-batches of all ranks), so the
+    # examples of a step do not depend on how grad_accum and the ranks split it.
+    trainer = cfg.trainer
+    order = TrainOrder(
+        task.num_train_examples,
+        cfg.seed,
+        trainer.batch_size * trainer.grad_accum * dist.world_size,
+        pool_batches=cfg.trainer.length_grouping,
+        length_of=getattr(task, "train_length", None),
+    )
     return Run(
         cfg,
         dist,
         model,
         ddp,
-        build_task(cfg.task, tokenizer, seed=cfg.seed),
+        task,
+        order,
         optimizer,
         build_scheduler(optimizer, optim, cfg.trainer.max_steps),
         probe,
@@ -236,12 +295,7 @@ def train_step(run: Run, step: int) -> tuple[float, int]:
         # Each rank takes its own slice of the global batch; the position depends on the
         # step only, so a resumed run reads exactly the data it would have read.
         position = ((step - 1) * trainer.grad_accum + micro) * dist.world_size + dist.rank
-        indices = batch_indices(
-            run.task.num_train_examples,
-            run.cfg.seed,
-            position * trainer.batch_size,
-            trainer.batch_size,
-        )
+        indices = run.order.indices(position * trainer.batch_size, trainer.batch_size)
         batch = run.task.collate(indices)
         tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0
         batch = {k: v.to(dist.device) for k, v in batch.items()}
@@ -251,7 +305,7 @@ def train_step(run: Run, step: int) -> tuple[float, int]:
         ddp = run.ddp if isinstance(run.ddp, torch.nn.parallel.DistributedDataParallel) else None
         with ddp.no_sync() if ddp is not None and not is_last else contextlib.nullcontext():
             with run.autocast():
-                loss = run.ddp(**batch).loss / trainer.grad_accum
+                loss = run.ddp(**batch) / trainer.grad_accum
             loss.backward()
         loss_sum += loss.detach()
     return float(dist.mean(loss_sum)), tokens

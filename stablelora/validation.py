@@ -11,6 +11,8 @@ from typing import Any, cast
 
 import torch
 
+from stablelora.lm_head import HEAD_MODES
+
 SCHEDULES = ("linear", "cosine", "constant")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -83,6 +85,8 @@ def check_config(cfg, config_dirs=None) -> None:
         (trainer["max_steps"] > 0, "trainer.max_steps must be positive"),
         (trainer["batch_size"] > 0, "trainer.batch_size must be positive"),
         (trainer["grad_accum"] >= 1, "trainer.grad_accum must be >= 1"),
+        (trainer["length_grouping"] >= 0, "trainer.length_grouping must be >= 0"),
+        (trainer["lm_head"] in HEAD_MODES, f"trainer.lm_head must be one of {HEAD_MODES}"),
         (optim["schedule"] in SCHEDULES, f"optim.schedule must be one of {SCHEDULES}"),
         (trainer["device"] in DEVICES, f"trainer.device must be one of {DEVICES}"),
     ]

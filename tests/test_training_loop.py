@@ -69,3 +69,58 @@ def test_ties_in_the_best_evaluation_go_to_the_earlier_step(tmp_path):
     }
     assert sorted(scores) == [0, 2, 4, 6] and len(set(scores.values())) == 1
     assert summary["best"]["step"] == 2
+
+
+def grouped_order(num_examples=50, seed=3, batch_size=4, pool_batches=4):
+    from stablelora.train import TrainOrder
+
+    lengths = [(i * 37) % 23 + 5 for i in range(num_examples)]
+    order = TrainOrder(num_examples, seed, batch_size, pool_batches, length_of=lengths.__getitem__)
+    return order, lengths
+
+
+def test_length_grouped_batches_hold_similar_lengths_and_every_example_once_per_epoch():
+    order, lengths = grouped_order(num_examples=48)  # 3 pools of 16: epochs align with pools
+    epoch = order.indices(0, 48)
+    assert sorted(epoch) == list(range(48))
+    assert sorted(order.indices(48, 48)) == list(range(48)) and order.indices(48, 48) != epoch
+    pool_size, shuffled = 16, []
+    for pool in range(3):
+        # The pool holds the plain stream's examples at those positions, regrouped.
+        plain = batch_indices(48, 3, pool * pool_size, pool_size)
+        grouped = epoch[pool * pool_size : (pool + 1) * pool_size]
+        assert sorted(grouped) == sorted(plain)
+        # Its batches are consecutive runs of the pool sorted by length, shuffled.
+        ranked = sorted(plain, key=lambda i: (lengths[i], i))
+        batches = [grouped[b : b + 4] for b in range(0, pool_size, 4)]
+        runs = [ranked[b : b + 4] for b in range(0, pool_size, 4)]
+        assert sorted(batches) == sorted(runs)
+        shuffled.append(batches != runs)
+    assert any(shuffled)  # the batches are not left in length order
+
+
+def test_length_grouping_cuts_padding_and_is_a_pure_function_of_the_position():
+    order, lengths = grouped_order(num_examples=200, batch_size=8, pool_batches=8)
+
+    def padding(indices_of):
+        total = padded = 0
+        for step in range(25):
+            widths = [lengths[i] for i in indices_of(step * 8)]
+            total, padded = total + sum(widths), padded + max(widths) * len(widths)
+        return 1 - total / padded
+
+    grouped = padding(lambda position: order.indices(position, 8))
+    plain = padding(lambda position: batch_indices(200, 3, position, 8))
+    assert grouped < plain / 3
+    # A resumed run (a fresh object, positions read out of order) reads the same batches.
+    fresh, _ = grouped_order(num_examples=200, batch_size=8, pool_batches=8)
+    assert [fresh.indices(p, 8) for p in (800, 8, 0)] == [order.indices(p, 8) for p in (800, 8, 0)]
+    # Micro-batches (grad_accum, ranks) are slices of the step's batch.
+    assert order.indices(16, 4) + order.indices(20, 4) == order.indices(16, 8)
+
+
+def test_no_grouping_is_the_plain_shuffled_stream():
+    from stablelora.train import TrainOrder
+
+    for order in (TrainOrder(30, 1, 4), TrainOrder(30, 1, 4, 8, length_of=None)):
+        assert order.indices(26, 8) == batch_indices(30, 1, 26, 8)

@@ -57,18 +57,25 @@ class Task:
         self.tokenizer = tokenizer
         self.encoder = PairEncoder(tokenizer)
         self.train_pairs = train_pairs
+        #: Where the LM head runs when scoring: "used" positions or "all" (trainer.lm_head).
+        self.lm_head = "used"
 
     @property
     def num_train_examples(self) -> int:
         return len(self.train_pairs)
 
+    def encode_train(self, index: int) -> tuple[list[int], list[int]]:
+        """(input ids, labels) of train example ``index``."""
+        return self.encoder.train_example(*self.train_pairs[index], self.cfg.max_length)
+
+    def train_length(self, index: int) -> int:
+        """Tokens of train example ``index`` (what length-grouped batching sorts by)."""
+        return len(self.encode_train(index)[0])
+
     def collate(self, indices: list[int]) -> dict[str, torch.Tensor]:
         """Training batch of the train examples at ``indices``: right-padded ``input_ids``,
         ``attention_mask`` and ``labels`` (-100 on prompt and padding)."""
-        encoded = [
-            self.encoder.train_example(*self.train_pairs[i], self.cfg.max_length) for i in indices
-        ]
-        return collate_train(encoded, self.encoder.pad_id)
+        return collate_train([self.encode_train(i) for i in indices], self.encoder.pad_id)
 
     def evaluate(
         self, model: torch.nn.Module, *, batch_size: int, max_examples: int | None = None
@@ -150,7 +157,9 @@ class MultipleChoiceTask(Task):
                 self.encoder.loglik_request(context, " " + choice, self.cfg.max_length)
                 for choice in choices
             ]
-        sums = loglikelihoods(model, requests, batch_size=batch_size, pad_id=self.encoder.pad_id)
+        sums = loglikelihoods(
+            model, requests, batch_size=batch_size, pad_id=self.encoder.pad_id, head=self.lm_head
+        )
         hits, norm_hits, offset = 0, 0, 0
         for example, choices in zip(examples, choice_lists):
             lls = sums[offset : offset + len(choices)]

@@ -303,10 +303,12 @@ class DialogueTask(Task):
     def encode(self, example: DialogueExample) -> tuple[list[int], list[int]]:
         return self.encoder.train_example(example.history, example.reply, self.cfg.max_length)
 
+    def encode_train(self, index: int) -> tuple[list[int], list[int]]:
+        return self.encode(self.train_examples[index])
+
     def collate(self, indices: list[int]) -> dict[str, torch.Tensor]:
         """Right-padded ``input_ids``, ``attention_mask``, ``labels`` (-100 but on replies)."""
-        encoded = [self.encode(self.train_examples[i]) for i in indices]
-        return collate_train(encoded, self.encoder.pad_id)
+        return collate_train([self.encode_train(i) for i in indices], self.encoder.pad_id)
 
     def generate_replies(self, model, examples: Sequence[DialogueExample], batch_size: int):
         prompts = [self.encoder.prompt(ex.history, self.cfg.max_length) for ex in examples]
@@ -315,7 +317,9 @@ class DialogueTask(Task):
     def _evaluate(self, model, *, batch_size, max_examples):
         examples = self.eval_examples[:max_examples]
         encoded = [self.encode(ex) for ex in examples]
-        total, tokens = label_nll(model, encoded, batch_size=batch_size, pad_id=self.encoder.pad_id)
+        total, tokens = label_nll(
+            model, encoded, batch_size=batch_size, pad_id=self.encoder.pad_id, head=self.lm_head
+        )
         loss = total / tokens
         replies = self.generate_replies(model, examples, batch_size)
         scores = rouge_l(replies, [ex.reply for ex in examples])

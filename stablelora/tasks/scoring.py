@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-IGNORE_INDEX = -100  # label value that torch's cross-entropy (and HF's loss) skips
+from stablelora.lm_head import IGNORE_INDEX, hidden_states, split_causal_lm
 
 
 class PairEncoder:
@@ -104,7 +104,12 @@ def model_device(model: torch.nn.Module) -> torch.device:
 
 
 def loglikelihoods(
-    model, requests: Sequence[tuple[list[int], int]], *, batch_size: int, pad_id: int
+    model,
+    requests: Sequence[tuple[list[int], int]],
+    *,
+    batch_size: int,
+    pad_id: int,
+    head: str = "used",
 ) -> list[float]:
     """Sum of log-probs of the last ``n`` tokens of each ``(ids, n)`` given the tokens before.
 
@@ -112,10 +117,14 @@ def loglikelihoods(
     target), and requests with the same ``ids[:-1]`` share one forward pass: the choices of a
     question that differ only in their last token (single-token choices, ``answer1``...) cost
     one sequence, not one each. Sequences are sorted longest first (the first batch shows the
-    peak memory) and run ``batch_size`` at a time, right-padded. Returns the sums in the
-    order of ``requests``.
+    peak memory, and each batch holds sequences of similar length: little padding) and run
+    ``batch_size`` at a time, right-padded, so the sums do not depend on the requests' order.
+    With ``head="used"`` the LM head and log-softmax run only at the continuation positions
+    (:mod:`stablelora.lm_head`; the full forward for a model it cannot split), ``"all"`` at
+    every position. Returns the sums in the order of ``requests``.
     """
     device = model_device(model)
+    parts = split_causal_lm(model) if head == "used" else None
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, (ids, _) in enumerate(requests):
         groups.setdefault(tuple(ids[:-1]), []).append(i)
@@ -125,15 +134,26 @@ def loglikelihoods(
         batch = inputs[start : start + batch_size]
         input_ids = pad_right([list(ids) for ids in batch], pad_id).to(device)
         attention_mask = pad_right([[1] * len(ids) for ids in batch], 0).to(device)
-        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        # The positions each sequence's requests score: logits at t predict token t + 1.
+        spans = [
+            range(len(inp) - max(requests[i][1] for i in groups[inp]), len(inp)) for inp in batch
+        ]
+        if parts is None:
+            logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+            rows = [logits[row, span.start : span.stop] for row, span in enumerate(spans)]
+        else:
+            hidden = hidden_states(parts, input_ids, attention_mask)
+            rows_index = torch.tensor([row for row, span in enumerate(spans) for _ in span])
+            cols_index = torch.tensor([t for span in spans for t in span])
+            used = parts.head(hidden[rows_index.to(device), cols_index.to(device)])
+            rows = list(used.split([len(span) for span in spans]))
         for row, inp in enumerate(batch):
+            log_probs = rows[row].float().log_softmax(-1)
             for i in groups[inp]:
                 ids, n_continuation = requests[i]
-                # logits at position t predict token t + 1
-                positions = slice(len(inp) - n_continuation, len(inp))
-                log_probs = logits[row, positions].float().log_softmax(-1)
                 targets = torch.tensor(ids[-n_continuation:], device=device)
-                sums[i] = log_probs.gather(-1, targets[:, None]).sum().item()
+                picked = log_probs[-n_continuation:].gather(-1, targets[:, None])
+                sums[i] = picked.sum().item()
     return sums
 
 
@@ -175,7 +195,12 @@ def generate_greedy(
 
 
 def label_nll(
-    model, encoded: Sequence[tuple[list[int], list[int]]], *, batch_size: int, pad_id: int
+    model,
+    encoded: Sequence[tuple[list[int], list[int]]],
+    *,
+    batch_size: int,
+    pad_id: int,
+    head: str = "used",
 ) -> tuple[float, int]:
     """(total negative log-likelihood, number of tokens) of the labelled tokens (labels other
     than -100) of ``(input ids, labels)`` sequences whose labelled tokens are their tail (a
@@ -191,5 +216,5 @@ def label_nll(
             raise ValueError("label_nll needs the labelled tokens at the end of each sequence")
         if n:  # a sequence without labelled tokens adds nothing
             requests.append((ids, n))
-    sums = loglikelihoods(model, requests, batch_size=batch_size, pad_id=pad_id)
+    sums = loglikelihoods(model, requests, batch_size=batch_size, pad_id=pad_id, head=head)
     return -sum(sums), sum(n for _, n in requests)
