@@ -16,6 +16,7 @@ adapter); anything else returns None and callers use the full forward, unchanged
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -46,7 +47,7 @@ def split_causal_lm(model: nn.Module) -> CausalLMParts | None:
     if peft_config is not None:
         if any(getattr(c, "peft_type", None) != "LORA" for c in peft_config.values()):
             return None  # AdaLoRA adds an orthogonality penalty inside its forward
-        model = model.get_base_model()
+        model = cast(nn.Module, model.get_base_model())  # type: ignore[operator]
     config = getattr(model, "config", None)
     if getattr(config, "model_type", None) not in PLAIN_HEAD_MODEL_TYPES:
         return None
