@@ -164,6 +164,10 @@ def base_overrides(model: str, task: str, steps: int, batch_size: int, device: s
         "trainer.resume=false",
         "trainer.log_every=10",
         f"trainer.device={device}",
+        # Like for like with the bare loop (the plain stream, the full forward): this measures
+        # the runner's overhead; benchmarks/step_speed.py measures the faster paths.
+        "trainer.length_grouping=0",
+        "trainer.lm_head=all",
     ]
 
 
