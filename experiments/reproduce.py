@@ -12,7 +12,8 @@ For each experiment ``cpu/<name>`` of :data:`experiments.common.EXPERIMENTS` (an
 1. runs its sweep and report (``python -m experiments cpu/<name>``; sweeps resume, so the
    set can be completed over several sittings);
 2. copies the compact records of every run (``config.yaml``, ``summary.json``,
-   ``metrics.jsonl``, ``layers.parquet``; never adapters, checkpoints or W&B folders) to
+   ``metrics.jsonl``, ``layers.parquet``, ``examples.parquet``; never adapters, checkpoints
+   or W&B folders) to
    ``results/<scale>/<sweep>/runs/<run folder>/``, next to the committed runs this sitting
    did not run (so seeds run on different days and machines add up; ``--prune`` drops
    committed runs the outputs do not hold);
@@ -37,7 +38,13 @@ from pathlib import Path
 from experiments.common import EXPERIMENTS, ROOT, sweep_name
 
 #: The files of a run folder that are results (small); everything else stays behind.
-RECORD_FILES = ("config.yaml", "summary.json", "metrics.jsonl", "layers.parquet")
+RECORD_FILES = (
+    "config.yaml",
+    "summary.json",
+    "metrics.jsonl",
+    "layers.parquet",
+    "examples.parquet",
+)
 SCALES = ("cpu",)
 
 
