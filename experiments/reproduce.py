@@ -35,7 +35,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from experiments.common import EXPERIMENTS, ROOT, sweep_name
+from experiments.common import EXPERIMENTS, PICKS_FILE, ROOT, sweep_name
 
 #: The files of a run folder that are results (small); everything else stays behind.
 RECORD_FILES = (
@@ -177,6 +177,7 @@ def main(argv=None) -> int:
                 name,
                 "--output-root",
                 str(args.output_root),
+                *selection_args(name, results),
                 *overrides,
             ]
             print("[reproduce] " + " ".join(command), flush=True)
@@ -200,6 +201,16 @@ def main(argv=None) -> int:
         print("[reproduce] " + " ".join(command), flush=True)
         code |= subprocess.call(command, cwd=ROOT)
     return code
+
+
+def selection_args(name: str, results: Path) -> list[str]:
+    """For the final stage of a tuned study: the committed picks of its selection stage
+    (rebuilt from the committed records just before), so that a sitting on another machine
+    never redoes the selection."""
+    selection = EXPERIMENTS[name].lr_from
+    if selection is None:
+        return []
+    return ["--lr-selection", str(results / sweep_name(selection) / "report" / PICKS_FILE)]
 
 
 def width_sweep(args: argparse.Namespace, results_dir: Path) -> int:

@@ -69,6 +69,16 @@ def test_mcnemar_equals_scipy_exact_binomial_or_corrected_chi_square(tmp_path, b
     assert "MDD" in table.markdown()
 
 
+def test_no_discordant_example_has_no_mdd(tmp_path):
+    for name in ("lora", "stable_lora"):
+        write_examples(write_run(tmp_path, name, method=name), {"bbc_news": [True, False] * 5})
+    tables = tables_of(tmp_path)
+    row = tables["paired_examples"].data.iloc[0]
+    assert (row["b"], row["c"], row["p_value"]) == (0, 0, 1.0) and np.isnan(row["mdd"])
+    assert tables["paired_examples"].display["MDD (pp)"].tolist() == ["–"]
+    assert np.isnan(tables["paired_bootstrap"].data.iloc[0]["mdd"])
+
+
 def test_mcnemar_helper_and_mdd_factor():
     assert mcnemar_test(0, 0)[0] == 1.0
     assert mcnemar_test(2, 10) == (pytest.approx(binomtest(2, 12, 0.5).pvalue), "exact")

@@ -116,7 +116,8 @@ def mcnemar_rows(pairs: pd.DataFrame) -> pd.DataFrame:
                 "c": c,
                 "p_value": p_value,
                 "test": test,
-                "mdd": 100 * factor * se,
+                # no discordant example: no estimate of the spread, so no MDD
+                "mdd": 100 * factor * se if b + c else math.nan,
             }
         )
     return pd.DataFrame(rows)
@@ -191,10 +192,14 @@ def bootstrap_rows(pairs: pd.DataFrame) -> pd.DataFrame:
                     "ci_high": 100 * high,
                     "p_value": p_value,
                     "se": 100 * se,
-                    "mdd": 100 * factor * se,
+                    "mdd": 100 * factor * se if se > 0 else math.nan,
                 }
             )
     return pd.DataFrame(rows)
+
+
+def _mdd_text(mdd: float, digits: int) -> str:
+    return "–" if not np.isfinite(mdd) else f"{mdd:.{digits}f}"
 
 
 def _p_text(p: float) -> str:
@@ -221,7 +226,7 @@ def paired_examples(coll: Collection, seeds: str = "mean") -> Table | None:
             "Δ (pp)": [num_text(d, 1, signed=True) for d in data["diff"]],
             "b / c": data["b"].astype(str) + " / " + data["c"].astype(str),
             "McNemar p": [f"{_p_text(p)} ({t})" for p, t in zip(data["p_value"], data["test"])],
-            "MDD (pp)": [f"{m:.1f}" for m in data["mdd"]],
+            "MDD (pp)": [_mdd_text(m, 1) for m in data["mdd"]],
         }
     )
     notes = [
@@ -231,7 +236,7 @@ def paired_examples(coll: Collection, seeds: str = "mean") -> Table | None:
         f"McNemar's test (statsmodels): exact binomial on b of b + c when b + c < {EXACT_BELOW}, "
         "else chi-square with continuity correction; two-sided.",
         "MDD: the difference a two-sided 5% test detects with 80% power at these discordance "
-        "rates, 2.80 · sqrt(((b + c)/n - ((b - c)/n)²) / n).",
+        "rates, 2.80 · sqrt(((b + c)/n - ((b - c)/n)²) / n); – where no example is discordant.",
     ]
     return Table(
         "paired_examples",
@@ -265,7 +270,7 @@ def paired_bootstrap(coll: Collection, seeds: str = "mean") -> Table | None:
                 f"[{lo:+.2f}, {hi:+.2f}]" for lo, hi in zip(data["ci_low"], data["ci_high"])
             ],
             "p": [_p_text(p) for p in data["p_value"]],
-            "MDD (pp)": [f"{m:.2f}" for m in data["mdd"]],
+            "MDD (pp)": [_mdd_text(m, 2) for m in data["mdd"]],
         }
     )
     notes = [
