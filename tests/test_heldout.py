@@ -20,7 +20,6 @@ from stablelora.tasks.data import (
     holdout_mask,
     row_hash,
 )
-from stablelora.train import batch_indices
 
 pytestmark = pytest.mark.usefixtures("hub_offline")
 
@@ -124,18 +123,42 @@ def test_bbc_news_validation_is_disjoint_from_train_and_test(tok):
     assert final.train_pairs == val.train_pairs and final.eval_sets == test.eval_sets
 
 
-def test_no_validation_row_in_any_training_batch(tok):
-    """Every batch the runner draws over three epochs holds train rows only."""
-    cfg = {**group_option("task", "bbc_news"), "eval_split": "validation"}
-    task = build_task({**cfg, "max_train_examples": 64}, tok, seed=0)
+def test_no_validation_row_in_any_training_batch(tmp_path, monkeypatch):
+    """A real run (two epochs of the training subsample) draws train rows only, and its
+    per-example records are the validation examples."""
+    from conftest import SMOKE, compose_config
+
+    import stablelora.tasks as tasks
+    from stablelora.example_records import example_id, read_examples, unique_ids
+    from stablelora.train import train
+
+    built, drawn = [], []
+    original = tasks.build_task
+
+    def recording_build(*args, **kwargs):
+        task = original(*args, **kwargs)
+        collate = task.collate
+
+        def recording_collate(indices):
+            drawn.extend(task.train_pairs[i][0] for i in indices)
+            return collate(indices)
+
+        task.collate = recording_collate
+        built.append(task)
+        return task
+
+    monkeypatch.setattr(tasks, "build_task", recording_build)
+    overrides = ["task.eval_split=validation", "task.max_train_examples=32", "probe=off",
+                 "trainer.max_steps=16", "trainer.batch_size=4", "trainer.max_eval_examples=null",
+                 "model.config.num_hidden_layers=1"]  # fmt: skip
+    assert train(compose_config(SMOKE + overrides), tmp_path)["status"] == "completed"
+    (task,) = built
     (vals,) = task.eval_sets.values()
-    validation = queries(vals)
-    seen = set()
-    n = task.num_train_examples
-    for position in range(0, 3 * n, 8):
-        for i in batch_indices(n, 0, position, 8):
-            seen.add(task.train_pairs[i][0])
-    assert len(seen) == n and not seen & validation
+    assert len(drawn) == 64 and set(drawn) == train_queries(task)  # every train row, twice
+    assert not set(drawn) & queries(vals)
+    final = read_examples(tmp_path).query("step == 16")
+    ids = unique_ids([example_id(e.query, e.choices, e.gold) for e in vals])  # repeats: ~1
+    assert final["example_id"].tolist() == ids
 
 
 def test_merged_mixture_of_arc_and_bbc_news_scores_validation(tok, tmp_path):
@@ -155,7 +178,7 @@ def test_merged_mixture_of_arc_and_bbc_news_scores_validation(tok, tmp_path):
     for examples in val.eval_sets.values():
         assert examples and not queries(examples) & train_queries(val)
     final = build_task(
-        compose_config([*overrides, "+task.holdout_validation=true"]).task, tok, seed=0
+        compose_config([*overrides, "task.holdout_validation=true"]).task, tok, seed=0
     )
     assert final.train_pairs == val.train_pairs
     assert {name: len(ex) for name, ex in final.eval_sets.items()} == {
