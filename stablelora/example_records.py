@@ -25,7 +25,7 @@ Every evaluation is kept (the initial one, every ``trainer.eval_every`` and the 
 each exactly once: an evaluation rewrites the file without the rows of its step and with its
 own (atomically: a temporary file, fsync and a rename), and a resumed run first drops the rows
 after its checkpoint's step, as ``metrics.jsonl`` is cut back (:meth:`ExampleRecords.
-truncate_after`). The file is small (the final evaluation of 3,700 QA examples is ~100 KB).
+truncate_after`). The file is small: a final evaluation of 3,766 QA examples is ~160 KB.
 """
 
 from __future__ import annotations
