@@ -227,6 +227,15 @@ def _width_table(name: str, source: str, fits: pd.DataFrame) -> Table:
     )
 
 
+def write_picks(table: Table, out: Path) -> Path:
+    """``out/tuned_lr.json``: the learning rates picked on validation (analysis.tables.tuned_lr)."""
+    from analysis.tables.tuned_lr import PICKS_FILE, picks_record
+
+    path = out / PICKS_FILE
+    path.write_text(json.dumps(picks_record(table.data), indent=2) + "\n")
+    return path
+
+
 # ---------------------------------------------------------------------------- main
 def report(args: argparse.Namespace) -> dict:
     """Collect, tabulate, plot; return ``{"tables": [...], "files": [...], "runs": int}``."""
@@ -254,6 +263,8 @@ def report(args: argparse.Namespace) -> dict:
         files += extra_files
     for table in built:
         files += table.write(out / "tables")
+        if table.name == "tuned_lr":  # the record the final stage of a tuned study reads
+            files.append(write_picks(table, out))
     everything.runs.to_csv(out / "tables" / "runs.csv", index=False)
     if not args.no_plots:
         files += plots_module.build_plots(coll, out / "plots", args.plots)

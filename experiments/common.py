@@ -15,11 +15,20 @@ tables and plots land in ``DIR/sweeps/<experiment_name>/report/``. Rerunning the
 resumes the sweep (completed runs are not run again) and redoes the analysis.
 ``python -m experiments width_sweep`` is the toy width sweep (:mod:`experiments.width_sweep`,
 its own options).
+
+A tuned study has two stages: a selection experiment sweeps a shared lr grid per method on the
+validation split, and its report writes the picks (``report/tuned_lr.json``,
+:mod:`analysis.tables.tuned_lr`); the final experiment (``Experiment.lr_from`` names the
+selection) runs each method at its pick, one ``run.py -m ... method=<m> optim.lr=<pick>``
+per method. ``python -m experiments <final>`` runs the selection stage first (it resumes: a
+completed selection costs nothing) and reads its picks; ``--lr-selection FILE`` takes the picks
+from a recorded file instead and runs the final stage alone.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -41,6 +50,9 @@ class Experiment:
     #: other (one ``run.py -m ... <key>=<value>`` per value): for per-process measures such as
     #: the peak memory (max RSS) of the overhead table.
     process_per: str | None = None
+    #: The selection experiment whose ``tuned_lr.json`` sets each method's ``optim.lr``
+    #: (one sweep command per method); see the module docstring.
+    lr_from: str | None = None
 
 
 #: Every artefact: its tables and plots (``analysis.report`` names), in the README's order.
@@ -148,6 +160,31 @@ EXPERIMENTS: dict[str, Experiment] = {
             ("figure2_norms", "deltas", "delta_ratio", "shrink_stops", "eval"),
         ),
         Experiment(
+            "cpu/tuned_select",
+            "Tuned study, stage 1: each method trained at every lr of a shared log-spaced "
+            "grid on ARC-Easy, ARC-Challenge and BBC News, scored on held-out validation; "
+            "the lr picked per method (tuned_lr.json).",
+            ("tuned_lr", "summary", "runs_not_completed"),
+            ("loss",),
+        ),
+        Experiment(
+            "cpu/tuned_final",
+            "Tuned study, stage 2: each method at its picked lr x 3 seeds, scored on the full "
+            "test splits, with example-level paired tests against LoRA.",
+            (
+                "table1",
+                "paired_difference",
+                "paired_examples",
+                "paired_bootstrap",
+                "shrink_stops",
+                "shrink_stops_by_layer",
+                "summary",
+                "runs_not_completed",
+            ),
+            ("loss", "delta_ratio"),
+            lr_from="cpu/tuned_select",
+        ),
+        Experiment(
             "cpu/dialogue",
             "Dialogue generalisation at CPU scale: LoRA against Stable-LoRA x 3 seeds on the "
             "chatterbot corpus, held-out reply loss, perplexity and ROUGE-L.",
@@ -210,6 +247,14 @@ def parse_args(experiment: Experiment, argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--skip-sweep", action="store_true", help="only redo the analysis of the existing records"
     )
+    if experiment.lr_from:
+        parser.add_argument(
+            "--lr-selection",
+            type=Path,
+            default=None,
+            help=f"the picked learning rates ({PICKS_FILE} of a {experiment.lr_from} report); "
+            f"default: run {experiment.lr_from} first (it resumes) and read its report's",
+        )
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for run.py")
     # Options and overrides may come in any order.
     return parser.parse_intermixed_args(argv)
@@ -282,14 +327,70 @@ def sweep_values(preset: str, key: str, overrides: list[str]) -> list[str]:
     return params[key]
 
 
+PICKS_FILE = "tuned_lr.json"  # analysis.tables.tuned_lr.PICKS_FILE (no analysis import here)
+#: Keys the final stage of a tuned study sets itself: not passed on to its selection stage.
+FINAL_ONLY_KEYS = ("seed", "method", "optim.lr")
+
+
+def selection_file(experiment: Experiment, args: argparse.Namespace) -> Path:
+    """Where the final stage reads the picked learning rates."""
+    if getattr(args, "lr_selection", None) is not None:
+        return Path(args.lr_selection)
+    assert experiment.lr_from is not None
+    preset = f"{experiment.lr_from}_smoke" if args.smoke else experiment.lr_from
+    return args.output_root.resolve() / "sweeps" / sweep_name(preset) / "report" / PICKS_FILE
+
+
+def selection_command(experiment: Experiment, args: argparse.Namespace) -> list[str]:
+    """The selection stage, with the command line's overrides (the horizon, data_root...)
+    except those the final stage sets itself (:data:`FINAL_ONLY_KEYS`)."""
+    assert experiment.lr_from is not None
+    overrides = [o for o in args.overrides if o.split("=", 1)[0] not in FINAL_ONLY_KEYS]
+    return [
+        sys.executable,
+        "-m",
+        "experiments",
+        experiment.lr_from,
+        *(["--smoke"] if args.smoke else []),
+        "--output-root",
+        str(args.output_root.resolve()),
+        *overrides,
+    ]
+
+
+def picked_lrs(path: Path, methods: list[str], prog: str) -> dict[str, float]:
+    """Each method's picked lr from a ``tuned_lr.json``; one line (exit 2) when the file or
+    a method's pick is missing, or a method has different picks (several models or tasks)."""
+    if not path.is_file():
+        raise SystemExit(f"{prog}: no picked learning rates at {path}: run the selection stage "
+                         "first, or give --lr-selection FILE")  # fmt: skip
+    picks = json.loads(path.read_text())["picks"]
+    chosen: dict[str, float] = {}
+    for method in methods:
+        lrs = {float(p["lr"]) for p in picks if p["method"] == method}
+        if len(lrs) != 1:
+            found = "no pick" if not lrs else f"several picks {sorted(lrs)}"
+            raise SystemExit(f"{prog}: {path} has {found} for method {method}: rerun the "
+                             "selection with this method (one model and task)")  # fmt: skip
+        chosen[method] = lrs.pop()
+    return chosen
+
+
 def sweep_commands(
     experiment: Experiment, args: argparse.Namespace, sweep: list[str]
 ) -> list[list[str]]:
-    """The sweep as one command, or one per value of ``experiment.process_per``."""
+    """The sweep as one command, or one per value of ``experiment.process_per``, or one per
+    method at its picked lr (``experiment.lr_from``)."""
+    preset = f"{experiment.name}_smoke" if args.smoke else experiment.name
+    if experiment.lr_from:
+        methods = sweep_values(preset, "method", args.overrides)
+        lrs = picked_lrs(selection_file(experiment, args), methods, f"python -m experiments "
+                         f"{experiment.name}")  # fmt: skip
+        base = [p for p in sweep if not p.startswith(("method=", "optim.lr="))]
+        return [[*base, f"method={m}", f"optim.lr={lrs[m]!r}"] for m in methods]
     key = experiment.process_per
     if key is None:
         return [sweep]
-    preset = f"{experiment.name}_smoke" if args.smoke else experiment.name
     values = sweep_values(preset, key, args.overrides)
     base = [part for part in sweep if not part.startswith(f"{key}=")]
     return [[*base, f"{key}={value}"] for value in values]
@@ -331,6 +432,13 @@ def main(argv=None) -> int:
     args = parse_args(experiment, rest)
     sweep, report, sweep_dir = commands(experiment, args)
     sweep_code = 0
+    if not args.skip_sweep and experiment.lr_from and args.lr_selection is None:
+        command = selection_command(experiment, args)
+        print("[experiments] selection stage: " + " ".join(command), flush=True)
+        if subprocess.call(command, cwd=ROOT) != 0:
+            print(f"[experiments] the selection stage {experiment.lr_from} failed; no final "
+                  "runs started.", file=sys.stderr)  # fmt: skip
+            return 1
     if not args.skip_sweep:
         for command in sweep_commands(experiment, args, sweep):
             print("[experiments] " + " ".join(command), flush=True)

@@ -12,7 +12,8 @@ For each experiment ``cpu/<name>`` of :data:`experiments.common.EXPERIMENTS` (an
 1. runs its sweep and report (``python -m experiments cpu/<name>``; sweeps resume, so the
    set can be completed over several sittings);
 2. copies the compact records of every run (``config.yaml``, ``summary.json``,
-   ``metrics.jsonl``, ``layers.parquet``; never adapters, checkpoints or W&B folders) to
+   ``metrics.jsonl``, ``layers.parquet``, ``examples.parquet``; never adapters, checkpoints
+   or W&B folders) to
    ``results/<scale>/<sweep>/runs/<run folder>/``, next to the committed runs this sitting
    did not run (so seeds run on different days and machines add up; ``--prune`` drops
    committed runs the outputs do not hold);
@@ -34,10 +35,16 @@ import subprocess
 import sys
 from pathlib import Path
 
-from experiments.common import EXPERIMENTS, ROOT, sweep_name
+from experiments.common import EXPERIMENTS, PICKS_FILE, ROOT, sweep_name
 
 #: The files of a run folder that are results (small); everything else stays behind.
-RECORD_FILES = ("config.yaml", "summary.json", "metrics.jsonl", "layers.parquet")
+RECORD_FILES = (
+    "config.yaml",
+    "summary.json",
+    "metrics.jsonl",
+    "layers.parquet",
+    "examples.parquet",
+)
 SCALES = ("cpu",)
 
 
@@ -170,6 +177,7 @@ def main(argv=None) -> int:
                 name,
                 "--output-root",
                 str(args.output_root),
+                *selection_args(name, results),
                 *overrides,
             ]
             print("[reproduce] " + " ".join(command), flush=True)
@@ -193,6 +201,16 @@ def main(argv=None) -> int:
         print("[reproduce] " + " ".join(command), flush=True)
         code |= subprocess.call(command, cwd=ROOT)
     return code
+
+
+def selection_args(name: str, results: Path) -> list[str]:
+    """For the final stage of a tuned study: the committed picks of its selection stage
+    (rebuilt from the committed records just before), so that a sitting on another machine
+    never redoes the selection."""
+    selection = EXPERIMENTS[name].lr_from
+    if selection is None:
+        return []
+    return ["--lr-selection", str(results / sweep_name(selection) / "report" / PICKS_FILE)]
 
 
 def width_sweep(args: argparse.Namespace, results_dir: Path) -> int:

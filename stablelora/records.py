@@ -8,6 +8,8 @@ A run directory holds (the analysis reads these; the README documents the schema
   had seen);
 - ``layers.parquet``: the probe's per-layer values (:mod:`stablelora.layer_records`),
   cut back with ``metrics.jsonl`` on resume;
+- ``examples.parquet``: every evaluation's per-example results
+  (:mod:`stablelora.example_records`), each evaluation once, cut back likewise on resume;
 - ``summary.json``: built by :func:`make_summary` only and read by :func:`parse_summary` only
   (the analysis and the W&B reader use it): ``status`` (see :data:`STATUSES`), final, best
   and initial metrics, steps, times over all attempts, peak memory, versions, git commit and
@@ -33,6 +35,7 @@ import uuid
 from importlib import metadata
 from pathlib import Path
 
+from stablelora.example_records import ExampleRecords
 from stablelora.layer_records import LayerRecords, split_per_layer, wandb_per_layer
 
 #: ``interrupted``: stopped by a signal after a checkpoint; rerunning the command resumes it.
@@ -293,6 +296,7 @@ class RunRecorder:
         self.rows = 0  # rows of metrics.jsonl this run stands on (set by keep_rows)
         self.wandb_run = None
         self.layers = LayerRecords(self.run_dir, enabled=enabled)  # per-layer probe values
+        self.examples = ExampleRecords(self.run_dir, enabled=enabled)  # per-example results
         self.wandb_layers_every = int(logger_cfg.get("per_layer_every", 50) or 0)
         if enabled:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -365,6 +369,7 @@ class RunRecorder:
             RecordsError: the file holds fewer rows than the checkpoint had seen.
         """
         self.layers.truncate_after(step if step is not None else -1)
+        self.examples.truncate_after(step if step is not None else -1)
         if not self.enabled:
             return
         kept = read_jsonl(self.metrics_path)
@@ -396,6 +401,10 @@ class RunRecorder:
             stream.write(json.dumps(row, default=_jsonable) + "\n")
         self.rows += 1
         self._wandb(lambda run: run.log(metrics, step=step))
+
+    def log_examples(self, step: int, rows: list[dict]) -> None:
+        """Record the per-example results of the evaluation at ``step`` (``examples.parquet``)."""
+        self.examples.write(step, rows)
 
     def flush(self) -> None:
         """Write the buffered per-layer rows (call it before saving a checkpoint)."""

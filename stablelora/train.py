@@ -322,6 +322,7 @@ def evaluate(run: Run, step: int) -> dict[str, float]:
                 max_examples=run.cfg.trainer.max_eval_examples,
             )
         metrics = {f"eval/{k}": v for k, v in result.items()}
+        run.recorder.log_examples(step, getattr(run.task, "last_examples", []))
         run.recorder.log(step, metrics)
     run.dist.barrier()
     return metrics

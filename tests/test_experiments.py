@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import math
 import os
 import subprocess
@@ -210,6 +211,64 @@ def test_process_per_method_gives_one_sweep_command_per_value(tmp_path):
     assert sweep_commands(no_split, args, ["x"]) == [["x"]]
 
 
+def test_tuned_final_runs_each_method_at_its_pick_and_passes_the_horizon_on(tmp_path):
+    from analysis.tables.tuned_lr import PICKS_FILE as ANALYSIS_PICKS_FILE
+    from experiments.common import PICKS_FILE, commands, selection_command, sweep_commands
+
+    assert PICKS_FILE == ANALYSIS_PICKS_FILE
+    final = ARTEFACTS["cpu/tuned_final"]
+    assert final.lr_from == "cpu/tuned_select"
+    picks = tmp_path / PICKS_FILE
+    picks.write_text(
+        '{"picks": [{"method": "lora", "lr": 0.000316}, {"method": "rslora", "lr": 0.001},'
+        ' {"method": "loraplus", "lr": 0.0001}, {"method": "stable_lora", "lr": 0.001}]}'
+    )
+    overrides = ["data_root=/data", "trainer.max_steps=2000", "seed=1", "optim.lr=9"]
+    args = argparse.Namespace(smoke=False, output_root=tmp_path, seeds="mean",
+                              overrides=overrides, lr_selection=picks)  # fmt: skip
+    sweep, _, _ = commands(final, args)
+    split = sweep_commands(final, args, sweep)
+    assert [c[-2:] for c in split] == [
+        ["method=lora", "optim.lr=0.000316"],
+        ["method=rslora", "optim.lr=0.001"],
+        ["method=loraplus", "optim.lr=0.0001"],
+        ["method=stable_lora", "optim.lr=0.001"],
+    ]
+    assert all("optim.lr=9" not in c and "trainer.max_steps=2000" in c for c in split)
+    # the selection stage gets the horizon and data, not the final stage's seeds or lr
+    selection = selection_command(final, args)
+    assert selection[3] == "cpu/tuned_select"
+    assert selection[-2:] == ["data_root=/data", "trainer.max_steps=2000"]
+    args.overrides = ["method=lora,lora_rite"]
+    with pytest.raises(SystemExit, match="no pick for method lora_rite"):
+        sweep_commands(final, args, sweep)
+    args.lr_selection = tmp_path / "missing.json"
+    with pytest.raises(SystemExit, match="no picked learning rates at .*missing.json"):
+        sweep_commands(final, args, sweep)
+
+
+def test_tuned_presets_share_the_setting_and_differ_in_split_and_seeds():
+    select = compose_config(["experiment=cpu/tuned_select"])
+    final = compose_config(["experiment=cpu/tuned_final"])
+    assert select.task.eval_split == "validation" and final.task.eval_split == "test"
+    assert select.task.holdout_validation and final.task.holdout_validation
+    assert select.task.name == final.task.name == "arc_bbc"
+    assert set(select.task.subtasks) == {"arc_easy", "arc_challenge", "bbc_news"}
+    for cfg in (select, final):
+        assert cfg.trainer.max_steps >= 1000 and cfg.trainer.batch_size == 8
+        assert cfg.adapter.rank == 8 and list(cfg.adapter.target_modules) == ["q_proj", "v_proj"]
+        assert cfg.trainer.max_eval_examples >= 2376 and cfg.task.max_eval_examples is None
+    grid = [float(lr) for lr in sweep_params("cpu/tuned_select")["optim.lr"]]
+    assert len(grid) >= 3 and min(grid) <= 1e-4 and max(grid) >= 1e-3
+    ratios = [b / a for a, b in zip(grid, grid[1:])]
+    assert max(ratios) / min(ratios) < 1.01  # log-spaced
+    methods = {"lora", "rslora", "loraplus", "stable_lora"}
+    assert set(sweep_params("cpu/tuned_select")["method"]) >= methods
+    assert set(sweep_params("cpu/tuned_final")["method"]) >= methods
+    assert sweep_params("cpu/tuned_select")["seed"] == ["0"]
+    assert sweep_params("cpu/tuned_final")["seed"] == ["0", "1", "2"]
+
+
 # ---------------------------------------------------------------------------- end to end
 def read_display(report_dir: Path, table: str) -> str:
     return (report_dir / "tables" / f"{table}.md").read_text()
@@ -291,6 +350,22 @@ def check_artefact(name: str, report: Path) -> None:
     elif name == "cpu/overhead":  # one process per method: each has its own peak memory
         data = pd.read_csv(tables / "overhead.csv").set_index("method")
         assert set(data.index) == {"lora", "stable_lora"} and (data["memory"] > 0).all()
+    elif name == "cpu/tuned_select":
+        picks = json.loads((report / "tuned_lr.json").read_text())
+        assert picks["split"] == "validation"
+        assert {p["method"] for p in picks["picks"]} == {"lora", "loraplus", "stable_lora"}
+        data = pd.read_csv(tables / "tuned_lr.csv")
+        assert len(data) == 6 and data["picked"].sum() == 3
+    elif name == "cpu/tuned_final":  # its selection stage ran first, in the same output root
+        selection = report.parents[1] / "cpu_tuned_select_smoke" / "report" / "tuned_lr.json"
+        picked = {p["method"]: p["lr"] for p in json.loads(selection.read_text())["picks"]}
+        runs = pd.read_csv(tables / "runs.csv")
+        assert all(picked[m] == lr for m, lr in zip(runs["method"], runs["optim.lr"]))
+        assert set(runs["task.eval_split"]) == {"test"} and runs["task.holdout_validation"].all()
+        mcnemar = pd.read_csv(tables / "paired_examples.csv")
+        assert set(mcnemar["method"]) == {"stable_lora"} and sorted(mcnemar["seed"]) == [0, 1]
+        assert (mcnemar["n"] == 8).all()
+        assert "stable_lora" in set(pd.read_csv(tables / "paired_bootstrap.csv")["method"])
     elif name == "cpu/dialogue":
         data = pd.read_csv(tables / "dialogue.csv").set_index("label")
         assert list(data.index) == ["before training", "lora", "stable_lora"]

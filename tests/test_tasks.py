@@ -464,7 +464,7 @@ def test_offline_without_data_dir_is_a_clear_error():
         ({"prompt_format": "chat"}, "prompt_format 'chat'"),
         ({"protocol": "generate"}, "set task.prompt_format=llm_adapters"),
         ({"data_dir": "/nonexistent/dir"}, "does not exist"),
-        ({"eval_split": "validation"}, "has no validation.jsonl"),
+        ({"eval_split": "dev"}, "has no dev.jsonl"),
         ({"max_length": 0}, "max_length=0 must be a positive integer"),
     ],
 )

@@ -12,6 +12,12 @@ None when the records do not support it (e.g. no two stop rules for the stop-rul
                           with the published row and the difference below ours
 ``paired_difference``     every method minus LoRA on the same model, task and seed: mean ±
                           std over seeds, 95% CI, seeds ahead/behind
+``paired_examples``       the same pairs example by example (``examples.parquet``): McNemar
+                          per task and seed, with the minimum detectable difference
+``paired_bootstrap``      paired bootstrap over seeds and examples per task and for the
+                          task average: difference, 95% CI, p, minimum detectable difference
+``tuned_lr``              lr selection on validation: every (method, lr) with its mean
+                          score and the pick (``tuned_lr.json`` beside the report)
 ``gsm8k``                 accuracy of generation tasks (GSM8K) by step budget
 ``commonsense8``          LLM-Adapters' eight commonsense datasets: a column per dataset and
                           the average (the DoRA paper's layout)
@@ -63,12 +69,14 @@ from analysis.tables.init_scale import init_scale, init_scale_stability
 from analysis.tables.llm_adapters import commonsense8, maths7
 from analysis.tables.overhead import overhead
 from analysis.tables.paired import paired_difference
+from analysis.tables.paired_examples import paired_bootstrap, paired_examples
 from analysis.tables.selection import select_learning_rate
 from analysis.tables.shrink_stops import shrink_stops, shrink_stops_by_layer
 from analysis.tables.stop_rule import ablation_stop_rule
 from analysis.tables.summary import runs_not_completed, summary
 from analysis.tables.table1 import table1, table1_avg, table1_best
 from analysis.tables.target_modules import ablation_target_modules
+from analysis.tables.tuned_lr import tuned_lr
 
 __all__ = [
     "METHOD_ORDER",
@@ -90,6 +98,9 @@ TABLES: dict[str, Callable[[Collection, str], Table | None]] = {
     "table1_best": table1_best,
     "table1_avg": table1_avg,
     "paired_difference": paired_difference,
+    "paired_examples": paired_examples,
+    "paired_bootstrap": paired_bootstrap,
+    "tuned_lr": tuned_lr,
     "gsm8k": gsm8k,
     "commonsense8": commonsense8,
     "maths7": maths7,

@@ -7,6 +7,7 @@ Usage (``task_cfg`` is the composed ``task`` node of the Hydra config, or a plai
     task = build_task(cfg.task, tokenizer, seed=cfg.seed)
     loss = model(**task.collate(indices)).loss       # indices into range(task.num_train_examples)
     metrics = task.evaluate(model, batch_size=16)    # {"acc": ..., "n": ...}; task.main_metric
+    task.last_examples                               # per example: id, gold, pred, correct...
 
 One module per task family, ``stablelora/tasks/<family>.py``, defines ``KIND``
 ("multiple_choice", "math", "dialogue" or "regression"), ``sources(cfg)`` (the Hub datasets it

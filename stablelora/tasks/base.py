@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 import torch
 
+from stablelora.example_records import example_id, unique_ids
 from stablelora.tasks.data import (
     EVAL_SHUFFLE_SEED,
     DataSource,
@@ -45,7 +46,10 @@ from stablelora.tasks.scoring import (
 class Task:
     """A fine-tuning task: ``collate`` makes training batches, ``evaluate`` scores a model.
 
-    Subclasses hold their evaluation examples and implement ``_evaluate``.
+    Subclasses hold their evaluation examples and implement ``_evaluate``. Those that score
+    example by example also leave, after each ``evaluate``, one dict per example in
+    ``last_examples`` (:mod:`stablelora.example_records`: ``eval_set``, ``example_id``,
+    ``gold``, ``pred``, ``correct``...); the runner writes them to ``examples.parquet``.
     """
 
     def __init__(
@@ -59,6 +63,7 @@ class Task:
         self.train_pairs = train_pairs
         #: Where the LM head runs when scoring: "used" positions or "all" (trainer.lm_head).
         self.lm_head = "used"
+        self.last_examples: list[dict] = []
 
     @property
     def num_train_examples(self) -> int:
@@ -87,6 +92,7 @@ class Task:
         forward pass (loglik: (context, choice) pairs; generate: prompts).
         """
         modes = {module: module.training for module in model.modules()}
+        self.last_examples = []
         model.eval()
         try:
             with torch.no_grad():
@@ -139,7 +145,12 @@ class MultipleChoiceTask(Task):
         metrics: dict[str, float] = {}
         for name, examples in self.eval_sets.items():
             examples = examples[:max_examples]
-            scores = {**score(model, examples, batch_size), "n": float(len(examples))}
+            scores, rows = score(model, examples, batch_size)
+            scores["n"] = float(len(examples))
+            ids = unique_ids([example_id(ex.query, ex.choices, ex.gold) for ex in examples])
+            self.last_examples += [
+                {"eval_set": name, "example_id": id_, **row} for id_, row in zip(ids, rows)
+            ]
             if len(self.eval_sets) == 1:
                 return scores
             metrics.update({f"{metric}/{name}": value for metric, value in scores.items()})
@@ -148,7 +159,8 @@ class MultipleChoiceTask(Task):
             metrics[metric] = sum(values) if metric == "n" else sum(values) / len(values)
         return metrics
 
-    def _score_loglik(self, model, examples, batch_size) -> dict[str, float]:
+    def _score_loglik(self, model, examples, batch_size) -> tuple[dict[str, float], list[dict]]:
+        """(acc and acc_norm, one row per example: gold, pred, pred_norm, correct, loglik)."""
         requests, choice_lists = [], []
         for example in examples:
             context, choices = multiple_choice_requests(example, self.cfg.prompt_format)
@@ -160,25 +172,38 @@ class MultipleChoiceTask(Task):
         sums = loglikelihoods(
             model, requests, batch_size=batch_size, pad_id=self.encoder.pad_id, head=self.lm_head
         )
-        hits, norm_hits, offset = 0, 0, 0
+        hits, norm_hits, offset, rows = 0, 0, 0, []
         for example, choices in zip(examples, choice_lists):
             lls = sums[offset : offset + len(choices)]
             offset += len(choices)
-            hits += argmax(lls) == example.gold
+            pred = argmax(lls)
             # acc_norm divides by the choice's length in characters, without the delimiter
-            norm_hits += (
-                argmax([ll / max(len(c), 1) for ll, c in zip(lls, choices)]) == example.gold
+            pred_norm = argmax([ll / max(len(c), 1) for ll, c in zip(lls, choices)])
+            hits += pred == example.gold
+            norm_hits += pred_norm == example.gold
+            rows.append(
+                {
+                    "gold": example.gold,
+                    "pred": pred,
+                    "pred_norm": pred_norm,
+                    "correct": pred == example.gold,
+                    "loglik": [float(ll) for ll in lls],
+                }
             )
-        return {"acc": hits / len(examples), "acc_norm": norm_hits / len(examples)}
+        n = len(examples)
+        return {"acc": hits / n, "acc_norm": norm_hits / n}, rows
 
-    def _score_generate(self, model, examples, batch_size) -> dict[str, float]:
+    def _score_generate(self, model, examples, batch_size) -> tuple[dict[str, float], list]:
+        """(acc, one row per example: gold, pred = the extracted label's choice, correct)."""
         prompts = [alpaca_prompt(example.instruction) for example in examples]
         texts = self._generate_texts(model, prompts, batch_size)
-        hits = sum(
-            extract_choice_label(text, example.label_word) == example.gold_label
-            for text, example in zip(texts, examples)
-        )
-        return {"acc": hits / len(examples)}
+        rows = []
+        for text, example in zip(texts, examples):
+            label = extract_choice_label(text, example.label_word)
+            correct = label == example.gold_label
+            pred = int(label[len(example.label_word) :]) - 1 if label else None
+            rows.append({"gold": example.gold, "pred": pred, "correct": correct})
+        return {"acc": sum(row["correct"] for row in rows) / len(examples)}, rows
 
 
 class MathTask(Task):
@@ -199,11 +224,16 @@ class MathTask(Task):
         examples = self.eval_examples[:max_examples]
         prompts = [math_prompt(example.question, self.cfg.prompt_format) for example in examples]
         texts = self._generate_texts(model, prompts, batch_size)
-        hits = sum(
+        correct = [
             numbers_match(extract_last_number(cut_at_stop_strings(text)), example.gold)
             for text, example in zip(texts, examples)
-        )
-        return {"acc": hits / len(examples), "n": float(len(examples))}
+        ]
+        ids = unique_ids([example_id(ex.question, ex.gold) for ex in examples])
+        self.last_examples = [
+            {"eval_set": self.name, "example_id": id_, "correct": hit}
+            for id_, hit in zip(ids, correct)
+        ]
+        return {"acc": sum(correct) / len(examples), "n": float(len(examples))}
 
 
 def argmax(values: list[float]) -> int:

@@ -5,7 +5,9 @@ business, entertainment, politics, sports, tech; first line = headline). An exam
 headline plus the first ``max_words`` words of the body (default 16: about 38 SmolLM2 tokens,
 short enough for CPU runs); the choices are the five topic names, scored exactly like ARC
 (loglik ``acc`` / ``acc_norm``) or, in the llm_adapters format, by generation. The train/eval
-split is fixed by a hash of ``<topic>/<file>`` (10% eval), independent of the seed.
+split is fixed by a hash of ``<topic>/<file>`` (10% eval), independent of the seed; the
+``validation`` split (``task.eval_split=validation``) is the held-out slice of the train part
+chosen like every dataset's (:func:`stablelora.tasks.data.holdout_mask`), never trained on.
 ``task.data_dir`` may point to another copy of the corpus in the same layout.
 """
 
@@ -17,8 +19,10 @@ from pathlib import Path
 from stablelora.tasks.base import MultipleChoiceTask
 from stablelora.tasks.data import (
     EVAL_SHUFFLE_SEED,
+    VALIDATION,
     DataSource,
     TaskConfig,
+    holdout_rows,
     package_data_dir,
     sample_indices,
 )
@@ -81,20 +85,34 @@ def to_example(headline: str, body: str, topic: int, topics: list[str], max_word
     )
 
 
-def build(cfg: TaskConfig, tokenizer, *, seed: int) -> MultipleChoiceTask:
-    """Articles split by file hash; train subsampled with ``seed``, eval in a fixed order."""
+def load_split_examples(
+    cfg: TaskConfig, *, seed: int
+) -> tuple[list[MultipleChoiceExample], list[MultipleChoiceExample]]:
+    """(train, eval) examples: articles split by file hash; train subsampled with ``seed``,
+    eval (test, or the held-out validation slice of train) in a fixed shuffled order."""
     max_words = int(cfg.options.get("max_words", DEFAULT_MAX_WORDS))
     dirs = topic_dirs(corpus_dir(cfg))
     topics = [d.name for d in dirs]
     train: list[MultipleChoiceExample] = []
-    evals: list[MultipleChoiceExample] = []
+    tests: list[MultipleChoiceExample] = []
     for topic, folder in enumerate(dirs):
         for path in sorted(folder.glob("*.txt")):
             example = to_example(*read_article(path), topic, topics, max_words)
-            (evals if is_eval_file(folder.name, path.name) else train).append(example)
+            (tests if is_eval_file(folder.name, path.name) else train).append(example)
+    # By the example's text, so that the corpus' duplicate articles fall on one side together.
+    held_out = holdout_rows([{"query": ex.query, "gold": ex.gold} for ex in train])
+    validation = [ex for ex, held in zip(train, held_out) if held]
+    if cfg.excludes_validation:
+        train = [ex for ex, held in zip(train, held_out) if not held]
     train = [
         train[i] for i in sample_indices(len(train), cfg.max_train_examples, seed, shuffle=False)
     ]
+    evals = validation if cfg.eval_split == VALIDATION else tests
     order = sample_indices(len(evals), cfg.max_eval_examples, EVAL_SHUFFLE_SEED, shuffle=True)
-    evals = [evals[i] for i in order]
+    return train, [evals[i] for i in order]
+
+
+def build(cfg: TaskConfig, tokenizer, *, seed: int) -> MultipleChoiceTask:
+    """The BBC News task: :func:`load_split_examples` of ``cfg``."""
+    train, evals = load_split_examples(cfg, seed=seed)
     return MultipleChoiceTask(cfg, tokenizer, train, {cfg.name: evals}, main_metric="acc")

@@ -8,11 +8,12 @@ imported inside functions only: importing it costs seconds, and config checks mu
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,13 @@ LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
 # Evaluation subsets are shuffled with this fixed seed, not the run's seed, so every run (and
 # every seed of a sweep) scores the same examples and any prefix of them is a random sample.
 EVAL_SHUFFLE_SEED = 0
+# The held-out validation split of a dataset that has none (offline copies of ARC, BBC News):
+# the train rows whose content hash falls in the first HOLDOUT_PERCENT of the hash range, at
+# most HOLDOUT_MAX_ROWS of them (the smallest hashes). A row's membership depends on the row
+# alone (not on file order, the seed or max_train_examples); identical rows fall together.
+VALIDATION = "validation"
+HOLDOUT_PERCENT = 10
+HOLDOUT_MAX_ROWS = 500
 
 
 @dataclass(frozen=True)
@@ -41,7 +49,15 @@ class TaskConfig:
     max_eval_examples: int | None = None
     max_length: int = 256
     max_new_tokens: int = 32
+    # Train without the held-out validation slice even when scoring another split (the final
+    # runs of an lr selection train on exactly the data the selection runs trained on).
+    # Implied by eval_split=validation; nothing to hold out when the split is official.
+    holdout_validation: bool = False
     options: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def excludes_validation(self) -> bool:
+        return self.holdout_validation or self.eval_split == VALIDATION
 
     @classmethod
     def from_any(cls, task_cfg: Any) -> TaskConfig:
@@ -73,6 +89,10 @@ class DataSource:
     split: str
     data_dir: str | None
     layout: str = "one <split>.jsonl/.json/.parquet per split in the Hub schema"
+    # The split ``validation`` is carved from this train split when the dataset has none;
+    # on a train split: drop that held-out slice when the validation split is carved.
+    holdout_of: str | None = None
+    drop_holdout: bool = False
 
     @property
     def hub_name(self) -> str:
@@ -82,8 +102,21 @@ class DataSource:
 
 
 def split_source(cfg: TaskConfig, split: str) -> DataSource:
-    """Split ``split`` of the task's Hub dataset (``hub_id``/``hub_config``) or of ``data_dir``."""
-    return DataSource(cfg.name, cfg.hub_id, cfg.hub_config, split, cfg.data_dir)
+    """Split ``split`` of the task's Hub dataset (``hub_id``/``hub_config``) or of ``data_dir``.
+
+    ``validation`` is the dataset's own when it has one, else the held-out slice of the train
+    split (:func:`holdout_mask`); the train split drops that slice when
+    ``cfg.excludes_validation``.
+    """
+    return DataSource(
+        cfg.name,
+        cfg.hub_id,
+        cfg.hub_config,
+        split,
+        cfg.data_dir,
+        holdout_of=cfg.train_split if split == VALIDATION else None,
+        drop_holdout=split == cfg.train_split and cfg.excludes_validation,
+    )
 
 
 def hub_sources(cfg: TaskConfig) -> list[DataSource]:
@@ -133,7 +166,10 @@ def check_source(source: DataSource) -> None:
                 f"task {source.task}: data_dir {source.data_dir} does not exist: set "
                 f"task.data_dir to a folder with {source.layout}"
             )
-        if local_split_file(source.data_dir, source.split) is None:
+        carved = source.holdout_of is not None and local_split_file(
+            source.data_dir, source.holdout_of
+        )
+        if local_split_file(source.data_dir, source.split) is None and not carved:
             raise ValueError(
                 f"task {source.task}: {source.data_dir} has no {source.split}.jsonl, "
                 f"{source.split}.json or {source.split}.parquet: add the {source.split} split "
@@ -164,8 +200,62 @@ def read_local_rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
+def row_hash(row: Mapping) -> int:
+    """A stable 128-bit hash of a row's content (its columns and values, key order ignored)."""
+    text = json.dumps(row, sort_keys=True, ensure_ascii=False, default=str)
+    return int(hashlib.md5(text.encode("utf-8")).hexdigest(), 16)
+
+
+def holdout_mask(keys: Sequence[int], bits: int = 128) -> list[bool]:
+    """Which of the rows with hashes ``keys`` form the held-out validation split: those in the
+    first :data:`HOLDOUT_PERCENT` of the hash range, at most :data:`HOLDOUT_MAX_ROWS` (the
+    smallest hashes; ties keep file order)."""
+    cut = (HOLDOUT_PERCENT << bits) // 100
+    chosen = sorted((key, i) for i, key in enumerate(keys) if key < cut)[:HOLDOUT_MAX_ROWS]
+    mask = [False] * len(keys)
+    for _, i in chosen:
+        mask[i] = True
+    return mask
+
+
+def has_split(source: DataSource, split: str) -> bool:
+    """Whether the dataset of ``source`` has ``split`` (a local file, or a Hub split)."""
+    if source.data_dir is not None:
+        return local_split_file(source.data_dir, split) is not None
+    import datasets
+
+    try:
+        datasets.load_dataset(source.hub_id, source.hub_config, split=split)
+    except ValueError:  # datasets: 'Unknown split "validation". Should be one of [...]'
+        return False
+    return True
+
+
 def load_rows(source: DataSource) -> Sequence[dict]:
-    """All rows of a split: a list (local files) or a ``datasets.Dataset`` (Hub)."""
+    """All rows of a split: a list (local files) or a ``datasets.Dataset`` (Hub); the held-out
+    validation split (or the train split without it) where the dataset has no validation."""
+    if source.holdout_of is not None and not has_split(source, source.split):
+        rows = _split_rows(replace(source, split=source.holdout_of))
+        held = [i for i, m in enumerate(holdout_rows(rows)) if m]
+        if not held:
+            raise ValueError(
+                f"task {source.task}: {source.hub_name} has no validation split and its "
+                f"{source.holdout_of} split ({len(rows)} rows) is too small to hold one out: "
+                "add a validation split or score another (task.eval_split)"
+            )
+        return select_rows(rows, held)
+    if source.drop_holdout and not has_split(source, VALIDATION):
+        rows = _split_rows(source)
+        return select_rows(rows, [i for i, m in enumerate(holdout_rows(rows)) if not m])
+    return _split_rows(source)
+
+
+def holdout_rows(rows: Sequence[dict]) -> list[bool]:
+    """:func:`holdout_mask` of ``rows`` by their content hashes."""
+    return holdout_mask([row_hash(row) for row in rows])
+
+
+def _split_rows(source: DataSource) -> Sequence[dict]:
     if source.data_dir is not None:
         path = local_split_file(source.data_dir, source.split)
         if path is None:

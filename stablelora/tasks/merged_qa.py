@@ -2,11 +2,18 @@
 
 ``task.subtasks`` maps each subtask name to its task config (``conf/task/merged_qa.yaml``
 composes them from ``conf/task/<name>.yaml``). A subtask takes only its data fields from there
-(``family``, ``hub_id``, ``hub_config``, ``train_split``, ``eval_split``); the protocol, prompt
-format and lengths are the mixture's. ``data_dir`` holds one folder per subtask,
-``<data_dir>/<subtask>/<split>.jsonl``. ``max_train_examples`` caps the whole mixture,
-``max_eval_examples`` each subtask. Metrics: ``acc/<subtask>`` (and ``acc_norm/<subtask>``)
-and their unweighted mean over the subtasks, ``acc`` (the main metric).
+(``family``, ``hub_id``, ``hub_config``, ``train_split``, ``eval_split``, a family's own
+options such as BBC News' ``max_words``); the protocol, prompt format and lengths are the
+mixture's. ``data_dir`` holds one folder per subtask, ``<data_dir>/<subtask>/<split>.jsonl``;
+when it is null each subtask reads its own ``data_dir`` (``${data_dir:<name>}``: under
+``data_root``) or the Hub. ``task.eval_split=validation`` scores every subtask on its
+validation split (official, or held out from its train split, which then never trains);
+``task.holdout_validation=true`` trains without the held-out slices while scoring the
+subtasks' own eval splits. ``max_train_examples`` caps the whole mixture,
+``max_eval_examples`` each subtask. A subtask is any single multiple-choice dataset (a family
+with ``to_example``) or BBC News (a family with ``load_split_examples``). Metrics:
+``acc/<subtask>`` (and ``acc_norm/<subtask>``) and their unweighted mean over the subtasks,
+``acc`` (the main metric).
 """
 
 from __future__ import annotations
@@ -15,12 +22,13 @@ import importlib
 from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from stablelora.tasks.base import MultipleChoiceTask, load_train_and_eval
 from stablelora.tasks.data import (
+    VALIDATION,
     DataSource,
     TaskConfig,
-    hub_sources,
     sample_indices,
     split_source,
 )
@@ -43,12 +51,18 @@ def subtask_configs(cfg: TaskConfig) -> dict[str, TaskConfig]:
         missing = [f for f in DATA_FIELDS if f not in sub]
         if missing:
             raise ValueError(f"task {cfg.name}: subtask {name} lacks {missing}: add them")
-        configs[name] = TaskConfig(
-            name=name,
-            **{f: sub[f] for f in DATA_FIELDS},
-            data_dir=str(Path(cfg.data_dir) / name) if cfg.data_dir is not None else None,
+        # data_dir is read only when the mixture has none (it may be an interpolation).
+        own = TaskConfig.from_any({k: sub[k] for k in sub if k != "data_dir"} | {"name": name})
+        configs[name] = replace(
+            own,
+            data_dir=str(Path(cfg.data_dir) / name)
+            if cfg.data_dir is not None
+            else sub.get("data_dir"),
+            eval_split=VALIDATION if cfg.eval_split == VALIDATION else own.eval_split,
+            holdout_validation=cfg.excludes_validation,
             protocol=cfg.protocol,
             prompt_format=cfg.prompt_format,
+            max_train_examples=None,
             max_eval_examples=cfg.max_eval_examples,
             max_length=cfg.max_length,
             max_new_tokens=cfg.max_new_tokens,
@@ -59,39 +73,50 @@ def subtask_configs(cfg: TaskConfig) -> dict[str, TaskConfig]:
 def family_of(sub: TaskConfig):
     """The family module of a subtask, which must be a single multiple-choice dataset."""
     module = importlib.import_module(f"stablelora.tasks.{sub.family}")
-    if getattr(module, "KIND", None) != "multiple_choice" or not hasattr(module, "to_example"):
+    loads = hasattr(module, "to_example") or hasattr(module, "load_split_examples")
+    if getattr(module, "KIND", None) != "multiple_choice" or not loads:
         raise ValueError(
             f"subtask {sub.name} has family {sub.family}, which is not a single multiple-choice "
-            "dataset: use hellaswag, siqa, obqa or arc"
+            "dataset: use hellaswag, siqa, obqa, arc or bbc_news"
         )
     return module
 
 
 def check(cfg: TaskConfig) -> None:
-    """Validate the subtasks (names, data fields, families)."""
+    """Validate the subtasks (names, data fields, families, a family's own check)."""
     for sub in subtask_configs(cfg).values():
-        family_of(sub)
+        module = family_of(sub)
+        if hasattr(module, "check"):
+            module.check(sub)
 
 
 def sources(cfg: TaskConfig) -> list[DataSource]:
     return [
         replace(source, task=f"{cfg.name} (subtask {sub.name})", layout=SUBTASK_LAYOUT)
         for sub in subtask_configs(cfg).values()
-        for source in hub_sources(sub)
+        for source in family_of(sub).sources(sub)
     ]
+
+
+def subtask_examples(sub: TaskConfig, *, seed: int) -> tuple[list, list[Any]]:
+    """(train, eval) examples of one subtask."""
+    module = family_of(sub)
+    if hasattr(module, "load_split_examples"):
+        return module.load_split_examples(sub, seed=seed)
+    return load_train_and_eval(
+        sub,
+        split_source(sub, sub.train_split),
+        split_source(sub, sub.eval_split),
+        module.to_example,
+        seed=seed,
+    )
 
 
 def build(cfg: TaskConfig, tokenizer, *, seed: int) -> MultipleChoiceTask:
     """The mixture: all subtasks' train examples (then capped), one eval set per subtask."""
     train, eval_sets = [], {}
     for name, sub in subtask_configs(cfg).items():
-        sub_train, eval_sets[name] = load_train_and_eval(
-            sub,
-            split_source(sub, sub.train_split),
-            split_source(sub, sub.eval_split),
-            family_of(sub).to_example,
-            seed=seed,
-        )
+        sub_train, eval_sets[name] = subtask_examples(sub, seed=seed)
         train += sub_train
     train = [
         train[i] for i in sample_indices(len(train), cfg.max_train_examples, seed, shuffle=False)

@@ -1,0 +1,120 @@
+"""Learning-rate selection on held-out data (``tuned_lr``): the first stage of a tuned study.
+
+A selection sweep trains every method at every lr of a shared grid and scores it on the
+validation split (``task.eval_split=validation``). For each (model, task, method and its other
+hyper-parameters) this picks the lr with the highest mean final main metric (``score``) over
+its completed selection runs (seeds); a tie goes to the **smaller** lr (the cheaper step, and
+the order of the grid; it is stated in the table's notes). An lr none of whose runs completed
+(diverged, failed) cannot be picked. A pick on the grid's smallest or largest lr is flagged:
+the grid should be extended there.
+
+The picks are written by ``analysis.report`` next to the table, as ``tuned_lr.json`` (see
+:func:`picks_record`); the final stage (``python -m experiments cpu/tuned_final``) reads that
+file and runs each method at its pick, so the selection is never redone by hand.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+
+from analysis.collect import Collection, format_value, label_runs
+from analysis.tables.aggregation import aggregate, check_mode, sort_frame
+from analysis.tables.formatting import Table, cell_text
+
+PICKS_FILE = "tuned_lr.json"
+TIE_RULE = "ties go to the smaller lr"
+KEYS = ["model", "task", "label", "method"]
+
+
+def pick_learning_rates(runs: pd.DataFrame) -> pd.DataFrame:
+    """One row per (model, task, label, method, lr): the mean ``score`` over completed runs
+    (``value``), ``std``, ``n``/``runs``, ``picked`` and ``edge`` (the pick is the grid's
+    smallest or largest lr); ``label`` leaves the lr out."""
+    runs = label_runs(runs.copy(), exclude=["optim.lr"])
+    frame = runs.assign(value=pd.to_numeric(runs["score"], errors="coerce"))
+    frame.loc[frame["status"] != "completed", "value"] = math.nan
+    stats = aggregate(frame, [*KEYS, "optim.lr"], "mean")
+    stats["optim.lr"] = stats["optim.lr"].astype(float)
+    stats["picked"], stats["edge"] = False, False
+    for _, group in stats.groupby(KEYS, dropna=False, sort=False):
+        scored = group[group["value"].notna()]
+        if scored.empty:
+            continue
+        # the highest mean; among equal means the smallest lr
+        best = scored.sort_values(["value", "optim.lr"], ascending=[False, True]).index[0]
+        stats.loc[best, "picked"] = True
+        grid = group["optim.lr"]
+        lr = stats.loc[best, "optim.lr"]
+        stats.loc[best, "edge"] = len(grid) > 1 and lr in (grid.min(), grid.max())
+    return sort_frame(stats, [*KEYS, "optim.lr"]).reset_index(drop=True)
+
+
+def picks_record(data: pd.DataFrame) -> dict:
+    """The content of ``tuned_lr.json`` from the table's data: the rule and one entry per
+    pick."""
+    picked = data[data["picked"]]
+    split = data["split"].iloc[0] if len(data) else None
+    return {
+        "metric": "score (final main metric), mean over the selection runs' seeds",
+        "split": None if pd.isna(split) else split,
+        "tie_rule": TIE_RULE,
+        "picks": [
+            {
+                "model": row["model"],
+                "task": row["task"],
+                "method": row["method"],
+                "label": row["label"],
+                "lr": float(row["optim.lr"]),
+                "score": float(row["value"]),
+                "seeds": int(row["n"]),
+                "on_grid_edge": bool(row["edge"]),
+            }
+            for _, row in picked.iterrows()
+        ],
+    }
+
+
+def selection_split(runs: pd.DataFrame) -> str | None:
+    """The eval split the runs were scored on (``"validation"``...), or None if mixed."""
+    splits = set(runs["task.eval_split"].dropna()) if "task.eval_split" in runs else set()
+    return next(iter(splits)) if len(splits) == 1 else None
+
+
+def tuned_lr(coll: Collection, seeds: str = "mean") -> Table | None:
+    """Every (method, lr) of the selection sweep with its mean validation score, and the pick."""
+    check_mode(seeds)
+    runs = coll.runs
+    if runs.empty or "optim.lr" not in runs or runs["optim.lr"].nunique() < 2:
+        return None
+    split = selection_split(runs)
+    data = pick_learning_rates(runs).assign(split=split)
+    display = pd.DataFrame(
+        {
+            "model": data["model"].astype(str),
+            "task": data["task"].astype(str),
+            "method": data["label"].astype(str),
+            "lr": data["optim.lr"].map(format_value),
+            "score (mean ± std)": data.apply(lambda r: cell_text(r, "mean", 4), axis=1),
+            "picked": [
+                ("yes" + (" (grid edge)" if edge else "")) if picked else ""
+                for picked, edge in zip(data["picked"], data["edge"])
+            ],
+        }
+    )
+    notes = [
+        "score: the final main metric (a mixture's: the unweighted mean over its tasks) on the "
+        f"{split or 'runs eval'} split, mean ± sample std over the completed selection runs "
+        "(n/runs when some did not complete).",
+        f"Pick: the lr with the highest mean score per model, task and method; {TIE_RULE}; an "
+        "lr with no completed run is never picked. A pick on the grid's edge means the grid "
+        "should be extended beyond it.",
+    ]
+    if split != "validation":
+        notes.append(
+            "These runs were not all scored on the held-out validation split "
+            f"(task.eval_split: {split or 'mixed'}): the pick is not a held-out selection."
+        )
+    title = "Learning rate picked per method on validation"
+    return Table("tuned_lr", title, display, data, notes, key_columns=3)

@@ -1,0 +1,164 @@
+"""The analysis of a tuned study: lr selection on validation (``tuned_lr`` and its record),
+and the example-level paired tests (``paired_examples``, ``paired_bootstrap``) checked against
+scipy on hand-built tables."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from scipy.stats import binomtest, chi2
+from test_analysis_tables import tables_of, write_run
+
+from analysis.collect import collect
+from analysis.report import main as report_main
+from analysis.tables.paired_examples import (
+    BOOTSTRAP_SAMPLES,
+    bootstrap_differences,
+    mcnemar_test,
+    mdd_factor,
+)
+from analysis.tables.tuned_lr import PICKS_FILE, TIE_RULE, pick_learning_rates
+from stablelora.example_records import ExampleRecords
+
+
+def write_examples(run_dir, correct: dict[str, list[bool]], step: int = 10) -> None:
+    """``examples.parquet`` with one evaluation at ``step`` (and a worse one at step 0, which
+    the tests must ignore: only the last evaluation counts)."""
+    records = ExampleRecords(run_dir)
+    for at, flip in ((0, True), (step, False)):
+        rows = [
+            {"eval_set": name, "example_id": f"{name}-{i}", "correct": hit != flip}
+            for name, hits in correct.items()
+            for i, hit in enumerate(hits)
+        ]
+        records.write(at, rows)
+
+
+def discordant(n: int, b: int, c: int, both: int) -> tuple[list[bool], list[bool]]:
+    """(method, reference) correctness of n examples with b, c discordant and ``both`` right."""
+    method = [True] * b + [False] * c + [True] * both
+    reference = [False] * b + [True] * c + [True] * both
+    rest = n - len(method)
+    return method + [False] * rest, reference + [False] * rest
+
+
+# ---------------------------------------------------------------------------- McNemar
+@pytest.mark.parametrize(("b", "c"), [(3, 9), (0, 7), (12, 12), (30, 14), (61, 40)])
+def test_mcnemar_equals_scipy_exact_binomial_or_corrected_chi_square(tmp_path, b, c):
+    n = 200
+    method, reference = discordant(n, b, c, both=90)
+    for name, hits, acc in (("lora", reference, 0.5), ("stable_lora", method, 0.6)):
+        run = write_run(tmp_path, name, task="bbc_news", method=name, acc=acc)
+        write_examples(run, {"bbc_news": hits})
+    table = tables_of(tmp_path)["paired_examples"]
+    row = table.data.iloc[0]
+    assert (row["b"], row["c"], row["n"]) == (b, c, n)
+    if b + c < 25:
+        expected = binomtest(b, b + c, 0.5).pvalue if b + c else 1.0
+        assert row["test"] == "exact"
+    else:
+        expected = chi2.sf((abs(b - c) - 1) ** 2 / (b + c), 1)
+        assert row["test"] == "chi2"
+    assert row["p_value"] == pytest.approx(expected, rel=1e-9)
+    assert row["diff"] == pytest.approx(100 * (b - c) / n)
+    assert row["acc"] - row["acc_reference"] == pytest.approx(row["diff"])
+    se = np.sqrt(((b + c) / n - ((b - c) / n) ** 2) / n)
+    assert row["mdd"] == pytest.approx(100 * 2.8016 * se, rel=1e-4)
+    assert "MDD" in table.markdown()
+
+
+def test_no_discordant_example_has_no_mdd(tmp_path):
+    for name in ("lora", "stable_lora"):
+        write_examples(write_run(tmp_path, name, method=name), {"bbc_news": [True, False] * 5})
+    tables = tables_of(tmp_path)
+    row = tables["paired_examples"].data.iloc[0]
+    assert (row["b"], row["c"], row["p_value"]) == (0, 0, 1.0) and np.isnan(row["mdd"])
+    assert tables["paired_examples"].display["MDD (pp)"].tolist() == ["–"]
+    assert np.isnan(tables["paired_bootstrap"].data.iloc[0]["mdd"])
+
+
+def test_mcnemar_helper_and_mdd_factor():
+    assert mcnemar_test(0, 0)[0] == 1.0
+    assert mcnemar_test(2, 10) == (pytest.approx(binomtest(2, 12, 0.5).pvalue), "exact")
+    assert mdd_factor() == pytest.approx(1.959964 + 0.841621, abs=1e-5)
+
+
+# ---------------------------------------------------------------------------- bootstrap
+def test_paired_bootstrap_over_seeds_and_examples(tmp_path):
+    rng = np.random.default_rng(1)
+    sets = {"arc_easy": 120, "bbc_news": 80}
+    truth = {}
+    for seed in (0, 1, 2):
+        reference = {name: list(rng.random(n) < 0.5) for name, n in sets.items()}
+        method = {
+            name: [h or (rng.random() < 0.2) for h in hits] for name, hits in reference.items()
+        }
+        for name, hits in (("lora", reference), ("stable_lora", method)):
+            run = write_run(tmp_path, f"{name}-{seed}", task="arc_bbc", method=name, seed=seed,
+                            final={"eval/acc": 0.5, **{f"eval/acc/{k}": 0.5 for k in sets}})  # fmt: skip
+            write_examples(run, hits)
+        for name in sets:
+            truth.setdefault(name, []).append(np.mean(method[name]) - np.mean(reference[name]))
+    data = tables_of(tmp_path)["paired_bootstrap"].data.set_index("eval_set")
+    assert list(data.index) == ["arc_easy", "bbc_news", "Avg"]
+    for name in sets:
+        assert data.loc[name, "diff"] == pytest.approx(100 * np.mean(truth[name]))
+        assert data.loc[name, "seeds"] == 3 and data.loc[name, "examples"] == sets[name]
+    average = np.mean([np.mean(truth[name]) for name in sets])
+    assert data.loc["Avg", "diff"] == pytest.approx(100 * average)
+    for name in data.index:  # the method only ever gains: a positive interval
+        row = data.loc[name]
+        assert 0 < row["ci_low"] < row["diff"] < row["ci_high"] and row["p_value"] < 0.01
+        assert row["mdd"] == pytest.approx(mdd_factor() * row["se"])
+    mcnemar = tables_of(tmp_path)["paired_examples"].data
+    assert len(mcnemar) == 6 and (mcnemar["c"] == 0).all()  # per task and seed
+
+
+def test_bootstrap_of_identical_methods_is_zero_and_reproducible():
+    hits = np.array([[1, 0, 1, 1], [0, 0, 1, 1]], dtype=float)
+    draws = bootstrap_differences({"a": (hits, hits)}, [0, 1])
+    assert draws.shape == (BOOTSTRAP_SAMPLES,) and not draws.any()
+    better = np.ones_like(hits)
+    first = bootstrap_differences({"a": (better, hits)}, [0, 1], samples=200)
+    again = bootstrap_differences({"a": (better, hits)}, [0, 1], samples=200)
+    assert np.array_equal(first, again) and first.min() >= 0
+    assert first.mean() == pytest.approx(1 - hits.mean(), abs=0.05)
+
+
+# ---------------------------------------------------------------------------- lr selection
+def test_tuned_lr_picks_the_best_mean_validation_score_smaller_lr_on_ties(tmp_path):
+    grid = (1e-4, 3e-4, 1e-3)
+    scores = {
+        "lora": {1e-4: (0.60, 0.62), 3e-4: (0.70, 0.72), 1e-3: (0.65, 0.65)},
+        "rslora": {1e-4: (0.70, 0.70), 3e-4: (0.69, 0.71), 1e-3: (0.60, 0.60)},  # a tie
+        "stable_lora": {1e-4: (0.50, 0.50), 3e-4: (0.55, 0.55), 1e-3: (0.90, None)},
+    }
+    for method, by_lr in scores.items():
+        for lr in grid:
+            for seed, acc in enumerate(by_lr[lr]):
+                status = "completed" if acc is not None else "diverged"
+                write_run(tmp_path, f"{method}-{lr}-{seed}", method=method, seed=seed,
+                          acc=acc or 0.0, status=status,
+                          config={"optim.lr": lr, "task.eval_split": "validation"})  # fmt: skip
+    write_run(tmp_path, "loraplus-x", method="loraplus", acc=0.1, status="failed",
+              config={"optim.lr": 1e-4, "task.eval_split": "validation"})  # fmt: skip
+    data = pick_learning_rates(collect(tmp_path).runs)
+    picks = dict(zip(data.loc[data["picked"], "method"], data.loc[data["picked"], "optim.lr"]))
+    # lora: the best mean; rslora: 0.70 at 1e-4 and 3e-4, the smaller wins; stable_lora: the
+    # diverged seed leaves 0.90 over one completed run; loraplus: nothing completed, no pick
+    assert picks == {"lora": 3e-4, "rslora": 1e-4, "stable_lora": 1e-3}
+    assert len(data) == 10 and data["picked"].sum() == 3
+    edges = dict(zip(data.loc[data["picked"], "method"], data.loc[data["picked"], "edge"]))
+    assert edges == {"lora": False, "rslora": True, "stable_lora": True}
+
+    out = tmp_path / "report"
+    report_main([str(tmp_path), "--out", str(out), "--tables", "tuned_lr", "--no-plots"])
+    record = json.loads((out / PICKS_FILE).read_text())
+    assert record["split"] == "validation" and record["tie_rule"] == TIE_RULE
+    assert {p["method"]: p["lr"] for p in record["picks"]} == picks
+    stable = next(p for p in record["picks"] if p["method"] == "stable_lora")
+    assert stable["seeds"] == 1 and stable["on_grid_edge"] and stable["score"] == 0.9
+    markdown = (out / "tables" / "tuned_lr.md").read_text()
+    assert TIE_RULE in markdown and "yes (grid edge)" in markdown
