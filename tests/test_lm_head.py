@@ -90,12 +90,11 @@ def test_loss_and_gradients_at_label_positions_equal_the_full_forward(family):
 def test_loglik_scores_at_continuation_positions_equal_the_full_forward(family):
     model = tiny_model(family)
     ids = batch(1)["input_ids"].tolist()
-    # Continuations of 1-3 tokens, two requests sharing ids[:-1] (one forward for both), and
-    # sequences of different lengths in one padded batch.
-    # Continuations of 1-4 tokens, three requests sharing ids[:-1] (one forward for them all,
-    # one with a longer continuation), and sequences of different lengths in one padded batch.
+    # Continuations of 1-4 tokens, requests sharing ids[:-1] and requests sharing a context
+    # (ids[0][:8]) with continuations of 1 and 3 tokens, sequences of different lengths in one
+    # padded batch.
     requests = [(ids[0][:9], 1), (ids[1][:12], 3), (ids[2][:6], 2), (ids[0][:8] + [7], 1)]
-    requests += [(ids[3][:10], 4), (ids[0][:8] + [9], 2)]
+    requests += [(ids[3][:10], 4), (ids[0][:8] + [9], 2), (ids[0][:8] + [5, 6, 7], 3)]
     # The definition, one unpadded sequence at a time: log-softmax of the logits at position
     # t, read at token t + 1, summed over the continuation.
     expected = []

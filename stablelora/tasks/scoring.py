@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 
 import torch
 
-from stablelora.lm_head import IGNORE_INDEX, hidden_states, split_causal_lm
+from stablelora.lm_head import IGNORE_INDEX, split_causal_lm
 
 
 class PairEncoder:
@@ -119,12 +120,15 @@ def loglikelihoods(
     one sequence, not one each. Sequences are sorted longest first (the first batch shows the
     peak memory, and each batch holds sequences of similar length: little padding) and run
     ``batch_size`` at a time, right-padded, so the sums do not depend on the requests' order.
-    With ``head="used"`` the LM head and log-softmax run only at the continuation positions
-    (:mod:`stablelora.lm_head`; the full forward for a model it cannot split), ``"all"`` at
-    every position. Returns the sums in the order of ``requests``.
+    With ``head="used"`` (and a model :mod:`stablelora.lm_head` can split) each distinct
+    context runs once for all its continuations (:func:`_shared_context_loglikelihoods`) and
+    the LM head and log-softmax run only at the continuation positions; ``"all"`` (or a model
+    it cannot split) is the plain path above. Returns the sums in the order of ``requests``.
     """
     device = model_device(model)
     parts = split_causal_lm(model) if head == "used" else None
+    if parts is not None:
+        return _shared_context_loglikelihoods(parts, requests, batch_size, pad_id, device)
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, (ids, _) in enumerate(requests):
         groups.setdefault(tuple(ids[:-1]), []).append(i)
@@ -134,26 +138,75 @@ def loglikelihoods(
         batch = inputs[start : start + batch_size]
         input_ids = pad_right([list(ids) for ids in batch], pad_id).to(device)
         attention_mask = pad_right([[1] * len(ids) for ids in batch], 0).to(device)
-        # The positions each sequence's requests score: logits at t predict token t + 1.
-        spans = [
-            range(len(inp) - max(requests[i][1] for i in groups[inp]), len(inp)) for inp in batch
-        ]
-        if parts is None:
-            logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
-            rows = [logits[row, span.start : span.stop] for row, span in enumerate(spans)]
-        else:
-            hidden = hidden_states(parts, input_ids, attention_mask)
-            rows_index = torch.tensor([row for row, span in enumerate(spans) for _ in span])
-            cols_index = torch.tensor([t for span in spans for t in span])
-            used = parts.head(hidden[rows_index.to(device), cols_index.to(device)])
-            rows = list(used.split([len(span) for span in spans]))
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
         for row, inp in enumerate(batch):
-            log_probs = rows[row].float().log_softmax(-1)
             for i in groups[inp]:
                 ids, n_continuation = requests[i]
+                # logits at position t predict token t + 1
+                positions = slice(len(inp) - n_continuation, len(inp))
+                log_probs = logits[row, positions].float().log_softmax(-1)
                 targets = torch.tensor(ids[-n_continuation:], device=device)
-                picked = log_probs[-n_continuation:].gather(-1, targets[:, None])
-                sums[i] = picked.sum().item()
+                sums[i] = log_probs.gather(-1, targets[:, None]).sum().item()
+    return sums
+
+
+def _cache_keyword(body) -> str:
+    """The name of the KV-cache argument of ``body.forward``: ``cache`` (transformers 5) or
+    ``past_key_values`` (4.x)."""
+    return "cache" if "cache" in inspect.signature(body.forward).parameters else "past_key_values"
+
+
+def _shared_context_loglikelihoods(parts, requests, batch_size, pad_id, device) -> list[float]:
+    """:func:`loglikelihoods` with each distinct context computed once.
+
+    The choices of a question share its context (ARC: 4-5 continuations of a few tokens
+    after ~60 context tokens). The contexts run ``batch_size`` at a time (right-padded, longest
+    first) with a KV cache; the head at each context's last position scores every
+    continuation's first token; the cache is then repeated once per continuation and the
+    continuations' remaining tokens run on it (their pad tokens and the contexts' padding
+    masked, positions continuing each context), the head only at their positions.
+    """
+    keyword = _cache_keyword(parts.body)
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, (ids, n) in enumerate(requests):
+        groups.setdefault(tuple(ids[:-n]), []).append(i)
+    contexts = sorted(groups, key=len, reverse=True)
+    sums = [0.0] * len(requests)
+    for start in range(0, len(contexts), batch_size):
+        batch = contexts[start : start + batch_size]
+        lengths = torch.tensor([len(c) for c in batch], device=device)
+        context_ids = pad_right([list(c) for c in batch], pad_id).to(device)
+        context_mask = pad_right([[1] * len(c) for c in batch], 0).to(device)
+        out = parts.body(input_ids=context_ids, attention_mask=context_mask, use_cache=True)
+        cache = getattr(out, keyword)
+        last = out.last_hidden_state[torch.arange(len(batch), device=device), lengths - 1]
+        first = parts.head(last).float().log_softmax(-1)  # (contexts, vocab)
+        rows = [(b, i) for b, context in enumerate(batch) for i in groups[context]]
+        continuations = [requests[i][0][-requests[i][1] :] for _, i in rows]
+        for (b, i), continuation in zip(rows, continuations):
+            sums[i] = first[b, continuation[0]].item()
+        tails = [(r, c[:-1]) for r, c in enumerate(continuations) if len(c) > 1]
+        if not tails:
+            continue
+        owners = torch.tensor([rows[r][0] for r, _ in tails], device=device)
+        cache.reorder_cache(owners)  # one copy of its context per continuation
+        width = max(len(t) for _, t in tails)
+        tail_ids = pad_right([t for _, t in tails], pad_id).to(device)
+        tail_mask = pad_right([[1] * len(t) for _, t in tails], 0).to(device)
+        positions = lengths[owners][:, None] + torch.arange(width, device=device)
+        hidden = parts.body(
+            input_ids=tail_ids,
+            attention_mask=torch.cat([context_mask[owners], tail_mask], dim=1),
+            position_ids=positions,
+            use_cache=True,
+            **{keyword: cache},
+        ).last_hidden_state
+        used = tail_mask.bool()
+        log_probs = parts.head(hidden[used]).float().log_softmax(-1)
+        targets = torch.tensor([tok for r, _ in tails for tok in continuations[r][1:]])
+        picked = log_probs.gather(-1, targets[:, None].to(device))[:, 0]
+        for (r, _), values in zip(tails, picked.split([len(t) for _, t in tails])):
+            sums[rows[r][1]] += values.sum().item()
     return sums
 
 
