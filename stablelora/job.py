@@ -1,6 +1,6 @@
 """``run_job``: what ``run.py`` calls. It runs :func:`stablelora.train.train` and turns every way
 a run can end into records, one line and an exit code: a config error (exit code 2), a busy or
-foreign run folder, short records, a full disk, a stop signal (``interrupted``, resumable),
+foreign run folder, short or damaged records (left as found), a full disk, a stop signal (``interrupted``, resumable),
 any other error (``failed``, with its traceback). A diverged run is a result (exit code 0).
 """
 
@@ -21,7 +21,7 @@ from stablelora.validation import CONFIG_ERROR_EXIT, ConfigError, plain_config
 def run_job(cfg, run_dir: Path, multirun: bool = False):
     """Train, turning errors into records and one line each: a bad config; a folder that is
     busy, holds another configuration or has only damaged checkpoints (nothing recorded in
-    it); short records; a full disk; a stop signal (``interrupted``, resumable). Any other
+    it); short or damaged records (left as found, to be repaired); a full disk; a stop signal (``interrupted``, resumable). Any other
     error marks the run ``failed`` with its traceback. In a multirun a failed job is recorded
     and the sweep goes on (the sweep summary counts it); in a single run the process exits
     non-zero. A diverged run is a result: exit code 0."""
@@ -46,8 +46,8 @@ def run_job(cfg, run_dir: Path, multirun: bool = False):
         return fail(f"config error: {error}", code=CONFIG_ERROR_EXIT)
     except RunFolderError as error:
         return fail(str(error), record=False)
-    except RecordsError as error:
-        return fail(str(error))
+    except RecordsError as error:  # the records are left as found, to be repaired
+        return fail(str(error), record=False)
     except RunInterrupted as error:
         report_to_sweep(run_dir, "interrupted")
         print(

@@ -164,19 +164,33 @@ def remove_checkpoints(run_dir: Path) -> None:
 
 # ---------------------------------------------------------------------------- contents
 def check_run_folder(run_dir: Path, config: dict) -> None:
-    """Stop (one line) when ``run_dir`` already holds a run of another configuration: a
-    folder belongs to exactly one resolved configuration (display-only keys aside)."""
+    """Stop (one line) when ``run_dir`` already holds a run of another configuration (a
+    folder belongs to exactly one resolved configuration, display-only keys aside), or when
+    its ``config.yaml`` or ``summary.json`` cannot be read: the folder is left as found."""
     import yaml
 
     from stablelora.config import computed_config
+    from stablelora.records import RecordsError, read_summary
 
+    try:
+        read_summary(run_dir)
+    except RecordsError as error:
+        raise RunFolderError(
+            f"{error}: restore it, or delete it to run this run again (from its last "
+            "checkpoint, or from step 0 if it has none)."
+        ) from None
     stored_path = run_dir / "config.yaml"
     if not stored_path.exists():
         return
     try:
-        stored = yaml.safe_load(stored_path.read_text()) or {}
-    except yaml.YAMLError:
-        stored = {"unreadable": True}
+        stored = yaml.safe_load(stored_path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        stored = error
+    if not isinstance(stored, dict):
+        raise RunFolderError(
+            f"{stored_path} cannot be read (not a YAML mapping): restore it, or delete it if "
+            "this folder holds this configuration's run (its name is the configuration's hash)."
+        )
     flat_old, flat_new = _flatten(computed_config(stored)), _flatten(computed_config(config))
     differing = sorted(
         k for k in flat_old.keys() | flat_new.keys() if flat_old.get(k) != flat_new.get(k)
