@@ -161,6 +161,19 @@ def _grid(plt, panels: int, ncols: int = 3, width: float = 3.6, height: float = 
     return fig, flat[:panels]
 
 
+#: Figure metadata left out of the files: a rebuilt report is byte-identical to the
+#: committed one (no creation date, no matplotlib version in the PDF or PNG).
+FIXED_METADATA = {
+    ".pdf": {"CreationDate": None, "Creator": None, "Producer": None},
+    ".png": {"Software": None},
+}
+
+
+def save_figure(fig, path: Path, **kwargs) -> None:
+    """``fig.savefig(path)`` without the metadata that changes between builds."""
+    fig.savefig(path, metadata=FIXED_METADATA.get(Path(path).suffix), **kwargs)
+
+
 def _save(plt, fig, out_dir: Path, name: str) -> list[Path]:
     from matplotlib.ticker import MaxNLocator
 
@@ -170,7 +183,7 @@ def _save(plt, fig, out_dir: Path, name: str) -> list[Path]:
     fig.tight_layout()
     paths = [out_dir / f"{name}.png", out_dir / f"{name}.pdf"]
     for path in paths:
-        fig.savefig(path)
+        save_figure(fig, path)
     plt.close(fig)
     return paths
 

@@ -40,6 +40,7 @@ from analysis.collect import (
     label_runs,
 )
 from analysis.tables import Table
+from analysis.tables.formatting import write_csv
 
 #: The table of failed, diverged and unfinished runs: always over every run collected.
 FAILURES = "runs_not_completed"
@@ -254,7 +255,7 @@ def report(args: argparse.Namespace) -> dict:
         files += extra_files
     for table in built:
         files += table.write(out / "tables")
-    everything.runs.to_csv(out / "tables" / "runs.csv", index=False)
+    write_csv(everything.runs, out / "tables" / "runs.csv")
     if not args.no_plots:
         files += plots_module.build_plots(coll, out / "plots", args.plots)
     text = "\n".join(table.markdown() for table in built)
