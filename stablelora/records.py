@@ -305,8 +305,10 @@ def read_resumed_rows(path: Path, rows: int, step: int | None) -> list[dict]:
     for number, line in enumerate(lines[:rows], start=1):
         try:
             row = json.loads(line)
-            problem = None if isinstance(row, dict) and isinstance(row.get("step"), int) else (
-                "not a row with a step"
+            problem = (
+                None
+                if isinstance(row, dict) and isinstance(row.get("step"), int)
+                else ("not a row with a step")
             )
         except json.JSONDecodeError:
             row, problem = None, "not JSON"

@@ -228,9 +228,32 @@ def save_adapter(model, run_dir: Path) -> None:
 
 
 # ---------------------------------------------------------------------------- signals
+class StopRequested(Exception):
+    """A stop signal arrived during work that polls :func:`check_stop` (an evaluation): it
+    ends that work at once; the runner checkpoints and records the run ``interrupted``."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"stopped by signal {signum}")
+        self.signum = signum
+
+
+#: The stop signal received while a :class:`StopSignals` context is active (process-wide, so
+#: that long loops deep in a task can poll it through :func:`check_stop`).
+_stop_received: int | None = None
+
+
+def check_stop() -> None:
+    """Raise :class:`StopRequested` once a stop signal has arrived in a run; call it once per
+    evaluation batch, so that a stop is honoured within one batch (a cluster gives 30-90 s
+    between SIGTERM and SIGKILL). Does nothing outside a run."""
+    if _stop_received is not None:
+        raise StopRequested(_stop_received)
+
+
 class StopSignals:
-    """Within the context, SIGTERM / SIGINT / SIGUSR1 / SIGUSR2 only set :attr:`received`:
-    the loop finishes its step, checkpoints and stops. A second SIGINT stops at once
+    """Within the context, SIGTERM / SIGINT / SIGUSR1 / SIGUSR2 only set :attr:`received` (and
+    the flag :func:`check_stop` polls): the loop finishes its step (an evaluation its batch),
+    checkpoints and stops. A second SIGINT stops at once
     (KeyboardInterrupt). Outside the main thread (where Python cannot install handlers)
     it does nothing.
 
@@ -243,17 +266,22 @@ class StopSignals:
         self.previous: dict[int, SignalHandler] = {}
 
     def _handle(self, signum, frame) -> None:
+        global _stop_received
         if signum == signal.SIGINT and self.received == signal.SIGINT:
             raise KeyboardInterrupt
-        self.received = signum
+        self.received = _stop_received = signum
 
     def __enter__(self) -> StopSignals:
+        global _stop_received
+        _stop_received = None
         if threading.current_thread() is threading.main_thread():
             for signum in STOP_SIGNALS:
                 self.previous[signum] = signal.signal(signum, self._handle)
         return self
 
     def __exit__(self, *exc) -> None:
+        global _stop_received
+        _stop_received = None
         for signum, handler in self.previous.items():
             signal.signal(signum, handler)
 

@@ -160,9 +160,7 @@ def test_a_corrupt_layer_part_after_the_checkpoint_is_dropped_before_it_is_fatal
 
 # ---------------------------------------------------------------------------- summary.json
 @pytest.mark.parametrize("content", [b"[1, 2]", b"\x00\xffnot json"])
-def test_a_damaged_summary_is_named_by_the_analysis_and_kept_by_the_runner(
-    tmp_path, content
-):
+def test_a_damaged_summary_is_named_by_the_analysis_and_kept_by_the_runner(tmp_path, content):
     from analysis.collect import collect
 
     cfg = compose_config(FAST + ["trainer.max_steps=2"])
@@ -184,3 +182,104 @@ def test_unreadable_config_yaml_is_called_unreadable(tmp_path):
     (tmp_path / "config.yaml").write_text("trainer: [unclosed\n  - :")
     with pytest.raises(RunFolderError, match=r"config.yaml cannot be read \(not a YAML mapping"):
         train(compose_config(FAST), tmp_path)
+
+
+# ---------------------------------------------------------------------------- stop in evaluation
+def rows_without_timing(run_dir: Path) -> list[dict]:
+    timing = {"train/steps_per_s", "train/tokens_per_s"}
+    return [
+        {k: v for k, v in row.items() if k not in timing}
+        for row in read_jsonl(run_dir / "metrics.jsonl")
+    ]
+
+
+def signalled_in_evaluation(cfg, run_dir, evaluation_number, monkeypatch) -> int:
+    """``run_job`` with SIGTERM sent during the first forward pass of evaluation number
+    ``evaluation_number``; returns the exit code and checks that the evaluation stopped
+    within one batch (no further forward pass)."""
+    import stablelora.tasks as tasks
+
+    original_build, evaluations, forwards_after = tasks.build_task, [], []
+
+    def build_with_signal(*args, **kwargs):
+        task = original_build(*args, **kwargs)
+        evaluate = task.evaluate
+
+        def evaluate_and_signal(model, **options):
+            evaluations.append(1)
+            if len(evaluations) != evaluation_number:
+                return evaluate(model, **options)
+
+            def hook(module, inputs):
+                forwards_after.append(1)
+                if len(forwards_after) == 1:
+                    os.kill(os.getpid(), signal.SIGTERM)
+
+            handle = model.register_forward_pre_hook(hook)
+            try:
+                return evaluate(model, **options)
+            finally:
+                handle.remove()
+
+        task.evaluate = evaluate_and_signal
+        return task
+
+    with monkeypatch.context() as patch:
+        patch.setattr(tasks, "build_task", build_with_signal)
+        with pytest.raises(SystemExit) as exit_info:
+            run_job(cfg, run_dir)
+    assert len(forwards_after) == 1, "the evaluation went on after the stop signal"
+    return exit_info.value.code
+
+
+#: Evaluations at steps 0, 2, 4 and 6, in 4 batches each (a stop is checked between batches).
+EVAL_EVERY_2 = ["trainer.eval_every=2", "trainer.checkpoint_every=100", "trainer.eval_batch_size=2"]
+
+
+@pytest.fixture(scope="module")
+def evaluated_every_2(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("uninterrupted")
+    cfg = compose_config(FAST + EVAL_EVERY_2)
+    assert train(cfg, run_dir)["status"] == "completed"
+    return run_dir
+
+
+@pytest.mark.parametrize(
+    "evaluation,steps",
+    [(1, 0), (2, 2), (4, 6)],  # the initial one, one during training (step 2), the final one
+)
+def test_a_stop_signal_during_evaluation_stops_within_a_batch_and_resumes_it(
+    tmp_path, monkeypatch, capsys, evaluated_every_2, evaluation, steps
+):
+    from conftest import adapter_state
+
+    cfg = compose_config(FAST + EVAL_EVERY_2)
+    code = signalled_in_evaluation(cfg, tmp_path, evaluation, monkeypatch)
+    assert code == 128 + signal.SIGTERM
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].endswith(
+        f"after step {steps} (checkpoint saved); rerun the same command to resume."
+    )
+    summary = read_summary(tmp_path)
+    assert summary["status"] == "interrupted" and summary["steps"] == steps
+    assert not (tmp_path / "adapter").exists()
+    resumed = train(cfg, tmp_path)
+    assert resumed["status"] == "completed" and resumed["attempts"] == 2
+    assert rows_without_timing(tmp_path) == rows_without_timing(evaluated_every_2)
+    first, second = adapter_state(evaluated_every_2), adapter_state(tmp_path)
+    assert all((first[name] == second[name]).all() for name in first)
+    uninterrupted = read_summary(evaluated_every_2)
+    for section in ("initial", "final", "best"):
+        assert resumed[section] == uninterrupted[section], section
+
+
+def test_check_stop_does_nothing_outside_a_run():
+    from stablelora.run_folder import StopSignals, check_stop
+
+    check_stop()
+    with StopSignals():
+        check_stop()
+        os.kill(os.getpid(), signal.SIGUSR1)
+        with pytest.raises(Exception, match="stopped by signal"):
+            check_stop()
+    check_stop()  # the flag ends with the run

@@ -398,3 +398,25 @@ def test_sweep_summary_counts_jobs_and_fails_the_sweep(tmp_path, monkeypatch, ca
         f"stablelora sweep: 1 completed, 1 diverged, 1 failed ({tmp_path / 'c'}), 0 interrupted"
     )
     assert sweep_summary_line([{"run_dir": "x", "status": "diverged"}])[1] is False
+
+
+def test_a_checkpoint_without_its_state_is_not_a_checkpoint(tmp_path, capsys):
+    from stablelora import run_folder
+
+    run_folder.save_checkpoint_file({"state": {"step": 3}}, tmp_path)
+    run_folder.save_checkpoint_file({"trainable": {}, "steps": 5}, tmp_path)  # a foreign dict
+    assert run_folder.load_checkpoint_file(tmp_path, "cpu")["state"]["step"] == 3
+    assert "checkpoint.pt: ValueError cannot be read" in capsys.readouterr().err
+    (tmp_path / "checkpoint.prev.pt").unlink()
+    with pytest.raises(RunFolderError, match="no checkpoint .* can be read"):
+        run_folder.load_checkpoint_file(tmp_path, "cpu")
+
+
+def test_seed_0_names_its_folder_like_every_other_seed():
+    from stablelora.config import run_dir_name
+
+    def name(seed):
+        return run_dir_name(_root_={"method": "lora", "task": "bbc", "model": "m", "seed": seed})
+
+    assert name(0).startswith("lora-bbc-m-s0-") and name(1).startswith("lora-bbc-m-s1-")
+    assert name(None).startswith("lora-bbc-m-") and "-s" not in name(None)

@@ -6,6 +6,8 @@ from collections.abc import Sequence
 
 import torch
 
+from stablelora.run_folder import check_stop
+
 IGNORE_INDEX = -100  # label value that torch's cross-entropy (and HF's loss) skips
 
 
@@ -122,6 +124,7 @@ def loglikelihoods(
     inputs = sorted(groups, key=len, reverse=True)
     sums = [0.0] * len(requests)
     for start in range(0, len(inputs), batch_size):
+        check_stop()  # a stop signal ends the evaluation within one batch
         batch = inputs[start : start + batch_size]
         input_ids = pad_right([list(ids) for ids in batch], pad_id).to(device)
         attention_mask = pad_right([[1] * len(ids) for ids in batch], 0).to(device)
@@ -161,6 +164,7 @@ def generate_greedy(
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     outputs: list[list[int]] = [[] for _ in prompts]
     for start in range(0, len(order), batch_size):
+        check_stop()  # a stop signal ends the evaluation within one batch
         batch = [prompts[i] for i in order[start : start + batch_size]]
         input_ids = pad_left(batch, pad_id).to(device)
         attention_mask = pad_left([[1] * len(p) for p in batch], 0).to(device)
