@@ -268,7 +268,13 @@ def test_interrupted_run_raises_for_the_launcher(tmp_path, monkeypatch):
     monkeypatch.setattr(tasks, "build_task", build_and_signal)
     with pytest.raises(RunInterrupted) as info:
         train(cfg, tmp_path)
-    assert info.value.step == 1 and (tmp_path / "checkpoint.pt").exists()
+    # Stopped within the first batch of the initial evaluation: step 0, checkpointed, and
+    # the rerun evaluates first.
+    assert info.value.step == 0 and (tmp_path / "checkpoint.pt").exists()
+    assert read_summary(tmp_path)["status"] == "interrupted"
+    monkeypatch.undo()
+    summary = train(cfg, tmp_path)
+    assert summary["status"] == "completed" and summary["initial"]
 
 
 # ---------------------------------------------------------------------------- results
