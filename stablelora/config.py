@@ -3,6 +3,7 @@ run folder naming, thread defaults and the multirun summary callback."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -247,14 +248,41 @@ SWEEP_LOG_ENV = "STABLELORA_SWEEP_LOG"
 SWEEP_STATUSES = ("completed", "diverged", "failed", "interrupted")
 
 
+#: The status a job reports when it starts (with its pid): whom a stopped sweep signals.
+STARTED = "started"
+
+
 def report_to_sweep(run_dir: Path, status: str) -> None:
-    """A job's outcome, one appended line in the sweep log (a no-op outside a multirun)."""
+    """A job's outcome (or :data:`STARTED`), one appended line in the sweep log, with the
+    job's pid (a no-op outside a multirun)."""
     path = os.environ.get(SWEEP_LOG_ENV)
     if not path:
         return
-    line = json.dumps({"run_dir": str(run_dir), "status": status}) + "\n"
+    line = json.dumps({"run_dir": str(run_dir), "status": status, "pid": os.getpid()}) + "\n"
     with open(path, "a") as stream:  # one short append: atomic between processes
         stream.write(line)
+
+
+def _stop_path() -> Path | None:
+    path = os.environ.get(SWEEP_LOG_ENV)
+    return Path(path + ".stop") if path else None
+
+
+def stop_sweep(signum: int) -> None:
+    """Mark the sweep as stopped by ``signum``: its jobs that have not started yet record
+    themselves ``interrupted`` without running (a no-op outside a multirun)."""
+    path = _stop_path()
+    if path is not None and not path.exists():
+        path.write_text(f"{signum}\n")
+
+
+def sweep_stopped() -> int | None:
+    """The signal that stopped this sweep (:func:`stop_sweep`), or None."""
+    path = _stop_path()
+    if path is None or not path.exists():
+        return None
+    text = path.read_text().strip()
+    return int(text) if text.isdigit() else 0
 
 
 def sweep_summary_line(outcomes: list[dict]) -> tuple[str, bool]:
@@ -280,21 +308,61 @@ except ImportError:  # pragma: no cover - hydra is a dependency of the runner on
 class SweepSummary(Callback):
     """Hydra callback (``hydra.callbacks`` in conf/config.yaml): jobs report their status to
     a log file named in the environment (inherited by joblib workers and SLURM jobs); at the
-    end of the multirun one line counts them and the process exits 1 if any job failed."""
+    end of the multirun one line counts them and the process exits 1 if any job failed.
+
+    A stop signal (SIGTERM, SIGUSR1, SIGUSR2; SIGINT too, which a terminal already sends to
+    every process of the group) stops the sweep: the launching process passes it on to the
+    jobs running in other processes (joblib workers), each of which checkpoints and records
+    itself ``interrupted``; jobs not started yet record themselves ``interrupted`` without
+    running; the line is printed and the process exits with 128 + the signal number."""
 
     def on_multirun_start(self, config, **kwargs) -> None:
+        import signal
+        import threading
+
+        from stablelora.run_folder import STOP_SIGNALS
+
         sweep_dir = Path(config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         log = sweep_dir / f".outcomes-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.jsonl"
         log.touch()
         os.environ[SWEEP_LOG_ENV] = str(log.resolve())
+        self.previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for signum in STOP_SIGNALS:
+                self.previous[signum] = signal.signal(signum, self._stop)
+
+    def _stop(self, signum, frame) -> None:
+        import signal
+
+        stop_sweep(signum)
+        path = os.environ.get(SWEEP_LOG_ENV)
+        if signum == signal.SIGINT or not path:
+            return  # Ctrl-C reached every process of the terminal's group already
+        for outcome in _outcomes(Path(path)):
+            pid = outcome.get("pid")
+            if outcome["status"] == STARTED and isinstance(pid, int) and pid != os.getpid():
+                with contextlib.suppress(OSError):  # finished already
+                    os.kill(pid, signum)
 
     def on_multirun_end(self, config, **kwargs) -> None:
+        import signal
+
+        for signum, handler in getattr(self, "previous", {}).items():
+            signal.signal(signum, handler)
+        stopped = sweep_stopped()
         path = os.environ.pop(SWEEP_LOG_ENV, None)
         if not path or not Path(path).exists():
             return
-        outcomes = [json.loads(line) for line in Path(path).read_text().splitlines() if line]
+        Path(path + ".stop").unlink(missing_ok=True)
+        outcomes = [o for o in _outcomes(Path(path)) if o["status"] != STARTED]
         line, failed = sweep_summary_line(outcomes)
         print(line, flush=True)
+        if stopped is not None:
+            sys.exit(128 + stopped)
         if failed:
             sys.exit(1)
+
+
+def _outcomes(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

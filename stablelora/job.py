@@ -28,7 +28,7 @@ def run_job(cfg, run_dir: Path, multirun: bool = False):
     resumable). Any other error marks the run ``failed`` with its traceback. In a multirun a
     failed job is recorded and the sweep goes on (the sweep summary counts it); in a single
     run the process exits non-zero. A diverged run is a result: exit code 0."""
-    from stablelora.config import report_to_sweep
+    from stablelora.config import STARTED, report_to_sweep, stop_sweep, sweep_stopped
 
     def fail(message: str, record: bool = True, trace: str | None = None, code: int = 1):
         if record:
@@ -43,6 +43,16 @@ def run_job(cfg, run_dir: Path, multirun: bool = False):
         sys.exit(code)  # CONFIG_ERROR_EXIT for a usage error
 
     run_dir = Path(run_dir)
+    if multirun and sweep_stopped() is not None:  # a stop signal ended the sweep before it
+        report_to_sweep(run_dir, "interrupted")
+        print(
+            f"stablelora: {run_dir} not started: the sweep was stopped by signal "
+            f"{sweep_stopped()}; rerun the same command to resume it.",
+            file=sys.stderr,
+            flush=True,
+        )
+        return None
+    report_to_sweep(run_dir, STARTED)  # the sweep passes a stop signal on to this process
     try:
         summary = train(cfg, run_dir)
     except ConfigError as error:  # found before training: nothing is left behind
@@ -61,6 +71,9 @@ def run_job(cfg, run_dir: Path, multirun: bool = False):
             flush=True,
         )
         run_launcher_handler(error.signum)  # e.g. submitit: requeue the job
+        if multirun:  # the sweep stops: its line and exit code come at its end
+            stop_sweep(error.signum)
+            return None
         sys.exit(128 + error.signum if error.signum else 1)
     except OSError as error:
         if error.errno != errno.ENOSPC:
