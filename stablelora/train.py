@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from stablelora.layer_records import LayerRecords
 from stablelora.records import (
     RunRecorder,
     make_summary,
@@ -345,6 +346,8 @@ def train(cfg, run_dir: Path) -> dict:
             previous.get("status") == "completed" and (run_dir / "adapter").is_dir()
         )
         if trainer.resume and finished:
+            if is_main:  # a kill after the adapter save left the per-layer parts unmerged
+                LayerRecords(run_dir).close()
             print(f"[stablelora] {run_dir} already {previous['status']}; nothing to do.")
             return previous
         if trainer.num_threads:

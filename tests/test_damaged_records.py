@@ -283,3 +283,16 @@ def test_check_stop_does_nothing_outside_a_run():
         with pytest.raises(Exception, match="stopped by signal"):
             check_stop()
     check_stop()  # the flag ends with the run
+
+
+def test_parts_left_by_a_kill_after_the_adapter_save_are_merged_by_the_rerun(tmp_path):
+    from stablelora.layer_records import read_layer_table
+
+    cfg = compose_config(PROBED)
+    assert train(cfg, tmp_path)["status"] == "completed"
+    merged = read_layer_table(tmp_path)
+    parts = tmp_path / "layers.parts"
+    parts.mkdir()  # as a kill -9 between the adapter save and the merge leaves them
+    (tmp_path / "layers.parquet").rename(parts / "steps-00000001-00000006.parquet")
+    assert train(cfg, tmp_path)["status"] == "completed"  # nothing to train
+    assert not parts.exists() and read_layer_table(tmp_path).equals(merged)
