@@ -7,7 +7,6 @@ traceback). A diverged run is a result (exit code 0).
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import shutil
@@ -109,8 +108,6 @@ def _remove_unused(run_dir: Path) -> None:
     names = [path.name for path in run_dir.iterdir()]
     if all(name in UNUSED_FOLDER or name.endswith(".log") for name in names):
         shutil.rmtree(run_dir, ignore_errors=True)
-        with contextlib.suppress(OSError):  # ``runs/``, when Hydra made it for this run alone
-            run_dir.parent.rmdir()
 
 
 def _record_failure(cfg, run_dir: Path, message: str, trace: str | None = None) -> None:
