@@ -161,12 +161,10 @@ def _grid(plt, panels: int, ncols: int = 3, width: float = 3.6, height: float = 
     return fig, flat[:panels]
 
 
-#: Figure metadata left out of the files: a rebuilt report is byte-identical to the
-#: committed one (no creation date, no matplotlib version in the PDF or PNG).
-FIXED_METADATA = {
-    ".pdf": {"CreationDate": None, "Creator": None, "Producer": None},
-    ".png": {"Software": None},
-}
+#: Figure metadata that changes between builds, left out so that a rebuilt report is
+#: byte-identical to the committed one: the PDF's creation date. The matplotlib version stays
+#: (PDF ``Creator``, PNG ``Software``): it says which build the plots' bytes belong to.
+FIXED_METADATA = {".pdf": {"CreationDate": None}}
 
 
 def save_figure(fig, path: Path, **kwargs) -> None:

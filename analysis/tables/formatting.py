@@ -31,7 +31,7 @@ def write_csv(frame: pd.DataFrame, path: Path) -> None:
     def rounded(value):
         return float(f"{value:.{CSV_DIGITS}g}") if isinstance(value, float) else value
 
-    frame.map(rounded).to_csv(path, index=False)
+    frame.apply(lambda column: column.map(rounded)).to_csv(path, index=False)
 
 
 @dataclass
