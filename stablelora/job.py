@@ -15,7 +15,7 @@ import traceback
 from pathlib import Path
 
 from stablelora.records import RecordsError, make_summary, read_jsonl, result_table
-from stablelora.run_folder import RunFolderError, run_launcher_handler
+from stablelora.run_folder import RunFolderError, StopSignals, run_launcher_handler
 from stablelora.train import RunInterrupted, train
 from stablelora.validation import CONFIG_ERROR_EXIT, ConfigError, plain_config
 
@@ -52,9 +52,11 @@ def run_job(cfg, run_dir: Path, multirun: bool = False):
             flush=True,
         )
         return None
-    report_to_sweep(run_dir, STARTED)  # the sweep passes a stop signal on to this process
     try:
-        summary = train(cfg, run_dir)
+        # From here a stop signal (one the sweep passes on too) is kept for the training loop.
+        with StopSignals():
+            report_to_sweep(run_dir, STARTED)  # the sweep passes a stop signal on to this pid
+            summary = train(cfg, run_dir)
     except ConfigError as error:  # found before training: nothing is left behind
         _remove_unused(run_dir)
         return fail(f"config error: {error}", record=False, code=CONFIG_ERROR_EXIT)

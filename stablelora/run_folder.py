@@ -240,6 +240,7 @@ class StopRequested(Exception):
 #: The stop signal received while a :class:`StopSignals` context is active (process-wide, so
 #: that long loops deep in a task can poll it through :func:`check_stop`).
 _stop_received: int | None = None
+_depth = 0  # nested StopSignals contexts
 
 
 def check_stop() -> None:
@@ -259,6 +260,9 @@ class StopSignals:
 
     The handlers found on entry are put back on exit, so that a launcher's own handler
     (submitit's requeue) can run after the run has checkpointed: :func:`run_launcher_handler`.
+    Contexts nest (``run_job`` holds one while a job starts, ``train`` its own): a signal the
+    enclosing one caught is the inner one's from its entry, and the flag is cleared when the
+    outermost one exits.
     """
 
     def __init__(self):
@@ -272,16 +276,19 @@ class StopSignals:
         self.received = _stop_received = signum
 
     def __enter__(self) -> StopSignals:
-        global _stop_received
-        _stop_received = None
+        global _depth
+        _depth += 1
+        self.received = _stop_received  # one an enclosing context caught before this one
         if threading.current_thread() is threading.main_thread():
             for signum in STOP_SIGNALS:
                 self.previous[signum] = signal.signal(signum, self._handle)
         return self
 
     def __exit__(self, *exc) -> None:
-        global _stop_received
-        _stop_received = None
+        global _stop_received, _depth
+        _depth -= 1
+        if _depth == 0:
+            _stop_received = None
         for signum, handler in self.previous.items():
             signal.signal(signum, handler)
 

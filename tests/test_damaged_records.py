@@ -283,6 +283,15 @@ def test_check_stop_does_nothing_outside_a_run():
         with pytest.raises(Exception, match="stopped by signal"):
             check_stop()
     check_stop()  # the flag ends with the run
+    # Nested (run_job's context while a job starts, train's own): a signal the outer one
+    # caught is the inner one's, and it lasts until the outer one exits.
+    with StopSignals() as outer:
+        os.kill(os.getpid(), signal.SIGTERM)
+        with StopSignals() as inner:
+            assert inner.received == outer.received == signal.SIGTERM
+        with pytest.raises(Exception, match="stopped by signal 15"):
+            check_stop()
+    check_stop()
 
 
 def test_parts_left_by_a_kill_after_the_adapter_save_are_merged_by_the_rerun(tmp_path):
