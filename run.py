@@ -6,6 +6,7 @@ python run.py -m method=lora,stable_lora seed=0,1,2
 torchrun --nproc_per_node=2 run.py ...          # one run on 2 processes (DDP)
 """
 
+import sys
 from pathlib import Path
 
 import hydra
@@ -33,5 +34,22 @@ def main(cfg):
     )
 
 
+def check_cli(args: list[str]) -> None:
+    """Before Hydra composes: a config group option that does not exist is one line and exit
+    code 2 (Hydra: a long error, exit 1), a key given twice a warning; and Hydra's own copy of
+    the config on a full disk is one line, not a traceback."""
+    from stablelora.config import check_command_line, guard_hydra_save
+    from stablelora.validation import CONFIG_ERROR_EXIT
+
+    try:
+        for warning in check_command_line(args, Path(__file__).resolve().parent / "conf"):
+            print(f"stablelora: {warning}", file=sys.stderr, flush=True)
+    except ValueError as error:
+        print(f"stablelora: config error: {error}", file=sys.stderr, flush=True)
+        sys.exit(CONFIG_ERROR_EXIT)
+    guard_hydra_save()
+
+
 if __name__ == "__main__":
+    check_cli(sys.argv[1:])
     main()

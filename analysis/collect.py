@@ -43,7 +43,7 @@ import pandas as pd
 from pandas.api.types import union_categoricals
 
 from stablelora.layer_records import read_layer_table, with_gamma
-from stablelora.records import read_jsonl, read_summary, summary_from_wandb
+from stablelora.records import RecordsError, read_jsonl, read_summary, summary_from_wandb
 
 RUN_FILES = ("summary.json", "config.yaml", "metrics.jsonl")
 #: Folders inside a run (or a report) that never hold runs: not walked.
@@ -372,7 +372,11 @@ def _frames(records: list[tuple], per_layer_probes: bool) -> Collection:
 def _read_layers(run_dir: Path, per_layer_probes: bool):
     """The run's per-layer rows (a pyarrow table, or None): only the ``lora/`` columns unless
     ``per_layer_probes``."""
-    return read_layer_table(run_dir, None if per_layer_probes else _is_lora_column)
+    try:
+        return read_layer_table(run_dir, None if per_layer_probes else _is_lora_column)
+    except RecordsError as error:
+        warnings.warn(f"{error}; the run's per-layer values are left out.", stacklevel=2)
+        return None
 
 
 def _is_lora_column(column: str) -> bool:
@@ -409,7 +413,11 @@ def collect(
             run_id = str(run_dir)
             metrics = unique_rows(run_id, read_jsonl(run_dir / "metrics.jsonl")) if history else []
             layers = _read_layers(run_dir, per_layer_probes) if history else None
-            summary = read_summary(run_dir)
+            try:
+                summary = read_summary(run_dir)
+            except RecordsError as error:  # the run is kept, as one with no summary
+                warnings.warn(f"{error}; the run is shown as incomplete.", stacklevel=2)
+                summary = {}
             row = run_row(
                 read_config(run_dir),
                 summary,

@@ -161,6 +161,17 @@ def _grid(plt, panels: int, ncols: int = 3, width: float = 3.6, height: float = 
     return fig, flat[:panels]
 
 
+#: Figure metadata that changes between builds, left out so that a rebuilt report is
+#: byte-identical to the committed one: the PDF's creation date. The matplotlib version stays
+#: (PDF ``Creator``, PNG ``Software``): it says which build the plots' bytes belong to.
+FIXED_METADATA = {".pdf": {"CreationDate": None}}
+
+
+def save_figure(fig, path: Path, **kwargs) -> None:
+    """``fig.savefig(path)`` without the metadata that changes between builds."""
+    fig.savefig(path, metadata=FIXED_METADATA.get(Path(path).suffix), **kwargs)
+
+
 def _save(plt, fig, out_dir: Path, name: str) -> list[Path]:
     from matplotlib.ticker import MaxNLocator
 
@@ -170,7 +181,7 @@ def _save(plt, fig, out_dir: Path, name: str) -> list[Path]:
     fig.tight_layout()
     paths = [out_dir / f"{name}.png", out_dir / f"{name}.pdf"]
     for path in paths:
-        fig.savefig(path)
+        save_figure(fig, path)
     plt.close(fig)
     return paths
 

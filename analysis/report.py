@@ -40,6 +40,7 @@ from analysis.collect import (
     label_runs,
 )
 from analysis.tables import Table
+from analysis.tables.formatting import write_csv
 
 #: The table of failed, diverged and unfinished runs: always over every run collected.
 FAILURES = "runs_not_completed"
@@ -265,7 +266,7 @@ def report(args: argparse.Namespace) -> dict:
         files += table.write(out / "tables")
         if table.name == "tuned_lr":  # the record the final stage of a tuned study reads
             files.append(write_picks(table, out))
-    everything.runs.to_csv(out / "tables" / "runs.csv", index=False)
+    write_csv(everything.runs, out / "tables" / "runs.csv")
     if not args.no_plots:
         files += plots_module.build_plots(coll, out / "plots", args.plots)
     text = "\n".join(table.markdown() for table in built)

@@ -294,8 +294,10 @@ def plot_exponents(fits: pd.DataFrame, stem: Path) -> list[Path]:
 def _save(plt, fig, stem: Path) -> list[Path]:
     fig.tight_layout()
     paths = [stem.with_suffix(".png"), stem.with_suffix(".pdf")]
+    from analysis.plots import save_figure
+
     for path in paths:
-        fig.savefig(path, dpi=150)
+        save_figure(fig, path, dpi=150)
     plt.close(fig)
     return paths
 
@@ -334,7 +336,9 @@ def analyze(records: str | Path, out_dir: str | Path, steps=None) -> dict:
         ]
     )
     files = [out_dir / "exponents.csv", out_dir / "exponents.md"]
-    fits.to_csv(files[0], index=False)
+    from analysis.tables.formatting import write_csv
+
+    write_csv(fits, files[0])
     files[1].write_text(markdown + "\n")
     files += plot_magnitudes(table, fits, chosen[-1], out_dir / "width_fit")
     files += plot_exponents(

@@ -3,6 +3,8 @@ run folder naming, thread defaults and the multirun summary callback."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -120,6 +122,107 @@ def register_resolvers() -> None:
             OmegaConf.register_new_resolver(name, resolver)
 
 
+# ---------------------------------------------------------------------------- command line
+#: Hydra's flags that take the next argument as their value (not an override).
+_VALUED_FLAGS = (
+    "--config-path",
+    "-cp",
+    "--config-name",
+    "-cn",
+    "--config-dir",
+    "-cd",
+    "--experimental-rerun",
+    "--cfg",
+    "-c",
+    "--package",
+    "-p",
+    "--info",
+)
+
+
+def group_options(conf_dir: Path, group: str) -> list[str]:
+    """The options of a config group (``conf/<group>/**.yaml``) a user may pick: files and
+    folders starting with ``_`` are shared bases, not options."""
+    folder = Path(conf_dir) / group
+    return sorted(
+        path.relative_to(folder).with_suffix("").as_posix()
+        for path in folder.rglob("*.yaml")
+        if not any(part.startswith("_") for part in path.relative_to(folder).parts)
+    )
+
+
+def check_command_line(args: list[str], conf_dir: Path) -> list[str]:
+    """Check what Hydra only finds with a long error and exit code 1, before it composes:
+    an override picking an option a config group does not have (``model=nope``, or a shared
+    base such as ``task=_base``). Returns one warning per key given twice (Hydra silently
+    takes the last value).
+
+    Raises:
+        ValueError: one line naming the override and the group's options.
+    """
+    if any(arg.startswith("hydra.searchpath") for arg in args):
+        return []  # options may come from other config folders
+    overrides, skip = [], False
+    for arg in args:
+        if skip or arg.startswith("-"):
+            skip = not skip and arg in _VALUED_FLAGS
+            continue
+        if "=" in arg and not arg.startswith("~"):
+            overrides.append(arg)
+    warnings: list[str] = []
+    seen: dict[str, str] = {}
+    for override in overrides:
+        key, _, value = override.lstrip("+").partition("=")
+        if key in seen and seen[key] != value:
+            warnings.append(
+                f"{key} is given twice on the command line ({key}={seen[key]}, {key}={value}); "
+                f"Hydra takes the last: {key}={value}."
+            )
+        seen[key] = value
+        if "." in key or "/" in key or not (Path(conf_dir) / key).is_dir():
+            continue  # a value, or a group of Hydra's own (hydra/launcher=joblib)
+        if "(" in value or value in ("null", ""):
+            continue  # a sweep function (range(), glob()) or no option
+        options = group_options(Path(conf_dir), key)
+        for choice in (choice.strip() for choice in value.split(",")):
+            if choice not in options:
+                base = any(part.startswith("_") for part in choice.split("/"))
+                raise ValueError(
+                    f"{key}={choice} is not an option of conf/{key}/"
+                    + (" (a shared base)" if base else "")
+                    + f"; choose one of {', '.join(options)}"
+                    + ("." if base else f" (or add conf/{key}/{choice}.yaml).")
+                )
+    return warnings
+
+
+def save_hydra_config_or_exit(cfg, filename: str, output_dir: Path) -> None:
+    """Hydra's ``_save_config`` (its copy of the config in ``.hydra/``), with a full disk
+    turned into one line instead of a traceback (installed by :func:`guard_hydra_save`)."""
+    try:
+        _hydra_save_config(cfg, filename, output_dir)
+    except OSError as error:
+        if error.errno != errno.ENOSPC:
+            raise
+        sys.exit(
+            f"stablelora: no space left on device ({Path(output_dir) / filename}): free some "
+            "space and rerun the same command."
+        )
+
+
+def guard_hydra_save() -> None:
+    """Route Hydra's ``_save_config`` through :func:`save_hydra_config_or_exit` (idempotent)."""
+    global _hydra_save_config
+    import hydra.core.utils
+
+    if hydra.core.utils._save_config is not save_hydra_config_or_exit:
+        _hydra_save_config = hydra.core.utils._save_config
+        hydra.core.utils._save_config = save_hydra_config_or_exit
+
+
+_hydra_save_config: Callable[..., None]
+
+
 # ---------------------------------------------------------------------------- threads
 def available_cores() -> int:
     try:
@@ -148,14 +251,41 @@ SWEEP_LOG_ENV = "STABLELORA_SWEEP_LOG"
 SWEEP_STATUSES = ("completed", "diverged", "failed", "interrupted")
 
 
+#: The status a job reports when it starts (with its pid): whom a stopped sweep signals.
+STARTED = "started"
+
+
 def report_to_sweep(run_dir: Path, status: str) -> None:
-    """A job's outcome, one appended line in the sweep log (a no-op outside a multirun)."""
+    """A job's outcome (or :data:`STARTED`), one appended line in the sweep log, with the
+    job's pid (a no-op outside a multirun)."""
     path = os.environ.get(SWEEP_LOG_ENV)
     if not path:
         return
-    line = json.dumps({"run_dir": str(run_dir), "status": status}) + "\n"
+    line = json.dumps({"run_dir": str(run_dir), "status": status, "pid": os.getpid()}) + "\n"
     with open(path, "a") as stream:  # one short append: atomic between processes
         stream.write(line)
+
+
+def _stop_path() -> Path | None:
+    path = os.environ.get(SWEEP_LOG_ENV)
+    return Path(path + ".stop") if path else None
+
+
+def stop_sweep(signum: int) -> None:
+    """Mark the sweep as stopped by ``signum``: its jobs that have not started yet record
+    themselves ``interrupted`` without running (a no-op outside a multirun)."""
+    path = _stop_path()
+    if path is not None and not path.exists():
+        path.write_text(f"{signum}\n")
+
+
+def sweep_stopped() -> int | None:
+    """The signal that stopped this sweep (:func:`stop_sweep`), or None."""
+    path = _stop_path()
+    if path is None or not path.exists():
+        return None
+    text = path.read_text().strip()
+    return int(text) if text.isdigit() else 0
 
 
 def sweep_summary_line(outcomes: list[dict]) -> tuple[str, bool]:
@@ -181,21 +311,61 @@ except ImportError:  # pragma: no cover - hydra is a dependency of the runner on
 class SweepSummary(Callback):
     """Hydra callback (``hydra.callbacks`` in conf/config.yaml): jobs report their status to
     a log file named in the environment (inherited by joblib workers and SLURM jobs); at the
-    end of the multirun one line counts them and the process exits 1 if any job failed."""
+    end of the multirun one line counts them and the process exits 1 if any job failed.
+
+    A stop signal (SIGTERM, SIGUSR1, SIGUSR2; SIGINT too, which a terminal already sends to
+    every process of the group) stops the sweep: the launching process passes it on to the
+    jobs running in other processes (joblib workers), each of which checkpoints and records
+    itself ``interrupted``; jobs not started yet record themselves ``interrupted`` without
+    running; the line is printed and the process exits with 128 + the signal number."""
 
     def on_multirun_start(self, config, **kwargs) -> None:
+        import signal
+        import threading
+
+        from stablelora.run_folder import STOP_SIGNALS
+
         sweep_dir = Path(config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         log = sweep_dir / f".outcomes-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.jsonl"
         log.touch()
         os.environ[SWEEP_LOG_ENV] = str(log.resolve())
+        self.previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for signum in STOP_SIGNALS:
+                self.previous[signum] = signal.signal(signum, self._stop)
+
+    def _stop(self, signum, frame) -> None:
+        import signal
+
+        stop_sweep(signum)
+        path = os.environ.get(SWEEP_LOG_ENV)
+        if signum == signal.SIGINT or not path:
+            return  # Ctrl-C reached every process of the terminal's group already
+        for outcome in _outcomes(Path(path)):
+            pid = outcome.get("pid")
+            if outcome["status"] == STARTED and isinstance(pid, int) and pid != os.getpid():
+                with contextlib.suppress(OSError):  # finished already
+                    os.kill(pid, signum)
 
     def on_multirun_end(self, config, **kwargs) -> None:
+        import signal
+
+        for signum, handler in getattr(self, "previous", {}).items():
+            signal.signal(signum, handler)
+        stopped = sweep_stopped()
         path = os.environ.pop(SWEEP_LOG_ENV, None)
         if not path or not Path(path).exists():
             return
-        outcomes = [json.loads(line) for line in Path(path).read_text().splitlines() if line]
+        Path(path + ".stop").unlink(missing_ok=True)
+        outcomes = [o for o in _outcomes(Path(path)) if o["status"] != STARTED]
         line, failed = sweep_summary_line(outcomes)
         print(line, flush=True)
+        if stopped is not None:
+            sys.exit(128 + stopped)
         if failed:
             sys.exit(1)
+
+
+def _outcomes(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

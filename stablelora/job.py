@@ -1,31 +1,34 @@
 """``run_job``: what ``run.py`` calls. It runs :func:`stablelora.train.train` and turns every way
-a run can end into records, one line and an exit code: a config error (exit code 2), a busy or
-foreign run folder, short records, a full disk, a stop signal (``interrupted``, resumable),
-any other error (``failed``, with its traceback). A diverged run is a result (exit code 0).
+a run can end into records, one line and an exit code: a config error (exit code 2, no folder
+left behind), a busy or foreign run folder, short or damaged records (left as found), a full
+disk, a stop signal (``interrupted``, resumable), any other error (``failed``, with its
+traceback). A diverged run is a result (exit code 0).
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import shutil
 import sys
 import traceback
 from pathlib import Path
 
 from stablelora.records import RecordsError, make_summary, read_jsonl, result_table
-from stablelora.run_folder import RunFolderError, run_launcher_handler
+from stablelora.run_folder import RunFolderError, StopSignals, run_launcher_handler
 from stablelora.train import RunInterrupted, train
 from stablelora.validation import CONFIG_ERROR_EXIT, ConfigError, plain_config
 
 
 def run_job(cfg, run_dir: Path, multirun: bool = False):
-    """Train, turning errors into records and one line each: a bad config; a folder that is
-    busy, holds another configuration or has only damaged checkpoints (nothing recorded in
-    it); short records; a full disk; a stop signal (``interrupted``, resumable). Any other
-    error marks the run ``failed`` with its traceback. In a multirun a failed job is recorded
-    and the sweep goes on (the sweep summary counts it); in a single run the process exits
-    non-zero. A diverged run is a result: exit code 0."""
-    from stablelora.config import report_to_sweep
+    """Train, turning errors into records and one line each: a bad config (its run folder
+    removed when it holds nothing but Hydra's files); a folder that is busy, holds another
+    configuration or has only damaged checkpoints (nothing recorded in it); short or damaged
+    records (left as found, to be repaired); a full disk; a stop signal (``interrupted``,
+    resumable). Any other error marks the run ``failed`` with its traceback. In a multirun a
+    failed job is recorded and the sweep goes on (the sweep summary counts it); in a single
+    run the process exits non-zero. A diverged run is a result: exit code 0."""
+    from stablelora.config import STARTED, report_to_sweep, stop_sweep, sweep_stopped
 
     def fail(message: str, record: bool = True, trace: str | None = None, code: int = 1):
         if record:
@@ -40,14 +43,27 @@ def run_job(cfg, run_dir: Path, multirun: bool = False):
         sys.exit(code)  # CONFIG_ERROR_EXIT for a usage error
 
     run_dir = Path(run_dir)
+    if multirun and sweep_stopped() is not None:  # a stop signal ended the sweep before it
+        report_to_sweep(run_dir, "interrupted")
+        print(
+            f"stablelora: {run_dir} not started: the sweep was stopped by signal "
+            f"{sweep_stopped()}; rerun the same command to resume it.",
+            file=sys.stderr,
+            flush=True,
+        )
+        return None
     try:
-        summary = train(cfg, run_dir)
-    except ConfigError as error:
-        return fail(f"config error: {error}", code=CONFIG_ERROR_EXIT)
+        # From here a stop signal (one the sweep passes on too) is kept for the training loop.
+        with StopSignals():
+            report_to_sweep(run_dir, STARTED)  # the sweep passes a stop signal on to this pid
+            summary = train(cfg, run_dir)
+    except ConfigError as error:  # found before training: nothing is left behind
+        _remove_unused(run_dir)
+        return fail(f"config error: {error}", record=False, code=CONFIG_ERROR_EXIT)
     except RunFolderError as error:
         return fail(str(error), record=False)
-    except RecordsError as error:
-        return fail(str(error))
+    except RecordsError as error:  # the records are left as found, to be repaired
+        return fail(str(error), record=False)
     except RunInterrupted as error:
         report_to_sweep(run_dir, "interrupted")
         print(
@@ -57,6 +73,9 @@ def run_job(cfg, run_dir: Path, multirun: bool = False):
             flush=True,
         )
         run_launcher_handler(error.signum)  # e.g. submitit: requeue the job
+        if multirun:  # the sweep stops: its line and exit code come at its end
+            stop_sweep(error.signum)
+            return None
         sys.exit(128 + error.signum if error.signum else 1)
     except OSError as error:
         if error.errno != errno.ENOSPC:
@@ -76,6 +95,21 @@ def run_job(cfg, run_dir: Path, multirun: bool = False):
     if int(os.environ.get("RANK", "0")) == 0:
         print(result_table(summary) + f"\nrecords: {run_dir}")
     return summary
+
+
+#: What a run folder holds before its run has recorded anything: Hydra's copy of the config
+#: and its log, the lock and the resolved config.
+UNUSED_FOLDER = (".hydra", ".lock", "config.yaml")
+
+
+def _remove_unused(run_dir: Path) -> None:
+    """Remove ``run_dir`` when it holds nothing but :data:`UNUSED_FOLDER` and logs (a config
+    error found before training); a folder with records is left as it is."""
+    if int(os.environ.get("RANK", "0")) != 0 or not run_dir.is_dir():
+        return
+    names = [path.name for path in run_dir.iterdir()]
+    if all(name in UNUSED_FOLDER or name.endswith(".log") for name in names):
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def _record_failure(cfg, run_dir: Path, message: str, trace: str | None = None) -> None:

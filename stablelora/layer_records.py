@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,33 @@ PARTS_DIR = "layers.parts"
 SECTIONS = ("feat", "gamma", "lora")
 WIDTH_KEY = "width"  # ``lora/<layer>/width`` in the probe's metrics, column ``width`` here
 INDEX_COLUMNS = ("step", "layer", "width")
+
+
+class RecordsError(RuntimeError):
+    """Records that cannot be trusted (shorter than the checkpoint says, a damaged line or
+    file): one line naming the file and what to do."""
+
+
+def _first_step(path: Path) -> int | None:
+    """The first step of a part ``steps-<first>-<last>.parquet`` (None for another name)."""
+    parts = path.stem.split("-")
+    return int(parts[1]) if len(parts) == 3 and parts[1].isdigit() else None
+
+
+def _read_file(path: Path, columns: Callable[[list[str]], list[str]] | None = None):
+    """One per-layer file as a pyarrow table (``columns`` picks from its column names).
+
+    Raises:
+        RecordsError: it cannot be read (truncated, foreign bytes), naming it.
+    """
+    import pyarrow.parquet as pq
+
+    try:
+        with pq.ParquetFile(path) as file:  # lighter than pq.read_table for many small files
+            names = file.schema_arrow.names
+            return file.read(columns=columns(names) if columns else None)
+    except (OSError, ValueError) as error:  # pyarrow's ArrowInvalid is a ValueError
+        raise RecordsError(f"{path} cannot be read ({type(error).__name__})") from None
 
 
 def gamma_values(magnitudes, widths) -> np.ndarray:
@@ -167,16 +195,17 @@ def layer_files(run_dir: Path) -> list[Path]:
 def read_layer_table(run_dir: Path, select: Callable[[str], bool] | None = None):
     """The run's per-layer rows as one pyarrow table (None when it has none), one row per
     (step, layer) (the last written wins), sorted by step then write order. ``select``: keep
-    only the value columns it is true for (the index columns are always read)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    only the value columns it is true for (the index columns are always read).
 
-    tables = []
-    for path in layer_files(run_dir):
-        with pq.ParquetFile(path) as file:  # lighter than pq.read_table for many small files
-            names = file.schema_arrow.names
-            wanted = [c for c in names if c in INDEX_COLUMNS or select is None or select(c)]
-            tables.append(file.read(columns=wanted))
+    Raises:
+        RecordsError: a file cannot be read (one line naming it).
+    """
+    import pyarrow as pa
+
+    def wanted(names: list[str]) -> list[str]:
+        return [c for c in names if c in INDEX_COLUMNS or select is None or select(c)]
+
+    tables = [_read_file(path, wanted) for path in layer_files(run_dir)]
     if not tables:
         return None
     if len(tables) == 1:
@@ -267,25 +296,57 @@ class LayerRecords:
         self._rows = []
 
     def close(self) -> None:
-        """Flush, then merge ``layers.parquet`` and the parts into ``layers.parquet``."""
+        """Flush, then merge ``layers.parquet`` and the parts into ``layers.parquet`` (unless
+        one cannot be read: the files stay as they are, and the next reader names it)."""
         self.flush()
         if not self.enabled or not self.parts_dir.is_dir():
             return
-        table = read_layer_table(self.run_dir)
+        try:
+            table = read_layer_table(self.run_dir)
+        except RecordsError:  # a damaged file: left as it is, for the next reader to name
+            return
         if table is not None:
             _write_atomic(table, self.run_dir / LAYERS_FILE)
         shutil.rmtree(self.parts_dir)
 
     def truncate_after(self, step: int) -> None:
-        """On resume: drop the rows of steps after ``step`` (buffered and written)."""
+        """On resume: drop the rows of steps after ``step`` (buffered and written; every file
+        for a fresh start, ``step < 0``).
+
+        A file that cannot be read is removed with a warning when it holds only later steps
+        (a part named after them: its rows are dropped anyway); otherwise it holds rows the
+        checkpoint stands on, which nothing can rebuild, and the resume stops.
+
+        Raises:
+            RecordsError: an unreadable file with rows up to ``step`` (one line: what to do).
+        """
         if not self.enabled:
             return
         import pyarrow.compute as pc
-        import pyarrow.parquet as pq
 
         self._rows = [row for row in self._rows if row[0] <= step]
         for path in layer_files(self.run_dir):
-            table = pq.read_table(path)
+            if step < 0:
+                path.unlink()
+                continue
+            try:
+                table = _read_file(path)
+            except RecordsError as error:
+                first = _first_step(path)
+                if first is not None and first > step:
+                    print(
+                        f"stablelora: {error}; it holds steps after the checkpoint's ({step}) "
+                        "only, which are logged again: removed it.",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                    path.unlink()
+                    continue
+                raise RecordsError(
+                    f"{error}: it holds per-layer records up to the checkpoint (step {step}), "
+                    "which cannot be rebuilt; restore it, delete it to resume without them, or "
+                    "rerun with trainer.resume=false to start this run over."
+                ) from None
             kept = table.filter(pc.less_equal(table["step"], step))
             if kept.num_rows == 0:
                 path.unlink()

@@ -32,11 +32,17 @@ import os
 import subprocess
 import sys
 import uuid
+import warnings
 from importlib import metadata
 from pathlib import Path
 
 from stablelora.example_records import ExampleRecords
-from stablelora.layer_records import LayerRecords, split_per_layer, wandb_per_layer
+from stablelora.layer_records import (
+    LayerRecords,
+    RecordsError,
+    split_per_layer,
+    wandb_per_layer,
+)
 
 #: ``interrupted``: stopped by a signal after a checkpoint; rerunning the command resumes it.
 STATUSES = ("completed", "diverged", "failed", "interrupted")
@@ -208,13 +214,22 @@ def parse_summary(raw: dict) -> dict:
 
 
 def read_summary(run_dir: Path) -> dict:
-    """:func:`parse_summary` of ``run_dir/summary.json``; ``{}`` when it is missing or is not
-    JSON (it is written atomically, so only a foreign or damaged file)."""
+    """:func:`parse_summary` of ``run_dir/summary.json``; ``{}`` when there is none.
+
+    Raises:
+        RecordsError: the file exists but is not a JSON object (it is written atomically, so
+            only a foreign or damaged file): one line naming it.
+    """
     path = Path(run_dir) / "summary.json"
-    try:
-        return parse_summary(json.loads(path.read_text()))
-    except (OSError, json.JSONDecodeError, AttributeError):
+    if not path.exists():
         return {}
+    try:
+        raw = json.loads(path.read_bytes())
+    except (OSError, ValueError) as error:  # ValueError: not JSON, or not UTF-8
+        raise RecordsError(f"{path} cannot be read ({type(error).__name__})") from None
+    if not isinstance(raw, dict):
+        raise RecordsError(f"{path} cannot be read (a JSON {type(raw).__name__}, not an object)")
+    return parse_summary(raw)
 
 
 def wandb_summary(summary: dict) -> dict:
@@ -258,20 +273,66 @@ def optimizer_metrics(optimizer) -> dict[str, float]:
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    """The records of a ``metrics.jsonl`` file (a torn last line is skipped)."""
+    """The records of a ``metrics.jsonl`` file: a torn last line is skipped, any other
+    unreadable line too, with a warning naming the file and the line."""
     rows: list[dict] = []
     if not path.exists():
         return rows
-    for line in path.read_text().splitlines():
+    lines = path.read_text(errors="replace").splitlines()
+    for number, line in enumerate(lines, start=1):
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError:
-            continue
+            row = None
+        if isinstance(row, dict) and "step" in row:
+            rows.append(row)
+        elif number < len(lines):
+            warnings.warn(f"{path} line {number} cannot be read; skipped it.", stacklevel=2)
     return rows
 
 
-class RecordsError(RuntimeError):
-    """Records that cannot be trusted (shorter than the checkpoint says): one line."""
+def read_resumed_rows(path: Path, rows: int, step: int | None) -> list[dict]:
+    """The first ``rows`` rows of ``metrics.jsonl``: those a checkpoint at ``step`` had seen.
+
+    A torn last line (a kill mid-write) ends the file; any other unreadable line among them,
+    or a row of a later step than the checkpoint's, means the file was damaged or edited:
+    resuming on it would drop or repeat rows, so it stops with one line naming the file and
+    the line.
+
+    Raises:
+        RecordsError: a damaged line, or fewer rows than ``rows``.
+    """
+    lines = path.read_text(errors="replace").splitlines() if path.exists() else []
+    kept: list[dict] = []
+    where = f"the checkpoint at step {step}" if step is not None else "the checkpoint"
+    for number, line in enumerate(lines[:rows], start=1):
+        try:
+            row = json.loads(line)
+            problem = (
+                None
+                if isinstance(row, dict) and isinstance(row.get("step"), int)
+                else ("not a row with a step")
+            )
+        except json.JSONDecodeError:
+            row, problem = None, "not JSON"
+        if problem and number == len(lines):
+            break  # a torn last line: the short-records error below
+        if problem is None and step is not None and row["step"] > step:
+            problem = f"a row of step {row['step']}, after {where}"
+        if problem:
+            raise RecordsError(
+                f"{path} line {number} is damaged ({problem}) among the {rows} rows {where} "
+                "had written: resuming would lose or repeat rows; restore the file, or rerun "
+                "with trainer.resume=false to start this run over."
+            )
+        kept.append(row)
+    if len(kept) < rows:
+        raise RecordsError(
+            f"{path} has {len(kept)} rows but {where} had written {rows}: "
+            "records are missing, so resuming would leave a gap; rerun with "
+            "trainer.resume=false to start this run over."
+        )
+    return kept
 
 
 def _say(message: str) -> None:
@@ -366,23 +427,18 @@ class RunRecorder:
         every row is in the file exactly once.
 
         Raises:
-            RecordsError: the file holds fewer rows than the checkpoint had seen.
+            RecordsError: the file holds fewer rows than the checkpoint had seen, or one of
+                them is damaged (:func:`read_resumed_rows`); a per-layer file before the
+                checkpoint's step cannot be read (:meth:`LayerRecords.truncate_after`).
         """
-        self.layers.truncate_after(step if step is not None else -1)
-        self.examples.truncate_after(step if step is not None else -1)
         if not self.enabled:
             return
-        kept = read_jsonl(self.metrics_path)
-        if len(kept) < rows:
-            where = f"the checkpoint at step {step}" if step is not None else "the checkpoint"
-            raise RecordsError(
-                f"{self.metrics_path} has {len(kept)} rows but {where} had written {rows}: "
-                "records are missing, so resuming would leave a gap; rerun with "
-                "trainer.resume=false to start this run over."
-            )
+        kept = read_resumed_rows(self.metrics_path, rows, step)  # checked before any cut
+        self.layers.truncate_after(step if step is not None else -1)
+        self.examples.truncate_after(step if step is not None else -1)
         if self.metrics_path.exists():  # rewritten even when as long: drops a torn last line
             tmp = self.metrics_path.with_name("metrics.jsonl.tmp")
-            tmp.write_text("".join(json.dumps(row) + "\n" for row in kept[:rows]))
+            tmp.write_text("".join(json.dumps(row) + "\n" for row in kept))
             fsync_replace(tmp, self.metrics_path)
         self.rows = rows
 

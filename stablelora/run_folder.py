@@ -164,19 +164,33 @@ def remove_checkpoints(run_dir: Path) -> None:
 
 # ---------------------------------------------------------------------------- contents
 def check_run_folder(run_dir: Path, config: dict) -> None:
-    """Stop (one line) when ``run_dir`` already holds a run of another configuration: a
-    folder belongs to exactly one resolved configuration (display-only keys aside)."""
+    """Stop (one line) when ``run_dir`` already holds a run of another configuration (a
+    folder belongs to exactly one resolved configuration, display-only keys aside), or when
+    its ``config.yaml`` or ``summary.json`` cannot be read: the folder is left as found."""
     import yaml
 
     from stablelora.config import computed_config
+    from stablelora.records import RecordsError, read_summary
 
+    try:
+        read_summary(run_dir)
+    except RecordsError as error:
+        raise RunFolderError(
+            f"{error}: restore it, or delete it to run this run again (from its last "
+            "checkpoint, or from step 0 if it has none)."
+        ) from None
     stored_path = run_dir / "config.yaml"
     if not stored_path.exists():
         return
     try:
-        stored = yaml.safe_load(stored_path.read_text()) or {}
-    except yaml.YAMLError:
-        stored = {"unreadable": True}
+        stored = yaml.safe_load(stored_path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        stored = error
+    if not isinstance(stored, dict):
+        raise RunFolderError(
+            f"{stored_path} cannot be read (not a YAML mapping): restore it, or delete it if "
+            "this folder holds this configuration's run (its name is the configuration's hash)."
+        )
     flat_old, flat_new = _flatten(computed_config(stored)), _flatten(computed_config(config))
     differing = sorted(
         k for k in flat_old.keys() | flat_new.keys() if flat_old.get(k) != flat_new.get(k)
@@ -214,14 +228,41 @@ def save_adapter(model, run_dir: Path) -> None:
 
 
 # ---------------------------------------------------------------------------- signals
+class StopRequested(Exception):
+    """A stop signal arrived during work that polls :func:`check_stop` (an evaluation): it
+    ends that work at once; the runner checkpoints and records the run ``interrupted``."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"stopped by signal {signum}")
+        self.signum = signum
+
+
+#: The stop signal received while a :class:`StopSignals` context is active (process-wide, so
+#: that long loops deep in a task can poll it through :func:`check_stop`).
+_stop_received: int | None = None
+_depth = 0  # nested StopSignals contexts
+
+
+def check_stop() -> None:
+    """Raise :class:`StopRequested` once a stop signal has arrived in a run; call it once per
+    evaluation batch, so that a stop is honoured within one batch (a cluster gives 30-90 s
+    between SIGTERM and SIGKILL). Does nothing outside a run."""
+    if _stop_received is not None:
+        raise StopRequested(_stop_received)
+
+
 class StopSignals:
-    """Within the context, SIGTERM / SIGINT / SIGUSR1 / SIGUSR2 only set :attr:`received`:
-    the loop finishes its step, checkpoints and stops. A second SIGINT stops at once
+    """Within the context, SIGTERM / SIGINT / SIGUSR1 / SIGUSR2 only set :attr:`received` (and
+    the flag :func:`check_stop` polls): the loop finishes its step (an evaluation its batch),
+    checkpoints and stops. A second SIGINT stops at once
     (KeyboardInterrupt). Outside the main thread (where Python cannot install handlers)
     it does nothing.
 
     The handlers found on entry are put back on exit, so that a launcher's own handler
     (submitit's requeue) can run after the run has checkpointed: :func:`run_launcher_handler`.
+    Contexts nest (``run_job`` holds one while a job starts, ``train`` its own): a signal the
+    enclosing one caught is the inner one's from its entry, and the flag is cleared when the
+    outermost one exits.
     """
 
     def __init__(self):
@@ -229,17 +270,25 @@ class StopSignals:
         self.previous: dict[int, SignalHandler] = {}
 
     def _handle(self, signum, frame) -> None:
+        global _stop_received
         if signum == signal.SIGINT and self.received == signal.SIGINT:
             raise KeyboardInterrupt
-        self.received = signum
+        self.received = _stop_received = signum
 
     def __enter__(self) -> StopSignals:
+        global _depth
+        _depth += 1
+        self.received = _stop_received  # one an enclosing context caught before this one
         if threading.current_thread() is threading.main_thread():
             for signum in STOP_SIGNALS:
                 self.previous[signum] = signal.signal(signum, self._handle)
         return self
 
     def __exit__(self, *exc) -> None:
+        global _stop_received, _depth
+        _depth -= 1
+        if _depth == 0:
+            _stop_received = None
         for signum, handler in self.previous.items():
             signal.signal(signum, handler)
 

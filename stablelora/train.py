@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from stablelora.layer_records import LayerRecords
 from stablelora.records import (
     RunRecorder,
     make_summary,
@@ -31,6 +32,7 @@ from stablelora.records import (
 )
 from stablelora.run_folder import (
     RunLock,
+    StopRequested,
     StopSignals,
     check_run_folder,
     load_checkpoint_file,
@@ -312,19 +314,30 @@ def train_step(run: Run, step: int) -> tuple[float, int]:
 
 
 def evaluate(run: Run, step: int) -> dict[str, float]:
-    """Evaluate on rank 0 (the others wait) and record ``eval/<metric>`` at ``step``."""
-    metrics = {}
+    """Evaluate on rank 0 (the others wait) and record ``eval/<metric>`` at ``step``.
+
+    Raises:
+        StopRequested: on every rank, when a stop signal ended the evaluation (it polls
+            :func:`~stablelora.run_folder.check_stop` between batches); nothing is recorded.
+    """
+    metrics, stop = {}, None
     if run.dist.is_main:
-        with run.autocast():
-            result = run.task.evaluate(
-                run.model,
-                batch_size=run.cfg.trainer.eval_batch_size,
-                max_examples=run.cfg.trainer.max_eval_examples,
-            )
-        metrics = {f"eval/{k}": v for k, v in result.items()}
-        run.recorder.log_examples(step, getattr(run.task, "last_examples", []))
-        run.recorder.log(step, metrics)
+        try:
+            with run.autocast():
+                result = run.task.evaluate(
+                    run.model,
+                    batch_size=run.cfg.trainer.eval_batch_size,
+                    max_examples=run.cfg.trainer.max_eval_examples,
+                )
+        except StopRequested as error:
+            stop = error
+        else:
+            metrics = {f"eval/{k}": v for k, v in result.items()}
+            run.recorder.log_examples(step, getattr(run.task, "last_examples", []))
+            run.recorder.log(step, metrics)
     run.dist.barrier()
+    if run.dist.any(stop is not None):
+        raise stop or StopRequested(0)
     return metrics
 
 
@@ -388,6 +401,8 @@ def train(cfg, run_dir: Path) -> dict:
             previous.get("status") == "completed" and (run_dir / "adapter").is_dir()
         )
         if trainer.resume and finished:
+            if is_main:  # a kill after the adapter save left the per-layer parts unmerged
+                LayerRecords(run_dir).close()
             print(f"[stablelora] {run_dir} already {previous['status']}; nothing to do.")
             return previous
         if trainer.num_threads:
@@ -411,7 +426,7 @@ def train(cfg, run_dir: Path) -> dict:
 
 def _start(run: Run, run_dir: Path, recorder: RunRecorder) -> dict:
     """The state to train from: the checkpoint's (records cut back to the rows it had seen)
-    or a fresh one (no records kept, old checkpoints dropped, the initial evaluation)."""
+    or a fresh one (no records kept, old checkpoints dropped, the initial evaluation due)."""
     state: dict[str, Any] = {
         "step": 0,
         "initial": {},
@@ -423,6 +438,9 @@ def _start(run: Run, run_dir: Path, recorder: RunRecorder) -> dict:
         "status": "running",
         "error": None,
         "loss": None,
+        # The step of an evaluation still to run: the initial one (0), or one a stop signal
+        # interrupted (run again on resume). The final evaluation follows the last step.
+        "eval_pending": None,
     }
     loaded = load_checkpoint(run, run_dir) if run.cfg.trainer.resume else None
     if loaded is not None:
@@ -434,7 +452,7 @@ def _start(run: Run, run_dir: Path, recorder: RunRecorder) -> dict:
         if run.dist.is_main:
             remove_checkpoints(run_dir)
         if run.cfg.trainer.eval_before:
-            state["initial"] = evaluate(run, 0)
+            state["eval_pending"] = 0
     state["attempts"] += 1
     return state
 
@@ -461,10 +479,29 @@ def _train(
         state.update(records=recorder.rows, wall_time=wall_before + time.time() - started)
         save_checkpoint(run, run_dir, state)
 
+    def evaluation(step: int) -> None:
+        """The evaluation at ``step`` (0: the initial one). A stop signal ends it at once and
+        leaves it in ``state["eval_pending"]``, so that the checkpoint runs it on resume."""
+        state["eval_pending"] = step
+        with contextlib.suppress(StopRequested):
+            result = evaluate(run, step)
+            state["eval_pending"] = None
+            if step == 0:
+                state["initial"] = result
+            else:
+                state["best"] = better(state["best"], result, run.task, step)
+        run.model.train()
+
+    if state["eval_pending"] is not None:  # the initial one, or one a stop interrupted
+        evaluation(state["eval_pending"])
+    last_step = trainer.max_steps
+    if state["eval_pending"] is not None:  # stopped during that evaluation: no training
+        checkpoint()
+        state["status"], last_step = "interrupted", state["step"]
     progress = Progress(trainer, state["step"], run_dir.name, enabled=dist.is_main)
     loop_start = time.time() - state["train_time"]
     run.model.train()
-    for step in range(state["step"] + 1, trainer.max_steps + 1):
+    for step in range(state["step"] + 1, last_step + 1):
         loss, tokens = train_step(run, step)
         if not math.isfinite(loss):
             state.update(
@@ -494,8 +531,7 @@ def _train(
         recorder.log(step, metrics)
         progress.update(loss)
         if trainer.eval_every and step % trainer.eval_every == 0 and step < trainer.max_steps:
-            state["best"] = better(state["best"], evaluate(run, step), run.task, step)
-            run.model.train()
+            evaluation(step)  # a stop signal during it: the checkpoint below keeps it due
         saved = trainer.checkpoint_every and step % trainer.checkpoint_every == 0
         if saved:
             checkpoint()
@@ -509,9 +545,14 @@ def _train(
 
     final = {}
     if state["status"] == "running":
-        state["status"] = "completed"
-        final = evaluate(run, state["step"])
-        state["best"] = better(state["best"], final, run.task, state["step"])
+        try:
+            final = evaluate(run, state["step"])
+        except StopRequested:  # checkpointed at the last step: a rerun only evaluates
+            checkpoint()
+            state["status"] = "interrupted"
+        else:
+            state["status"] = "completed"
+            state["best"] = better(state["best"], final, run.task, state["step"])
     wall_time = wall_before + time.time() - started
     summary = summarize(cfg, run, state, final, wall_time)
     recorder.write_summary(summary)  # before the adapter: a full disk keeps this summary

@@ -1,8 +1,8 @@
 """analysis/: collect, tables, plots and the report command.
 
 The ``sweep`` fixture makes real records once per module (a smoke sweep of 2 methods x 2
-seeds, a job that fails with ``adapter.rank=0``, and copies of real runs turned into a third
-seed with another accuracy, a diverged run and an unfinished run); the tests read its
+seeds, and copies of real runs turned into a third seed with another accuracy, a run that
+failed during training (with ``adapter.rank=0``), a diverged run and an unfinished run); the tests read its
 summary.json files directly to compute the expected numbers by hand. The W&B tests
 convert fake W&B runs; tests/test_analysis_tables.py checks the tables on synthetic records.
 """
@@ -66,17 +66,17 @@ def completed_run(sweep_dir: Path, method: str, seed: int) -> Path:
 def sweep(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("analysis")
     run_python("run.py", "-m", "experiment=table1_qa_smoke", f"output_root={root}")
-    run_python(
-        "run.py",
-        "-m",
-        "experiment=table1_qa_smoke",
-        f"output_root={root}",
-        "method=lora",
-        "adapter.rank=0",
-        "seed=0",
-        expect=1,  # a sweep with a failed job exits 1
-    )
     sweep_dir = root / "sweeps" / "table1_qa_smoke"
+    # A run that failed during training (a config error leaves no folder), in a config of its
+    # own: rank 0.
+    failed = sweep_dir / "lora-failed-s0"
+    shutil.copytree(completed_run(sweep_dir, "lora", 0), failed)
+    for path in (failed / "config.yaml", failed / ".hydra" / "config.yaml"):
+        config = yaml.safe_load(path.read_text())
+        config["adapter"]["rank"] = 0
+        path.write_text(yaml.safe_dump(config))
+    error = "RuntimeError: CUDA error: an illegal memory access was encountered"
+    _retag(failed, 0, status="failed", error=error, final={}, best={})
     # A third stable_lora seed with a different accuracy, so that mean and best differ.
     third = sweep_dir / "stable_lora-copy-s2"
     shutil.copytree(completed_run(sweep_dir, "stable_lora", 1), third)
@@ -145,7 +145,7 @@ def test_collect_keeps_every_run_with_its_status(sweep):
     assert statuses == dict(zip(records["run"], records["status"]))
     assert sorted(statuses.values()).count("completed") == 5
     failed = coll.runs[coll.runs["status"] == "failed"].iloc[0]
-    assert failed["adapter.rank"] == 0 and "adapter.rank" in failed["error"]
+    assert failed["adapter.rank"] == 0 and "illegal memory access" in failed["error"]
     for row in coll.runs.itertuples():
         summary_path = Path(row.run_id) / "summary.json"
         if row.status == "completed":

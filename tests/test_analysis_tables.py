@@ -689,3 +689,14 @@ def test_llm_adapters_benchmarks_per_dataset_and_average(tmp_path):
     check_latex(table.latex())
     assert any("did not complete" in note for note in tables_of(tmp_path)["commonsense8"].notes)
     assert "gsm8k" not in tables_of(tmp_path)  # their own tables, not GSM8K's by step budget
+
+
+def test_best_of_table1_has_no_average_for_a_method_missing_a_task(tmp_path):
+    for seed in (0, 1):
+        for task in ("bbc_news", "obqa"):
+            write_run(tmp_path, f"lora-{task}-{seed}", task=task, seed=seed, acc=0.5 + seed / 10)
+        write_run(tmp_path, f"stable-bbc-{seed}", task="bbc_news", method="stable_lora", seed=seed)
+    for mode in ("best", "mean"):
+        data = tables_of(tmp_path, mode)["table1"].data.set_index("method")
+        assert data.loc["lora", "avg"] == pytest.approx(60.0 if mode == "best" else 55.0)
+        assert math.isnan(data.loc["stable_lora", "avg"]), mode

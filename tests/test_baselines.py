@@ -486,3 +486,12 @@ def test_riemann_falls_back_to_identity_where_the_gram_is_singular():
     inverse_singular, inverse_regular = damped_gram_inverses([singular, regular], reg=0.0)
     assert torch.equal(inverse_singular[0], torch.eye(2, dtype=torch.float64))
     torch.testing.assert_close(inverse_regular[0], torch.linalg.inv(regular[0]))
+
+
+@pytest.mark.parametrize("ratio", [True, False, 0, -4.0, "16"])
+def test_loraplus_lr_ratio_must_be_a_positive_number_not_a_bool(ratio):
+    from stablelora.optim import check_optimizer_options
+
+    with pytest.raises(ValueError, match="loraplus_lr_ratio must be a positive number"):
+        check_optimizer_options("loraplus", {"loraplus_lr_ratio": ratio}, "optimizer=loraplus")
+    check_optimizer_options("loraplus", {"loraplus_lr_ratio": 16}, "optimizer=loraplus")

@@ -392,6 +392,7 @@ def test_runner_config_error_is_one_line_exit_2_before_the_model_loads(
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0] and "config error" in lines[0], lines
     assert not list(tmp_path.rglob("metrics.jsonl")) and not list(tmp_path.rglob("adapter"))
+    assert not list(tmp_path.glob("runs/*"))  # no run folder left behind
 
 
 # ---------------------------------------------------------------------------- extension points

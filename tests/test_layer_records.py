@@ -302,3 +302,23 @@ def test_analysis_reads_the_same_history_from_both_layouts(tmp_path, per_layer_p
         per_layer_probes
     )
     assert old.equals(new)
+
+
+def test_with_gamma_keeps_a_stored_gamma_and_recomputes_the_missing_ones():
+    import numpy as np
+    import pandas as pd
+
+    from stablelora.layer_records import with_gamma
+
+    frame = pd.DataFrame(
+        {
+            "step": [1, 2],
+            "layer": ["a", "a"],
+            "width": [64, 64],
+            "feat/dY": [8.0, 8.0],
+            "gamma/dY": [np.nan, 0.25],  # row 2: a stored value the RMS does not give
+        }
+    )
+    gamma = with_gamma(frame)["gamma/dY"].to_numpy()
+    assert gamma[0] == pytest.approx(0.5)  # log 8 / log 64, recomputed where none is stored
+    assert gamma[1] == 0.25

@@ -268,7 +268,13 @@ def test_interrupted_run_raises_for_the_launcher(tmp_path, monkeypatch):
     monkeypatch.setattr(tasks, "build_task", build_and_signal)
     with pytest.raises(RunInterrupted) as info:
         train(cfg, tmp_path)
-    assert info.value.step == 1 and (tmp_path / "checkpoint.pt").exists()
+    # Stopped within the first batch of the initial evaluation: step 0, checkpointed, and
+    # the rerun evaluates first.
+    assert info.value.step == 0 and (tmp_path / "checkpoint.pt").exists()
+    assert read_summary(tmp_path)["status"] == "interrupted"
+    monkeypatch.undo()
+    summary = train(cfg, tmp_path)
+    assert summary["status"] == "completed" and summary["initial"]
 
 
 # ---------------------------------------------------------------------------- results
@@ -398,3 +404,25 @@ def test_sweep_summary_counts_jobs_and_fails_the_sweep(tmp_path, monkeypatch, ca
         f"stablelora sweep: 1 completed, 1 diverged, 1 failed ({tmp_path / 'c'}), 0 interrupted"
     )
     assert sweep_summary_line([{"run_dir": "x", "status": "diverged"}])[1] is False
+
+
+def test_a_checkpoint_without_its_state_is_not_a_checkpoint(tmp_path, capsys):
+    from stablelora import run_folder
+
+    run_folder.save_checkpoint_file({"state": {"step": 3}}, tmp_path)
+    run_folder.save_checkpoint_file({"trainable": {}, "steps": 5}, tmp_path)  # a foreign dict
+    assert run_folder.load_checkpoint_file(tmp_path, "cpu")["state"]["step"] == 3
+    assert "checkpoint.pt: ValueError cannot be read" in capsys.readouterr().err
+    (tmp_path / "checkpoint.prev.pt").unlink()
+    with pytest.raises(RunFolderError, match="no checkpoint .* can be read"):
+        run_folder.load_checkpoint_file(tmp_path, "cpu")
+
+
+def test_seed_0_names_its_folder_like_every_other_seed():
+    from stablelora.config import run_dir_name
+
+    def name(seed):
+        return run_dir_name(_root_={"method": "lora", "task": "bbc", "model": "m", "seed": seed})
+
+    assert name(0).startswith("lora-bbc-m-s0-") and name(1).startswith("lora-bbc-m-s1-")
+    assert name(None).startswith("lora-bbc-m-") and "-s" not in name(None)

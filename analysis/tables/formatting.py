@@ -19,6 +19,21 @@ from analysis.tables.aggregation import (
 DASH = "—"
 
 
+#: Significant digits of the floats in a written CSV: a fit's last digits move with the
+#: numpy/BLAS build and thread count (1 ulp seen), which must not change the file's bytes.
+CSV_DIGITS = 12
+
+
+def write_csv(frame: pd.DataFrame, path: Path) -> None:
+    """``frame`` as CSV with every float rounded to :data:`CSV_DIGITS` significant digits, so
+    that a rebuilt report is byte-identical to the committed one."""
+
+    def rounded(value):
+        return float(f"{value:.{CSV_DIGITS}g}") if isinstance(value, float) else value
+
+    frame.apply(lambda column: column.map(rounded)).to_csv(path, index=False)
+
+
 @dataclass
 class Table:
     """A table ready to print and write.
@@ -81,7 +96,7 @@ class Table:
         paths = [folder / f"{self.name}.{ext}" for ext in ("md", "tex", "csv")]
         paths[0].write_text(self.markdown())
         paths[1].write_text(self.latex())
-        self.data.to_csv(paths[2], index=False)
+        write_csv(self.data, paths[2])
         return paths
 
 

@@ -74,6 +74,7 @@ columns with care).
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -242,10 +243,18 @@ def eval_path(cfg: TaskConfig, dataset: str) -> Path:
     return data_root(cfg) / DATASET_DIR / dataset / f"{cfg.eval_split}.json"
 
 
+@functools.lru_cache(maxsize=4)
+def _load_json(path: Path, mtime_ns: int, size: int):
+    # Keyed on the file's time and size: check() reads each file before the model loads, and
+    # build() reads the same parsed rows again without a second parse of a large mixture.
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
 def read_rows(path: Path, what: str, required: tuple[str, ...]) -> list[dict]:
     """The rows of one of their JSON files: a list of objects, each with ``required`` keys."""
     try:
-        rows = json.loads(path.read_text(encoding="utf-8"))
+        stat = path.stat()
+        rows = _load_json(path, stat.st_mtime_ns, stat.st_size)
     except (OSError, ValueError) as error:
         raise ValueError(f"{what}: cannot read {path}: {error}") from None
     if not isinstance(rows, list) or not rows:
@@ -280,6 +289,10 @@ def check(cfg: TaskConfig) -> None:
                 f"task {cfg.name}: no {path}: copy LLM-Adapters' {DATASET_DIR}/{dataset}/ "
                 f"there or drop {dataset} from task.eval_datasets"
             )
+    # Every row of every file, so that a malformed one stops the run before the model loads.
+    train_pairs(cfg, seed=0)
+    for dataset in datasets:
+        eval_examples(cfg, dataset)
 
 
 def sources(cfg: TaskConfig) -> list[DataSource]:

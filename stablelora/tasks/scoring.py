@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import torch
 
 from stablelora.lm_head import IGNORE_INDEX, split_causal_lm
+from stablelora.run_folder import check_stop
 
 
 class PairEncoder:
@@ -135,6 +136,7 @@ def loglikelihoods(
     inputs = sorted(groups, key=len, reverse=True)
     sums = [0.0] * len(requests)
     for start in range(0, len(inputs), batch_size):
+        check_stop()  # a stop signal ends the evaluation within one batch
         batch = inputs[start : start + batch_size]
         input_ids = pad_right([list(ids) for ids in batch], pad_id).to(device)
         attention_mask = pad_right([[1] * len(ids) for ids in batch], 0).to(device)
@@ -173,6 +175,7 @@ def _shared_context_loglikelihoods(parts, requests, batch_size, pad_id, device) 
     contexts = sorted(groups, key=len, reverse=True)
     sums = [0.0] * len(requests)
     for start in range(0, len(contexts), batch_size):
+        check_stop()  # a stop signal ends the evaluation within one batch
         batch = contexts[start : start + batch_size]
         lengths = torch.tensor([len(c) for c in batch], device=device)
         context_ids = pad_right([list(c) for c in batch], pad_id).to(device)
@@ -234,6 +237,7 @@ def generate_greedy(
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     outputs: list[list[int]] = [[] for _ in prompts]
     for start in range(0, len(order), batch_size):
+        check_stop()  # a stop signal ends the evaluation within one batch
         batch = [prompts[i] for i in order[start : start + batch_size]]
         input_ids = pad_left(batch, pad_id).to(device)
         attention_mask = pad_left([[1] * len(p) for p in batch], 0).to(device)

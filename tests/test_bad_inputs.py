@@ -1,0 +1,120 @@
+"""Bad inputs that used to reach a traceback or Hydra's exit code 1: each is one line, exit code
+2 for a usage error, found before the model loads, and leaves no run folder behind."""
+
+from __future__ import annotations
+
+import errno
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import CONF, ROOT, SMOKE, compose_config, run_cli
+
+from stablelora.config import check_command_line, group_options
+from stablelora.job import run_job
+
+FIXTURE = ROOT / "tests" / "fixtures" / "llm_adapters"
+
+
+# ---------------------------------------------------------------------------- data files
+@pytest.mark.parametrize(
+    "damage,message",
+    [
+        ('[{"instruction": "q", "answer": "true"}, {"instruc', r"cannot read .*boolq/test.json"),
+        ('[{"instruction": "q"}]', r"row 0 of .*boolq/test.json has no 'answer'"),
+    ],
+)
+def test_a_malformed_eval_file_is_a_config_error_before_the_model_loads(
+    tmp_path, monkeypatch, capsys, damage, message
+):
+    import stablelora.models
+
+    data = tmp_path / "LLM-Adapters"
+    shutil.copytree(FIXTURE, data)
+    (data / "dataset" / "boolq" / "test.json").write_text(damage)
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the data were checked")
+
+    monkeypatch.setattr(stablelora.models, "load_model", no_model)
+    cfg = compose_config(["model=tiny_llama", "task=commonsense8", f"task.data_dir={data}"])
+    run_dir = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_info:
+        run_job(cfg, run_dir)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "config error" in err[0]
+    assert __import__("re").search(message, err[0]), err[0]
+    assert not run_dir.exists()  # a config error leaves nothing behind
+
+
+def test_a_config_error_removes_only_a_folder_that_holds_no_records(tmp_path, capsys):
+    bad = compose_config(SMOKE + ["adapter.rank=0"])
+    fresh = tmp_path / "fresh"
+    (fresh / ".hydra").mkdir(parents=True)  # what Hydra writes before the job
+    (fresh / ".hydra" / "config.yaml").write_text("seed: 0\n")
+    (fresh / "run.log").write_text("")
+    with pytest.raises(SystemExit) as exit_info:
+        run_job(bad, fresh)
+    assert exit_info.value.code == 2 and not fresh.exists()
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "summary.json").write_text(json.dumps({"status": "interrupted"}))
+    with pytest.raises(SystemExit):
+        run_job(bad, used)
+    assert json.loads((used / "summary.json").read_text()) == {"status": "interrupted"}
+
+
+# ---------------------------------------------------------------------------- command line
+def test_a_group_option_that_does_not_exist_is_one_line_naming_the_options():
+    assert "_base" not in group_options(CONF, "task") and "bbc_news" in group_options(CONF, "task")
+    assert "cpu/table1" in group_options(CONF, "experiment")
+    assert "cpu/_base" not in group_options(CONF, "experiment")
+    for args in (["model=nope"], ["-m", "task=bbc_news,_base"], ["experiment=cpu/nope"]):
+        with pytest.raises(
+            ValueError, match=r"is not an option of conf/\w+/( \(a shared base\))?; choose one of"
+        ) as e:
+            check_command_line(args, CONF)
+        assert "_base" not in str(e.value).split("choose one of")[1]
+    ok = ["-m", "hydra/launcher=joblib", "method=lora,stable_lora", "optim.lr=1e-3", "seed=1"]
+    assert check_command_line([*ok, "experiment=cpu/table1", "+task.x=1", "~logger"], CONF) == []
+    assert check_command_line(["--config-name", "model=nope", "seed=2"], CONF) == []
+    (warning,) = check_command_line(["optim.lr=1e-3", "seed=1", "optim.lr=3e-4"], CONF)
+    assert "optim.lr is given twice" in warning and "takes the last: optim.lr=3e-4" in warning
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("override", ["model=nope", "task=_base"])
+def test_cli_unknown_group_option_is_one_line_exit_2_and_no_folder(tmp_path, override):
+    result = run_cli("run.py", *SMOKE, override, f"output_root={tmp_path}")
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "is not an option of conf/" in lines[0], lines
+    assert not list(tmp_path.iterdir())
+
+
+def test_hydra_saving_its_config_on_a_full_disk_is_one_line(tmp_path, monkeypatch):
+    import hydra.core.utils
+
+    from stablelora import config
+
+    config.guard_hydra_save()
+    config.guard_hydra_save()  # idempotent
+    assert hydra.core.utils._save_config is config.save_hydra_config_or_exit
+
+    def full_disk(cfg, filename, output_dir):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(config, "_hydra_save_config", full_disk)
+    with pytest.raises(SystemExit) as exit_info:
+        hydra.core.utils._save_config({}, "config.yaml", Path(tmp_path))
+    message = exit_info.value.code
+    assert message.startswith("stablelora: no space left on device (") and "\n" not in message
+
+    def other_error(cfg, filename, output_dir):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(config, "_hydra_save_config", other_error)
+    with pytest.raises(PermissionError):
+        hydra.core.utils._save_config({}, "config.yaml", Path(tmp_path))

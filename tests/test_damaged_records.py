@@ -1,0 +1,307 @@
+"""Damaged records and stop signals: a garbled metrics line, a corrupt per-layer file, a
+damaged summary, a stop during evaluation. Every case ends in one line naming the file (or a
+warning and a fallback), never in silently wrong records or an overwritten summary."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import warnings
+from pathlib import Path
+
+import pytest
+from conftest import SMOKE, Interrupted, compose_config, train_killed_at_batch
+
+from stablelora.job import run_job
+from stablelora.records import RecordsError, RunRecorder, read_jsonl, read_summary
+from stablelora.run_folder import RunFolderError
+from stablelora.train import train
+
+FAST = SMOKE + ["probe=off", "model.config.num_hidden_layers=1"]
+#: With the probe: per-layer records in layers.parquet / layers.parts.
+PROBED = SMOKE + ["model.config.num_hidden_layers=1", "probe.first_steps=6"]
+
+
+def signalled_at_batch(cfg, run_dir, batch_number, monkeypatch, signum=signal.SIGTERM):
+    """``run_job`` with ``signum`` sent to this process while batch ``batch_number`` is read;
+    returns the exit code."""
+    import stablelora.tasks as tasks
+
+    original_build, calls = tasks.build_task, []
+
+    def build_with_signal(*args, **kwargs):
+        task = original_build(*args, **kwargs)
+        collate = task.collate
+
+        def collate_and_signal(indices):
+            calls.append(indices)
+            if len(calls) == batch_number:
+                os.kill(os.getpid(), signum)
+            return collate(indices)
+
+        task.collate = collate_and_signal
+        return task
+
+    with monkeypatch.context() as patch:
+        patch.setattr(tasks, "build_task", build_with_signal)
+        with pytest.raises(SystemExit) as exit_info:
+            run_job(cfg, run_dir)
+    return exit_info.value.code
+
+
+def one_line_exit(cfg, run_dir) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        run_job(cfg, run_dir)
+    message = exit_info.value.code
+    assert isinstance(message, str) and "\n" not in message, message
+    return message
+
+
+# ---------------------------------------------------------------------------- metrics.jsonl
+def test_a_garbled_metrics_line_stops_the_resume_naming_file_and_line(tmp_path, monkeypatch):
+    cfg = compose_config(FAST + ["trainer.checkpoint_every=4", "trainer.log_every=1"])
+    with pytest.raises(Interrupted):
+        train_killed_at_batch(cfg, tmp_path, 6, monkeypatch)  # checkpoint at step 4
+    path = tmp_path / "metrics.jsonl"
+    lines = path.read_text().splitlines(keepends=True)
+    assert len(lines) > 4
+    lines[2] = '{"step": 2, "train/loss": 0.0GARBAGE\n'
+    path.write_text("".join(lines))
+    with pytest.raises(RecordsError, match=r"metrics.jsonl line 3 is damaged \(not JSON\)"):
+        train(cfg, tmp_path)
+    message = one_line_exit(cfg, tmp_path)
+    assert "line 3" in message and "trainer.resume=false" in message
+    assert path.read_text() == "".join(lines)  # left as found, to be repaired
+    assert not (tmp_path / "summary.json").exists()
+    # Restored, the run resumes and holds every row once.
+    lines[2] = json.dumps(json.loads(lines[1]) | {"step": 2}) + "\n"
+    path.write_text("".join(lines))
+    assert train(cfg, tmp_path)["status"] == "completed"
+    steps = [row["step"] for row in read_jsonl(path) if "train/loss" in row]
+    assert steps == list(range(1, 7))
+
+
+def test_a_deleted_metrics_line_is_found_by_the_rows_step(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    steps = [1, 2, 4, 5, 6, 7, 8]  # the step-3 row was deleted
+    path.write_text("".join(json.dumps({"step": s, "x": 1.0}) + "\n" for s in steps))
+    recorder = RunRecorder(tmp_path, {}, compose_config(FAST).logger, "run")
+    with pytest.raises(RecordsError, match="line 4 is damaged .a row of step 5, after the check"):
+        recorder.keep_rows(4, step=4)  # its 4 rows reach step 5
+    text = "".join(json.dumps({"step": s, "x": 1.0}) + "\n" for s in range(1, 7))
+    path.write_text(text + '{"step": 7, "x"')  # a torn last line is no damage
+    recorder.keep_rows(6, step=6)
+    assert recorder.rows == 6 and path.read_text() == text
+
+
+def test_resume_counts_the_rows_it_kept_not_the_rows_it_found(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s}) + "\n" for s in range(1, 9)))
+    recorder = RunRecorder(tmp_path, {}, compose_config(FAST).logger, "run")
+    recorder.keep_rows(5, step=5)
+    assert recorder.rows == 5 and len(read_jsonl(path)) == 5
+    recorder.log(6, {"x": 1.0})
+    assert recorder.rows == 6  # what the next checkpoint records
+
+
+def test_the_analysis_warns_about_a_garbled_metrics_line():
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "metrics.jsonl"
+        path.write_text('{"step": 1}\n{"step": 2, GARBAGE\n{"step": 3}\n{"step": 4')
+        with pytest.warns(UserWarning, match=r"metrics.jsonl line 2 cannot be read"):
+            rows = read_jsonl(path)
+        assert [row["step"] for row in rows] == [1, 3]
+
+
+# ---------------------------------------------------------------------------- per-layer files
+def test_a_corrupt_layers_file_stops_the_resume_and_keeps_the_interrupted_summary(
+    tmp_path, monkeypatch
+):
+    cfg = compose_config(PROBED + ["trainer.checkpoint_every=100"])
+    assert signalled_at_batch(cfg, tmp_path, 3, monkeypatch) == 128 + signal.SIGTERM
+    assert read_summary(tmp_path)["status"] == "interrupted"
+    layers = tmp_path / "layers.parquet"
+    layers.write_bytes(layers.read_bytes()[:200])
+    message = one_line_exit(cfg, tmp_path)
+    assert message.startswith(f"stablelora: {layers} cannot be read (") and "restore it" in message
+    assert read_summary(tmp_path)["status"] == "interrupted"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        from analysis.collect import collect
+
+        runs = collect(tmp_path).runs
+    assert len(runs) == 1 and any(str(layers) in str(w.message) for w in caught)
+    layers.unlink()  # the way out the message gives: resume without those values
+    assert train(cfg, tmp_path)["status"] == "completed"
+
+
+def test_a_corrupt_layer_part_after_the_checkpoint_is_dropped_before_it_is_fatal(
+    tmp_path, monkeypatch, capsys
+):
+    cfg = compose_config(PROBED + ["trainer.checkpoint_every=2"])
+    with pytest.raises(Interrupted):
+        train_killed_at_batch(cfg, tmp_path, 5, monkeypatch)  # checkpoints at steps 2 and 4
+    (tmp_path / "layers.parts").mkdir(exist_ok=True)  # as a kill -9 leaves them: unmerged
+    earlier = tmp_path / "layers.parts" / "steps-00000003-00000004.parquet"
+    later = tmp_path / "layers.parts" / "steps-00000005-00000005.parquet"
+    later.write_bytes(os.urandom(3000))
+    earlier.write_bytes(os.urandom(3000))  # steps up to the checkpoint: cannot be rebuilt
+    message = one_line_exit(cfg, tmp_path)
+    assert str(earlier) in message and "cannot be rebuilt" in message
+    assert not (tmp_path / "summary.json").exists()
+    earlier.unlink()
+    capsys.readouterr()
+    assert train(cfg, tmp_path)["status"] == "completed"
+    assert f"{later} cannot be read" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- summary.json
+@pytest.mark.parametrize("content", [b"[1, 2]", b"\x00\xffnot json"])
+def test_a_damaged_summary_is_named_by_the_analysis_and_kept_by_the_runner(tmp_path, content):
+    from analysis.collect import collect
+
+    cfg = compose_config(FAST + ["trainer.max_steps=2"])
+    assert train(cfg, tmp_path)["status"] == "completed"
+    path = tmp_path / "summary.json"
+    path.write_bytes(content)
+    with pytest.warns(UserWarning, match=f"{path} cannot be read"):
+        runs = collect(tmp_path).runs
+    assert len(runs) == 1 and runs.loc[0, "status"] == "incomplete"
+    with pytest.raises(RunFolderError, match="summary.json cannot be read"):
+        train(cfg, tmp_path)
+    message = one_line_exit(cfg, tmp_path)
+    assert "restore it, or delete it" in message
+    assert path.read_bytes() == content  # not overwritten as failed
+    assert (tmp_path / "metrics.jsonl").exists() and (tmp_path / "adapter").is_dir()
+
+
+def test_unreadable_config_yaml_is_called_unreadable(tmp_path):
+    (tmp_path / "config.yaml").write_text("trainer: [unclosed\n  - :")
+    with pytest.raises(RunFolderError, match=r"config.yaml cannot be read \(not a YAML mapping"):
+        train(compose_config(FAST), tmp_path)
+
+
+# ---------------------------------------------------------------------------- stop in evaluation
+def rows_without_timing(run_dir: Path) -> list[dict]:
+    timing = {"train/steps_per_s", "train/tokens_per_s"}
+    return [
+        {k: v for k, v in row.items() if k not in timing}
+        for row in read_jsonl(run_dir / "metrics.jsonl")
+    ]
+
+
+def signalled_in_evaluation(cfg, run_dir, evaluation_number, monkeypatch) -> int:
+    """``run_job`` with SIGTERM sent during the first forward pass of evaluation number
+    ``evaluation_number``; returns the exit code and checks that the evaluation stopped
+    within one batch (no further forward pass)."""
+    import stablelora.tasks as tasks
+
+    original_build, evaluations, forwards_after = tasks.build_task, [], []
+
+    def build_with_signal(*args, **kwargs):
+        task = original_build(*args, **kwargs)
+        evaluate = task.evaluate
+
+        def evaluate_and_signal(model, **options):
+            evaluations.append(1)
+            if len(evaluations) != evaluation_number:
+                return evaluate(model, **options)
+
+            def hook(module, inputs):
+                forwards_after.append(1)
+                if len(forwards_after) == 1:
+                    os.kill(os.getpid(), signal.SIGTERM)
+
+            handle = model.register_forward_pre_hook(hook)
+            try:
+                return evaluate(model, **options)
+            finally:
+                handle.remove()
+
+        task.evaluate = evaluate_and_signal
+        return task
+
+    with monkeypatch.context() as patch:
+        patch.setattr(tasks, "build_task", build_with_signal)
+        with pytest.raises(SystemExit) as exit_info:
+            run_job(cfg, run_dir)
+    assert len(forwards_after) == 1, "the evaluation went on after the stop signal"
+    return exit_info.value.code
+
+
+#: Evaluations at steps 0, 2, 4 and 6, in 4 batches each (a stop is checked between batches).
+EVAL_EVERY_2 = ["trainer.eval_every=2", "trainer.checkpoint_every=100", "trainer.eval_batch_size=2"]
+
+
+@pytest.fixture(scope="module")
+def evaluated_every_2(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("uninterrupted")
+    cfg = compose_config(FAST + EVAL_EVERY_2)
+    assert train(cfg, run_dir)["status"] == "completed"
+    return run_dir
+
+
+@pytest.mark.parametrize(
+    "evaluation,steps",
+    [(1, 0), (2, 2), (4, 6)],  # the initial one, one during training (step 2), the final one
+)
+def test_a_stop_signal_during_evaluation_stops_within_a_batch_and_resumes_it(
+    tmp_path, monkeypatch, capsys, evaluated_every_2, evaluation, steps
+):
+    from conftest import adapter_state
+
+    cfg = compose_config(FAST + EVAL_EVERY_2)
+    code = signalled_in_evaluation(cfg, tmp_path, evaluation, monkeypatch)
+    assert code == 128 + signal.SIGTERM
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].endswith(
+        f"after step {steps} (checkpoint saved); rerun the same command to resume."
+    )
+    summary = read_summary(tmp_path)
+    assert summary["status"] == "interrupted" and summary["steps"] == steps
+    assert not (tmp_path / "adapter").exists()
+    resumed = train(cfg, tmp_path)
+    assert resumed["status"] == "completed" and resumed["attempts"] == 2
+    assert rows_without_timing(tmp_path) == rows_without_timing(evaluated_every_2)
+    first, second = adapter_state(evaluated_every_2), adapter_state(tmp_path)
+    assert all((first[name] == second[name]).all() for name in first)
+    uninterrupted = read_summary(evaluated_every_2)
+    for section in ("initial", "final", "best"):
+        assert resumed[section] == uninterrupted[section], section
+
+
+def test_check_stop_does_nothing_outside_a_run():
+    from stablelora.run_folder import StopSignals, check_stop
+
+    check_stop()
+    with StopSignals():
+        check_stop()
+        os.kill(os.getpid(), signal.SIGUSR1)
+        with pytest.raises(Exception, match="stopped by signal"):
+            check_stop()
+    check_stop()  # the flag ends with the run
+    # Nested (run_job's context while a job starts, train's own): a signal the outer one
+    # caught is the inner one's, and it lasts until the outer one exits.
+    with StopSignals() as outer:
+        os.kill(os.getpid(), signal.SIGTERM)
+        with StopSignals() as inner:
+            assert inner.received == outer.received == signal.SIGTERM
+        with pytest.raises(Exception, match="stopped by signal 15"):
+            check_stop()
+    check_stop()
+
+
+def test_parts_left_by_a_kill_after_the_adapter_save_are_merged_by_the_rerun(tmp_path):
+    from stablelora.layer_records import read_layer_table
+
+    cfg = compose_config(PROBED)
+    assert train(cfg, tmp_path)["status"] == "completed"
+    merged = read_layer_table(tmp_path)
+    parts = tmp_path / "layers.parts"
+    parts.mkdir()  # as a kill -9 between the adapter save and the merge leaves them
+    (tmp_path / "layers.parquet").rename(parts / "steps-00000001-00000006.parquet")
+    assert train(cfg, tmp_path)["status"] == "completed"  # nothing to train
+    assert not parts.exists() and read_layer_table(tmp_path).equals(merged)
