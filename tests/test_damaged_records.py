@@ -198,6 +198,7 @@ def signalled_in_evaluation(cfg, run_dir, evaluation_number, monkeypatch) -> int
     ``evaluation_number``; returns the exit code and checks that the evaluation stopped
     within one batch (no further forward pass)."""
     import stablelora.tasks as tasks
+    from stablelora.lm_head import split_causal_lm
 
     original_build, evaluations, forwards_after = tasks.build_task, [], []
 
@@ -215,7 +216,10 @@ def signalled_in_evaluation(cfg, run_dir, evaluation_number, monkeypatch) -> int
                 if len(forwards_after) == 1:
                     os.kill(os.getpid(), signal.SIGTERM)
 
-            handle = model.register_forward_pre_hook(hook)
+            # The body runs in every evaluation path (the scoring may call it without the
+            # model's own forward: stablelora.lm_head).
+            parts = split_causal_lm(model)
+            handle = (parts.body if parts else model).register_forward_pre_hook(hook)
             try:
                 return evaluate(model, **options)
             finally:
