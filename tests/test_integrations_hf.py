@@ -107,6 +107,10 @@ def test_trainer_logs_what_run_py_records(tmp_path, monkeypatch, one_thread):
         for key in PROBE_KEYS + SHRINK_KEYS:
             if key in record:
                 assert row[key] == pytest.approx(record[key], rel=1e-4, abs=1e-9), (key, record)
+    # the trainer's own rows (loss, lr) are still logged on every logging step
+    losses = callback_rows(trainer.state.log_history, ("loss",))
+    assert sorted(losses) == sorted(shrink_steps)
+    assert not set(PROBE_KEYS) & {key for row in losses.values() for key in row}
     last = logged[cfg.trainer.max_steps]
     assert last["shrink/num_shrinking"] == summary["shrink_layers"]["shrinking"]
     assert last["shrink/median_stop_step"] == summary["shrink_layers"]["median_stop_step"]
@@ -248,6 +252,10 @@ def test_sft_trainer_logs_the_shrink_and_the_probe(tmp_path, one_thread):
     trainer.train()
     rows = callback_rows(trainer.state.log_history, PROBE_KEYS + SHRINK_KEYS)
     assert sorted(rows) == [2, 4, 6]
+    # TRL's own rows (loss, its averaged metrics) are still logged, and apart from ours
+    trl_rows = callback_rows(trainer.state.log_history, ("loss",))
+    assert sorted(trl_rows) == [2, 4, 6]
+    assert all("mean_token_accuracy" in row and "feat/dY" not in row for row in trl_rows.values())
     assert len(inputs) == steps
 
     # The same steps by hand, on the inputs SFTTrainer used.

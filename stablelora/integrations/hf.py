@@ -137,9 +137,15 @@ class StableLoRACallback(TrainerCallback):
         if control.should_log or metrics:
             metrics.update(self.shrink_metrics(_inner(optimizer)))
         if metrics and state.is_world_process_zero:
+            trainer = self._trainer()
+            should_log = control.should_log
             # Trainer.log itself: a subclass's log (TRL's) would flush its own averaged
             # metrics into this row.
-            Trainer.log(self._trainer(), metrics)
+            Trainer.log(trainer, metrics)
+            # Logging clears should_log; the trainer's own row (loss, lr) of this step
+            # must still follow.
+            control.should_log = trainer.control.should_log = should_log
+        return control
 
     # ------------------------------------------------------------------ values
     def shrink_metrics(self, optimizer) -> dict[str, float]:
