@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("run_dir", help="a completed run folder (outputs/runs/<run>)")
     parser.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--limit", type=float, default=None, help="examples per task, or a fraction")
+    parser.add_argument("--limit", type=float, default=None, help="examples per task (or fraction)")
     parser.add_argument("--num-fewshot", type=int, default=None)
     parser.add_argument("--include-path", default=None, help="a folder of extra task YAMLs")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
