@@ -83,9 +83,11 @@ def evaluate_run(
     num_fewshot: int | None = None,
     include_path: str | None = None,
     device: str = "auto",
+    log_samples: bool = False,
 ) -> tuple[dict, Path]:
     """Run lm-eval's ``tasks`` on the run's adapter; return lm-eval's results and the file
-    they were written to (``<run>/lm_eval/<tasks>.json``)."""
+    they were written to (``<run>/lm_eval/<tasks>.json``; with ``log_samples`` the per-example
+    requests and responses too, under ``samples``)."""
     import torch
 
     run_dir = Path(run_dir)
@@ -108,7 +110,7 @@ def evaluate_run(
         num_fewshot=num_fewshot,
         limit=limit,
         task_manager=manager,
-        log_samples=False,
+        log_samples=log_samples,
     )
     if results is None:  # a non-zero rank under accelerate
         return {}, run_dir / "lm_eval"
@@ -130,6 +132,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-fewshot", type=int, default=None)
     parser.add_argument("--include-path", default=None, help="a folder of extra task YAMLs")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--log-samples", action="store_true", help="keep per-example outputs")
     args = parser.parse_args(argv)
     limit = args.limit if args.limit is None or args.limit < 1 else int(args.limit)
     try:
@@ -141,6 +144,7 @@ def main(argv: list[str] | None = None) -> None:
             num_fewshot=args.num_fewshot,
             include_path=args.include_path,
             device=args.device,
+            log_samples=args.log_samples,
         )
     except LmEvalError as error:
         print(f"stablelora.lm_eval: {error}", file=sys.stderr)
