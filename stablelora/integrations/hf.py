@@ -107,6 +107,7 @@ class StableLoRACallback(TrainerCallback):
                 first_steps=self.probe_first_steps,
                 every=self.probe_every,
                 max_tokens=self.max_tokens,
+                enabled=state.is_world_process_zero,  # one process measures, as in run.py
                 per_layer=False,
             )
         self._stopped = None
@@ -164,7 +165,7 @@ class StableLoRACallback(TrainerCallback):
     def _num_stopped(self, optimizer) -> int:
         if not hasattr(optimizer, "shrink_state"):
             return 0
-        return sum(not entry["shrinking"] for entry in optimizer.shrink_state().values())
+        return int(shrink_counts(optimizer.shrink_state())["stopped"] or 0)
 
     def _trainer(self) -> Trainer:
         if self.trainer is None:
