@@ -1,6 +1,6 @@
 """Collect run records into pandas DataFrames: from sweep directories on disk, or from W&B.
 
-A run directory (see the README's "Run records") holds ``summary.json``, ``config.yaml`` (the
+A run directory (see docs/records.md) holds ``summary.json``, ``config.yaml`` (the
 resolved config; ``.hydra/config.yaml`` when the job failed before writing it),
 ``metrics.jsonl`` and ``layers.parquet`` (the per-layer probe values; older runs have them in
 ``metrics.jsonl``). :func:`collect` finds every run under the given directories and returns a

@@ -6,7 +6,7 @@ paths it wrote, or ``[]`` when the records lack what it draws:
 
 ================== =====================================================================
 ``figure2_norms``  Figure 2: ||A||_F and ||B||_F against step, per method: mean over seeds
-                   and layers, band = their range
+                   and layers, band = their range, a tick at each layer's stop step
 ``deltas``         the feature-update magnitudes delta1, delta2, delta3, dY against step
 ``delta_ratio``    delta1/delta2 against step (about 1 when both factors learn)
 ``shrink_stops``   the step at which each layer stopped shrinking
@@ -241,12 +241,14 @@ def figure2_norms(coll: Collection, out_dir: Path) -> list[Path]:
         fig, axes = _grid(plt, 2 * len(settings), ncols=2)
         colors = label_colors(_labels_in_order(frame["label"]))
         groups = _by(frame, [*SETTING, "factor"])
+        stops = _stop_steps(coll)
         for i, setting in enumerate(settings):
             for j, factor in enumerate("AB"):
                 ax = axes[2 * i + j]
                 rows = groups.get((*setting, factor))
                 if rows is not None:
                     _lines(ax, rows, colors, notes)
+                _stop_marks(ax, stops.get(setting), colors)
                 ax.set(
                     title=f"||{factor}||_F · {_title(setting)}",
                     xlabel="step",
@@ -254,8 +256,35 @@ def figure2_norms(coll: Collection, out_dir: Path) -> list[Path]:
                 )
                 _legend(ax)
         source = "layers and seeds" if not per_layer.empty else "seeds (mean over layers)"
-        _suptitle(fig, f"LoRA factor norms (mean, band: range over {source})", notes)
+        marks = "; ticks: a layer stops shrinking" if not coll.shrink.empty else ""
+        _suptitle(fig, f"LoRA factor norms (mean, band: range over {source}{marks})", notes)
         return _save(plt, fig, out_dir, "figure2_norms")
+
+
+def _stop_steps(coll: Collection) -> dict[tuple, pd.DataFrame]:
+    """Per setting: the (label, stop_step) of every layer that stopped shrinking."""
+    if coll.shrink.empty:
+        return {}
+    frame = coll.shrink.dropna(subset=["stop_step"]).astype({"run_id": str})
+    frame = frame.merge(coll.runs[["run_id", *SETTING, "label"]].astype({"run_id": str}))
+    return _by(frame, SETTING)
+
+
+def _stop_marks(ax, stops: pd.DataFrame | None, colors: dict) -> None:
+    """A tick at the bottom of the panel at each layer's stop step (a method's colour; taller
+    where several layers stop on the same step)."""
+    if stops is None:
+        return
+    for label, rows in stops.groupby("label", sort=False):
+        counts = rows["stop_step"].astype(float).value_counts()
+        for step, count in counts.items():
+            ax.plot(
+                [step, step],
+                [0.0, 0.03 + 0.02 * min(count, 10)],
+                transform=ax.get_xaxis_transform(),
+                color=colors.get(label, "k"),
+                linewidth=0.8,
+            )
 
 
 def deltas(coll: Collection, out_dir: Path) -> list[Path]:

@@ -280,6 +280,9 @@ def report(args: argparse.Namespace) -> dict:
         f"[analysis.report] {counts}, {len(built)} tables, "
         f"{sum(p.suffix == '.png' for p in files)} plots -> {out}"
     )
+    for path in files:
+        if path.suffix == ".png" and path.parent.name == "plots":
+            print(f"[analysis.report] plot: {path}")
     return {"tables": built, "files": files, "runs": len(everything.runs)}
 
 

@@ -185,6 +185,13 @@ EXPERIMENTS: dict[str, Experiment] = {
             lr_from="cpu/tuned_select",
         ),
         Experiment(
+            "cpu/main",
+            "The main job (bash scripts/setup.sh run): LoRA and Stable-LoRA side by side on "
+            "BBC News at lr 1e-3, lambda 5e-3, 100 steps, where the stop rule fires.",
+            ("side_by_side", "runs_not_completed"),
+            ("figure2_norms",),
+        ),
+        Experiment(
             "cpu/dialogue",
             "Dialogue generalisation at CPU scale: LoRA against Stable-LoRA x 3 seeds on the "
             "chatterbot corpus, held-out reply loss, perplexity and ROUGE-L.",

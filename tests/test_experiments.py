@@ -379,3 +379,12 @@ def check_artefact(name: str, report: Path) -> None:
         data = pd.read_csv(tables / "reviewer_controls.csv")
         assert set(data["label"]) == {"lora", "stable_lora", "shrink_fixed_steps", "adamw_large_wd"}
         assert (data["method"] == "shrink_fixed_steps").sum() == 1
+    elif name == "cpu/main":
+        data = pd.read_csv(tables / "side_by_side.csv").set_index("label")
+        assert sorted(data.index) == ["lora", "stable_lora"] and (data["runs"] == 1).all()
+        assert data[["before", "after", "norm_A_first", "norm_A_last"]].notna().all().all()
+        assert data.loc["lora", "before"] == data.loc["stable_lora", "before"]  # same model
+        assert math.isnan(data.loc["lora", "layers"])  # AdamW has no shrink
+        stable = data.loc["stable_lora"]
+        assert 1 <= stable["stopped"] <= stable["layers"] and stable["median_stop_step"] >= 1
+        assert (data["delta_ratio_mid"] > 0).all()

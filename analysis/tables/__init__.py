@@ -33,6 +33,8 @@ None when the records do not support it (e.g. no two stop rules for the stop-rul
 ``overhead``              training time and peak memory relative to LoRA
 ``shrink_stops``          when the layers stopped shrinking
 ``shrink_stops_by_layer`` the same by projection (q_proj, v_proj...) and band of depth
+``side_by_side``          the main job's table: accuracy before/after, layers stopped and
+                          median stop step, ||A|| first -> last, mid-run delta1/delta2
 ``summary``               every (model, task, method) group: runs, status, metrics
 ``runs_not_completed``    every failed, diverged or incomplete run and its error
 ========================= ================================================================
@@ -72,6 +74,7 @@ from analysis.tables.paired import paired_difference
 from analysis.tables.paired_examples import paired_bootstrap, paired_examples
 from analysis.tables.selection import select_learning_rate
 from analysis.tables.shrink_stops import shrink_stops, shrink_stops_by_layer
+from analysis.tables.side_by_side import side_by_side
 from analysis.tables.stop_rule import ablation_stop_rule
 from analysis.tables.summary import runs_not_completed, summary
 from analysis.tables.table1 import table1, table1_avg, table1_best
@@ -113,6 +116,7 @@ TABLES: dict[str, Callable[[Collection, str], Table | None]] = {
     "overhead": overhead,
     "shrink_stops": shrink_stops,
     "shrink_stops_by_layer": shrink_stops_by_layer,
+    "side_by_side": side_by_side,
     "summary": summary,
     "runs_not_completed": runs_not_completed,
 }

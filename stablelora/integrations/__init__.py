@@ -1,0 +1,1 @@
+"""Stable-LoRA inside other training frameworks (transformers' ``Trainer``, TRL)."""
