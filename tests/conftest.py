@@ -85,6 +85,31 @@ def train_killed_at_batch(cfg, run_dir, batch_number, monkeypatch):
         train(cfg, run_dir)
 
 
+def run_job_signalled_at_batch(cfg, run_dir, batch_number, signum, monkeypatch):
+    """``run_job`` with ``signum`` sent to this process while batch ``batch_number`` is read."""
+    import stablelora.tasks as tasks
+    from stablelora.job import run_job
+
+    original_build, calls = tasks.build_task, []
+
+    def build_with_signal(*args, **kwargs):
+        task = original_build(*args, **kwargs)
+        collate = task.collate
+
+        def collate_and_signal(indices):
+            calls.append(indices)
+            if len(calls) == batch_number:
+                os.kill(os.getpid(), signum)
+            return collate(indices)
+
+        task.collate = collate_and_signal
+        return task
+
+    with monkeypatch.context() as patch:
+        patch.setattr(tasks, "build_task", build_with_signal)
+        return run_job(cfg, run_dir)
+
+
 @pytest.fixture
 def one_thread():
     """Run the test on one torch thread (bit-reproducible CPU sums), then restore."""

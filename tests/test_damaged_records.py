@@ -11,7 +11,13 @@ import warnings
 from pathlib import Path
 
 import pytest
-from conftest import SMOKE, Interrupted, compose_config, train_killed_at_batch
+from conftest import (
+    SMOKE,
+    Interrupted,
+    compose_config,
+    run_job_signalled_at_batch,
+    train_killed_at_batch,
+)
 
 from stablelora.job import run_job
 from stablelora.records import RecordsError, RunRecorder, read_jsonl, read_summary
@@ -26,27 +32,8 @@ PROBED = SMOKE + ["model.config.num_hidden_layers=1", "probe.first_steps=6"]
 def signalled_at_batch(cfg, run_dir, batch_number, monkeypatch, signum=signal.SIGTERM):
     """``run_job`` with ``signum`` sent to this process while batch ``batch_number`` is read;
     returns the exit code."""
-    import stablelora.tasks as tasks
-
-    original_build, calls = tasks.build_task, []
-
-    def build_with_signal(*args, **kwargs):
-        task = original_build(*args, **kwargs)
-        collate = task.collate
-
-        def collate_and_signal(indices):
-            calls.append(indices)
-            if len(calls) == batch_number:
-                os.kill(os.getpid(), signum)
-            return collate(indices)
-
-        task.collate = collate_and_signal
-        return task
-
-    with monkeypatch.context() as patch:
-        patch.setattr(tasks, "build_task", build_with_signal)
-        with pytest.raises(SystemExit) as exit_info:
-            run_job(cfg, run_dir)
+    with pytest.raises(SystemExit) as exit_info:
+        run_job_signalled_at_batch(cfg, run_dir, batch_number, signum, monkeypatch)
     return exit_info.value.code
 
 

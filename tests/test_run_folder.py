@@ -11,7 +11,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CONF, SMOKE, Interrupted, adapter_state, compose_config, train_killed_at_batch
+from conftest import (
+    CONF,
+    SMOKE,
+    Interrupted,
+    adapter_state,
+    compose_config,
+    run_job_signalled_at_batch,
+    train_killed_at_batch,
+)
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -214,26 +222,7 @@ def test_full_disk_is_one_line_and_keeps_the_summary_and_checkpoint(tmp_path, mo
 # ---------------------------------------------------------------------------- signals
 def train_signalled_at_batch(cfg, run_dir, batch_number, signum, monkeypatch):
     """Send ``signum`` to this process while batch ``batch_number`` is read."""
-    import stablelora.tasks as tasks
-
-    original_build, calls = tasks.build_task, []
-
-    def build_with_signal(*args, **kwargs):
-        task = original_build(*args, **kwargs)
-        collate = task.collate
-
-        def collate_and_signal(indices):
-            calls.append(indices)
-            if len(calls) == batch_number:
-                os.kill(os.getpid(), signum)
-            return collate(indices)
-
-        task.collate = collate_and_signal
-        return task
-
-    with monkeypatch.context() as patch:
-        patch.setattr(tasks, "build_task", build_with_signal)
-        return run_job(cfg, run_dir)
+    return run_job_signalled_at_batch(cfg, run_dir, batch_number, signum, monkeypatch)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1])
