@@ -162,3 +162,23 @@ def test_tuned_lr_picks_the_best_mean_validation_score_smaller_lr_on_ties(tmp_pa
     assert stable["seeds"] == 1 and stable["on_grid_edge"] and stable["score"] == 0.9
     markdown = (out / "tables" / "tuned_lr.md").read_text()
     assert TIE_RULE in markdown and "yes (grid edge)" in markdown
+
+
+def test_a_method_gets_no_pick_until_it_has_run_at_every_lr_of_the_grid(tmp_path):
+    # A selection over several sittings: lora ran the whole grid, stable_lora two of its lrs
+    # so far (the one it has not run would not be picked by the mean alone anyway).
+    runs = {"lora": {1e-4: 0.60, 1e-3: 0.70}, "stable_lora": {1e-3: 0.90}}
+    for method, by_lr in runs.items():
+        for lr, acc in by_lr.items():
+            write_run(tmp_path, f"{method}-{lr}", method=method, acc=acc,
+                      config={"optim.lr": lr, "task.eval_split": "validation"})  # fmt: skip
+    data = pick_learning_rates(collect(tmp_path).runs)
+    picked = dict(zip(data["method"], data["picked"]))
+    incomplete = dict(zip(data["method"], data["incomplete"]))
+    assert picked == {"lora": True, "stable_lora": False}
+    assert incomplete == {"lora": False, "stable_lora": True}
+    out = tmp_path / "report"
+    report_main([str(tmp_path), "--out", str(out), "--tables", "tuned_lr", "--no-plots"])
+    record = json.loads((out / PICKS_FILE).read_text())
+    assert [p["method"] for p in record["picks"]] == ["lora"]
+    assert "not yet (grid incomplete)" in (out / "tables" / "tuned_lr.md").read_text()

@@ -5,8 +5,10 @@ validation split (``task.eval_split=validation``). For each (model, task, method
 hyper-parameters) this picks the lr with the highest mean final main metric (``score``) over
 its completed selection runs (seeds); a tie goes to the **smaller** lr (the cheaper step, and
 the order of the grid; it is stated in the table's notes). An lr none of whose runs completed
-(diverged, failed) cannot be picked. A pick on the grid's smallest or largest lr is flagged:
-the grid should be extended there.
+(diverged, failed) cannot be picked, and a method gets no pick until it has a completed run at
+every lr of the grid (all lrs any method of the same model and task ran), so a selection run
+over several sittings never hands a partial pick to the final stage. A pick on the grid's
+smallest or largest lr is flagged: the grid should be extended there.
 
 The picks are written by ``analysis.report`` next to the table, as ``tuned_lr.json`` (see
 :func:`picks_record`); the final stage (``python -m experiments cpu/tuned_final``) reads that
@@ -37,10 +39,16 @@ def pick_learning_rates(runs: pd.DataFrame) -> pd.DataFrame:
     frame.loc[frame["status"] != "completed", "value"] = math.nan
     stats = aggregate(frame, [*KEYS, "optim.lr"], "mean")
     stats["optim.lr"] = stats["optim.lr"].astype(float)
-    stats["picked"], stats["edge"] = False, False
+    stats["picked"], stats["edge"], stats["incomplete"] = False, False, False
+    # The grid: every lr any method of the same model and task ran. A method without a
+    # completed run at each of them gets no pick yet (a selection run over several sittings
+    # must not hand a partial pick to the final stage).
+    grids = stats.groupby(["model", "task"], dropna=False)["optim.lr"].agg(frozenset)
     for _, group in stats.groupby(KEYS, dropna=False, sort=False):
         scored = group[group["value"].notna()]
-        if scored.empty:
+        first = group.iloc[0]
+        if set(scored["optim.lr"]) != grids[(first["model"], first["task"])]:
+            stats.loc[group.index, "incomplete"] = True
             continue
         # the highest mean; among equal means the smallest lr
         best = scored.sort_values(["value", "optim.lr"], ascending=[False, True]).index[0]
@@ -98,8 +106,12 @@ def tuned_lr(coll: Collection, seeds: str = "mean") -> Table | None:
             "lr": data["optim.lr"].map(format_value),
             "score (mean ± std)": data.apply(lambda r: cell_text(r, "mean", 4), axis=1),
             "picked": [
-                ("yes" + (" (grid edge)" if edge else "")) if picked else ""
-                for picked, edge in zip(data["picked"], data["edge"])
+                ("yes" + (" (grid edge)" if edge else ""))
+                if picked
+                else ("not yet (grid incomplete)" if incomplete else "")
+                for picked, edge, incomplete in zip(
+                    data["picked"], data["edge"], data["incomplete"]
+                )
             ],
         }
     )
@@ -108,8 +120,9 @@ def tuned_lr(coll: Collection, seeds: str = "mean") -> Table | None:
         f"{split or 'runs eval'} split, mean ± sample std over the completed selection runs "
         "(n/runs when some did not complete).",
         f"Pick: the lr with the highest mean score per model, task and method; {TIE_RULE}; an "
-        "lr with no completed run is never picked. A pick on the grid's edge means the grid "
-        "should be extended beyond it.",
+        "lr with no completed run is never picked, and a method is picked for only once it has a "
+        "completed run at every lr of the grid (every lr some method ran). A pick on the "
+        "grid's edge means the grid should be extended beyond it.",
     ]
     if split != "validation":
         notes.append(
