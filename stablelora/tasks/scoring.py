@@ -121,14 +121,14 @@ def loglikelihoods(
     one sequence, not one each. Sequences are sorted longest first (the first batch shows the
     peak memory, and each batch holds sequences of similar length: little padding) and run
     ``batch_size`` at a time, right-padded, so the sums do not depend on the requests' order.
-    With ``head="used"`` (and a model :mod:`stablelora.lm_head` can split) each distinct
-    context runs once for all its continuations (:func:`_shared_context_loglikelihoods`) and
+    With ``head="used"`` (a model :mod:`stablelora.lm_head` can split, every request with a
+    context and a continuation) each distinct context runs once for all its continuations (:func:`_shared_context_loglikelihoods`) and
     the LM head and log-softmax run only at the continuation positions; ``"all"`` (or a model
     it cannot split) is the plain path above. Returns the sums in the order of ``requests``.
     """
     device = model_device(model)
     parts = split_causal_lm(model) if head == "used" else None
-    if parts is not None:
+    if parts is not None and all(0 < n < len(ids) for ids, n in requests):
         return _shared_context_loglikelihoods(parts, requests, batch_size, pad_id, device)
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, (ids, _) in enumerate(requests):
