@@ -124,7 +124,8 @@ def loglikelihoods(
     With ``head="used"`` (a model :mod:`stablelora.lm_head` can split, every request with a
     context and a continuation) each distinct context runs once for all its continuations
     (:func:`_shared_context_loglikelihoods`) and the LM head and log-softmax run only at the
-    continuation positions; ``"all"`` (or a model it cannot split) is the plain path above. Returns the sums in the order of ``requests``.
+    continuation positions; ``"all"`` (or a model it cannot split) is the plain path above.
+    Returns the sums in the order of ``requests``.
     """
     device = model_device(model)
     parts = split_causal_lm(model) if head == "used" else None
