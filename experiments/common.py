@@ -1,20 +1,23 @@
 """One entry point for every artefact of the paper: run its Hydra sweep, then its analysis.
 
-An experiment ``<name>`` is a Hydra preset ``conf/experiment/<name>.yaml`` (the paper's
-settings, the sweep declared under ``hydra.sweeper.params``), a CI-sized variant
-``conf/experiment/<name>_smoke.yaml`` and a row of :data:`EXPERIMENTS` (its tables and
-plots)::
+An experiment ``<name>`` is one Hydra preset ``conf/experiment/<name>.yaml`` (what it compares,
+the sweep declared under ``hydra.sweeper.params``) and a row of :data:`EXPERIMENTS` (its tables
+and plots). It runs at a scale (``conf/scale/``): ``paper`` (the paper's models, GPUs),
+``cpu`` (SmolLM2-135M on this kind of machine; results/cpu/) or ``smoke`` (the tiny random
+Llama, CI-sized). Where an experiment needs its own settings at a scale (Table 1's offline
+tasks at CPU scale, two seeds in CI), they are in ``conf/experiment/<name>/<scale>.yaml``::
 
-    python -m experiments <name> [--smoke] [--output-root DIR] [--seeds mean|best]
-                                 [--select-lr [--select-metric METRIC]] [--skip-sweep]
-                                 [hydra overrides...]
+    python -m experiments <name> [--scale paper|cpu|smoke] [--output-root DIR]
+                                 [--seeds mean|best] [--select-lr [--select-metric METRIC]]
+                                 [--skip-sweep] [hydra overrides...]
 
-runs ``python run.py -m experiment=<name>[_smoke] output_root=DIR [overrides...]`` and then
-``python -m analysis.report DIR/sweeps/<experiment_name> --tables ... --plots ...``: the
-tables and plots land in ``DIR/sweeps/<experiment_name>/report/``. Rerunning the same command
-resumes the sweep (completed runs are not run again) and redoes the analysis.
-``python -m experiments width_sweep`` is the toy width sweep (:mod:`experiments.width_sweep`,
-its own options).
+runs ``python run.py -m experiment=<name> scale=<scale> output_root=DIR [overrides...]`` and
+then ``python -m analysis.report DIR/sweeps/<sweep_name> --tables ... --plots ...``: the tables
+and plots land in ``DIR/sweeps/<sweep_name>/report/`` (``<name>`` at the paper's scale,
+``cpu_<name>`` at CPU scale, ``<name>_smoke`` in CI). The default scale is the experiment's
+own (:attr:`Experiment.scale`). Rerunning the same command resumes the sweep (completed runs
+are not run again) and redoes the analysis. ``python -m experiments width_sweep`` is the toy
+width sweep (:mod:`experiments.width_sweep`, its own options).
 
 A tuned study has two stages: a selection experiment sweeps a shared lr grid per method on the
 validation split, and its report writes the picks (``report/tuned_lr.json``,
@@ -28,14 +31,37 @@ from a recorded file instead and runs the final stage alone.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PRESETS = ROOT / "conf" / "experiment"
+SCALES = ("paper", "cpu", "smoke")
+#: Names the experiments had before the scale became a choice of its own.
+RENAMED = {
+    "table1_qa": "table1",
+    "figure2_norms": "figure2",
+    **{
+        f"cpu/{n}": n
+        for n in (
+            "table1",
+            "ablations",
+            "overhead",
+            "figure2",
+            "main",
+            "dialogue",
+            "figure2_compressed",
+            "tuned_select",
+            "tuned_final",
+        )
+    },  # fmt: skip
+}
+
+Report = tuple[tuple[str, ...], tuple[str, ...]]
 
 
 @dataclass(frozen=True)
@@ -46,6 +72,12 @@ class Experiment:
     description: str
     tables: tuple[str, ...]
     plots: tuple[str, ...]
+    #: The scale it runs at unless told otherwise: ``paper``, or ``cpu`` for the experiments
+    #: built for this machine (they include ``/scale/cpu`` in their preset).
+    scale: str = "paper"
+    #: (tables, plots) at a scale whose report differs from ``tables``/``plots``. The smoke
+    #: scale draws every table and plot of every scale, so CI exercises them all.
+    reports: dict[str, Report] = field(default_factory=dict)
     #: A sweep parameter whose values each run in a process of their own, one after the
     #: other (one ``run.py -m ... <key>=<value>`` per value): for per-process measures such as
     #: the peak memory (max RSS) of the overhead table.
@@ -54,16 +86,40 @@ class Experiment:
     #: (one sweep command per method); see the module docstring.
     lr_from: str | None = None
 
+    def report(self, scale: str) -> Report:
+        """The tables and plots of its report at ``scale``."""
+        if scale != "smoke":
+            return self.reports.get(scale, (self.tables, self.plots))
+        every = [(self.tables, self.plots), *self.reports.values()]
+        return tuple(dict.fromkeys(t for r in every for t in r[0])), tuple(
+            dict.fromkeys(p for r in every for p in r[1])
+        )
+
 
 #: Every artefact: its tables and plots (``analysis.report`` names), in the README's order.
 EXPERIMENTS: dict[str, Experiment] = {
     e.name: e
     for e in (
         Experiment(
-            "table1_qa",
-            "Table 1: QA accuracy per task and on average, beside the published numbers.",
+            "table1",
+            "Table 1: QA accuracy per task and on average, beside the published numbers; at "
+            "CPU scale five methods x 3 seeds on ARC-Easy, OpenBookQA and BBC News, with the "
+            "paired Stable-LoRA - LoRA difference.",
             ("table1", "table1_avg", "summary", "runs_not_completed"),
             ("loss", "eval"),
+            reports={
+                "cpu": (
+                    (
+                        "table1",
+                        "table1_best",
+                        "table1_avg",
+                        "paired_difference",
+                        "summary",
+                        "runs_not_completed",
+                    ),
+                    ("loss",),
+                )
+            },
         ),
         Experiment(
             "gsm8k",
@@ -85,15 +141,22 @@ EXPERIMENTS: dict[str, Experiment] = {
         ),
         Experiment(
             "overhead",
-            "Time and memory overhead relative to LoRA.",
+            "Time and memory overhead relative to LoRA, one process per method.",
             ("overhead", "summary", "runs_not_completed"),
             ("loss",),
+            process_per="method",
         ),
         Experiment(
-            "figure2_norms",
+            "figure2",
             "Figure 2: LoRA factor norms against step, with the feature-update magnitudes.",
             ("shrink_stops", "summary", "runs_not_completed"),
             ("figure2_norms", "deltas", "delta_ratio", "shrink_stops"),
+            reports={
+                "cpu": (
+                    ("shrink_stops", "shrink_stops_by_layer", "summary", "runs_not_completed"),
+                    ("figure2_norms", "deltas", "delta_ratio", "shrink_stops", "eval"),
+                )
+            },
         ),
         Experiment(
             "init_scale",
@@ -107,23 +170,9 @@ EXPERIMENTS: dict[str, Experiment] = {
             ("reviewer_controls", "shrink_stops", "summary", "runs_not_completed"),
             ("figure2_norms", "delta_ratio", "shrink_stops"),
         ),
-        # CPU scale: SmolLM2-135M (shipped offline) on this machine's budget; results/cpu/.
+        # Built for CPU scale: SmolLM2-135M (shipped offline) on this machine's budget.
         Experiment(
-            "cpu/table1",
-            "Table 1 at CPU scale: five methods x 3 seeds on ARC-Easy, OpenBookQA and BBC "
-            "News, with the paired Stable-LoRA - LoRA difference.",
-            (
-                "table1",
-                "table1_best",
-                "table1_avg",
-                "paired_difference",
-                "summary",
-                "runs_not_completed",
-            ),
-            ("loss",),
-        ),
-        Experiment(
-            "cpu/ablations",
+            "ablations",
             "Ablations at CPU scale on the compressed schedule: stop rule, scale of A0 and the "
             "reviewers' controls.",
             (
@@ -137,38 +186,27 @@ EXPERIMENTS: dict[str, Experiment] = {
                 "runs_not_completed",
             ),
             ("figure2_norms", "delta_ratio", "shrink_stops", "init_scale"),
+            scale="cpu",
         ),
         Experiment(
-            "cpu/overhead",
-            "Overhead at CPU scale: training time and peak memory relative to LoRA, one "
-            "process per method.",
-            ("overhead", "summary", "runs_not_completed"),
-            ("loss",),
-            process_per="method",
-        ),
-        Experiment(
-            "cpu/figure2",
-            "Figure 2 at CPU scale, the paper's defaults: factor norms and feature updates.",
-            ("shrink_stops", "shrink_stops_by_layer", "summary", "runs_not_completed"),
-            ("figure2_norms", "deltas", "delta_ratio", "shrink_stops", "eval"),
-        ),
-        Experiment(
-            "cpu/figure2_compressed",
+            "figure2_compressed",
             "Figure 2 at CPU scale on a schedule under which the stop rule fires (lr 1e-3, "
             "lambda 5e-3).",
             ("shrink_stops", "shrink_stops_by_layer", "summary", "runs_not_completed"),
             ("figure2_norms", "deltas", "delta_ratio", "shrink_stops", "eval"),
+            scale="cpu",
         ),
         Experiment(
-            "cpu/tuned_select",
+            "tuned_select",
             "Tuned study, stage 1: each method trained at every lr of a shared log-spaced "
             "grid on ARC-Easy, ARC-Challenge and BBC News, scored on held-out validation; "
             "the lr picked per method (tuned_lr.json).",
             ("tuned_lr", "summary", "runs_not_completed"),
             ("loss",),
+            scale="cpu",
         ),
         Experiment(
-            "cpu/tuned_final",
+            "tuned_final",
             "Tuned study, stage 2: each method at its picked lr x 3 seeds, scored on the full "
             "test splits, with example-level paired tests against LoRA.",
             (
@@ -182,38 +220,66 @@ EXPERIMENTS: dict[str, Experiment] = {
                 "runs_not_completed",
             ),
             ("loss", "delta_ratio"),
-            lr_from="cpu/tuned_select",
+            scale="cpu",
+            lr_from="tuned_select",
         ),
         Experiment(
-            "cpu/main",
+            "main",
             "The main job (bash scripts/setup.sh run): LoRA and Stable-LoRA side by side on "
             "BBC News at lr 1e-3, lambda 5e-3, 100 steps, where the stop rule fires.",
             ("side_by_side", "runs_not_completed"),
             ("figure2_norms",),
+            scale="cpu",
         ),
         Experiment(
-            "cpu/dialogue",
+            "dialogue",
             "Dialogue generalisation at CPU scale: LoRA against Stable-LoRA x 3 seeds on the "
             "chatterbot corpus, held-out reply loss, perplexity and ROUGE-L.",
             ("dialogue", "summary", "runs_not_completed"),
             ("loss", "eval"),
+            scale="cpu",
         ),
     )
 }
+
+
+def experiments_at(scale: str) -> list[str]:
+    """The experiments that have a configuration at ``scale``: every one at the paper's and
+    the smoke scale; at CPU scale those built for it and those with a
+    ``conf/experiment/<name>/cpu.yaml``."""
+    return [
+        e.name
+        for e in EXPERIMENTS.values()
+        if scale in (e.scale, "smoke", "paper") or (PRESETS / e.name / f"{scale}.yaml").exists()
+    ]
+
+
 #: Experiments with their own command line (not a sweep + report pair).
 OWN_COMMAND = ("width_sweep",)
 
 
-def preset_path(name: str) -> Path:
-    return PRESETS / f"{name}.yaml"
+def compose(name: str, scale: str, overrides: tuple[str, ...] = ()):
+    """The experiment's configuration at ``scale`` as ``run.py -m`` composes it (with the
+    Hydra node, so that its sweep is there)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from stablelora.config import register_resolvers
+
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        return hydra_compose(
+            "config",
+            overrides=[f"experiment={name}", f"scale={scale}", *overrides],
+            return_hydra_config=True,
+        )
 
 
-def sweep_name(preset: str) -> str:
-    """The preset's ``experiment_name`` (the folder of its sweep under ``sweeps/``)."""
-    import yaml
-
-    config = yaml.safe_load(preset_path(preset).read_text()) or {}
-    return config.get("experiment_name", preset)
+@functools.cache
+def sweep_name(name: str, scale: str) -> str:
+    """The folder of the experiment's sweep under ``sweeps/`` at ``scale``: its resolved
+    ``sweep_name`` (``table1``, ``cpu_table1``, ``table1_smoke``)."""
+    return str(compose(name, scale).sweep_name)
 
 
 def parse_args(experiment: Experiment, argv=None) -> argparse.Namespace:
@@ -224,9 +290,11 @@ def parse_args(experiment: Experiment, argv=None) -> argparse.Namespace:
         "seed=0 'hydra/launcher=joblib'.",
     )
     parser.add_argument(
-        "--smoke",
-        action="store_true",
-        help=f"run experiment={experiment.name}_smoke (tiny model, CI-sized)",
+        "--scale",
+        choices=SCALES,
+        default=experiment.scale,
+        help=f"paper: the paper's models; cpu: SmolLM2-135M on a CPU; smoke: the tiny random "
+        f"Llama, CI-sized (default: {experiment.scale})",
     )
     parser.add_argument(
         "--output-root",
@@ -269,17 +337,18 @@ def parse_args(experiment: Experiment, argv=None) -> argparse.Namespace:
 
 def commands(experiment: Experiment, args: argparse.Namespace) -> tuple[list[str], list[str], Path]:
     """The sweep command, the report command and the sweep directory."""
-    preset = f"{experiment.name}_smoke" if args.smoke else experiment.name
     output_root = args.output_root.resolve()
-    sweep_dir = output_root / "sweeps" / sweep_name(preset)
+    sweep_dir = output_root / "sweeps" / sweep_name(experiment.name, args.scale)
     sweep = [
         sys.executable,
         "run.py",
         "-m",
-        f"experiment={preset}",
+        f"experiment={experiment.name}",
+        f"scale={args.scale}",
         f"output_root={output_root}",
         *args.overrides,
     ]
+    tables, plots = experiment.report(args.scale)
     report = [
         sys.executable,
         "-m",
@@ -288,9 +357,9 @@ def commands(experiment: Experiment, args: argparse.Namespace) -> tuple[list[str
         "--seeds",
         args.seeds,
         "--tables",
-        *experiment.tables,
+        *tables,
         "--plots",
-        *experiment.plots,
+        *plots,
     ]
     if getattr(args, "select_lr", False):
         report += ["--select-lr", "--select-metric", args.select_metric]
@@ -311,26 +380,22 @@ def split_values(text: str) -> list[str]:
     return [*values, current.strip()]
 
 
-def sweep_params(preset: str) -> dict[str, list[str]]:
-    """The preset's ``hydra.sweeper.params`` as {key: [values]}, composed with Hydra (so
-    those it inherits from other presets count)."""
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
-        config = compose("config", overrides=[f"experiment={preset}"], return_hydra_config=True)
-    params = config.hydra.sweeper.params or {}
+def sweep_params(name: str, scale: str) -> dict[str, list[str]]:
+    """The experiment's ``hydra.sweeper.params`` at ``scale`` as {key: [values]}, composed with
+    Hydra (so those its scale adds count)."""
+    params = compose(name, scale).hydra.sweeper.params or {}
     return {str(key): split_values(str(value)) for key, value in params.items()}
 
 
-def sweep_values(preset: str, key: str, overrides: list[str]) -> list[str]:
+def sweep_values(name: str, scale: str, key: str, overrides: list[str]) -> list[str]:
     """The values ``key`` takes in the sweep: from an override ``key=a,b`` when given, else
-    from the preset's ``hydra.sweeper.params``."""
+    from the experiment's ``hydra.sweeper.params``."""
     for override in overrides:
         if override.startswith(f"{key}="):
             return split_values(override.split("=", 1)[1])
-    params = sweep_params(preset)
+    params = sweep_params(name, scale)
     if key not in params:
-        raise SystemExit(f"python -m experiments: {preset} does not sweep {key!r}.")
+        raise SystemExit(f"python -m experiments: {name} does not sweep {key!r}.")
     return params[key]
 
 
@@ -344,8 +409,8 @@ def selection_file(experiment: Experiment, args: argparse.Namespace) -> Path:
     if getattr(args, "lr_selection", None) is not None:
         return Path(args.lr_selection)
     assert experiment.lr_from is not None
-    preset = f"{experiment.lr_from}_smoke" if args.smoke else experiment.lr_from
-    return args.output_root.resolve() / "sweeps" / sweep_name(preset) / "report" / PICKS_FILE
+    sweep = sweep_name(experiment.lr_from, args.scale)
+    return args.output_root.resolve() / "sweeps" / sweep / "report" / PICKS_FILE
 
 
 def selection_command(experiment: Experiment, args: argparse.Namespace) -> list[str]:
@@ -358,7 +423,8 @@ def selection_command(experiment: Experiment, args: argparse.Namespace) -> list[
         "-m",
         "experiments",
         experiment.lr_from,
-        *(["--smoke"] if args.smoke else []),
+        "--scale",
+        args.scale,
         "--output-root",
         str(args.output_root.resolve()),
         *overrides,
@@ -388,9 +454,8 @@ def sweep_commands(
 ) -> list[list[str]]:
     """The sweep as one command, or one per value of ``experiment.process_per``, or one per
     method at its picked lr (``experiment.lr_from``)."""
-    preset = f"{experiment.name}_smoke" if args.smoke else experiment.name
     if experiment.lr_from:
-        methods = sweep_values(preset, "method", args.overrides)
+        methods = sweep_values(experiment.name, args.scale, "method", args.overrides)
         lrs = picked_lrs(selection_file(experiment, args), methods, f"python -m experiments "
                          f"{experiment.name}")  # fmt: skip
         base = [p for p in sweep if not p.startswith(("method=", "optim.lr="))]
@@ -398,7 +463,7 @@ def sweep_commands(
     key = experiment.process_per
     if key is None:
         return [sweep]
-    values = sweep_values(preset, key, args.overrides)
+    values = sweep_values(experiment.name, args.scale, key, args.overrides)
     base = [part for part in sweep if not part.startswith(f"{key}=")]
     return [[*base, f"{key}={value}"] for value in values]
 
@@ -407,7 +472,8 @@ def usage() -> str:
     rows = [f"  {e.name:<24} {e.description}" for e in EXPERIMENTS.values()]
     rows.append(f"  {'width_sweep':<24} Width exponents of the feature updates (toy network).")
     return (
-        "usage: python -m experiments NAME [--smoke] [--output-root DIR] [--seeds mean|best]\n"
+        "usage: python -m experiments NAME [--scale paper|cpu|smoke] [--output-root DIR]\n"
+        "                              [--seeds mean|best]\n"
         "                              [--select-lr [--select-metric METRIC]] [--skip-sweep]\n"
         "                              [hydra overrides...]\n\nexperiments:\n" + "\n".join(rows)
     )
@@ -430,6 +496,10 @@ def main(argv=None) -> int:
 
         width_sweep.main(rest)
         return 0
+    if name in RENAMED:
+        scale = " --scale cpu" if name.startswith("cpu/") else ""
+        print(f"python -m experiments: {name} is now {RENAMED[name]}{scale}.", file=sys.stderr)
+        return 2
     if name not in EXPERIMENTS:
         choices = ", ".join([*EXPERIMENTS, *OWN_COMMAND])
         print(f"python -m experiments: unknown experiment {name!r}; choose from {choices}.",

@@ -1,15 +1,16 @@
 """Reproduce every artefact at one scale and rebuild its committed report.
 
     python -m experiments.reproduce --scale cpu                  # run, copy records, report
-    python -m experiments.reproduce --scale cpu --only cpu/figure2
+    python -m experiments.reproduce --scale cpu --only figure2
     python -m experiments.reproduce --scale cpu --report-only    # reports from results/ only
     python -m experiments.reproduce --scale cpu data_root=/data  # Hydra overrides for run.py
-    python -m experiments.reproduce --scale cpu --only cpu/table1 seed=1  # one sitting
+    python -m experiments.reproduce --scale cpu --only table1 seed=1  # one sitting
 
-For each experiment ``cpu/<name>`` of :data:`experiments.common.EXPERIMENTS` (and the toy
-``width_sweep``, which runs at the same scale everywhere) it
+For each experiment of :data:`experiments.common.EXPERIMENTS` with a configuration at the
+scale (:func:`experiments.common.experiments_at`; and the toy ``width_sweep``, which runs at
+the same scale everywhere) it
 
-1. runs its sweep and report (``python -m experiments cpu/<name>``; sweeps resume, so the
+1. runs its sweep and report (``python -m experiments <name> --scale cpu``; sweeps resume, so the
    set can be completed over several sittings);
 2. copies the compact records of every run (``config.yaml``, ``summary.json``,
    ``metrics.jsonl``, ``layers.parquet``, ``examples.parquet``; never adapters, checkpoints
@@ -35,7 +36,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from experiments.common import EXPERIMENTS, PICKS_FILE, ROOT, sweep_name
+from experiments.common import EXPERIMENTS, PICKS_FILE, ROOT, experiments_at, sweep_name
 
 #: The files of a run folder that are results (small); everything else stays behind.
 RECORD_FILES = (
@@ -53,7 +54,7 @@ WIDTH_SWEEP = "width_sweep"
 
 
 def experiments_of(scale: str, only: list[str] | None) -> list[str]:
-    names = [name for name in EXPERIMENTS if name.startswith(f"{scale}/")] + [WIDTH_SWEEP]
+    names = [*experiments_at(scale), WIDTH_SWEEP]
     if only:
         unknown = sorted(set(only) - set(names))
         if unknown:
@@ -118,8 +119,8 @@ def width_report_command(results_dir: Path, out: Path) -> list[str]:
     return [sys.executable, "-m", "analysis.width_fit", str(records), "--out", str(out)]
 
 
-def report_command(name: str, results_dir: Path, out: Path) -> list[str]:
-    experiment = EXPERIMENTS[name]
+def report_command(name: str, scale: str, results_dir: Path, out: Path) -> list[str]:
+    tables, plots = EXPERIMENTS[name].report(scale)
     runs_arg = in_repository(results_dir / "runs")
     return [
         sys.executable,
@@ -129,9 +130,9 @@ def report_command(name: str, results_dir: Path, out: Path) -> list[str]:
         "--out",
         str(out),
         "--tables",
-        *experiment.tables,
+        *tables,
         "--plots",
-        *experiment.plots,
+        *plots,
     ]
 
 
@@ -140,7 +141,7 @@ def main(argv=None) -> int:
         prog="python -m experiments.reproduce", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("--scale", choices=SCALES, required=True)
-    parser.add_argument("--only", nargs="+", metavar="NAME", help="e.g. cpu/figure2")
+    parser.add_argument("--only", nargs="+", metavar="NAME", help="e.g. figure2")
     parser.add_argument("--output-root", type=Path, default=ROOT / "outputs")
     parser.add_argument("--results", type=Path, default=None, help="default: results/<scale>")
     parser.add_argument(
@@ -167,7 +168,7 @@ def main(argv=None) -> int:
         if name == WIDTH_SWEEP:
             code |= width_sweep(args, results / WIDTH_SWEEP)
             continue
-        sweep = sweep_name(name)
+        sweep = sweep_name(name, args.scale)
         results_dir = results / sweep
         if not args.report_only:
             command = [
@@ -175,9 +176,11 @@ def main(argv=None) -> int:
                 "-m",
                 "experiments",
                 name,
+                "--scale",
+                args.scale,
                 "--output-root",
                 str(args.output_root),
-                *selection_args(name, results),
+                *selection_args(name, args.scale, results),
                 *overrides,
             ]
             print("[reproduce] " + " ".join(command), flush=True)
@@ -197,20 +200,21 @@ def main(argv=None) -> int:
             print(f"[reproduce] {name}: no committed records in {results_dir}; skipped.")
             continue
         out = (args.report_out / sweep) if args.report_out else results_dir / "report"
-        command = report_command(name, results_dir, out)
+        command = report_command(name, args.scale, results_dir, out)
         print("[reproduce] " + " ".join(command), flush=True)
         code |= subprocess.call(command, cwd=ROOT)
     return code
 
 
-def selection_args(name: str, results: Path) -> list[str]:
+def selection_args(name: str, scale: str, results: Path) -> list[str]:
     """For the final stage of a tuned study: the committed picks of its selection stage
     (rebuilt from the committed records just before), so that a sitting on another machine
     never redoes the selection."""
     selection = EXPERIMENTS[name].lr_from
     if selection is None:
         return []
-    return ["--lr-selection", str(results / sweep_name(selection) / "report" / PICKS_FILE)]
+    picks = results / sweep_name(selection, scale) / "report" / PICKS_FILE
+    return ["--lr-selection", str(picks)]
 
 
 def width_sweep(args: argparse.Namespace, results_dir: Path) -> int:

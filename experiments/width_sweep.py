@@ -10,7 +10,7 @@ with :mod:`analysis.width_fit` (table with 95% CIs, Assumption 1 check, plots).
 Usage::
 
     python -m experiments.width_sweep                          # the full sweep (~10 min, 2 CPUs)
-    python -m experiments.width_sweep --smoke                  # 3 widths, 2 methods (seconds)
+    python -m experiments.width_sweep --scale smoke           # 3 widths, 2 methods (seconds)
     python -m experiments.width_sweep hydra/launcher=joblib    # any extra Hydra overrides
 """
 
@@ -28,12 +28,12 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run_sweep(preset: str, output_root: Path, overrides: list[str]) -> Path:
-    """Run the preset's multirun through run.py; return the sweep directory."""
-    command = [sys.executable, str(ROOT / "run.py"), "-m", f"experiment={preset}",
-               f"output_root={output_root}", *overrides]  # fmt: skip
+def run_sweep(scale: str, output_root: Path, overrides: list[str]) -> Path:
+    """Run the width sweep's multirun at ``scale`` through run.py; return the sweep directory."""
+    command = [sys.executable, str(ROOT / "run.py"), "-m", "experiment=width_sweep",
+               f"scale={scale}", f"output_root={output_root}", *overrides]  # fmt: skip
     subprocess.run(command, cwd=ROOT, check=True)
-    return output_root / "sweeps" / preset
+    return output_root / "sweeps" / ("width_sweep_smoke" if scale == "smoke" else "width_sweep")
 
 
 def width_records(sweep_dir: Path) -> Path:
@@ -70,14 +70,14 @@ def main(argv=None) -> dict:
     from analysis.width_fit import analyze
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--smoke", action="store_true", help="the CI variant")
+    parser.add_argument("--scale", choices=("paper", "smoke"), default="paper",
+                        help="smoke: 3 widths, 2 methods, 20 steps (CI)")  # fmt: skip
     parser.add_argument("--output-root", type=Path, default=ROOT / "outputs")
     parser.add_argument("--fit-steps", type=int, nargs="+", default=None,
                         help="steps to fit (default: 2 10 50 100 and the last)")  # fmt: skip
     args, overrides = parser.parse_known_args(argv)
     start = time.perf_counter()
-    sweep_dir = run_sweep("width_sweep_smoke" if args.smoke else "width_sweep",
-                          args.output_root.resolve(), overrides)  # fmt: skip
+    sweep_dir = run_sweep(args.scale, args.output_root.resolve(), overrides)
     result = analyze(width_records(sweep_dir), sweep_dir / "report", args.fit_steps)
     print(result["markdown"])
     print(f"\nsweep + fit: {time.perf_counter() - start:.0f}s; files: "

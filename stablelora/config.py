@@ -142,12 +142,24 @@ _VALUED_FLAGS = (
 
 def group_options(conf_dir: Path, group: str) -> list[str]:
     """The options of a config group (``conf/<group>/**.yaml``) a user may pick: files and
-    folders starting with ``_`` are shared bases, not options."""
+    folders starting with ``_`` are shared bases, not options, and so are the files of a
+    folder named like an option (``experiment/table1/cpu.yaml``: Table 1's settings at CPU
+    scale, composed by ``experiment=table1 scale=cpu``)."""
     folder = Path(conf_dir) / group
+
+    def is_option(relative: Path) -> bool:
+        if any(part.startswith("_") for part in relative.parts):
+            return False
+        return not any(
+            (folder / parent).with_suffix(".yaml").exists()
+            for parent in relative.parents
+            if parent != Path(".")
+        )
+
     return sorted(
         path.relative_to(folder).with_suffix("").as_posix()
         for path in folder.rglob("*.yaml")
-        if not any(part.startswith("_") for part in path.relative_to(folder).parts)
+        if is_option(path.relative_to(folder))
     )
 
 

@@ -65,8 +65,9 @@ def completed_run(sweep_dir: Path, method: str, seed: int) -> Path:
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("analysis")
-    run_python("run.py", "-m", "experiment=table1_qa_smoke", f"output_root={root}")
-    sweep_dir = root / "sweeps" / "table1_qa_smoke"
+    run_python("run.py", "-m", "experiment=table1", "scale=smoke", "method=lora,stable_lora",
+               f"output_root={root}")  # fmt: skip
+    sweep_dir = root / "sweeps" / "table1_smoke"
     # A run that failed during training (a config error leaves no folder), in a config of its
     # own: rank 0.
     failed = sweep_dir / "lora-failed-s0"

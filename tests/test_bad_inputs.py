@@ -69,16 +69,22 @@ def test_a_config_error_removes_only_a_folder_that_holds_no_records(tmp_path, ca
 # ---------------------------------------------------------------------------- command line
 def test_a_group_option_that_does_not_exist_is_one_line_naming_the_options():
     assert "_base" not in group_options(CONF, "task") and "bbc_news" in group_options(CONF, "task")
-    assert "cpu/table1" in group_options(CONF, "experiment")
-    assert "cpu/_base" not in group_options(CONF, "experiment")
-    for args in (["model=nope"], ["-m", "task=bbc_news,_base"], ["experiment=cpu/nope"]):
+    assert "table1" in group_options(CONF, "experiment")
+    assert "_tuned" not in group_options(CONF, "experiment")
+    assert "table1/cpu" not in group_options(CONF, "experiment")  # a scale's settings of table1
+    assert group_options(CONF, "scale") == ["cpu", "paper", "smoke"]
+    for args in (["model=nope"], ["-m", "task=bbc_news,_base"], ["experiment=cpu/table1"],
+                 ["scale=gpu"]):  # fmt: skip
         with pytest.raises(
             ValueError, match=r"is not an option of conf/\w+/( \(a shared base\))?; choose one of"
         ) as e:
             check_command_line(args, CONF)
         assert "_base" not in str(e.value).split("choose one of")[1]
     ok = ["-m", "hydra/launcher=joblib", "method=lora,stable_lora", "optim.lr=1e-3", "seed=1"]
-    assert check_command_line([*ok, "experiment=cpu/table1", "+task.x=1", "~logger"], CONF) == []
+    assert (
+        check_command_line([*ok, "experiment=table1", "scale=cpu", "+task.x=1", "~logger"], CONF)
+        == []
+    )
     assert check_command_line(["--config-name", "model=nope", "seed=2"], CONF) == []
     (warning,) = check_command_line(["optim.lr=1e-3", "seed=1", "optim.lr=3e-4"], CONF)
     assert "optim.lr is given twice" in warning and "takes the last: optim.lr=3e-4" in warning

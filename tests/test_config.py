@@ -116,25 +116,57 @@ def test_contract_names_exist():
         assert set(names) <= set(group_options(group)), group
 
 
+def first_job(experiment: str, scale: str) -> list[str]:
+    """The overrides of the first job of the experiment's sweep at ``scale`` (group choices
+    a scale's own settings make are set by the sweep: Hydra allows them no ``override``)."""
+    from experiments.common import sweep_params
+
+    params = sweep_params(experiment, scale)
+    return [f"experiment={experiment}", f"scale={scale}"] + [
+        f"{k}={v[0]}" for k, v in params.items()
+    ]
+
+
+def name_scale(experiment: str) -> str:
+    """The scale an experiment is built for (its row's; the single-run smoke preset: paper)."""
+    from experiments.common import EXPERIMENTS
+
+    return EXPERIMENTS[experiment].scale if experiment in EXPERIMENTS else "paper"
+
+
+@pytest.mark.parametrize("scale", group_options("scale"))
 @pytest.mark.parametrize("experiment", group_options("experiment"))
-def test_every_experiment_preset_composes(experiment):
-    cfg = compose_config([f"experiment={experiment}"])
+def test_every_experiment_composes_at_every_scale(experiment, scale):
+    if (experiment, scale) == ("width_sweep", "cpu"):
+        pytest.skip("the toy width sweep has no CPU scale: it runs as written or at smoke scale")
+    cfg = compose_config(first_job(experiment, scale))
     OmegaConf.to_container(cfg, resolve=True)
     assert cfg.experiment_name == experiment
+    built_for_cpu = name_scale(experiment) == "cpu"
+    expected = {
+        "paper": ("cpu_" if built_for_cpu else "") + experiment,
+        "cpu": f"cpu_{experiment}",
+        "smoke": f"{experiment}_smoke",
+    }
+    assert cfg.sweep_name == expected[scale]
 
 
-def test_smoke_presets_inherit_the_shared_smoke_base():
-    base = OmegaConf.load(CONF / "experiment" / "_smoke.yaml")
+def test_the_smoke_scale_wins_over_every_experiment_but_its_own_smoke_settings():
+    from experiments.common import sweep_params
+
+    smoke = OmegaConf.load(CONF / "scale" / "smoke.yaml")
     for name in group_options("experiment"):
-        if not name.endswith("_smoke") or name == "width_sweep_smoke":
-            continue
-        assert "_smoke" in OmegaConf.load(CONF / "experiment" / f"{name}.yaml").defaults, name
-        cfg = compose_config([f"experiment={name}"])
-        assert cfg.model.name == "tiny_llama" and cfg.logger.mode == base.logger.mode, name
-        assert cfg.trainer.max_steps == base.trainer.max_steps, name
-    # a preset's own values still win over the base
-    assert compose_config(["experiment=gsm8k_smoke"]).task.name == "arithmetic"
-    assert compose_config(["experiment=overhead_smoke"]).optim.lr != base.optim.lr
+        cfg = compose_config(first_job(name, "smoke"))
+        if name != "width_sweep":  # the toy network is its own smoke model
+            assert cfg.model.name == "tiny_llama", name
+            swept = sweep_params(name, "smoke")
+            assert cfg.optim.lr == smoke.optim.lr or "optim.lr" in swept, name
+        assert cfg.logger.mode == "disabled", name
+        assert cfg.trainer.max_steps <= 20 and cfg.trainer.num_threads == 1, name
+    # an experiment's own smoke settings (conf/experiment/<name>/smoke.yaml) still win
+    assert compose_config(["experiment=gsm8k", "scale=smoke"]).trainer.eval_every == 2
+    width = compose_config(first_job("width_sweep", "smoke"))
+    assert width.trainer.max_steps == 20 and width.model.name == "toy_width"
 
 
 def test_task_configs_inherit_the_shared_task_base():

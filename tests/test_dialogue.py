@@ -305,7 +305,9 @@ def test_a_model_without_chat_template_stops_before_the_model_loads(tmp_path, mo
 
     folder = saved_tokenizer_without_template(tmp_path / "tokenizer")
     overrides = [
-        "experiment=cpu/dialogue_smoke",
+        "experiment=dialogue",
+        "scale=smoke",
+        "task=chatterbot",  # the smoke sweep's task (its jobs set it)
         f"model.tokenizer={folder}",
         f"output_root={tmp_path / 'out'}",
     ]
@@ -323,7 +325,7 @@ def test_a_model_without_chat_template_stops_before_the_model_loads(tmp_path, mo
         train(compose_config(overrides), tmp_path / "run")
     check_config(compose_config([*overrides, "task.chat_format=plain"]))  # the fallback
     # the smoke preset's tokenizer (SmolLM2's) has one
-    check_config(compose_config(["experiment=cpu/dialogue_smoke"]))
+    check_config(compose_config(["experiment=dialogue", "scale=smoke", "task=chatterbot"]))
 
 
 def test_unknown_task_key_is_one_line_before_anything_loads():
@@ -336,7 +338,7 @@ def test_tiny_run_through_the_runner(tmp_path):
     from stablelora.records import read_jsonl
     from stablelora.train import train
 
-    overrides = ["experiment=cpu/dialogue_smoke", "trainer.eval_every=2"]
+    overrides = ["experiment=dialogue", "scale=smoke", "task=chatterbot", "trainer.eval_every=2"]
     summary = train(compose_config(overrides), tmp_path)
     assert summary["status"] == "completed" and summary["main_metric"] == "eval/loss"
     final = summary["final"]

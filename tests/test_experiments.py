@@ -1,8 +1,10 @@
-"""experiments/: every artefact's smoke variant end to end, and every full preset composes.
+"""experiments/: every experiment at every scale composes, its sweep composes the runs it
+always did, and every experiment runs end to end at smoke scale.
 
-An experiment is ``conf/experiment/<name>.yaml`` (the paper's settings, the sweep under
-``hydra.sweeper.params``), ``conf/experiment/<name>_smoke.yaml`` (CI-sized) and its row in
-``experiments.common.EXPERIMENTS`` (``python -m experiments <name>``: sweep, then
+An experiment is ``conf/experiment/<name>.yaml`` (what it compares, the sweep under
+``hydra.sweeper.params``), its settings at a scale where it has any
+(``conf/experiment/<name>/<scale>.yaml``) and its row in ``experiments.common.EXPERIMENTS``
+(``python -m experiments <name> --scale paper|cpu|smoke``: sweep, then
 ``python -m analysis.report``).
 """
 
@@ -24,207 +26,272 @@ from omegaconf import OmegaConf
 
 from analysis import published
 from experiments.common import EXPERIMENTS as ARTEFACTS
-from experiments.common import OWN_COMMAND, main, sweep_params
+from experiments.common import OWN_COMMAND, RENAMED, experiments_at, main, sweep_params
+from stablelora.config import HASH_LENGTH, config_hash
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf"
 EXPERIMENTS = list(ARTEFACTS)
-#: The paper's artefacts at the paper's scale, and their CPU-scale reproductions (cpu/<name>).
-PAPER_SCALE = [name for name in EXPERIMENTS if not name.startswith("cpu/")]
-CPU_SCALE = [name for name in EXPERIMENTS if name.startswith("cpu/")]
-CONTROLS_GROUP = "+experiment/controls"
+PAPER = [name for name, e in ARTEFACTS.items() if e.scale == "paper"]
+CPU = experiments_at("cpu")
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled"}
+#: Every run each sweep composed before the presets were restructured (issue 23).
+PRESET_RUNS = json.loads((ROOT / "tests" / "fixtures" / "preset_runs.json").read_text())["runs"]
 
 
 def exists(group: str, option: str) -> bool:
     return (CONF / group / f"{option}.yaml").exists()
 
 
-def override(key: str, value: str) -> str:
-    return f"{key}={value}"
+def jobs(name: str, scale: str) -> list[list[str]]:
+    """The overrides of every job of the experiment's sweep at ``scale``, in Hydra's order."""
+    params = sweep_params(name, scale)
+    return [
+        [f"experiment={name}", f"scale={scale}"] + [f"{k}={v}" for k, v in zip(params, values)]
+        for values in itertools.product(*params.values())
+    ]
 
 
-# ---------------------------------------------------------------------------- full presets
-@pytest.mark.parametrize("name", PAPER_SCALE)
-def test_full_preset_composes_and_declares_its_sweep(name):
+def variant_method(variant: str) -> str:
+    return (
+        (CONF / "variant" / f"{variant}.yaml").read_text().split("override /method: ")[1].split()[0]
+    )
+
+
+# ---------------------------------------------------------------------------- presets
+@pytest.mark.parametrize("key", sorted(PRESET_RUNS))
+def test_each_sweep_composes_the_runs_it_always_did(key):
+    """A run's folder is the hash of its configuration: the restructured presets must compose
+    the very runs the old ones did (same count, and a sample of jobs hashed), or committed
+    records and half-done sweeps would lose their folders."""
+    name, scale = key.split("@")
+    expected = set(PRESET_RUNS[key])
+    every = jobs(name, scale)
+    assert len(every) == len(expected), key
+    step = max(1, len(every) // 4)
+    for overrides in [*every[::step], every[-1]]:
+        assert config_hash(compose_config(overrides)) in expected, overrides
+
+
+def test_committed_cpu_runs_are_runs_of_their_experiment():
+    """A committed run recorded under today's configuration keys (not before a key was added,
+    e.g. trainer.length_grouping) holds the configuration its folder name hashes, and that is
+    a configuration its experiment's CPU sweep composes with the data_root it was run with."""
+
+    def keys(tree: dict, prefix: str = "") -> set[str]:
+        return {f"{prefix}{k}" for k in tree} | {
+            key for k, v in tree.items() if isinstance(v, dict) for key in keys(v, f"{prefix}{k}.")
+        }
+
+    def common(tree: dict) -> set[str]:  # the keys every method has (optimizers differ)
+        return {key for key in keys(tree) if not key.startswith("optimizer.")}
+
+    every: dict[tuple[str, str], list[list[str]]] = {}
+    first: dict[tuple[str, str], set[str]] = {}
+    hashes: dict[tuple[str, str], set[str]] = {}
+    checked = members = 0
+    for config in sorted((ROOT / "results" / "cpu").glob("cpu_*/runs/*/config.yaml")):
+        run_dir, recorded = config.parent, OmegaConf.to_container(OmegaConf.load(config))
+        digest = run_dir.name[-HASH_LENGTH:]
+        checked += 1
+        sweep = run_dir.parents[1].name.removeprefix("cpu_"), recorded["data_root"]
+        if sweep not in first:
+            every[sweep] = [[*job, f"data_root={sweep[1]}"] for job in jobs(sweep[0], "cpu")]
+            first[sweep] = common(OmegaConf.to_container(compose_config(every[sweep][0])))
+        if common(recorded) != first[sweep]:
+            continue  # recorded before a configuration key was added
+        if sweep not in hashes:
+            hashes[sweep] = {config_hash(compose_config(job)) for job in every[sweep]}
+        assert config_hash(recorded) == digest, run_dir
+        assert digest in hashes[sweep], run_dir
+        members += 1
+    assert checked >= 90 and members >= 5  # cpu_main and the tuned study so far
+
+
+@pytest.mark.parametrize("name", PAPER)
+def test_paper_scale_declares_three_seeds_and_the_papers_models(name):
     cfg = compose_config([f"experiment={name}"])
     OmegaConf.to_container(cfg, resolve=True)
-    assert cfg.experiment_name == name and cfg.sweep_name == name
-    params = sweep_params(name)
+    assert cfg.experiment_name == cfg.sweep_name == name
+    params = sweep_params(name, "paper")
     assert params.get("seed") == ["0", "1", "2"], "the paper's protocol: three seeds"
     assert cfg.model.name in published.PAPER_MODELS or "model" in params
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_every_swept_value_composes(name):
-    """Each value of each swept key composes into a job config (one key at a time); method
-    configs that other work has not added yet are reported as a skip, after the rest passed."""
-    pending = []
-    for key, values in sweep_params(name).items():
+    """Each value of each swept key composes into a job config (one key at a time)."""
+    scale = ARTEFACTS[name].scale
+    for key, values in sweep_params(name, scale).items():
         for value in values:
-            if key == "method" and not exists("method", value):
-                pending.append(value)
-                continue
-            if key == CONTROLS_GROUP:
-                variant = (CONF / "experiment" / "controls" / f"{value}.yaml").read_text()
-                method = variant.split("override /method: ")[1].split()[0]
-                if not exists("method", method):
-                    pending.append(f"{method} (controls/{value})")
-                    continue
-            for group in ("model", "task"):
-                if key == group:
-                    assert exists(group, value), f"{name}: no conf/{group}/{value}.yaml"
-            cfg = compose_config([f"experiment={name}", override(key, value)])
+            if key in ("model", "task", "method", "variant"):
+                assert exists(key, value), f"{name}: no conf/{key}/{value}.yaml"
+            if key == "variant":
+                assert exists("method", variant_method(value)), value
+            cfg = compose_config([f"experiment={name}", f"scale={scale}", f"{key}={value}"])
             OmegaConf.to_container(cfg, resolve=True)
-    if pending:
-        pytest.skip(f"{name}: method configs not in conf/method yet: {sorted(set(pending))}")
 
 
-@pytest.mark.parametrize("name", CPU_SCALE)
-def test_cpu_preset_runs_the_shipped_model_on_fixed_eval_examples(name):
-    cfg = compose_config([f"experiment={name}"])
-    OmegaConf.to_container(cfg, resolve=True)
-    assert cfg.experiment_name == cfg.sweep_name == name.replace("/", "_")
-    assert cfg.model.name == "smollm2_135m" and cfg.model.source == "gguf"  # no Hub, no GPU
-    # Every run of a table is scored on the same examples, by one process using both cores.
-    assert cfg.trainer.max_eval_examples and cfg.trainer.num_threads == 2
-    assert cfg.logger.mode == "disabled" and sweep_params(name).get("seed")
+@pytest.mark.parametrize("name", CPU)
+def test_cpu_scale_runs_the_shipped_model_on_fixed_eval_examples(name):
+    for overrides in jobs(name, "cpu")[:1]:
+        cfg = compose_config(overrides)
+        OmegaConf.to_container(cfg, resolve=True)
+        assert cfg.sweep_name == f"cpu_{name}"
+        assert cfg.model.name == "smollm2_135m" and cfg.model.source == "gguf"  # no Hub/GPU
+        # Every run of a table is scored on the same examples, by one process using both cores.
+        assert cfg.trainer.max_eval_examples and cfg.trainer.num_threads == 2
+        assert cfg.trainer.batch_size == 8 and cfg.logger.mode == "disabled"
+        assert cfg.task.name in ("arc_easy", "obqa", "bbc_news", "chatterbot", "arc_bbc")
 
 
-def test_full_presets_use_the_papers_settings():
-    table1 = sweep_params("table1_qa")
+def test_paper_presets_use_the_papers_settings():
+    table1 = sweep_params("table1", "paper")
     assert set(table1["model"]) == set(published.PAPER_MODELS)
     assert set(table1["task"]) == set(published.QA_TASKS)
     assert set(table1["method"]) == set(published.PAPER_METHODS)
     gsm8k = compose_config(["experiment=gsm8k"])
     assert gsm8k.task.name == "metamath_gsm8k" and gsm8k.trainer.max_steps == 5000
     assert 5000 % gsm8k.trainer.eval_every == 0 and gsm8k.trainer.eval_every <= 1000
-    stop = sweep_params("ablation_stop_rule")
+    stop = sweep_params("ablation_stop_rule", "paper")
     assert set(stop["optimizer.stop_rule"]) == {"norm", "never"}
     assert compose_config(["experiment=ablation_stop_rule"]).task.name == "merged_qa"
-    modules = sweep_params("ablation_target_modules")["adapter.target_modules"]
+    modules = sweep_params("ablation_target_modules", "paper")["adapter.target_modules"]
     assert len(modules) == 3 and "gate_proj" in modules[-1]
     overhead = compose_config(["experiment=overhead"])
     assert (overhead.model.name, overhead.task.name) == ("qwen2_0.5b", "hellaswag")
     assert not overhead.probe.enabled
-    assert set(sweep_params("overhead")["method"]) == set(published.PAPER_METHODS)
-    assert set(sweep_params("init_scale")["adapter.init_scale"]) == {"0", "0.25", "1", "4"}
-    controls = set(sweep_params("reviewer_controls")[CONTROLS_GROUP])
-    assert {"lora", "stable_lora", "large_wd_a", "large_wd_ab"} <= controls
-    assert any(c.startswith("shrink_steps_") for c in controls)
+    assert set(sweep_params("overhead", "paper")["method"]) == set(published.PAPER_METHODS)
+    assert set(sweep_params("init_scale", "paper")["adapter.init_scale"]) == {"0", "0.25", "1", "4"}
+    controls = set(sweep_params("reviewer_controls", "paper")["variant"])
+    assert {"control_lora", "control_stable_lora", "control_large_wd_a"} <= controls
+    assert any(c.startswith("control_shrink_steps_") for c in controls)
+    # at CPU scale Table 1 keeps the paper's columns on the offline tasks
+    cpu = sweep_params("table1", "cpu")
+    assert set(cpu["method"]) == set(published.PAPER_METHODS)
+    assert cpu["model"] == ["smollm2_135m"] and cpu["probe"] == ["off"]
 
 
 @pytest.mark.parametrize(
-    "variant", sorted(p.stem for p in (CONF / "experiment" / "controls").glob("*.yaml"))
+    "variant", sorted(p.stem for p in (CONF / "variant").glob("control_*.yaml"))
 )
 def test_reviewer_control_variants(variant):
-    text = (CONF / "experiment" / "controls" / f"{variant}.yaml").read_text()
-    method = text.split("override /method: ")[1].split()[0]
-    if not exists("method", method):
-        pytest.skip(f"conf/method/{method}.yaml is not there yet")
-    cfg = compose_config(["experiment=reviewer_controls", f"{CONTROLS_GROUP}={variant}"])
+    cfg = compose_config(["experiment=reviewer_controls", f"variant={variant}"])
     OmegaConf.to_container(cfg, resolve=True)
-    if variant.startswith("shrink_steps_"):
+    assert cfg.method.name == variant_method(variant)
+    if variant.startswith("control_shrink_steps_"):
         assert cfg.method.name == "shrink_fixed_steps" and cfg.optimizer.shrink_ratio > 0
-        assert cfg.optimizer.stop_rule == f"steps:{variant.removeprefix('shrink_steps_')}"
-    if variant.startswith("large_wd_"):
+        assert cfg.optimizer.stop_rule == f"steps:{variant.removeprefix('control_shrink_steps_')}"
+    if variant.startswith("control_large_wd_"):
         assert cfg.optimizer.builder == "adamw_large_wd"
-        assert cfg.optimizer.large_wd_on == variant.removeprefix("large_wd_").upper()
+        assert cfg.optimizer.large_wd_on == variant.removeprefix("control_large_wd_").upper()
 
 
-# ---------------------------------------------------------------------------- smoke presets
-def job_count(params: dict[str, list[str]]) -> int:
-    return len(list(itertools.product(*params.values())))
-
-
+# ---------------------------------------------------------------------------- smoke scale
 @pytest.mark.parametrize("name", EXPERIMENTS)
-def test_smoke_preset_is_ci_sized_and_uses_existing_configs(name):
-    cfg = compose_config([f"experiment={name}_smoke"])
-    assert cfg.experiment_name == f"{name.replace('/', '_')}_smoke"
-    assert cfg.model.name == "tiny_llama"
-    assert cfg.task.name in ("bbc_news", "arithmetic", "chatterbot")  # offline tasks
-    assert cfg.trainer.max_steps <= 8 and cfg.trainer.max_eval_examples <= 16
-    params = sweep_params(f"{name}_smoke")
-    assert job_count(params) <= 6
-    for method in params.get("method", []):
-        assert exists("method", method), method
-    for variant in params.get(CONTROLS_GROUP, []):
-        text = (CONF / "experiment" / "controls" / f"{variant}.yaml").read_text()
-        assert exists("method", text.split("override /method: ")[1].split()[0]), variant
+def test_smoke_scale_is_ci_sized_and_uses_existing_configs(name):
+    every = jobs(name, "smoke")
+    assert len(every) <= 8, name
+    for overrides in every:
+        cfg = compose_config(overrides)
+        assert cfg.sweep_name == f"{name}_smoke" and cfg.model.name == "tiny_llama"
+        assert cfg.task.name in ("bbc_news", "arithmetic", "chatterbot")  # offline tasks
+        assert cfg.trainer.max_steps <= 8 and cfg.trainer.max_eval_examples <= 16
+        assert exists("method", cfg.method.name.split("+")[0]) or "+" in cfg.method.name
 
 
-def test_every_preset_pair_has_an_entry_and_no_entry_lacks_one():
+def test_every_experiment_has_one_preset_and_no_preset_lacks_an_entry():
     root = CONF / "experiment"
-    presets = {p.relative_to(root).with_suffix("").as_posix() for p in root.rglob("*_smoke.yaml")}
-    presets -= {"_smoke"}  # the smoke presets' shared base
-    named = {name.removesuffix("_smoke") for name in presets}
-    assert named == set(ARTEFACTS) | set(OWN_COMMAND)
-    for name in named:
-        assert (CONF / "experiment" / f"{name}.yaml").exists(), name
+    presets = {p.stem for p in root.glob("*.yaml") if not p.stem.startswith("_")}
+    presets -= {"smoke"}  # the single-run smoke preset of the runner's tests
+    assert presets == set(ARTEFACTS) | set(OWN_COMMAND)
+    # a scale's own settings belong to an experiment and name an existing scale
+    for path in root.glob("*/*.yaml"):
+        assert path.parent.name in presets and path.stem in ("paper", "cpu", "smoke"), path
 
 
-def test_unknown_experiment_is_one_line_naming_the_choices(capsys):
+def test_unknown_or_renamed_experiment_is_one_line(capsys):
     assert main(["table_one"]) == 2
     error = capsys.readouterr().err.strip()
     assert "\n" not in error and "unknown experiment 'table_one'" in error
     assert all(name in error for name in EXPERIMENTS)
+    for old, new in RENAMED.items():
+        assert main([old]) == 2
+        error = capsys.readouterr().err.strip()
+        assert "\n" not in error and f"{old} is now {new}" in error
 
 
 def test_experiment_entry_builds_the_sweep_and_report_commands(tmp_path):
     from experiments.common import commands
 
     args = argparse.Namespace(
-        smoke=True, output_root=tmp_path, seeds="best", overrides=["trainer.max_steps=2"]
+        scale="smoke", output_root=tmp_path, seeds="best", overrides=["trainer.max_steps=2"]
     )
     sweep, report, sweep_dir = commands(ARTEFACTS["ablation_stop_rule"], args)
     assert sweep[1:] == [
         "run.py",
         "-m",
-        "experiment=ablation_stop_rule_smoke",
+        "experiment=ablation_stop_rule",
+        "scale=smoke",
         f"output_root={tmp_path.resolve()}",
         "trainer.max_steps=2",
     ]
     assert sweep_dir == tmp_path.resolve() / "sweeps" / "ablation_stop_rule_smoke"
     assert report[1:5] == ["-m", "analysis.report", str(sweep_dir), "--seeds"]
     assert "ablation_stop_rule" in report[report.index("--tables") :]
+    # the report at each scale: CPU's own tables where they differ, all of them in CI
+    table1 = ARTEFACTS["table1"]
+    assert "paired_difference" not in table1.report("paper")[0]
+    assert "paired_difference" in table1.report("cpu")[0] and "eval" not in table1.report("cpu")[1]
+    assert set(table1.report("smoke")[0]) == set(table1.report("paper")[0]) | set(
+        table1.report("cpu")[0]
+    )
+    args.scale = "cpu"
+    assert commands(table1, args)[2].name == "cpu_table1"
 
 
 def test_process_per_method_gives_one_sweep_command_per_value(tmp_path):
     from experiments.common import commands, sweep_commands
 
-    experiment = ARTEFACTS["cpu/overhead"]
+    experiment = ARTEFACTS["overhead"]
     assert experiment.process_per == "method"
     for overrides, methods in (
-        (["seed=0"], sweep_params("cpu/overhead")["method"]),  # the preset's values
+        (["seed=0"], sweep_params("overhead", "cpu")["method"]),  # the preset's values
         (["method=riemann,lora", "seed=0"], ["riemann", "lora"]),  # the command line's
     ):
-        args = argparse.Namespace(smoke=False, output_root=tmp_path, seeds="mean",
+        args = argparse.Namespace(scale="cpu", output_root=tmp_path, seeds="mean",
                                   overrides=overrides)  # fmt: skip
         sweep, _, _ = commands(experiment, args)
         split = sweep_commands(experiment, args, sweep)
         assert [command[-1] for command in split] == [f"method={m}" for m in methods]
         assert all(sum(part.startswith("method=") for part in c) == 1 for c in split)
-        assert all("seed=0" in command for command in split)
-    assert len(methods) == 2 and len(sweep_params("cpu/overhead")["method"]) == 5
-    no_split = ARTEFACTS["cpu/table1"]
+        assert all("seed=0" in command and "scale=cpu" in command for command in split)
+    assert len(methods) == 2 and len(sweep_params("overhead", "cpu")["method"]) == 5
+    no_split = ARTEFACTS["table1"]
     args.overrides = []
     assert sweep_commands(no_split, args, ["x"]) == [["x"]]
 
 
 def test_tuned_final_runs_each_method_at_its_pick_and_passes_the_horizon_on(tmp_path):
     from analysis.tables.tuned_lr import PICKS_FILE as ANALYSIS_PICKS_FILE
-    from experiments.common import PICKS_FILE, commands, selection_command, sweep_commands
+    from experiments.common import (
+        PICKS_FILE,
+        commands,
+        selection_command,
+        selection_file,
+        sweep_commands,
+    )
 
     assert PICKS_FILE == ANALYSIS_PICKS_FILE
-    final = ARTEFACTS["cpu/tuned_final"]
-    assert final.lr_from == "cpu/tuned_select"
+    final = ARTEFACTS["tuned_final"]
+    assert final.lr_from == "tuned_select" and final.scale == "cpu"
     picks = tmp_path / PICKS_FILE
     picks.write_text(
         '{"picks": [{"method": "lora", "lr": 0.000316}, {"method": "rslora", "lr": 0.001},'
         ' {"method": "loraplus", "lr": 0.0001}, {"method": "stable_lora", "lr": 0.001}]}'
     )
     overrides = ["data_root=/data", "trainer.max_steps=2000", "seed=1", "optim.lr=9"]
-    args = argparse.Namespace(smoke=False, output_root=tmp_path, seeds="mean",
+    args = argparse.Namespace(scale="cpu", output_root=tmp_path, seeds="mean",
                               overrides=overrides, lr_selection=picks)  # fmt: skip
     sweep, _, _ = commands(final, args)
     split = sweep_commands(final, args, sweep)
@@ -235,10 +302,14 @@ def test_tuned_final_runs_each_method_at_its_pick_and_passes_the_horizon_on(tmp_
         ["method=stable_lora", "optim.lr=0.001"],
     ]
     assert all("optim.lr=9" not in c and "trainer.max_steps=2000" in c for c in split)
-    # the selection stage gets the horizon and data, not the final stage's seeds or lr
+    # the selection stage gets the scale, the horizon and data, not the final stage's seeds or lr
     selection = selection_command(final, args)
-    assert selection[3] == "cpu/tuned_select"
+    assert selection[3:6] == ["tuned_select", "--scale", "cpu"]
     assert selection[-2:] == ["data_root=/data", "trainer.max_steps=2000"]
+    args.lr_selection = None
+    expected = tmp_path.resolve() / "sweeps" / "cpu_tuned_select" / "report" / PICKS_FILE
+    assert selection_file(final, args) == expected
+    args.lr_selection = picks
     args.overrides = ["method=lora,lora_rite"]
     with pytest.raises(SystemExit, match="no pick for method lora_rite"):
         sweep_commands(final, args, sweep)
@@ -248,8 +319,8 @@ def test_tuned_final_runs_each_method_at_its_pick_and_passes_the_horizon_on(tmp_
 
 
 def test_tuned_presets_share_the_setting_and_differ_in_split_and_seeds():
-    select = compose_config(["experiment=cpu/tuned_select"])
-    final = compose_config(["experiment=cpu/tuned_final"])
+    select = compose_config(jobs("tuned_select", "cpu")[0])
+    final = compose_config(jobs("tuned_final", "cpu")[0])
     assert select.task.eval_split == "validation" and final.task.eval_split == "test"
     assert select.task.holdout_validation and final.task.holdout_validation
     assert select.task.name == final.task.name == "arc_bbc"
@@ -258,15 +329,14 @@ def test_tuned_presets_share_the_setting_and_differ_in_split_and_seeds():
         assert cfg.trainer.max_steps >= 1000 and cfg.trainer.batch_size == 8
         assert cfg.adapter.rank == 8 and list(cfg.adapter.target_modules) == ["q_proj", "v_proj"]
         assert cfg.trainer.max_eval_examples >= 2376 and cfg.task.max_eval_examples is None
-    grid = [float(lr) for lr in sweep_params("cpu/tuned_select")["optim.lr"]]
+    grid = [float(lr) for lr in sweep_params("tuned_select", "cpu")["optim.lr"]]
     assert len(grid) >= 3 and min(grid) <= 1e-4 and max(grid) >= 1e-3
     ratios = [b / a for a, b in zip(grid, grid[1:])]
     assert max(ratios) / min(ratios) < 1.01  # log-spaced
     methods = {"lora", "rslora", "loraplus", "stable_lora"}
-    assert set(sweep_params("cpu/tuned_select")["method"]) >= methods
-    assert set(sweep_params("cpu/tuned_final")["method"]) >= methods
-    assert sweep_params("cpu/tuned_select")["seed"] == ["0"]
-    assert sweep_params("cpu/tuned_final")["seed"] == ["0", "1", "2"]
+    assert set(sweep_params("tuned_final", "cpu")["method"]) >= methods
+    assert sweep_params("tuned_select", "cpu")["seed"] == ["0"]
+    assert sweep_params("tuned_final", "cpu")["seed"] == ["0", "1", "2"]
 
 
 # ---------------------------------------------------------------------------- end to end
@@ -277,30 +347,34 @@ def read_display(report_dir: Path, table: str) -> str:
 @pytest.mark.slow
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_smoke_experiment_end_to_end(name, tmp_path):
+    import matplotlib.image
+
     experiment = ARTEFACTS[name]
-    result = subprocess.run(
-        [sys.executable, "-m", "experiments", name, "--smoke", "--output-root", str(tmp_path)],
-        cwd=ROOT,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    command = [sys.executable, "-m", "experiments", name, "--scale", "smoke", "--output-root",
+               str(tmp_path)]  # fmt: skip
+    result = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True,
+                            timeout=600)  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    sweep = tmp_path / "sweeps" / f"{name.replace('/', '_')}_smoke"
+    sweep = tmp_path / "sweeps" / f"{name}_smoke"
     summaries = sorted(sweep.rglob("summary.json"))
-    assert len(summaries) == job_count(sweep_params(f"{name}_smoke"))
+    assert len(summaries) == len(jobs(name, "smoke"))
     runs = pd.read_csv(sweep / "report" / "tables" / "runs.csv")
     assert len(runs) == len(summaries) and set(runs["status"]) == {"completed"}
+    assert runs["score"].notna().all()
     report = sweep / "report"
-    for table in experiment.tables:
+    tables, plots = experiment.report("smoke")
+    for table in tables:
         if table == "runs_not_completed":  # every run completed
+            assert not (report / "tables" / f"{table}.csv").exists()
             continue
-        for ext in ("md", "tex", "csv"):
+        data = pd.read_csv(report / "tables" / f"{table}.csv")
+        assert len(data) >= 1 and data.notna().any(axis=None), table
+        for ext in ("md", "tex"):
             assert (report / "tables" / f"{table}.{ext}").stat().st_size > 0, (table, ext)
-    for plot in experiment.plots:
-        for ext in ("png", "pdf"):
-            assert (report / "plots" / f"{plot}.{ext}").stat().st_size > 1000, (plot, ext)
+    for plot in plots:
+        assert (report / "plots" / f"{plot}.pdf").stat().st_size > 1000, plot
+        pixels = matplotlib.image.imread(report / "plots" / f"{plot}.png")
+        assert pixels.shape[0] > 100 and pixels.reshape(-1, pixels.shape[-1]).std(0).max() > 0.05
     assert "[analysis.report]" in result.stdout
     check_artefact(name, report)
 
@@ -308,10 +382,13 @@ def test_smoke_experiment_end_to_end(name, tmp_path):
 def check_artefact(name: str, report: Path) -> None:
     """What each artefact's table must show for its smoke sweep."""
     tables = report / "tables"
-    if name == "table1_qa":
+    if name == "table1":
         main = pd.read_csv(tables / "table1.csv")
-        assert sorted(main["method"]) == ["lora", "stable_lora"]
+        assert sorted(main["method"]) == ["lora", "loraplus", "stable_lora"]
         assert (main["bbc_news_n"] == 2).all() and main["avg"].notna().all()
+        paired = pd.read_csv(tables / "paired_difference.csv")
+        assert set(paired["label"]) == {"loraplus", "stable_lora"}
+        assert (paired["pairs"] == 2).all() and paired["ci_low"].notna().all()
     elif name == "gsm8k":
         data = pd.read_csv(tables / "gsm8k.csv")
         assert sorted(set(data["step"])) == [2, 4] and (data["n"] == 1).all()
@@ -323,20 +400,21 @@ def check_artefact(name: str, report: Path) -> None:
     elif name == "ablation_target_modules":
         text = read_display(report, "ablation_target_modules")
         assert "| q,v |" in text and "| q,k,v,o |" in text
-    elif name == "overhead":
+    elif name == "overhead":  # one process per method: each has its own peak memory
         data = pd.read_csv(tables / "overhead.csv").set_index("method")
-        assert set(data.index) == {"lora", "loraplus", "stable_lora"}
+        assert set(data.index) == {"lora", "stable_lora"} and (data["memory"] > 0).all()
         assert data.loc["lora", "time_rel"] == 0 and (data["time"] > 0).all()
-    elif name == "figure2_norms":
-        assert pd.read_csv(tables / "shrink_stops.csv")["layers"].tolist() == [4]
+    elif name in ("figure2", "figure2_compressed"):
+        stops = pd.read_csv(tables / "shrink_stops.csv")
+        assert stops["layers"].tolist() == [4]  # 2 layers x (q_proj, v_proj) of the tiny Llama
+        assert 0 <= stops["stopped"].item() <= 4
+        by_layer = pd.read_csv(tables / "shrink_stops_by_layer.csv")
+        stopped = by_layer.filter(like="stop").stack().dropna()
+        assert ((stopped >= 1) & (stopped <= 4)).all()
     elif name == "init_scale":
         assert "A0 × 0" in read_display(report, "init_scale")
         assert "delta1/delta2" in read_display(report, "init_scale_stability")
-    elif name == "cpu/table1":
-        paired = pd.read_csv(tables / "paired_difference.csv")
-        assert set(paired["label"]) == {"loraplus", "stable_lora"}
-        assert (paired["pairs"] == 2).all() and paired["ci_low"].notna().all()
-    elif name == "cpu/ablations":
+    elif name == "ablations":
         controls = pd.read_csv(tables / "reviewer_controls.csv").set_index("label")
         lora = controls.loc["lora, init_scale=1", "value"]
         assert controls.loc["lora, init_scale=1", "diff_lora"] == 0
@@ -347,17 +425,14 @@ def check_artefact(name: str, report: Path) -> None:
         assert set(scales["adapter.init_scale"]) == {1.0, 4.0}
         rules = set(pd.read_csv(tables / "ablation_stop_rule.csv")["stop_rule"])
         assert rules == {"norm", "never", "steps:50"}
-    elif name == "cpu/overhead":  # one process per method: each has its own peak memory
-        data = pd.read_csv(tables / "overhead.csv").set_index("method")
-        assert set(data.index) == {"lora", "stable_lora"} and (data["memory"] > 0).all()
-    elif name == "cpu/tuned_select":
+    elif name == "tuned_select":
         picks = json.loads((report / "tuned_lr.json").read_text())
         assert picks["split"] == "validation"
         assert {p["method"] for p in picks["picks"]} == {"lora", "loraplus", "stable_lora"}
         data = pd.read_csv(tables / "tuned_lr.csv")
         assert len(data) == 6 and data["picked"].sum() == 3
-    elif name == "cpu/tuned_final":  # its selection stage ran first, in the same output root
-        selection = report.parents[1] / "cpu_tuned_select_smoke" / "report" / "tuned_lr.json"
+    elif name == "tuned_final":  # its selection stage ran first, in the same output root
+        selection = report.parents[1] / "tuned_select_smoke" / "report" / "tuned_lr.json"
         picked = {p["method"]: p["lr"] for p in json.loads(selection.read_text())["picks"]}
         runs = pd.read_csv(tables / "runs.csv")
         assert all(picked[m] == lr for m, lr in zip(runs["method"], runs["optim.lr"]))
@@ -366,7 +441,7 @@ def check_artefact(name: str, report: Path) -> None:
         assert set(mcnemar["method"]) == {"stable_lora"} and sorted(mcnemar["seed"]) == [0, 1]
         assert (mcnemar["n"] == 8).all()
         assert "stable_lora" in set(pd.read_csv(tables / "paired_bootstrap.csv")["method"])
-    elif name == "cpu/dialogue":
+    elif name == "dialogue":
         data = pd.read_csv(tables / "dialogue.csv").set_index("label")
         assert list(data.index) == ["before training", "lora", "stable_lora"]
         assert (data.loc[["lora", "stable_lora"], ["loss_n", "rougeL_n"]] == 2).all().all()
@@ -379,7 +454,7 @@ def check_artefact(name: str, report: Path) -> None:
         data = pd.read_csv(tables / "reviewer_controls.csv")
         assert set(data["label"]) == {"lora", "stable_lora", "shrink_fixed_steps", "adamw_large_wd"}
         assert (data["method"] == "shrink_fixed_steps").sum() == 1
-    elif name == "cpu/main":
+    elif name == "main":
         data = pd.read_csv(tables / "side_by_side.csv").set_index("label")
         assert sorted(data.index) == ["lora", "stable_lora"] and (data["runs"] == 1).all()
         assert data[["before", "after", "norm_A_first", "norm_A_last"]].notna().all().all()
@@ -388,3 +463,5 @@ def check_artefact(name: str, report: Path) -> None:
         stable = data.loc["stable_lora"]
         assert 1 <= stable["stopped"] <= stable["layers"] and stable["median_stop_step"] >= 1
         assert (data["delta_ratio_mid"] > 0).all()
+    else:
+        raise AssertionError(f"no check for {name}: add what its smoke report must show")

@@ -425,7 +425,7 @@ def test_t_quantile_and_slope_fit():
 def test_width_sweep_smoke_runs_through_the_runner_and_writes_the_exponent_table(tmp_path):
     from experiments.width_sweep import main
 
-    result = main(["--smoke", "--output-root", str(tmp_path), "trainer.max_steps=8"])
+    result = main(["--scale", "smoke", "--output-root", str(tmp_path), "trainer.max_steps=8"])
     sweep = tmp_path / "sweeps" / "width_sweep_smoke"
     summaries = [json.loads(p.read_text()) for p in sweep.glob("*/summary.json")]
     assert len(summaries) == 6 and {s["status"] for s in summaries} == {"completed"}

@@ -166,7 +166,7 @@ def test_merged_mixture_of_arc_and_bbc_news_scores_validation(tok, tmp_path):
 
     easy, challenge = write_arc(tmp_path / "arc_easy", 200), write_arc(tmp_path / "ac", 150)
     overrides = [
-        "experiment=_smoke",
+        "scale=smoke",
         "task=arc_bbc",
         f"task.subtasks.arc_easy.data_dir={easy}",
         f"task.subtasks.arc_challenge.data_dir={challenge}",

@@ -57,7 +57,7 @@ def rows_without_timing(run_dir: Path) -> list[dict]:
 # ---------------------------------------------------------------------------- folder names
 def test_run_folder_is_a_function_of_the_resolved_config():
     smoke = run_dirs(["experiment=smoke", "seed=1"])
-    ablation = run_dirs(["experiment=ablation_stop_rule_smoke", "seed=1"])
+    ablation = run_dirs(["experiment=ablation_stop_rule", "scale=smoke", "seed=1"])
     assert smoke != ablation
     assert run_dirs(["method=lora", "method=stable_lora"]) != run_dirs(
         ["method=stable_lora", "method=lora"]

@@ -144,7 +144,9 @@ def test_cli_smoke_run_and_rerun_is_a_no_op(tmp_path):
     again = run_cli("run.py", *SMOKE, f"output_root={tmp_path}")
     assert again.returncode == 0 and "already completed" in again.stdout
     # Another preset with the same seed is another configuration: its own folder.
-    other = run_cli("run.py", "experiment=ablation_stop_rule_smoke", f"output_root={tmp_path}")
+    other = run_cli(
+        "run.py", "experiment=ablation_stop_rule", "scale=smoke", f"output_root={tmp_path}"
+    )
     assert other.returncode == 0, other.stderr[-3000:]
     assert len(list((tmp_path / "runs").iterdir())) == 2
 
