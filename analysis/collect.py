@@ -43,7 +43,13 @@ import pandas as pd
 from pandas.api.types import union_categoricals
 
 from stablelora.layer_records import read_layer_table, with_gamma
-from stablelora.records import RecordsError, read_jsonl, read_summary, summary_from_wandb
+from stablelora.records import (
+    RecordsError,
+    flatten,
+    read_jsonl,
+    read_summary,
+    summary_from_wandb,
+)
 
 RUN_FILES = ("summary.json", "config.yaml", "metrics.jsonl")
 #: Folders inside a run (or a report) that never hold runs: not walked.
@@ -183,21 +189,6 @@ def unique_rows(run_id: str, metrics: list[dict]) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------- one run
-def flatten(config: dict, prefix: str = "") -> dict:
-    """Nested config -> ``{"optim.lr": 1e-4, ...}``; lists become comma-joined strings so that
-    they can be grouped on (``adapter.target_modules`` -> ``"q_proj,v_proj"``)."""
-    flat = {}
-    for key, value in config.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{name}."))
-        elif isinstance(value, (list, tuple)):
-            flat[name] = ",".join(str(item) for item in value)
-        else:
-            flat[name] = value
-    return flat
-
-
 def run_row(
     config: dict,
     summary: dict,
@@ -213,7 +204,7 @@ def run_row(
     ...); a run with no summary is ``incomplete`` and its ``steps`` are the last logged step.
     """
     config = {k: v for k, v in config.items() if k != "hydra"}
-    flat = flatten(config)
+    flat = flatten(config, join_lists=True)
     status = summary.get("status") or "incomplete"
     main_metric = summary.get("main_metric") or "eval/acc"
     final = summary.get("final") or {}
