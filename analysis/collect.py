@@ -189,6 +189,44 @@ def unique_rows(run_id: str, metrics: list[dict]) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------- one run
+#: What a run is routed to its tables by (besides its main metric): recorded by the runner
+#: (``stablelora.tasks.task_record``), or derived by :func:`task_fields` for older records.
+TASK_FIELDS = ("task_family", "task_kind", "protocol")
+#: The ``KIND`` of the task families that existed before ``summary.json`` recorded
+#: ``task_kind``: runs recorded earlier get their kind from here. Frozen: a family added since
+#: records its own kind (tests/test_analysis_tables.py checks these against the families).
+LEGACY_KINDS = {
+    "arc": "multiple_choice",
+    "arithmetic": "math",
+    "bbc_news": "multiple_choice",
+    "chatterbot": "dialogue",
+    "gsm8k": "math",
+    "hellaswag": "multiple_choice",
+    "llm_adapters": "math",
+    "merged_qa": "multiple_choice",
+    "obqa": "multiple_choice",
+    "siqa": "multiple_choice",
+    "toy_teacher": "regression",
+    "wizardlm": "dialogue",
+}
+
+
+def task_fields(summary: dict, flat: dict, task: str) -> dict:
+    """The run's :data:`TASK_FIELDS`: as its summary recorded them, else (a run recorded
+    before the runner wrote them) from its config's ``task.family`` and ``task.protocol`` and
+    :data:`LEGACY_KINDS`. The one place where old and new records are made to route alike.
+
+    A record with no config at all takes its task's name as the family when that names a
+    legacy family (``chatterbot``...); a maths task with no recorded protocol generates (the
+    only protocol ``stablelora.tasks`` accepts for it)."""
+    if any(key in summary for key in TASK_FIELDS):
+        return {key: summary.get(key) for key in TASK_FIELDS}
+    family = flat.get("task.family") or (task if task in LEGACY_KINDS else None)
+    kind = LEGACY_KINDS.get(family)
+    protocol = flat.get("task.protocol") or ("generate" if kind == "math" else None)
+    return {"task_family": family, "task_kind": kind, "protocol": protocol}
+
+
 def run_row(
     config: dict,
     summary: dict,
@@ -224,6 +262,7 @@ def run_row(
         "seed": summary.get("seed", flat.get("seed")),
         "score": final.get(main_metric, math.nan) if status == "completed" else math.nan,
     }
+    row.update(task_fields(summary, flat, row["task"]))
     for section in ("initial", "final", "best"):
         for key, value in (summary.get(section) or {}).items():
             row[f"{section}/{key}"] = value
@@ -332,7 +371,8 @@ def _frames(records: list[tuple], per_layer_probes: bool) -> Collection:
     a :class:`Collection`."""
     runs = pd.DataFrame([record[0] for record in records])
     if runs.empty:
-        runs = pd.DataFrame(columns=["run_id", "status", "model", "task", "method", "seed"])
+        columns = ["run_id", "status", "model", "task", "method", "seed", *TASK_FIELDS]
+        runs = pd.DataFrame(columns=columns)
     parts = [
         _jsonl_history(records, _key_filter(per_layer_probes)),
         _layer_history(records, per_layer_probes),

@@ -144,6 +144,9 @@ SUMMARY_FIELDS = (
     "git_commit",
     "method",
     "task",
+    "task_family",
+    "task_kind",
+    "protocol",
     "model",
     "seed",
 )

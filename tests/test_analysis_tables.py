@@ -46,8 +46,10 @@ def write_run(
     main_metric="eval/acc",
     train_time=10.0,
     shrink=None,
+    recorded=None,
 ) -> Path:
-    """A run directory in the runner's format, with the values given."""
+    """A run directory in the runner's format, with the values given; ``recorded``: summary
+    fields of a newer runner (e.g. ``task_kind``), absent from older records."""
     run_dir = root / name
     run_dir.mkdir(parents=True)
     shrinks = method.startswith("stable")
@@ -94,6 +96,7 @@ def write_run(
         "shrink": shrink,
         # As StableLoRA.record_summary writes them: the counts from the per-layer state.
         "shrink_layers": shrink_counts(shrink) if shrink else None,
+        **(recorded or {}),
     }
     (run_dir / "summary.json").write_text(json.dumps(summary))
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
@@ -324,6 +327,49 @@ def test_dialogue_table_loss_ppl_rouge_by_method(tmp_path):
     assert best.loc["lora", "loss"] == pytest.approx(2.0)
     assert best.loc["lora", "ppl"] == pytest.approx(math.exp(2.0))
     assert best.loc["lora", "rougeL"] == pytest.approx(30.0)
+
+
+def test_tables_route_runs_on_what_they_recorded_not_on_names(tmp_path):
+    """A task family and a method the analysis has never heard of reach their tables: a
+    dialogue family by the kind its runs recorded, a QA family and a new method appended
+    after the paper's, never dropped."""
+    chat = {"task_family": "my_chat", "task_kind": "dialogue", "protocol": "generate"}
+    qa = {"task_family": "my_qa", "task_kind": "multiple_choice", "protocol": "loglik"}
+    for method in ("lora", "my_method"):
+        for seed in (0, 1):
+            write_run(
+                tmp_path, f"chat-{method}-{seed}", task="my_chat", method=method, seed=seed,
+                main_metric="eval/rougeL", final={"eval/rougeL": 0.2 + seed / 10},
+                initial={"eval/rougeL": 0.1}, recorded=chat,
+                config={"task.family": "my_chat", "task.protocol": "generate"},
+            )  # fmt: skip
+            write_run(tmp_path, f"qa-{method}-{seed}", task="my_qa", method=method, seed=seed,
+                      acc=0.6, recorded=qa)  # fmt: skip
+            write_run(tmp_path, f"bbc-{method}-{seed}", method=method, seed=seed, acc=0.7)
+    coll = collect(tmp_path)
+    assert set(coll.runs["task_kind"]) == {"dialogue", "multiple_choice"}  # bbc: derived
+    tables = {t.name: t for t in build_tables(coll)}
+    dialogue = tables["dialogue"].data
+    assert set(dialogue["task"]) == {"my_chat"}
+    assert set(dialogue["label"]) == {"before training", "lora", "my_method"}
+    assert dialogue.set_index("label").loc["my_method", "rougeL"] == pytest.approx(25.0)
+    table1 = tables["table1"].data
+    assert "my_chat" not in table1.columns and "my_chat" not in tables["table1"].markdown()
+    assert list(table1["method"]) == ["lora", "my_method"]  # the unknown method after LoRA
+    assert table1.set_index("method").loc["my_method", "my_qa"] == pytest.approx(60.0)
+    assert table1.columns.get_loc("bbc_news") < table1.columns.get_loc("my_qa")
+    assert "gsm8k" not in tables  # a dialogue family generates, but has a table of its own
+    assert set(tables["paired_difference"].data["method"]) == {"my_method"}
+
+
+def test_legacy_kinds_are_the_families_own():
+    """Records written before summary.json held ``task_kind`` get it from LEGACY_KINDS."""
+    from analysis.collect import LEGACY_KINDS
+    from stablelora.tasks import TaskConfig, families, task_record
+
+    assert set(LEGACY_KINDS) <= set(families())
+    for family, kind in LEGACY_KINDS.items():
+        assert task_record(TaskConfig(name="t", family=family))["task_kind"] == kind, family
 
 
 def test_overhead_relative_to_lora(tmp_path):
