@@ -118,7 +118,6 @@ def _record_failure(cfg, run_dir: Path, message: str, trace: str | None = None) 
     if int(os.environ.get("RANK", "0")) != 0:
         return
     from stablelora.records import write_json_atomic
-
     from stablelora.tasks import task_record
 
     run_dir = Path(run_dir)
