@@ -71,7 +71,7 @@ def family_module(cfg: TaskConfig):
     return importlib.import_module(f"stablelora.tasks.{cfg.family}")
 
 
-def task_record(task_cfg: Any) -> dict[str, str | None]:
+def task_record(task_cfg: Any) -> dict[str, Any]:
     """What a run's ``summary.json`` records of its task besides the name, so that the
     analysis routes the run to its tables without a list of task names: ``task_family`` (the
     module ``stablelora/tasks/<family>.py``), ``task_kind`` (that module's ``KIND``) and
