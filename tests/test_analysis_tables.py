@@ -362,6 +362,48 @@ def test_tables_route_runs_on_what_they_recorded_not_on_names(tmp_path):
     assert set(tables["paired_difference"].data["method"]) == {"my_method"}
 
 
+def test_a_table_is_one_registered_function(tmp_path, monkeypatch):
+    """``@register_table`` alone makes a table: built by the report (after the others), one of
+    ``--tables``' choices, listed in ``--help``; with ``owns``, its runs leave the shared
+    tables. The same for a plot and ``@register_plot``."""
+    from analysis import plots, report, tables
+    from analysis.tables import registry
+
+    monkeypatch.setattr(registry, "TABLES", dict(registry.TABLES))  # undone after the test
+    monkeypatch.setattr(tables, "TABLES", registry.TABLES)
+    monkeypatch.setattr(registry, "OWNED", {k: set(v) for k, v in registry.OWNED.items()})
+    monkeypatch.setattr(plots, "PLOTS", dict(plots.PLOTS))
+    monkeypatch.setattr(plots.drawing, "PLOTS", plots.PLOTS)
+
+    @tables.register_table(owns={"task_family": "my_family"})
+    def my_table(coll, seeds="mean"):
+        """My table. Not the first sentence."""
+        runs = coll.runs[coll.runs["task_family"] == "my_family"]
+        return tables.Table("my_table", "Mine", runs[["run"]], runs[["run"]])
+
+    @plots.register_plot(name="my_plot")
+    def draw(coll, out_dir):
+        """My plot."""
+        return []
+
+    write_run(tmp_path, "mine", task="my_task", recorded={"task_family": "my_family"})
+    write_run(tmp_path, "bbc", acc=0.7)
+    built = {t.name: t for t in build_tables(collect(tmp_path))}
+    assert list(built)[-1] == "my_table" and list(built["my_table"].display["run"]) == ["mine"]
+    assert "my_task" not in built["table1"].data.columns  # owned: left to my_table
+    assert list(tables.TABLES)[-1] == "my_table" and list(plots.PLOTS)[-1] == "my_plot"
+    assert report.parse_args([str(tmp_path), "--tables", "my_table"]).tables == ["my_table"]
+    assert report.parse_args([str(tmp_path), "--plots", "my_plot"]).plots == ["my_plot"]
+    parser_help = report._listing("tables", tables.TABLES) + report._listing("plots", plots.PLOTS)
+    assert "  my_table                  My table" in parser_help  # the first sentence
+    assert (
+        "Not the first" not in parser_help and "  my_plot                   My plot" in parser_help
+    )
+    my_table.__name__ = "summary"  # a second table of that name, from another module
+    with pytest.raises(ValueError, match="two tables are named 'summary'"):
+        tables.register_table(my_table)
+
+
 def test_legacy_kinds_are_the_families_own():
     """Records written before summary.json held ``task_kind`` get it from LEGACY_KINDS."""
     from analysis.collect import LEGACY_KINDS
