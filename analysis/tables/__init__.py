@@ -55,7 +55,8 @@ Each table writes Markdown, LaTeX (booktabs) and CSV (numbers, not strings).
 
 The package: :mod:`~analysis.tables.aggregation` (seeds -> cells, orders, run filters),
 :mod:`~analysis.tables.formatting` (:class:`Table`, cell texts, layouts),
-:mod:`~analysis.tables.selection` (``--select-lr``), and one module per artefact.
+:mod:`~analysis.tables.selection` (``--select-lr``), :mod:`~analysis.tables.registry`
+(``@register_table``), and one module per artefact.
 """
 
 from __future__ import annotations
