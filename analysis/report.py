@@ -51,10 +51,12 @@ WIDTH_COLUMNS = ("model.width", "model.config.hidden_size")
 
 
 def _listing(title: str, builders: dict) -> str:
-    """``--help``'s list of the registered tables or plots, each with its description."""
+    """``--help``'s list of the registered tables or plots, each with the first sentence of
+    its builder's docstring."""
     lines = [f"{title}:"]
     for name, build in builders.items():
-        text = textwrap.wrap(tables_module.description(build), 80 - 28)
+        first = " ".join((build.__doc__ or "").split()).split(". ")[0].rstrip(".")
+        text = textwrap.wrap(first, 80 - 28)
         lines += [f"  {name:<25} {text[0] if text else ''}", *(" " * 28 + t for t in text[1:])]
     return "\n".join(lines)
 

@@ -76,7 +76,7 @@ from analysis.tables.aggregation import (
     sort_frame,
 )
 from analysis.tables.formatting import Table, cell_text, latex_escape
-from analysis.tables.registry import TABLES, description, register_table
+from analysis.tables.registry import TABLES, register_table
 from analysis.tables.selection import select_learning_rate
 
 __all__ = [
@@ -87,7 +87,6 @@ __all__ = [
     "aggregate",
     "build_tables",
     "cell_text",
-    "description",
     "latex_escape",
     "metric_scale",
     "register_table",

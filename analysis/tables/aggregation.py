@@ -185,7 +185,7 @@ def is_generation(runs: pd.DataFrame) -> pd.Series:
     """Runs scored by generating an answer (``protocol``, as the run recorded it: see
     ``analysis.collect.task_fields``), shown by step budget, not in Table 1; runs that a table
     of their own shows (the dialogue and LLM-Adapters families generate too) are not."""
-    return (runs["protocol"] == "generate").fillna(False).astype(bool) & ~owned_by_a_table(runs)
+    return runs["protocol"].eq("generate") & ~owned_by_a_table(runs)
 
 
 def setting_runs(coll: Collection, exclude_label: list[str]) -> pd.DataFrame:

@@ -52,9 +52,3 @@ def owned_by_a_table(runs: pd.DataFrame) -> pd.Series:
     for field, values in OWNED.items():
         owned |= runs[field].isin(values)
     return owned
-
-
-def description(build: Builder) -> str:
-    """The first sentence of the builder's docstring, on one line."""
-    text = " ".join((build.__doc__ or "").split())
-    return text.split(". ")[0].rstrip(".")
