@@ -62,7 +62,6 @@ The package: :mod:`~analysis.tables.aggregation` (seeds -> cells, orders, run fi
 from __future__ import annotations
 
 import importlib
-import inspect
 import pkgutil
 from collections.abc import Iterable
 
@@ -124,7 +123,7 @@ def _discover() -> None:
     def rank(item):
         module = item[1].__module__.rsplit(".", 1)[-1]
         known = REPORT_ORDER.index(module) if module in REPORT_ORDER else len(REPORT_ORDER)
-        return known, module, inspect.getsourcelines(item[1])[1]
+        return known, module, item[1].__code__.co_firstlineno
 
     ordered = sorted(TABLES.items(), key=rank)
     TABLES.clear()
