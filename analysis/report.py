@@ -24,6 +24,7 @@ import argparse
 import json
 import shutil
 import sys
+import textwrap
 from pathlib import Path
 
 import pandas as pd
@@ -32,6 +33,7 @@ from analysis import plots as plots_module
 from analysis import tables as tables_module
 from analysis import width_fit
 from analysis.collect import (
+    TASK_FIELDS,
     Collection,
     collect,
     collect_wandb,
@@ -48,9 +50,25 @@ FAILURES = "runs_not_completed"
 WIDTH_COLUMNS = ("model.width", "model.config.hidden_size")
 
 
+def _listing(title: str, builders: dict) -> str:
+    """``--help``'s list of the registered tables or plots, each with the first sentence of
+    its builder's docstring."""
+    lines = [f"{title}:"]
+    for name, build in builders.items():
+        first = " ".join((build.__doc__ or "").split()).split(". ")[0].rstrip(".")
+        text = textwrap.wrap(first, 80 - 28)
+        lines += [f"  {name:<25} {text[0] if text else ''}", *(" " * 28 + t for t in text[1:])]
+    return "\n".join(lines)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m analysis.report", description=__doc__.split("\n\n")[0]
+        prog="python -m analysis.report",
+        description=__doc__.split("\n\n")[0],
+        epilog=_listing("tables", tables_module.TABLES)
+        + "\n\n"
+        + _listing("plots", plots_module.PLOTS),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
         "sweep_dirs",
@@ -266,7 +284,9 @@ def report(args: argparse.Namespace) -> dict:
         files += table.write(out / "tables")
         if table.name == "tuned_lr":  # the record the final stage of a tuned study reads
             files.append(write_picks(table, out))
-    write_csv(everything.runs, out / "tables" / "runs.csv")
+    # The records' fields; the routing fields are left out: derived for older records, and
+    # the config's task.family and task.protocol columns say the same.
+    write_csv(everything.runs.drop(columns=list(TASK_FIELDS)), out / "tables" / "runs.csv")
     if not args.no_plots:
         files += plots_module.build_plots(coll, out / "plots", args.plots)
     text = "\n".join(table.markdown() for table in built)

@@ -17,6 +17,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from stablelora.records import STATUSES  # the run statuses, counted in this order
+
 #: Keys that change where or how a run is shown, not what it computes: left out of the run
 #: folder's hash and of the check that a folder holds the same configuration.
 DISPLAY_KEYS = (
@@ -259,8 +261,6 @@ def default_num_threads(launcher_cfg, cores: int | None = None) -> int | None:
 # ---------------------------------------------------------------------------- sweeps
 #: Set by :class:`SweepSummary` for the jobs of a multirun: the file they report to.
 SWEEP_LOG_ENV = "STABLELORA_SWEEP_LOG"
-#: Statuses counted in the sweep summary, in print order.
-SWEEP_STATUSES = ("completed", "diverged", "failed", "interrupted")
 
 
 #: The status a job reports when it starts (with its pid): whom a stopped sweep signals.
@@ -302,7 +302,7 @@ def sweep_stopped() -> int | None:
 
 def sweep_summary_line(outcomes: list[dict]) -> tuple[str, bool]:
     """``("sweep: 3 completed, 1 diverged, 1 failed (<dir>), 0 interrupted", any_failed)``."""
-    by_status: dict[str, list[str]] = {status: [] for status in SWEEP_STATUSES}
+    by_status: dict[str, list[str]] = {status: [] for status in STATUSES}
     for outcome in outcomes:
         by_status.setdefault(outcome["status"], []).append(outcome["run_dir"])
     counts = []

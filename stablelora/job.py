@@ -118,11 +118,18 @@ def _record_failure(cfg, run_dir: Path, message: str, trace: str | None = None) 
     if int(os.environ.get("RANK", "0")) != 0:
         return
     from stablelora.records import write_json_atomic
+    from stablelora.tasks import task_record
 
     run_dir = Path(run_dir)
     steps = [row["step"] for row in read_jsonl(run_dir / "metrics.jsonl")]
+    config = plain_config(cfg)
     summary = make_summary(
-        "failed", plain_config(cfg), error=message, traceback=trace, steps=max(steps, default=0)
+        "failed",
+        config,
+        error=message,
+        traceback=trace,
+        steps=max(steps, default=0),
+        **task_record(config.get("task")),
     )
     try:
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -144,6 +144,9 @@ SUMMARY_FIELDS = (
     "git_commit",
     "method",
     "task",
+    "task_family",
+    "task_kind",
+    "protocol",
     "model",
     "seed",
 )
@@ -335,8 +338,25 @@ def read_resumed_rows(path: Path, rows: int, step: int | None) -> list[dict]:
     return kept
 
 
-def _say(message: str) -> None:
+def say(message: str) -> None:
+    """One line to stderr, prefixed ``stablelora:``: what the runner tells the user."""
     print(f"stablelora: {message}", file=sys.stderr, flush=True)
+
+
+def flatten(config: dict, prefix: str = "", *, join_lists: bool = False) -> dict:
+    """Nested config -> ``{"optim.lr": 1e-4, ...}``. With ``join_lists``, lists become
+    comma-joined strings so that they can be grouped on (``adapter.target_modules`` ->
+    ``"q_proj,v_proj"``, as the analysis shows them); else they are kept as they are."""
+    flat = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}.", join_lists=join_lists))
+        elif join_lists and isinstance(value, (list, tuple)):
+            flat[name] = ",".join(str(item) for item in value)
+        else:
+            flat[name] = value
+    return flat
 
 
 class RunRecorder:
@@ -396,7 +416,7 @@ class RunRecorder:
                 return init("online")
             except Exception as error:  # noqa: BLE001 - no network, server down, no login
                 first = (str(error).strip().splitlines() or [""])[0]
-                _say(
+                say(
                     f"W&B online did not start within logger.init_timeout={timeout}s "
                     f"({type(error).__name__}: {first}); the run continues with W&B offline "
                     f"(`wandb sync {self.run_dir}/wandb/offline-run-*` later)."
@@ -404,7 +424,7 @@ class RunRecorder:
                 return init("offline")
         except Exception as error:  # noqa: BLE001 - W&B must never take the run down
             first = (str(error).strip().splitlines() or [""])[0]
-            _say(
+            say(
                 f"W&B is off for this run ({type(error).__name__}: {first}); "
                 "the local records in the run directory are complete."
             )
@@ -417,7 +437,7 @@ class RunRecorder:
         try:
             action(self.wandb_run)
         except Exception as error:  # noqa: BLE001
-            _say(f"W&B failed ({error}); W&B is off from here, the local records go on.")
+            say(f"W&B failed ({error}); W&B is off from here, the local records go on.")
             self.wandb_run = None
 
     # ------------------------------------------------------------------ records

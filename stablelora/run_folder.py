@@ -10,7 +10,6 @@ import os
 import shutil
 import signal
 import socket
-import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +17,8 @@ from types import FrameType
 from typing import Any, TextIO
 
 import torch
+
+from stablelora.records import flatten, say
 
 #: What ``signal.signal`` takes and returns: a function, SIG_DFL / SIG_IGN, or None.
 SignalHandler = Callable[[int, FrameType | None], Any] | int | None
@@ -36,10 +37,6 @@ class RunFolderError(RuntimeError):
     """The run folder cannot be used as it is (held by another process, holds another
     configuration, unreadable checkpoints): one line saying what to do. Nothing is written
     into the folder."""
-
-
-def _say(message: str) -> None:
-    print(f"stablelora: {message}", file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------------------- lock
@@ -143,7 +140,7 @@ def load_checkpoint_file(run_dir: Path, map_location) -> dict | None:
             problems.append(f"{path.name}: {type(error).__name__}")
             continue
         if problems:
-            _say(
+            say(
                 f"{'; '.join(problems)} cannot be read; resuming from {path.name} "
                 f"(step {payload['state']['step']})."
             )
@@ -191,7 +188,7 @@ def check_run_folder(run_dir: Path, config: dict) -> None:
             f"{stored_path} cannot be read (not a YAML mapping): restore it, or delete it if "
             "this folder holds this configuration's run (its name is the configuration's hash)."
         )
-    flat_old, flat_new = _flatten(computed_config(stored)), _flatten(computed_config(config))
+    flat_old, flat_new = flatten(computed_config(stored)), flatten(computed_config(config))
     differing = sorted(
         k for k in flat_old.keys() | flat_new.keys() if flat_old.get(k) != flat_new.get(k)
     )
@@ -201,16 +198,6 @@ def check_run_folder(run_dir: Path, config: dict) -> None:
             f"{run_dir} holds a run of another configuration (differs in {shown}); its records "
             "are not reused: give another output folder or delete this one."
         )
-
-
-def _flatten(config: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in config.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def save_adapter(model, run_dir: Path) -> None:

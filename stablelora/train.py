@@ -577,6 +577,8 @@ def better(best: dict, result: dict, task, step: int) -> dict:
 
 def summarize(cfg, run: Run, state: dict, final: dict, wall_time: float) -> dict:
     """The ``summary.json`` of a run (schema: ``stablelora.records.make_summary``)."""
+    from stablelora.tasks import task_record
+
     return make_summary(
         state["status"],
         plain_config(cfg),
@@ -593,6 +595,7 @@ def summarize(cfg, run: Run, state: dict, final: dict, wall_time: float) -> dict
         peak_memory_mb=peak_memory_mb(run.dist.device),
         world_size=run.dist.world_size,
         device=str(run.dist.device),
+        **task_record(cfg.task),
         extra=optimizer_summary(run.optimizer),
     )
 

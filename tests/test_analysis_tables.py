@@ -46,8 +46,10 @@ def write_run(
     main_metric="eval/acc",
     train_time=10.0,
     shrink=None,
+    recorded=None,
 ) -> Path:
-    """A run directory in the runner's format, with the values given."""
+    """A run directory in the runner's format, with the values given; ``recorded``: summary
+    fields of a newer runner (e.g. ``task_kind``), absent from older records."""
     run_dir = root / name
     run_dir.mkdir(parents=True)
     shrinks = method.startswith("stable")
@@ -94,6 +96,7 @@ def write_run(
         "shrink": shrink,
         # As StableLoRA.record_summary writes them: the counts from the per-layer state.
         "shrink_layers": shrink_counts(shrink) if shrink else None,
+        **(recorded or {}),
     }
     (run_dir / "summary.json").write_text(json.dumps(summary))
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
@@ -324,6 +327,91 @@ def test_dialogue_table_loss_ppl_rouge_by_method(tmp_path):
     assert best.loc["lora", "loss"] == pytest.approx(2.0)
     assert best.loc["lora", "ppl"] == pytest.approx(math.exp(2.0))
     assert best.loc["lora", "rougeL"] == pytest.approx(30.0)
+
+
+def test_tables_route_runs_on_what_they_recorded_not_on_names(tmp_path):
+    """A task family and a method the analysis has never heard of reach their tables: a
+    dialogue family by the kind its runs recorded, a QA family and a new method appended
+    after the paper's, never dropped."""
+    chat = {"task_family": "my_chat", "task_kind": "dialogue", "protocol": "generate"}
+    qa = {"task_family": "my_qa", "task_kind": "multiple_choice", "protocol": "loglik"}
+    for method in ("lora", "my_method"):
+        for seed in (0, 1):
+            write_run(
+                tmp_path, f"chat-{method}-{seed}", task="my_chat", method=method, seed=seed,
+                main_metric="eval/rougeL", final={"eval/rougeL": 0.2 + seed / 10},
+                initial={"eval/rougeL": 0.1}, recorded=chat,
+                config={"task.family": "my_chat", "task.protocol": "generate"},
+            )  # fmt: skip
+            write_run(tmp_path, f"qa-{method}-{seed}", task="my_qa", method=method, seed=seed,
+                      acc=0.6, recorded=qa)  # fmt: skip
+            write_run(tmp_path, f"bbc-{method}-{seed}", method=method, seed=seed, acc=0.7)
+    coll = collect(tmp_path)
+    assert set(coll.runs["task_kind"]) == {"dialogue", "multiple_choice"}  # bbc: derived
+    tables = {t.name: t for t in build_tables(coll)}
+    dialogue = tables["dialogue"].data
+    assert set(dialogue["task"]) == {"my_chat"}
+    assert set(dialogue["label"]) == {"before training", "lora", "my_method"}
+    assert dialogue.set_index("label").loc["my_method", "rougeL"] == pytest.approx(25.0)
+    table1 = tables["table1"].data
+    assert "my_chat" not in table1.columns and "my_chat" not in tables["table1"].markdown()
+    assert list(table1["method"]) == ["lora", "my_method"]  # the unknown method after LoRA
+    assert table1.set_index("method").loc["my_method", "my_qa"] == pytest.approx(60.0)
+    assert table1.columns.get_loc("bbc_news") < table1.columns.get_loc("my_qa")
+    assert "gsm8k" not in tables  # a dialogue family generates, but has a table of its own
+    assert set(tables["paired_difference"].data["method"]) == {"my_method"}
+
+
+def test_a_table_is_one_registered_function(tmp_path, monkeypatch):
+    """``@register_table`` alone makes a table: built by the report (after the others), one of
+    ``--tables``' choices, listed in ``--help``; with ``owns``, its runs leave the shared
+    tables. The same for a plot and ``@register_plot``."""
+    from analysis import plots, report, tables
+    from analysis.tables import registry
+
+    monkeypatch.setattr(registry, "TABLES", dict(registry.TABLES))  # undone after the test
+    monkeypatch.setattr(tables, "TABLES", registry.TABLES)
+    monkeypatch.setattr(registry, "OWNED", {k: set(v) for k, v in registry.OWNED.items()})
+    monkeypatch.setattr(plots, "PLOTS", dict(plots.PLOTS))
+    monkeypatch.setattr(plots.drawing, "PLOTS", plots.PLOTS)
+
+    @tables.register_table(owns={"task_family": "my_family"})
+    def my_table(coll, seeds="mean"):
+        """My table. Not the first sentence."""
+        runs = coll.runs[coll.runs["task_family"] == "my_family"]
+        return tables.Table("my_table", "Mine", runs[["run"]], runs[["run"]])
+
+    @plots.register_plot(name="my_plot")
+    def draw(coll, out_dir):
+        """My plot."""
+        return []
+
+    write_run(tmp_path, "mine", task="my_task", recorded={"task_family": "my_family"})
+    write_run(tmp_path, "bbc", acc=0.7)
+    built = {t.name: t for t in build_tables(collect(tmp_path))}
+    assert list(built)[-1] == "my_table" and list(built["my_table"].display["run"]) == ["mine"]
+    assert "my_task" not in built["table1"].data.columns  # owned: left to my_table
+    assert list(tables.TABLES)[-1] == "my_table" and list(plots.PLOTS)[-1] == "my_plot"
+    assert report.parse_args([str(tmp_path), "--tables", "my_table"]).tables == ["my_table"]
+    assert report.parse_args([str(tmp_path), "--plots", "my_plot"]).plots == ["my_plot"]
+    parser_help = report._listing("tables", tables.TABLES) + report._listing("plots", plots.PLOTS)
+    assert "  my_table                  My table" in parser_help  # the first sentence
+    assert (
+        "Not the first" not in parser_help and "  my_plot                   My plot" in parser_help
+    )
+    my_table.__name__ = "summary"  # a second table of that name, from another module
+    with pytest.raises(ValueError, match="two tables are named 'summary'"):
+        tables.register_table(my_table)
+
+
+def test_legacy_kinds_are_the_families_own():
+    """Records written before summary.json held ``task_kind`` get it from LEGACY_KINDS."""
+    from analysis.collect import LEGACY_KINDS
+    from stablelora.tasks import TaskConfig, families, task_record
+
+    assert set(LEGACY_KINDS) <= set(families())
+    for family, kind in LEGACY_KINDS.items():
+        assert task_record(TaskConfig(name="t", family=family))["task_kind"] == kind, family
 
 
 def test_overhead_relative_to_lora(tmp_path):

@@ -536,7 +536,7 @@ def build(cfg, tokenizer, *, seed):
 def test_a_new_task_family_is_one_module_and_one_yaml(extension_dirs):
     from tiny import byte_llama, byte_tokenizer
 
-    from stablelora.tasks import build_task, families
+    from stablelora.tasks import build_task, families, task_record
     from stablelora.validation import ConfigError, check_config
 
     code, conf = extension_dirs
@@ -560,6 +560,12 @@ def test_a_new_task_family_is_one_module_and_one_yaml(extension_dirs):
     assert task.num_train_examples == 12 and task.collate([0, 1])["input_ids"].shape[0] == 2
     metrics = task.evaluate(byte_llama(), batch_size=4)
     assert metrics["n"] == 12 and 0 <= metrics["acc"] <= 1
+    # What its runs record for the analysis to route them on: from the module, no list.
+    assert task_record(cfg.task) == {
+        "task_family": "test_parity",
+        "task_kind": "multiple_choice",
+        "protocol": "loglik",
+    }
     bad = compose_config(["task=parity", "model=tiny_llama", "+task.num_exampels=3"], [conf])
     with pytest.raises(ConfigError, match="task.num_exampels is not a key of task"):
         check_config(bad, config_dirs=[CONF, conf])

@@ -42,6 +42,12 @@ def test_in_process_run_writes_complete_records(tmp_path):
         "train_loss_final",
     ):
         assert key in stored, key
+    # What the analysis routes the run on, from the task's family module (not a name list).
+    assert (stored["task_family"], stored["task_kind"], stored["protocol"]) == (
+        "bbc_news",
+        "multiple_choice",
+        "loglik",
+    )
     counts = stored["shrink_layers"]  # the per-layer states, summarised
     stops = [entry["stop_step"] for entry in stored["shrink"].values()]
     assert counts["layers"] == 4 and counts["stopped"] == sum(s is not None for s in stops)
@@ -380,3 +386,24 @@ def test_bf16_autocast_path_runs_on_cpu(tmp_path):
     summary = train(compose_config(SMOKE + ["model.precision=bf16"]), tmp_path)
     assert summary["status"] == "completed"
     assert all(t.dtype == torch.float32 for t in adapter_state(tmp_path).values())
+
+
+def test_failed_summary_records_the_task_family_kind_and_protocol(tmp_path):
+    """A job that fails before training still records what the analysis routes it on."""
+    from omegaconf import OmegaConf
+
+    from stablelora.job import _record_failure
+
+    cfg = compose_config([*SMOKE, "task=chatterbot"])
+    _record_failure(cfg, tmp_path / "run", "boom")
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["task"] == "chatterbot"
+    assert (summary["task_family"], summary["task_kind"], summary["protocol"]) == (
+        "chatterbot",
+        "dialogue",
+        "generate",
+    )
+    OmegaConf.update(cfg, "task.family", "no_such_family")  # failed on its config
+    _record_failure(cfg, tmp_path / "bad", "boom")
+    summary = json.loads((tmp_path / "bad" / "summary.json").read_text())
+    assert (summary["task_family"], summary["task_kind"]) == ("no_such_family", None)

@@ -1,7 +1,10 @@
 """The paper's tables (and the reviewers'), built from a :class:`~analysis.collect.Collection`.
 
 Every builder takes the collection and the seed protocol and returns a :class:`Table`, or
-None when the records do not support it (e.g. no two stop rules for the stop-rule ablation):
+None when the records do not support it (e.g. no two stop rules for the stop-rule ablation).
+A builder is registered by ``@register_table`` (:mod:`analysis.tables.registry`) in any module
+of this package (this package imports them all); ``python -m analysis.report --help`` lists
+every table with its description. Among them:
 
 ========================= ================================================================
 ``table1``                Table 1: rows (model, method), a column per QA task, the average,
@@ -18,12 +21,12 @@ None when the records do not support it (e.g. no two stop rules for the stop-rul
                           task average: difference, 95% CI, p, minimum detectable difference
 ``tuned_lr``              lr selection on validation: every (method, lr) with its mean
                           score and the pick (``tuned_lr.json`` beside the report)
-``gsm8k``                 accuracy of generation tasks (GSM8K) by step budget
+``gsm8k``                 accuracy of runs scored by generation (GSM8K) by step budget
 ``commonsense8``          LLM-Adapters' eight commonsense datasets: a column per dataset and
                           the average (the DoRA paper's layout)
 ``maths7``                LLM-Adapters' seven maths datasets, the same way
-``dialogue``              dialogue tasks: held-out reply loss, perplexity and ROUGE-L by
-                          method (mean ± std over seeds), after a ``before training`` row
+``dialogue``              runs of a dialogue task family: held-out reply loss, perplexity and
+                          ROUGE-L by method (mean ± std over seeds), after ``before training``
 ``ablation_stop_rule``    shrinking methods by stop rule (``norm``, ``never``, ``steps:N``)
 ``ablation_target_modules`` accuracy by target-module set and method
 ``init_scale``            accuracy by the scale of A0, and ``init_scale_stability``: the
@@ -39,6 +42,11 @@ None when the records do not support it (e.g. no two stop rules for the stop-rul
 ``runs_not_completed``    every failed, diverged or incomplete run and its error
 ========================= ================================================================
 
+Runs go to tables by what each recorded (``analysis.collect.TASK_FIELDS``): a run of a task
+family of kind ``dialogue`` is in the dialogue table, an LLM-Adapters run in its benchmarks',
+a run scored by generation in ``gsm8k``, every other accuracy run in Table 1 and the ablations.
+Unknown methods, models and tasks come after the paper's (``METHOD_ORDER``...), never left out.
+
 Seeds aggregate as mean ± std over the completed runs, with n (``seeds="mean"``), or as the
 best run (``seeds="best"``, the paper's protocol: best of three). A cell whose runs did not
 all complete says so (``n=2/3``) and the table's notes list the runs. Accuracies are in
@@ -47,12 +55,15 @@ Each table writes Markdown, LaTeX (booktabs) and CSV (numbers, not strings).
 
 The package: :mod:`~analysis.tables.aggregation` (seeds -> cells, orders, run filters),
 :mod:`~analysis.tables.formatting` (:class:`Table`, cell texts, layouts),
-:mod:`~analysis.tables.selection` (``--select-lr``), and one module per artefact.
+:mod:`~analysis.tables.selection` (``--select-lr``), :mod:`~analysis.tables.registry`
+(``@register_table``), and one module per artefact.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import importlib
+import pkgutil
+from collections.abc import Iterable
 
 from analysis.collect import Collection
 from analysis.tables.aggregation import (
@@ -63,23 +74,9 @@ from analysis.tables.aggregation import (
     metric_scale,
     sort_frame,
 )
-from analysis.tables.controls import reviewer_controls
-from analysis.tables.dialogue import dialogue
 from analysis.tables.formatting import Table, cell_text, latex_escape
-from analysis.tables.gsm8k import gsm8k
-from analysis.tables.init_scale import init_scale, init_scale_stability
-from analysis.tables.llm_adapters import commonsense8, maths7
-from analysis.tables.overhead import overhead
-from analysis.tables.paired import paired_difference
-from analysis.tables.paired_examples import paired_bootstrap, paired_examples
+from analysis.tables.registry import TABLES, register_table
 from analysis.tables.selection import select_learning_rate
-from analysis.tables.shrink_stops import shrink_stops, shrink_stops_by_layer
-from analysis.tables.side_by_side import side_by_side
-from analysis.tables.stop_rule import ablation_stop_rule
-from analysis.tables.summary import runs_not_completed, summary
-from analysis.tables.table1 import table1, table1_avg, table1_best
-from analysis.tables.target_modules import ablation_target_modules
-from analysis.tables.tuned_lr import tuned_lr
 
 __all__ = [
     "METHOD_ORDER",
@@ -91,35 +88,49 @@ __all__ = [
     "cell_text",
     "latex_escape",
     "metric_scale",
+    "register_table",
     "select_learning_rate",
     "sort_frame",
 ]
 
-#: Every table builder, in the order the report prints them.
-TABLES: dict[str, Callable[[Collection, str], Table | None]] = {
-    "table1": table1,
-    "table1_best": table1_best,
-    "table1_avg": table1_avg,
-    "paired_difference": paired_difference,
-    "paired_examples": paired_examples,
-    "paired_bootstrap": paired_bootstrap,
-    "tuned_lr": tuned_lr,
-    "gsm8k": gsm8k,
-    "commonsense8": commonsense8,
-    "maths7": maths7,
-    "dialogue": dialogue,
-    "ablation_stop_rule": ablation_stop_rule,
-    "ablation_target_modules": ablation_target_modules,
-    "init_scale": init_scale,
-    "init_scale_stability": init_scale_stability,
-    "reviewer_controls": reviewer_controls,
-    "overhead": overhead,
-    "shrink_stops": shrink_stops,
-    "shrink_stops_by_layer": shrink_stops_by_layer,
-    "side_by_side": side_by_side,
-    "summary": summary,
-    "runs_not_completed": runs_not_completed,
-}
+#: The report's order: the tables of these modules first, each module's in the order they are
+#: defined, then those of any other module of this package (alphabetically).
+REPORT_ORDER = (
+    "table1",
+    "paired",
+    "paired_examples",
+    "tuned_lr",
+    "gsm8k",
+    "llm_adapters",
+    "dialogue",
+    "stop_rule",
+    "target_modules",
+    "init_scale",
+    "controls",
+    "overhead",
+    "shrink_stops",
+    "side_by_side",
+    "summary",
+)
+
+
+def _discover() -> None:
+    """Import every module of this package (registering its tables), then order
+    :data:`TABLES` by :data:`REPORT_ORDER`."""
+    for module in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{module.name}")
+
+    def rank(item):
+        module = item[1].__module__.rsplit(".", 1)[-1]
+        known = REPORT_ORDER.index(module) if module in REPORT_ORDER else len(REPORT_ORDER)
+        return known, module, item[1].__code__.co_firstlineno
+
+    ordered = sorted(TABLES.items(), key=rank)
+    TABLES.clear()
+    TABLES.update(ordered)
+
+
+_discover()
 
 
 def build_tables(

@@ -10,10 +10,13 @@ import pandas as pd
 
 from analysis import published
 from analysis.collect import Collection, label_runs
+from analysis.tables.registry import owned_by_a_table
 
 SEED_MODES = ("mean", "best")
 SCALE = 100.0  # accuracies are stored as fractions and shown in percent, like the paper's
 LOWER_IS_BETTER = ("loss", "ppl", "perplexity")  # metric names where the best run is the lowest
+#: Preferred orders of display; a method, model or task not listed comes after them
+#: (alphabetically), never left out.
 METHOD_ORDER = (
     "lora",
     "rslora",
@@ -40,12 +43,6 @@ TASK_ORDER = (
     "chatterbot",
     "wizardlm",
 )
-GENERATE_TASKS = ("metamath_gsm8k", "arithmetic")
-#: Dialogue task families (stablelora/tasks/dialogue.py), also the names of their tasks.
-DIALOGUE_TASKS = ("chatterbot", "wizardlm")
-#: Task families with tables of their own (analysis/tables/dialogue.py, llm_adapters.py):
-#: never in Table 1, the ablations or the GSM8K table.
-OWN_TABLE_FAMILIES = (*DIALOGUE_TASKS, "llm_adapters")
 AVG = "Avg"
 
 
@@ -174,38 +171,21 @@ def display_values(runs: pd.DataFrame, column: str = "score") -> pd.DataFrame:
 
 
 def accuracy_runs(runs: pd.DataFrame) -> pd.DataFrame:
-    """The runs scored by log-likelihood accuracy (Table 1 and the ablations): generation
-    tasks (GSM8K, by step budget), dialogue tasks (their own table) and loss-scored tasks
-    (the toy width task) are left out."""
+    """The runs scored by log-likelihood accuracy (Table 1 and the ablations): runs scored by
+    generation (GSM8K-like, by step budget), runs a table of their own shows (dialogue,
+    LLM-Adapters: ``owns`` in :mod:`analysis.tables.registry`) and loss-scored runs (the toy
+    width task) are left out."""
     if runs.empty:
         return runs
     lower = runs["main_metric"].map(lower_is_better).astype(bool)
-    return runs[~is_generation(runs) & ~has_own_table(runs) & ~lower]
+    return runs[~is_generation(runs) & ~owned_by_a_table(runs) & ~lower]
 
 
 def is_generation(runs: pd.DataFrame) -> pd.Series:
-    """Runs scored by generation and accuracy (GSM8K-like tasks), shown by step budget, not
-    in Table 1; the dialogue and LLM-Adapters families generate too but have their own tables
-    (:func:`has_own_table`)."""
-    by_name = runs["task"].isin(GENERATE_TASKS)
-    if "task.protocol" in runs:
-        by_name = (runs["task.protocol"] == "generate").fillna(False) | by_name
-    return by_name & ~has_own_table(runs)
-
-
-def has_own_table(runs: pd.DataFrame) -> pd.Series:
-    """Runs of a family in :data:`OWN_TABLE_FAMILIES` (by ``task.family`` where recorded,
-    else by the task's name for the dialogue tasks)."""
-    by_family = runs["task.family"].isin(OWN_TABLE_FAMILIES) if "task.family" in runs else False
-    return runs["task"].isin(DIALOGUE_TASKS) | by_family
-
-
-def is_dialogue(runs: pd.DataFrame) -> pd.Series:
-    """Runs of a dialogue task (by ``task.family`` where recorded, else by the task's name)."""
-    by_name = runs["task"].isin(DIALOGUE_TASKS)
-    if "task.family" in runs:
-        return runs["task.family"].isin(DIALOGUE_TASKS) | by_name
-    return by_name
+    """Runs scored by generating an answer (``protocol``, as the run recorded it: see
+    ``analysis.collect.task_fields``), shown by step budget, not in Table 1; runs that a table
+    of their own shows (the dialogue and LLM-Adapters families generate too) are not."""
+    return runs["protocol"].eq("generate") & ~owned_by_a_table(runs)
 
 
 def setting_runs(coll: Collection, exclude_label: list[str]) -> pd.DataFrame:

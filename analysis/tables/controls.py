@@ -22,8 +22,10 @@ from analysis.tables.formatting import (
     cell_text,
     num_text,
 )
+from analysis.tables.registry import register_table
 
 
+@register_table
 def reviewer_controls(coll: Collection, seeds: str = "mean") -> Table | None:
     """The reviewers' controls beside LoRA and Stable-LoRA: accuracy, the difference from
     each, and when the layers stopped shrinking."""

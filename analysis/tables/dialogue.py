@@ -1,4 +1,5 @@
-"""Dialogue tasks (chatterbot, WizardLM): held-out reply loss, perplexity and ROUGE-L."""
+"""Dialogue tasks (every task family of ``KIND = "dialogue"``: chatterbot, WizardLM...):
+held-out reply loss, perplexity and ROUGE-L."""
 
 from __future__ import annotations
 
@@ -10,13 +11,17 @@ from analysis.collect import Collection
 from analysis.tables.aggregation import (
     aggregate,
     check_mode,
-    is_dialogue,
     lower_is_better,
     metric_scale,
     not_completed_note,
     sort_frame,
 )
 from analysis.tables.formatting import Table, cell_text
+from analysis.tables.registry import register_table
+
+#: The ``KIND`` of the dialogue task families (``stablelora.tasks.chatterbot``...): what a run
+#: records as its ``task_kind``, whatever the family.
+KIND = "dialogue"
 
 #: (metric of the runs' ``eval/<metric>``, column title, digits shown).
 METRICS = (("loss", "loss", 3), ("ppl", "ppl", 2), ("rougeL", "ROUGE-L (%)", 2))
@@ -47,6 +52,7 @@ def _stats(row: dict, metric: str) -> dict:
     return {k: row[f"{metric}_{k}"] for k in ("value", "std", "n", "runs", "statuses")}
 
 
+@register_table(owns={"task_kind": KIND})
 def dialogue(coll: Collection, seeds: str = "mean") -> Table | None:
     """Rows (model, task, method), columns the held-out ``loss``, ``ppl`` and ROUGE-L (%):
     mean ± sample std over seeds (or the best seed per column); a ``before training`` row
@@ -55,7 +61,7 @@ def dialogue(coll: Collection, seeds: str = "mean") -> Table | None:
     runs = coll.runs
     if runs.empty:
         return None
-    runs = runs[is_dialogue(runs)]
+    runs = runs[runs["task_kind"] == KIND]
     if runs.empty:
         return None
     cells = _cells(runs, "final", seeds)

@@ -20,6 +20,7 @@ from analysis.tables.formatting import (
     Table,
     pivot_with_paper,
 )
+from analysis.tables.registry import register_table
 
 
 def eval_points(coll: Collection, runs: pd.DataFrame) -> pd.DataFrame:
@@ -37,6 +38,7 @@ def eval_points(coll: Collection, runs: pd.DataFrame) -> pd.DataFrame:
     return merged.assign(value=merged["value"] * merged["main_metric"].map(metric_scale))
 
 
+@register_table
 def gsm8k(coll: Collection, seeds: str = "mean") -> Table | None:
     """Accuracy of generation tasks (MetaMathQA -> GSM8K) at each evaluated step budget."""
     check_mode(seeds)

@@ -21,6 +21,7 @@ from analysis.tables.formatting import (
     Table,
     pivot_with_paper,
 )
+from analysis.tables.registry import register_table
 
 
 def _last_value(coll: Collection, run_ids: set, key: str, first: bool = False) -> pd.Series:
@@ -50,6 +51,7 @@ def stability_measures(coll: Collection, runs: pd.DataFrame) -> pd.DataFrame:
     )
 
 
+@register_table
 def init_scale(coll: Collection, seeds: str = "mean") -> Table | None:
     """Accuracy by the scale of A0 (``adapter.init_scale``): rows methods, columns scales."""
     check_mode(seeds)
@@ -88,6 +90,7 @@ def init_scale(coll: Collection, seeds: str = "mean") -> Table | None:
     )
 
 
+@register_table
 def init_scale_stability(coll: Collection, seeds: str = "mean") -> Table | None:
     """By the scale of A0: the delta1/delta2 ratio at the last probed step and the growth of
     ||A||_F over the run (geometric means over seeds)."""

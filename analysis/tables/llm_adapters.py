@@ -26,6 +26,7 @@ from analysis.tables.aggregation import (
     sort_frame,
 )
 from analysis.tables.formatting import DASH, Table, cell_text, group_key, grouped
+from analysis.tables.registry import register_table
 
 FAMILY = "llm_adapters"
 #: The datasets of each benchmark, in the column order of LLM-Adapters' and DoRA's tables
@@ -95,9 +96,9 @@ def benchmark_table(coll: Collection, seeds: str, name: str) -> Table | None:
     """The table of benchmark ``name`` (a key of :data:`BENCHMARKS`), or None without runs."""
     check_mode(seeds)
     runs = coll.runs
-    if runs.empty or "task.family" not in runs:
+    if runs.empty:
         return None
-    runs = runs[runs["task.family"] == FAMILY]
+    runs = runs[runs["task_family"] == FAMILY]
     title, datasets = BENCHMARKS[name]
     scores = dataset_scores(runs, datasets)
     if scores.empty:
@@ -144,11 +145,13 @@ def benchmark_table(coll: Collection, seeds: str, name: str) -> Table | None:
     )
 
 
+@register_table(owns={"task_family": FAMILY})
 def commonsense8(coll: Collection, seeds: str = "mean") -> Table | None:
     """BoolQ, PIQA, SIQA, HellaSwag, WinoGrande, ARC-e, ARC-c, OBQA and their average."""
     return benchmark_table(coll, seeds, "commonsense8")
 
 
+@register_table(owns={"task_family": FAMILY})
 def maths7(coll: Collection, seeds: str = "mean") -> Table | None:
     """MultiArith, GSM8K, AddSub, AQuA, SingleEq, SVAMP, MAWPS and their average."""
     return benchmark_table(coll, seeds, "maths7")

@@ -15,8 +15,10 @@ from analysis.tables.formatting import (
     Table,
     num_text,
 )
+from analysis.tables.registry import register_table
 
 
+@register_table
 def overhead(coll: Collection, seeds: str = "mean") -> Table | None:
     """Training time and peak memory per method, relative to LoRA on the same model and task
     (means over the completed runs; the seed protocol does not apply to costs)."""

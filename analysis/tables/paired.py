@@ -11,6 +11,7 @@ import pandas as pd
 from analysis.collect import Collection
 from analysis.tables.aggregation import AVG, accuracy_runs, check_mode, sort_frame
 from analysis.tables.formatting import Table, num_text
+from analysis.tables.registry import register_table
 from analysis.tables.table1 import qa_scores, seed_averages
 from analysis.width_fit import t_quantile
 
@@ -32,6 +33,7 @@ def seed_scores(runs: pd.DataFrame) -> pd.DataFrame:
     return pd.concat([scores, average[[*keys, "task", "value"]]], ignore_index=True)
 
 
+@register_table
 def paired_difference(coll: Collection, seeds: str = "mean") -> Table | None:
     """Rows (model, task, method): the method's accuracy minus LoRA's on the same model, task
     and seed, as mean ± sample std over seeds, its 95% CI and how many seeds it is ahead.

@@ -30,6 +30,7 @@ import pandas as pd
 from analysis.collect import Collection
 from analysis.tables.aggregation import AVG, accuracy_runs, check_mode, sort_frame
 from analysis.tables.formatting import Table, num_text
+from analysis.tables.registry import register_table
 from stablelora.example_records import read_examples
 
 #: The method every other one is paired with (as in ``paired_difference``).
@@ -206,6 +207,7 @@ def _p_text(p: float) -> str:
     return "<0.001" if p < 0.001 else f"{p:.3f}"
 
 
+@register_table
 def paired_examples(coll: Collection, seeds: str = "mean") -> Table | None:
     """McNemar per (task, method, seed) against LoRA on the same examples."""
     check_mode(seeds)
@@ -248,6 +250,7 @@ def paired_examples(coll: Collection, seeds: str = "mean") -> Table | None:
     )
 
 
+@register_table
 def paired_bootstrap(coll: Collection, seeds: str = "mean") -> Table | None:
     """Paired bootstrap over seeds and examples, per task and for the task average."""
     check_mode(seeds)

@@ -12,8 +12,10 @@ from analysis.tables.formatting import (
     Table,
     num_text,
 )
+from analysis.tables.registry import register_table
 
 
+@register_table
 def shrink_stops(coll: Collection, seeds: str = "mean") -> Table | None:
     """When the layers stopped shrinking (Stable-LoRA's stop rule), over layers and seeds."""
     if coll.shrink.empty:
@@ -71,6 +73,7 @@ def layer_position(layer: str) -> tuple[str, int | None]:
     return parts[-1].split(":")[0], depth
 
 
+@register_table
 def shrink_stops_by_layer(coll: Collection, seeds: str = "mean", bands: int = 4) -> Table | None:
     """Stop steps by projection and by depth (``bands`` equal bands of the layer index), over
     layers and seeds: where in the network the stop rule fires first."""

@@ -10,6 +10,7 @@ import pandas as pd
 from analysis.collect import Collection, format_value
 from analysis.tables.aggregation import metric_scale, sort_frame
 from analysis.tables.formatting import DASH, Table, num_text
+from analysis.tables.registry import register_table
 
 #: The mid-run window of delta1/delta2: the probed steps in (1/4, 3/4] of the run.
 WINDOW = (0.25, 0.75)
@@ -34,6 +35,7 @@ def _window_ratio(history: pd.DataFrame, steps: pd.Series) -> pd.Series:
     return means["feat/delta1"] / means["feat/delta2"]
 
 
+@register_table
 def side_by_side(coll: Collection, seeds: str = "mean") -> Table | None:
     """Per (model, task, method): accuracy before and after training, how many LoRA layers
     stopped shrinking and the median stop step, ||A||_F (mean over layers) at the first and

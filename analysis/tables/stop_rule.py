@@ -22,8 +22,10 @@ from analysis.tables.formatting import (
     Table,
     pivot_with_paper,
 )
+from analysis.tables.registry import register_table
 
 
+@register_table
 def ablation_stop_rule(coll: Collection, seeds: str = "mean") -> Table | None:
     """Shrinking methods by stop rule: rows (method, stop rule), columns models."""
     check_mode(seeds)

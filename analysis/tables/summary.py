@@ -22,8 +22,10 @@ from analysis.tables.formatting import (
     cell_text,
     num_text,
 )
+from analysis.tables.registry import register_table
 
 
+@register_table
 def summary(coll: Collection, seeds: str = "mean") -> Table | None:
     """Every (model, task, method) group: runs by status and the main metric before, after
     and at its best evaluation."""
@@ -94,6 +96,7 @@ def _main_metric_of(runs: pd.DataFrame, section: str) -> pd.Series:
     return values
 
 
+@register_table
 def runs_not_completed(coll: Collection, seeds: str = "mean") -> Table | None:
     """Every run that failed, diverged or did not finish, with its error."""
     runs = coll.runs

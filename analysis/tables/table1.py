@@ -30,6 +30,7 @@ from analysis.tables.formatting import (
     num_text,
     pivot_with_paper,
 )
+from analysis.tables.registry import register_table
 
 
 def qa_scores(runs: pd.DataFrame) -> pd.DataFrame:
@@ -147,6 +148,7 @@ def _table1_published(model: str, training: str, method: str, tasks: list[str]) 
     return published.TABLE1_QA_AVERAGE.get(model, {}).get(method, math.nan)
 
 
+@register_table
 def table1(coll: Collection, seeds: str = "mean") -> Table | None:
     """Table 1: rows (model, method), a column per QA task, the average, the paper's average
     and the difference. The CSV has one row per (model, training, method label)."""
@@ -201,6 +203,7 @@ def table1(coll: Collection, seeds: str = "mean") -> Table | None:
     return Table("table1", title, display, data, notes, key_columns)
 
 
+@register_table
 def table1_best(coll: Collection, seeds: str = "mean") -> Table | None:
     """:func:`table1` with the best of the seeds per task (the paper's protocol), whatever
     the report's ``seeds``: the mean ± std table and the best-of table side by side."""
@@ -211,6 +214,7 @@ def table1_best(coll: Collection, seeds: str = "mean") -> Table | None:
     return dataclasses.replace(table, name="table1_best", title=title)
 
 
+@register_table
 def table1_avg(coll: Collection, seeds: str = "mean") -> Table | None:
     """Table 1 in the paper's layout: rows models, columns methods, average accuracy (%)."""
     runs = accuracy_runs(coll.runs)

@@ -19,6 +19,7 @@ from analysis.tables.formatting import (
     Table,
     pivot_with_paper,
 )
+from analysis.tables.registry import register_table
 
 MODULE_SHORT = {
     "q_proj": "q",
@@ -36,6 +37,7 @@ def modules_text(modules: str) -> str:
     return ",".join(MODULE_SHORT.get(m, m) for m in str(modules).split(","))
 
 
+@register_table
 def ablation_target_modules(coll: Collection, seeds: str = "mean") -> Table | None:
     """Accuracy by target-module set: rows (model, task, modules), columns methods."""
     check_mode(seeds)

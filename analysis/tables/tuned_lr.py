@@ -24,6 +24,7 @@ import pandas as pd
 from analysis.collect import Collection, format_value, label_runs
 from analysis.tables.aggregation import aggregate, check_mode, sort_frame
 from analysis.tables.formatting import Table, cell_text
+from analysis.tables.registry import register_table
 
 PICKS_FILE = "tuned_lr.json"
 TIE_RULE = "ties go to the smaller lr"
@@ -90,6 +91,7 @@ def selection_split(runs: pd.DataFrame) -> str | None:
     return next(iter(splits)) if len(splits) == 1 else None
 
 
+@register_table
 def tuned_lr(coll: Collection, seeds: str = "mean") -> Table | None:
     """Every (method, lr) of the selection sweep with its mean validation score, and the pick."""
     check_mode(seeds)

@@ -44,6 +44,7 @@ __all__ = [
     "check_chat_template",
     "check_task_config",
     "families",
+    "task_record",
 ]
 
 
@@ -68,6 +69,20 @@ def family_module(cfg: TaskConfig):
             f"{', '.join(known)} (or add stablelora/tasks/{cfg.family}.py)"
         )
     return importlib.import_module(f"stablelora.tasks.{cfg.family}")
+
+
+def task_record(task_cfg: Any) -> dict[str, Any]:
+    """What a run's ``summary.json`` records of its task besides the name, so that the
+    analysis routes the run to its tables without a list of task names: ``task_family`` (the
+    module ``stablelora/tasks/<family>.py``), ``task_kind`` (that module's ``KIND``) and
+    ``protocol`` (``loglik`` or ``generate``). None where the config does not say (a run that
+    failed on its config: an unknown family has no kind)."""
+    try:
+        cfg = TaskConfig.from_any(task_cfg)
+    except ValueError:  # no task node, or one without a name or family
+        return {"task_family": None, "task_kind": None, "protocol": None}
+    kind = family_module(cfg).KIND if cfg.family in families() else None
+    return {"task_family": cfg.family, "task_kind": kind, "protocol": cfg.protocol}
 
 
 def check_task_config(task_cfg: Any) -> None:

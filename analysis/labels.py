@@ -1,0 +1,106 @@
+"""Labels of runs: the method and the hyper-parameters that tell a run apart from the other
+runs of its (model, task, method), e.g. ``"stable_lora, stop_rule=never"``; and how a config
+value is written in a label or a table."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import pandas as pd
+
+#: Config keys that can tell runs of one method apart (besides the seed): the label of a run
+#: shows those that vary within its (model, task, method), and every ``optimizer.*``.
+#: Keys that name the optimizer config rather than set one of its options.
+OPTIMIZER_IDENTITY = ("optimizer.name", "optimizer.builder")
+VARIANT_KEYS = (
+    "adapter.target_modules",
+    "adapter.rank",
+    "adapter.alpha",
+    "adapter.scaling",
+    "adapter.init",
+    "adapter.init_scale",
+    "adapter.use_dora",
+    "adapter.dropout",
+    "optimizer.shrink_ratio",
+    "optimizer.stop_rule",
+    "optimizer.loraplus_lr_ratio",
+    "optim.lr",
+    "optim.weight_decay",
+    "optim.schedule",
+    "optim.warmup_steps",
+    "trainer.max_steps",
+    "trainer.batch_size",
+    "trainer.grad_accum",
+    "model.config.hidden_size",
+    "model.width",
+    "lr_width_exponent",
+)
+
+
+def format_value(value) -> str:
+    """A config value as it appears in a label or a table: compact and exact enough."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def short_key(key: str) -> str:
+    """``optimizer.large_weight_decay`` -> ``large_weight_decay``."""
+    return key.rsplit(".", 1)[-1]
+
+
+def _group_ids(runs: pd.DataFrame, within: Iterable[str]) -> pd.Series:
+    return runs[list(within)].astype(str).agg("\x1f".join, axis=1)
+
+
+def variant_keys(
+    runs: pd.DataFrame,
+    exclude: Iterable[str] = (),
+    within: tuple[str, ...] = ("model", "task", "method"),
+) -> list[str]:
+    """The config keys whose value differs between runs of some (model, task, method)."""
+    exclude = set(exclude)
+    candidates = [
+        *VARIANT_KEYS,
+        *sorted(
+            c
+            for c in runs.columns
+            if c.startswith("optimizer.") and c not in (*VARIANT_KEYS, *OPTIMIZER_IDENTITY)
+        ),
+    ]
+    groups = _group_ids(runs, within)
+    keys = []
+    for key in candidates:
+        if key in exclude or key not in runs.columns:
+            continue
+        if (runs[key].map(format_value).groupby(groups).nunique() > 1).any():
+            keys.append(key)
+    return keys
+
+
+def label_runs(runs: pd.DataFrame, exclude: Iterable[str] = ()) -> pd.DataFrame:
+    """Set ``runs["variant"]`` and ``runs["label"]`` in place and return ``runs``.
+
+    The variant names the hyper-parameters that tell a run apart from the other runs of its
+    (model, task, method), e.g. ``"stop_rule=never, lr=0.0002"`` (see :data:`VARIANT_KEYS`
+    and ``optimizer.*``); the label is the method name followed by the variant
+    (``"stable_lora, stop_rule=never"``; just ``"lora"`` when its runs differ only in seed).
+    ``exclude`` keys are left out: a table that shows them in a column of their own.
+    """
+    if runs.empty:
+        runs["variant"], runs["label"] = pd.Series(dtype=str), pd.Series(dtype=str)
+        return runs
+    groups = _group_ids(runs, ("model", "task", "method"))
+    variant = pd.Series("", index=runs.index)
+    for key in variant_keys(runs, exclude):
+        values = runs[key].map(format_value)
+        varies = values.groupby(groups).transform("nunique") > 1
+        part = (short_key(key) + "=" + values).where(varies, "")
+        variant = variant.str.cat(part, sep=", ").str.strip(", ")
+    runs["variant"] = variant
+    methods = runs["method"].map(format_value)
+    runs["label"] = methods.where(variant == "", methods + ", " + variant)
+    return runs
