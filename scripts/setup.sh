@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up a virtual environment and run either the main job or the test suite.
 #   bash scripts/setup.sh run    # install, then the main job: LoRA and Stable-LoRA side by side
-#                                # (`python -m experiments cpu/main`, offline, CPU, ~10 min)
+#                                # (`python -m experiments main`, offline, CPU, ~10 min)
 #   bash scripts/setup.sh test   # install, then ruff, mypy and the whole pytest suite (slow tests too)
 set -euo pipefail
 cd "$(dirname "$0")/.."

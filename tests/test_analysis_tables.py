@@ -654,7 +654,7 @@ def test_paired_difference_against_lora_by_seed(tmp_path):
 
 
 def test_reviewer_controls_reference_is_at_the_default_init_scale(tmp_path):
-    # One sweep that also varies the scale of A0 (experiment=cpu/ablations): the Δ columns
+    # One sweep that also varies the scale of A0 (experiment=ablations): the Δ columns
     # compare with LoRA and Stable-LoRA at peft's A0, never with a mean over the scales.
     for method, accs in (("lora", (0.60, 0.30)), ("stable_lora", (0.64, 0.20))):
         for scale, acc in zip((1.0, 4.0), accs):

@@ -49,7 +49,7 @@ def reviewer_controls(coll: Collection, seeds: str = "mean") -> Table | None:
     else:
         cells["median_stop_step"] = math.nan
     # The references are the methods as the paper runs them: in a sweep that also varies the
-    # scale of A0 (experiment=cpu/ablations), only their runs at peft's A0 (x 1).
+    # scale of A0 (experiment=ablations), only their runs at peft's A0 (x 1).
     init_scale = pd.to_numeric(runs.get("adapter.init_scale", 1.0), errors="coerce")
     default_init = pd.Series(init_scale, index=runs.index).fillna(1.0) == 1.0
     lora = runs[(runs["method"] == "lora") & default_init]

@@ -11,7 +11,7 @@ over several sittings never hands a partial pick to the final stage. A pick on t
 smallest or largest lr is flagged: the grid should be extended there.
 
 The picks are written by ``analysis.report`` next to the table, as ``tuned_lr.json`` (see
-:func:`picks_record`); the final stage (``python -m experiments cpu/tuned_final``) reads that
+:func:`picks_record`); the final stage (``python -m experiments tuned_final``) reads that
 file and runs each method at its pick, so the selection is never redone by hand.
 """
 
