@@ -72,7 +72,7 @@ Per layer (with ``per_layer=True``):
 
 - ``feat/<layer>/<q>``: the RMS of q for that layer.
 - ``gamma/<layer>/<q>``: ``log(feat/<layer>/<q>) / log(n)``, computed by
-  :func:`stablelora.layer_records.gamma_values` (the run records keep only the RMS and n and
+  :func:`stablelora.quantities.gamma_values` (the run records keep only the RMS and n and
   recompute it with the same function).
 - ``lora/<layer>/norm_A``, ``lora/<layer>/norm_B``: ``||A'||_F``, ``||B'||_F`` after the step.
 - ``lora/<layer>/width``: n, the layer's input width (the denominator of its gamma values).
@@ -99,22 +99,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from stablelora.layer_records import gamma_values
 from stablelora.optim.pairs import LoRAPair
-
-DECOMPOSITION = ("delta1", "delta2", "delta3", "dY")
-QUANTITIES = (*DECOMPOSITION, "gAZ", "AZ", "Z")
+from stablelora.quantities import DECOMPOSITION, QUANTITIES, gamma_values
 
 
 def rms(x: torch.Tensor) -> torch.Tensor:
     """Root mean square over the last two dimensions: (..., a, b) -> (...)."""
     return torch.linalg.vector_norm(x, dim=(-2, -1)) / math.sqrt(x.shape[-2] * x.shape[-1])
-
-
-def gamma_value(magnitude: float, width: int) -> float:
-    """``log(magnitude) / log(width)``: -inf for a zero magnitude, nan for width <= 1 (one
-    value of :func:`stablelora.layer_records.gamma_values`)."""
-    return float(gamma_values(magnitude, width))
 
 
 def product_norm(M: torch.Tensor, N: torch.Tensor) -> torch.Tensor:

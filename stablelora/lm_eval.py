@@ -21,7 +21,7 @@ import json
 import sys
 from pathlib import Path
 
-from stablelora.validation import CONFIG_ERROR_EXIT
+from stablelora.errors import CONFIG_ERROR_EXIT
 
 
 class LmEvalError(ValueError):

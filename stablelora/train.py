@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from stablelora.config_check import check_config, optimizer_arguments, plain_config
 from stablelora.layer_records import LayerRecords
 from stablelora.records import (
     RunRecorder,
@@ -40,7 +41,6 @@ from stablelora.run_folder import (
     save_adapter,
     save_checkpoint_file,
 )
-from stablelora.validation import check_config, optimizer_arguments, plain_config
 
 if TYPE_CHECKING:
     from stablelora.gamma import FeatureProbe

@@ -23,9 +23,9 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import nn
 
+from stablelora.keyword_options import check_options, defaults, keyword_options
 from stablelora.optim.pairs import LoRAPair, find_lora_pairs
 from stablelora.optim.stable_lora import StableLoRA, StopRule, check_shrink_ratio
-from stablelora.options import check_options, defaults, keyword_options
 
 __all__ = [
     "OPTIMIZERS",
