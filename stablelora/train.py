@@ -221,6 +221,7 @@ def build_run(cfg, dist: Distributed, recorder: RunRecorder) -> Run:
     from stablelora.lora import adapter_arguments, apply_lora
     from stablelora.models import load_model
     from stablelora.optim import create_optimizer, find_lora_pairs
+    from stablelora.optim.registry import ADAMW_SETTINGS
     from stablelora.tasks import build_task
 
     optim = cfg.optim
@@ -228,17 +229,8 @@ def build_run(cfg, dist: Distributed, recorder: RunRecorder) -> Run:
     builder, options = optimizer_arguments(plain_config(cfg.optimizer))
     model, tokenizer = load_model(cfg.model)
     model = apply_lora(model, **adapter).to(dist.device)
-    optimizer = create_optimizer(
-        model,
-        builder,
-        lr=optim.lr,
-        weight_decay=optim.weight_decay,
-        betas=tuple(optim.betas),
-        eps=optim.eps,
-        foreach=optim.foreach,
-        fused=optim.fused,
-        **options,
-    )
+    adamw = {name: optim[name] for name in ADAMW_SETTINGS}  # lr, weight_decay, betas, ...
+    optimizer = create_optimizer(model, builder, **adamw, **options)
     ddp: torch.nn.Module = CausalLMLoss(model, head=cfg.trainer.lm_head)
     if dist.world_size > 1:
         device_ids = None if dist.device.type == "cpu" else [dist.device]

@@ -420,9 +420,9 @@ class SignDescent(torch.optim.Optimizer):
 
 
 @register_optimizer("{name}")
-def build(model, pairs, *, lr, weight_decay, betas, eps, foreach, fused, step_scale=1.0):
+def build(model, pairs, adamw, *, step_scale=1.0):
     params = [p for p in model.parameters() if p.requires_grad]
-    return SignDescent(params, lr, step_scale)
+    return SignDescent(params, adamw.lr, step_scale)
 '''
 
 

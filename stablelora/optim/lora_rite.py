@@ -74,7 +74,6 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from stablelora.optim import register_optimizer
 from stablelora.optim.factor_adamw import (
     LoRAFactorAdamW,
     block_diagonal,
@@ -85,6 +84,7 @@ from stablelora.optim.factor_adamw import (
     tall_gram,
 )
 from stablelora.optim.pairs import LoRAPair
+from stablelora.optim.registry import AdamWSettings, register_optimizer, trainable_parameters
 
 
 def bias_corrected_decay(beta: float, steps_done: float) -> float:
@@ -572,35 +572,6 @@ def _stack_state(states: list[dict], key: str) -> Tensor:
     return torch.stack([state[key] for state in states])
 
 
-@register_optimizer("lora_rite")
-def _build_lora_rite(
-    model,
-    pairs,
-    *,
-    lr,
-    weight_decay,
-    betas,
-    eps,
-    foreach,
-    fused,
-    rite_eps=1e-6,
-    clip_unmagnified_grad=1.0,
-    update_skipping=1.0,
-    update_capping=0.0,
-    apply_escape=False,
-):
-    return LoRARITE(
-        [p for p in model.parameters() if p.requires_grad],
-        pairs,
-        rite_eps=rite_eps,
-        clip_unmagnified_grad=clip_unmagnified_grad,
-        update_skipping=update_skipping,
-        update_capping=update_capping,
-        apply_escape=apply_escape,
-        lr=lr,
-        betas=tuple(betas),
-        eps=eps,
-        weight_decay=weight_decay,
-        foreach=foreach,
-        fused=fused,
-    )
+@register_optimizer("lora_rite", forwards_to=LoRARITE)
+def _build_lora_rite(model, pairs, adamw: AdamWSettings, **options):
+    return LoRARITE(trainable_parameters(model), pairs, **options, **adamw.kwargs())
