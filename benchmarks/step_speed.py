@@ -72,7 +72,7 @@ def build(model_name: str, task_name: str, data_root: str | None):
 
 
 def batches(task, steps: int, batch_size: int, grouped: bool) -> list[dict]:
-    from stablelora.train import TrainOrder
+    from stablelora.run_setup import TrainOrder
 
     pool = POOL_BATCHES if grouped else 0
     order = TrainOrder(task.num_train_examples, 0, batch_size, pool, length_of=task.train_length)

@@ -44,8 +44,8 @@ def compose(overrides):
 def count_tokens(cfg) -> int:
     """Tokens (attention mask sum) the run reads in ``max_steps`` steps."""
     from stablelora.models import load_tokenizer
+    from stablelora.run_setup import batch_indices
     from stablelora.tasks import build_task
-    from stablelora.train import batch_indices
 
     tokenizer = load_tokenizer(cfg.model.tokenizer or "smollm2")
     task = build_task(cfg.task, tokenizer, seed=cfg.seed)
@@ -71,8 +71,8 @@ def bare_seconds(cfg) -> float:
     from stablelora.lora import adapter_arguments, apply_lora
     from stablelora.models import load_model
     from stablelora.optim import create_optimizer
+    from stablelora.run_setup import batch_indices
     from stablelora.tasks import build_task
-    from stablelora.train import batch_indices
 
     torch.manual_seed(cfg.seed)
     model, tokenizer = load_model(cfg.model)

@@ -11,12 +11,8 @@ import torch
 from torch import nn
 
 from stablelora import apply_lora, create_optimizer, find_lora_pairs
-from stablelora.gamma import (
-    FeatureProbe,
-    feature_update_terms,
-    rms,
-    update_rms,
-)
+from stablelora.feature_updates import feature_update_terms, rms, update_rms
+from stablelora.gamma import FeatureProbe
 from stablelora.quantities import QUANTITIES, gamma_value, gamma_values
 from stablelora.toy import TOY_TARGET_MODULES, ToyTeacherTask, build_toy_model
 
