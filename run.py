@@ -14,7 +14,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import open_dict
 
-from stablelora.config import default_num_threads, register_resolvers
+from stablelora.config import register_resolvers
+from stablelora.sweep import default_num_threads
 
 register_resolvers()
 
@@ -38,8 +39,8 @@ def check_cli(args: list[str]) -> None:
     """Before Hydra composes: a config group option that does not exist is one line and exit
     code 2 (Hydra: a long error, exit 1), a key given twice a warning; and Hydra's own copy of
     the config on a full disk is one line, not a traceback."""
-    from stablelora.config import check_command_line, guard_hydra_save
-    from stablelora.validation import CONFIG_ERROR_EXIT
+    from stablelora.errors import CONFIG_ERROR_EXIT
+    from stablelora.hydra_guards import check_command_line, guard_hydra_save
 
     try:
         for warning in check_command_line(args, Path(__file__).resolve().parent / "conf"):

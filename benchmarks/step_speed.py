@@ -55,11 +55,11 @@ POOL_BATCHES = 8
 
 def build(model_name: str, task_name: str, data_root: str | None):
     """The main job's model with LoRA r8 on q/v, its Stable-LoRA optimizer and the task."""
+    from stablelora.config_check import plain_config
     from stablelora.lora import adapter_arguments, apply_lora
     from stablelora.models import load_model
     from stablelora.optim import create_optimizer
     from stablelora.tasks import build_task
-    from stablelora.validation import plain_config
 
     overrides = [f"model={model_name}", f"task={task_name}", "logger.mode=disabled"]
     if data_root:
@@ -72,7 +72,7 @@ def build(model_name: str, task_name: str, data_root: str | None):
 
 
 def batches(task, steps: int, batch_size: int, grouped: bool) -> list[dict]:
-    from stablelora.train import TrainOrder
+    from stablelora.run_setup import TrainOrder
 
     pool = POOL_BATCHES if grouped else 0
     order = TrainOrder(task.num_train_examples, 0, batch_size, pool, length_of=task.train_length)

@@ -44,8 +44,8 @@ def compose(overrides):
 def count_tokens(cfg) -> int:
     """Tokens (attention mask sum) the run reads in ``max_steps`` steps."""
     from stablelora.models import load_tokenizer
+    from stablelora.run_setup import batch_indices
     from stablelora.tasks import build_task
-    from stablelora.train import batch_indices
 
     tokenizer = load_tokenizer(cfg.model.tokenizer or "smollm2")
     task = build_task(cfg.task, tokenizer, seed=cfg.seed)
@@ -67,12 +67,12 @@ def bare_seconds(cfg) -> float:
     """The same training written as the shortest loop: no records, probes or checks."""
     from omegaconf import OmegaConf
 
+    from stablelora.config_check import optimizer_arguments
     from stablelora.lora import adapter_arguments, apply_lora
     from stablelora.models import load_model
     from stablelora.optim import create_optimizer
+    from stablelora.run_setup import batch_indices
     from stablelora.tasks import build_task
-    from stablelora.train import batch_indices
-    from stablelora.validation import optimizer_arguments
 
     torch.manual_seed(cfg.seed)
     model, tokenizer = load_model(cfg.model)

@@ -35,6 +35,8 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+from stablelora.atomic_files import fsync_replace
+
 EXAMPLES_FILE = "examples.parquet"
 COLUMNS = ("step", "eval_set", "example_id", "gold", "pred", "pred_norm", "correct", "loglik")
 
@@ -123,8 +125,6 @@ class ExampleRecords:
         merged = pa.concat_tables([t.cast(_schema()) for t in tables])
         tmp = self.path.with_name(self.path.name + ".tmp")
         pq.write_table(merged, tmp, compression="zstd", use_dictionary=["eval_set"])
-        from stablelora.records import fsync_replace
-
         fsync_replace(tmp, self.path)
 
     def write(self, step: int, rows: Sequence[dict]) -> None:

@@ -14,10 +14,19 @@ import sys
 import traceback
 from pathlib import Path
 
-from stablelora.records import RecordsError, make_summary, read_jsonl, result_table
+from stablelora.config_check import plain_config
+from stablelora.errors import CONFIG_ERROR_EXIT, ConfigError
+from stablelora.records import (
+    RecordsError,
+    make_summary,
+    read_jsonl,
+    result_table,
+    write_json_atomic,
+)
 from stablelora.run_folder import RunFolderError, StopSignals, run_launcher_handler
+from stablelora.sweep import STARTED, report_to_sweep, stop_sweep, sweep_stopped
+from stablelora.tasks import task_record
 from stablelora.train import RunInterrupted, train
-from stablelora.validation import CONFIG_ERROR_EXIT, ConfigError, plain_config
 
 
 def run_job(cfg, run_dir: Path, multirun: bool = False):
@@ -28,7 +37,6 @@ def run_job(cfg, run_dir: Path, multirun: bool = False):
     resumable). Any other error marks the run ``failed`` with its traceback. In a multirun a
     failed job is recorded and the sweep goes on (the sweep summary counts it); in a single
     run the process exits non-zero. A diverged run is a result: exit code 0."""
-    from stablelora.config import STARTED, report_to_sweep, stop_sweep, sweep_stopped
 
     def fail(message: str, record: bool = True, trace: str | None = None, code: int = 1):
         if record:
@@ -117,9 +125,6 @@ def _record_failure(cfg, run_dir: Path, message: str, trace: str | None = None) 
     summary stays (it is replaced atomically)."""
     if int(os.environ.get("RANK", "0")) != 0:
         return
-    from stablelora.records import write_json_atomic
-    from stablelora.tasks import task_record
-
     run_dir = Path(run_dir)
     steps = [row["step"] for row in read_jsonl(run_dir / "metrics.jsonl")]
     config = plain_config(cfg)

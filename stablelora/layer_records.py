@@ -21,8 +21,8 @@ column                type      content
 
 A key a row did not have is a null; a NaN value stays a NaN. float32 loses nothing: the probe
 computes every per-layer RMS and norm in float32 and steps are integers, and the per-layer
-gamma values are recomputed exactly by :func:`gamma_values`, the very function the probe
-computes them with (:func:`with_gamma`, :func:`per_layer_metrics`).
+gamma values are recomputed exactly by :func:`stablelora.quantities.gamma_values`, the very
+function the probe computes them with (:func:`with_gamma`, :func:`per_layer_metrics`).
 
 Files, crash-safe and append-friendly: rows are buffered in memory; :meth:`LayerRecords.flush`
 (the runner calls it before each checkpoint, and at the end) writes the buffer as a new part
@@ -45,6 +45,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from stablelora.quantities import QUANTITIES, gamma_values
 
 LAYERS_FILE = "layers.parquet"
 PARTS_DIR = "layers.parts"
@@ -81,22 +83,6 @@ def _read_file(path: Path, columns: Callable[[list[str]], list[str]] | None = No
         raise RecordsError(f"{path} cannot be read ({type(error).__name__})") from None
 
 
-def gamma_values(magnitudes, widths) -> np.ndarray:
-    """``log(magnitude) / log(width)`` elementwise, in float64: -inf for a zero magnitude, NaN
-    for a negative or NaN magnitude or a width <= 1. The probe's per-layer gamma values are
-    computed with this function, so the analysis recomputes them bit for bit.
-
-    Args:
-        magnitudes: RMS values, any shape.
-        widths: input widths n, broadcasting against ``magnitudes``.
-    """
-    magnitudes = np.asarray(magnitudes, dtype=np.float64)
-    widths = np.asarray(widths, dtype=np.float64)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        values = np.log(magnitudes) / np.log(widths)
-    return np.where(widths > 1, values, np.nan)
-
-
 def split_per_layer(metrics: Mapping[str, float]) -> tuple[dict, dict[str, dict[str, float]]]:
     """``metrics`` -> (aggregate keys, ``{layer: {column: value}}``): a key
     ``<section>/<layer>/<q>`` (section in :data:`SECTIONS`, three parts or more) is per-layer,
@@ -116,8 +102,6 @@ def split_per_layer(metrics: Mapping[str, float]) -> tuple[dict, dict[str, dict[
 
 def _column_order(columns: Iterable[str]) -> list[str]:
     rank = {"feat": 0, "lora": 1, "gamma": 3}
-    from stablelora.gamma import QUANTITIES  # the probe's own order of quantities
-
     order = {q: i for i, q in enumerate(QUANTITIES)}
     return sorted(
         columns,

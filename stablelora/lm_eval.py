@@ -21,7 +21,7 @@ import json
 import sys
 from pathlib import Path
 
-from stablelora.validation import CONFIG_ERROR_EXIT
+from stablelora.errors import CONFIG_ERROR_EXIT
 
 
 class LmEvalError(ValueError):
@@ -35,7 +35,7 @@ def load_run_model(run_dir: Path, device: str = "cpu"):
     from peft import PeftModel
 
     from stablelora.models import load_model
-    from stablelora.train import seed_everything
+    from stablelora.run_setup import seed_everything
 
     cfg = OmegaConf.load(run_dir / "config.yaml")
     # A random-init base (model.source=config) is the one train() built right after seeding.

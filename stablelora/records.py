@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 import uuid
@@ -36,6 +35,7 @@ import warnings
 from importlib import metadata
 from pathlib import Path
 
+from stablelora.atomic_files import fsync_replace
 from stablelora.example_records import ExampleRecords
 from stablelora.layer_records import (
     LayerRecords,
@@ -83,22 +83,6 @@ def git_commit() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return commit or None
-
-
-def fsync_replace(tmp: Path, path: Path) -> None:
-    """Flush ``tmp`` to the disk, then rename it to ``path`` (and flush the folder entry), so
-    that a crash leaves either the old or the new file, never a torn one."""
-    with open(tmp, "rb+") as stream:
-        os.fsync(stream.fileno())
-    os.replace(tmp, path)
-    try:
-        folder = os.open(path.parent, os.O_RDONLY)
-    except OSError:  # not every file system lets a folder be opened
-        return
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
 
 
 def write_json_atomic(path: Path, payload: dict) -> None:

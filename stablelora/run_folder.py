@@ -17,8 +17,11 @@ from types import FrameType
 from typing import Any, TextIO
 
 import torch
+import yaml
 
-from stablelora.records import flatten, say
+from stablelora.atomic_files import fsync_folder
+from stablelora.config import computed_config
+from stablelora.records import RecordsError, flatten, read_summary, say
 
 #: What ``signal.signal`` takes and returns: a function, SIG_DFL / SIG_IGN, or None.
 SignalHandler = Callable[[int, FrameType | None], Any] | int | None
@@ -105,19 +108,8 @@ def save_checkpoint_file(payload: dict, run_dir: Path) -> Path:
     if newest.exists():
         os.replace(newest, older)
     os.replace(tmp, newest)
-    _fsync_folder(run_dir)
+    fsync_folder(run_dir)
     return newest
-
-
-def _fsync_folder(folder: Path) -> None:
-    try:
-        handle = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(handle)
-    finally:
-        os.close(handle)
 
 
 def load_checkpoint_file(run_dir: Path, map_location) -> dict | None:
@@ -164,11 +156,6 @@ def check_run_folder(run_dir: Path, config: dict) -> None:
     """Stop (one line) when ``run_dir`` already holds a run of another configuration (a
     folder belongs to exactly one resolved configuration, display-only keys aside), or when
     its ``config.yaml`` or ``summary.json`` cannot be read: the folder is left as found."""
-    import yaml
-
-    from stablelora.config import computed_config
-    from stablelora.records import RecordsError, read_summary
-
     try:
         read_summary(run_dir)
     except RecordsError as error:

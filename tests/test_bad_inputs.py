@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 from conftest import CONF, ROOT, SMOKE, compose_config, run_cli
 
-from stablelora.config import check_command_line, group_options
+from stablelora.config_groups import group_options
+from stablelora.hydra_guards import check_command_line
 from stablelora.job import run_job
 
 FIXTURE = ROOT / "tests" / "fixtures" / "llm_adapters"
@@ -103,16 +104,16 @@ def test_cli_unknown_group_option_is_one_line_exit_2_and_no_folder(tmp_path, ove
 def test_hydra_saving_its_config_on_a_full_disk_is_one_line(tmp_path, monkeypatch):
     import hydra.core.utils
 
-    from stablelora import config
+    from stablelora import hydra_guards
 
-    config.guard_hydra_save()
-    config.guard_hydra_save()  # idempotent
-    assert hydra.core.utils._save_config is config.save_hydra_config_or_exit
+    hydra_guards.guard_hydra_save()
+    hydra_guards.guard_hydra_save()  # idempotent
+    assert hydra.core.utils._save_config is hydra_guards.save_hydra_config_or_exit
 
     def full_disk(cfg, filename, output_dir):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(config, "_hydra_save_config", full_disk)
+    monkeypatch.setattr(hydra_guards, "_hydra_save_config", full_disk)
     with pytest.raises(SystemExit) as exit_info:
         hydra.core.utils._save_config({}, "config.yaml", Path(tmp_path))
     message = exit_info.value.code
@@ -121,6 +122,6 @@ def test_hydra_saving_its_config_on_a_full_disk_is_one_line(tmp_path, monkeypatc
     def other_error(cfg, filename, output_dir):
         raise PermissionError(errno.EACCES, "Permission denied")
 
-    monkeypatch.setattr(config, "_hydra_save_config", other_error)
+    monkeypatch.setattr(hydra_guards, "_hydra_save_config", other_error)
     with pytest.raises(PermissionError):
         hydra.core.utils._save_config({}, "config.yaml", Path(tmp_path))

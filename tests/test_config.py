@@ -182,7 +182,7 @@ def test_method_preset_selects_its_adapter_and_optimizer(preset):
     cfg = compose_config([f"method={preset}", "model=tiny_llama"])
     assert cfg.method.name == preset
     assert (cfg.adapter.name, cfg.optimizer.name) == (cfg.method.adapter, cfg.method.optimizer)
-    from stablelora.validation import check_config
+    from stablelora.config_check import check_config
 
     check_config(cfg)  # every preset's adapter and optimizer options are valid
 
@@ -237,7 +237,7 @@ def test_methods_differ_only_where_they_should():
     ],
 )
 def test_any_adapter_composes_with_any_optimizer(overrides, name, adapter, optimizer):
-    from stablelora.validation import check_config
+    from stablelora.config_check import check_config
 
     cfg = compose_config([*overrides, "model=tiny_llama"])
     assert (cfg.method.name, cfg.adapter.name, cfg.optimizer.name) == (name, adapter, optimizer)
@@ -246,7 +246,7 @@ def test_any_adapter_composes_with_any_optimizer(overrides, name, adapter, optim
 
 def test_every_adapter_and_every_optimizer_pass_validation_together():
     """The two groups are separate nodes, so pairs that cover every option of each suffice."""
-    from stablelora.validation import check_config
+    from stablelora.config_check import check_config
 
     adapters, optimizers = group_options("adapter"), group_options("optimizer")
     for index in range(max(len(adapters), len(optimizers))):
@@ -327,7 +327,7 @@ def test_apply_lora_rejects_an_unknown_option_naming_the_valid_ones():
 
 # ---------------------------------------------------------------------------- config errors
 def test_validation_accepts_every_composed_default():
-    from stablelora.validation import check_config
+    from stablelora.config_check import check_config
 
     for method in ("lora", "rslora", "loraplus", "stable_lora"):
         check_config(compose_config([f"method={method}", "model=tiny_llama"]))
@@ -362,7 +362,8 @@ def test_validation_accepts_every_composed_default():
     ],
 )
 def test_bad_values_are_one_clear_line(override, message, monkeypatch):
-    from stablelora.validation import ConfigError, check_config
+    from stablelora.config_check import check_config
+    from stablelora.errors import ConfigError
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
@@ -372,7 +373,8 @@ def test_bad_values_are_one_clear_line(override, message, monkeypatch):
 
 
 def test_an_option_of_another_optimizer_is_a_config_error():
-    from stablelora.validation import ConfigError, check_config
+    from stablelora.config_check import check_config
+    from stablelora.errors import ConfigError
 
     cfg = compose_config(["model=tiny_llama", "method=lora", "+optimizer.shrink_ratio=5e-4"])
     with pytest.raises(ConfigError, match="optimizer=adamw .*has no option 'shrink_ratio'"):
@@ -384,7 +386,8 @@ def test_an_option_of_another_optimizer_is_a_config_error():
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
 def test_an_unwritable_output_root_is_a_config_error(tmp_path):
-    from stablelora.validation import ConfigError, check_config
+    from stablelora.config_check import check_config
+    from stablelora.errors import ConfigError
 
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o500)
@@ -449,9 +452,9 @@ class SignDescent(torch.optim.Optimizer):
 
 
 @register_optimizer("{name}")
-def build(model, pairs, *, lr, weight_decay, betas, eps, foreach, fused, step_scale=1.0):
+def build(model, pairs, adamw, *, step_scale=1.0):
     params = [p for p in model.parameters() if p.requires_grad]
-    return SignDescent(params, lr, step_scale)
+    return SignDescent(params, adamw.lr, step_scale)
 '''
 
 
@@ -477,8 +480,9 @@ def extension_dirs(tmp_path, monkeypatch):
 
 
 def test_a_new_optimizer_is_one_module_and_one_yaml(extension_dirs):
+    from stablelora.config_check import check_config, optimizer_arguments
+    from stablelora.errors import ConfigError
     from stablelora.optim import create_optimizer, optimizer_options
-    from stablelora.validation import ConfigError, check_config, optimizer_arguments
 
     code, conf = extension_dirs
     name = "test_sign_descent"
@@ -536,8 +540,9 @@ def build(cfg, tokenizer, *, seed):
 def test_a_new_task_family_is_one_module_and_one_yaml(extension_dirs):
     from tiny import byte_llama, byte_tokenizer
 
+    from stablelora.config_check import check_config
+    from stablelora.errors import ConfigError
     from stablelora.tasks import build_task, families, task_record
-    from stablelora.validation import ConfigError, check_config
 
     code, conf = extension_dirs
     (code / "test_parity.py").write_text(NEW_TASK)

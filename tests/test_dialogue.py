@@ -15,7 +15,9 @@ import torch
 from conftest import compose_config
 from tiny import byte_llama, byte_tokenizer
 
-from stablelora.checks import group_option
+from stablelora.config_check import check_config
+from stablelora.config_groups import group_option
+from stablelora.errors import ConfigError
 from stablelora.tasks import build_task, check_task_config
 from stablelora.tasks.data import TaskConfig
 from stablelora.tasks.dialogue import (
@@ -26,7 +28,6 @@ from stablelora.tasks.dialogue import (
     rouge_l,
 )
 from stablelora.tasks.scoring import label_nll
-from stablelora.validation import ConfigError, check_config
 
 IGNORE = -100
 #: A chat template for the byte tokenizer: every byte is a token, so the expected ids are

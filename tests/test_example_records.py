@@ -11,7 +11,7 @@ import torch
 from conftest import SMOKE, Interrupted, compose_config, train_killed_at_batch
 from tiny import byte_llama
 
-from stablelora.checks import group_option
+from stablelora.config_groups import group_option
 from stablelora.example_records import (
     EXAMPLES_FILE,
     ExampleRecords,

@@ -11,15 +11,9 @@ import torch
 from torch import nn
 
 from stablelora import apply_lora, create_optimizer, find_lora_pairs
-from stablelora.gamma import (
-    QUANTITIES,
-    FeatureProbe,
-    feature_update_terms,
-    gamma_value,
-    rms,
-    update_rms,
-)
-from stablelora.layer_records import gamma_values
+from stablelora.feature_updates import feature_update_terms, rms, update_rms
+from stablelora.gamma import FeatureProbe
+from stablelora.quantities import QUANTITIES, gamma_value, gamma_values
 from stablelora.toy import TOY_TARGET_MODULES, ToyTeacherTask, build_toy_model
 
 torch.set_num_threads(1)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from stablelora.checks import group_option
+from stablelora.config_groups import group_option
 from stablelora.tasks import build_task
 from stablelora.tasks.data import (
     HOLDOUT_MAX_ROWS,

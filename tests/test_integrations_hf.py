@@ -60,7 +60,8 @@ def test_trainer_logs_what_run_py_records(tmp_path, monkeypatch, one_thread):
 
     import stablelora.tasks as tasks
     from stablelora.records import RunRecorder, read_jsonl
-    from stablelora.train import Distributed, build_run, seed_everything, train
+    from stablelora.run_setup import Distributed, build_run, seed_everything
+    from stablelora.train import train
 
     cfg = compose_config(SHRINKING)
     batches = []  # the batches train() reads, in its order

@@ -20,7 +20,7 @@ from conftest import compose_config, run_cli
 from tiny import byte_tokenizer
 
 from analysis.tables.llm_adapters import BENCHMARKS
-from stablelora.checks import group_option
+from stablelora.config_groups import group_option
 from stablelora.tasks import build_task, check_task_config
 from stablelora.tasks.llm_adapters import (
     COMMONSENSE8,
@@ -278,7 +278,8 @@ def test_a_missing_dataset_folder_names_it(tmp_path):
 
 
 def test_configs_compose_and_pass_the_runner_checks(monkeypatch):
-    from stablelora.validation import ConfigError, check_config
+    from stablelora.config_check import check_config
+    from stablelora.errors import ConfigError
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     for name in ("commonsense8", "maths7"):

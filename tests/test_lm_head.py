@@ -112,10 +112,10 @@ def test_loglik_scores_at_continuation_positions_equal_the_full_forward(family):
 
 def test_a_real_training_batch_gives_the_same_loss_and_gradients(one_thread):
     """The smoke run's model and a BBC News batch from the task's own collate."""
+    from stablelora.config_check import plain_config
     from stablelora.lora import adapter_arguments
     from stablelora.models import load_model
     from stablelora.tasks import build_task
-    from stablelora.validation import plain_config
 
     cfg = compose_config(SMOKE)
     model, tokenizer = load_model(cfg.model)
@@ -156,7 +156,8 @@ def test_models_that_cannot_be_split_use_the_full_forward():
 
 
 def test_an_unknown_head_mode_is_a_config_error():
-    from stablelora.validation import ConfigError, check_config
+    from stablelora.config_check import check_config
+    from stablelora.errors import ConfigError
 
     with pytest.raises(ConfigError, match="trainer.lm_head must be one of"):
         check_config(compose_config([*SMOKE, "trainer.lm_head=some"]))

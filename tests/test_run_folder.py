@@ -23,17 +23,17 @@ from conftest import (
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from stablelora.config import (
-    SWEEP_LOG_ENV,
-    SweepSummary,
-    default_num_threads,
-    register_resolvers,
-    report_to_sweep,
-    sweep_summary_line,
-)
+from stablelora.config import register_resolvers
 from stablelora.job import run_job
 from stablelora.records import RecordsError, RunRecorder, read_jsonl, read_summary
 from stablelora.run_folder import RunFolderError, RunLock
+from stablelora.sweep import (
+    SWEEP_LOG_ENV,
+    SweepSummary,
+    default_num_threads,
+    report_to_sweep,
+    sweep_summary_line,
+)
 from stablelora.train import RunInterrupted, train
 
 FAST = SMOKE + ["probe=off", "model.config.num_hidden_layers=1"]

@@ -267,7 +267,7 @@ def test_multirun_records_a_failing_job_and_runs_the_others(tmp_path):
     # A job of 2 in parallel gets half the cores by default (here the completed one).
     import yaml
 
-    from stablelora.config import available_cores
+    from stablelora.sweep import available_cores
 
     stored = yaml.safe_load((completed / "config.yaml").read_text())
     assert stored["trainer"]["num_threads"] == max(available_cores() // 2, 1)

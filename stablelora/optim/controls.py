@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from stablelora.optim import register_optimizer
+from stablelora.optim.registry import AdamWSettings, register_optimizer
 
 LARGE_WD_TARGETS = ("A", "AB")
 
@@ -61,32 +61,14 @@ def check_large_weight_decay(large_wd_on: str, large_weight_decay: float) -> Non
 
 @register_optimizer("adamw_large_wd", check=lambda options: check_large_weight_decay(**options))
 def _build_adamw_large_wd(
-    model,
-    pairs,
-    *,
-    lr,
-    weight_decay,
-    betas,
-    eps,
-    foreach,
-    fused,
-    large_wd_on="A",
-    large_weight_decay=0.1,
+    model, pairs, adamw: AdamWSettings, *, large_wd_on="A", large_weight_decay=0.1
 ):
     groups = large_weight_decay_groups(
         model,
         pairs,
         large_wd_on=large_wd_on,
         large_weight_decay=large_weight_decay,
-        weight_decay=weight_decay,
+        weight_decay=adamw.weight_decay,
     )
     groups = [group for group in groups if group["params"]]  # AdamW rejects empty groups
-    return torch.optim.AdamW(
-        groups,
-        lr=lr,
-        betas=tuple(betas),
-        eps=eps,
-        weight_decay=weight_decay,
-        foreach=foreach,
-        fused=fused,
-    )
+    return torch.optim.AdamW(groups, **adamw.kwargs())

@@ -48,7 +48,6 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor
 
-from stablelora.optim import register_optimizer
 from stablelora.optim.factor_adamw import (
     LoRAFactorAdamW,
     by_layout,
@@ -58,6 +57,7 @@ from stablelora.optim.factor_adamw import (
     tall_times,
 )
 from stablelora.optim.pairs import LoRAPair
+from stablelora.optim.registry import AdamWSettings, register_optimizer, trainable_parameters
 
 # ---------------------------------------------------------------------------- preconditioner
 
@@ -288,7 +288,7 @@ class RiemannianAdamW(LoRAFactorAdamW):
     Args:
         params: all trainable parameters or parameter groups, as for ``torch.optim.AdamW``.
         lora_pairs: the LoRA layers (:func:`stablelora.find_lora_pairs`); pairing is by module.
-        reg: the damping delta added to the Gram matrices' diagonal. Default 1e-6, the
+        reg: the damping delta added to the Gram matrices' diagonal. The default is the
             pilancilab class default; peft uses 1e-2 and the Mistral GLUE table up to 100 (with
             a large reg the method degenerates to AdamW: the inverse Gram tends to I / reg).
         authors_variant: pilancilab's ``AdamWr``: Gauss-Seidel B preconditioner (from the
@@ -429,31 +429,6 @@ class RiemannianAdamW(LoRAFactorAdamW):
         return state
 
 
-@register_optimizer("riemann")
-def _build_riemann(
-    model,
-    pairs,
-    *,
-    lr,
-    weight_decay,
-    betas,
-    eps,
-    foreach,
-    fused,
-    reg=1e-6,
-    authors_variant=False,
-    scaled_gd=False,
-):
-    return RiemannianAdamW(
-        [p for p in model.parameters() if p.requires_grad],
-        pairs,
-        reg=reg,
-        authors_variant=authors_variant,
-        scaled_gd=scaled_gd,
-        lr=lr,
-        betas=tuple(betas),
-        eps=eps,
-        weight_decay=weight_decay,
-        foreach=foreach,
-        fused=fused,
-    )
+@register_optimizer("riemann", forwards_to=RiemannianAdamW)
+def _build_riemann(model, pairs, adamw: AdamWSettings, **options):
+    return RiemannianAdamW(trainable_parameters(model), pairs, **options, **adamw.kwargs())

@@ -27,7 +27,9 @@ from typing import Any, TypedDict
 
 import torch
 
+from stablelora.optim.loraplus import check_loraplus_lr_ratio, loraplus_optimizer
 from stablelora.optim.pairs import LoRAPair
+from stablelora.optim.registry import AdamWSettings, register_optimizer, trainable_parameters
 
 STOP_RULES = ("norm", "never", "steps:N")
 
@@ -328,3 +330,18 @@ class StableLoRA(torch.optim.AdamW):
         self._all_stopped = self.stop_rule.kind != "never" and not bool(
             torch.as_tensor(shrink["shrinking"]).any()
         )
+
+
+def _check_options(options: dict) -> None:
+    check_shrink_ratio(options["shrink_ratio"])
+    StopRule.parse(options["stop_rule"])
+    check_loraplus_lr_ratio(options["loraplus_lr_ratio"], required=False)
+
+
+@register_optimizer("stable_lora", forwards_to=StableLoRA, check=_check_options)
+def _build_stable_lora(model, pairs, adamw: AdamWSettings, *, loraplus_lr_ratio=None, **options):
+    if loraplus_lr_ratio is not None:  # Stable-LoRA + LoRA+: LoRA+'s parameter groups
+        return loraplus_optimizer(
+            model, StableLoRA, adamw, loraplus_lr_ratio, lora_pairs=pairs, **options
+        )
+    return StableLoRA(trainable_parameters(model), pairs, **options, **adamw.kwargs())

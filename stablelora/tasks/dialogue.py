@@ -49,6 +49,7 @@ from dataclasses import dataclass
 
 import torch
 
+from stablelora.errors import ConfigError
 from stablelora.tasks.base import Task
 from stablelora.tasks.data import EVAL_SHUFFLE_SEED, TaskConfig, sample_indices
 from stablelora.tasks.scoring import (
@@ -179,8 +180,6 @@ class ChatEncoder:
 
     def __init__(self, tokenizer, chat_format: str, task: str):
         if chat_format == "template" and not getattr(tokenizer, "chat_template", None):
-            from stablelora.validation import ConfigError
-
             raise ConfigError(no_template_message(task))
         self.tokenizer = tokenizer
         self.chat_format = chat_format

@@ -1,7 +1,8 @@
-"""Config validation: every error a user can make in a config, found before anything loads.
+"""Check a composed config: every error a user can make in it, found before anything loads.
 
-:func:`check_config` raises :class:`ConfigError` with one line saying what is wrong and how
-to fix it; the runner reports it and exits with :data:`CONFIG_ERROR_EXIT` (2, a usage error).
+:func:`check_config` raises :class:`~stablelora.errors.ConfigError` with one line saying what
+is wrong and how to fix it; the runner reports it and exits with
+:data:`~stablelora.errors.CONFIG_ERROR_EXIT` (2, a usage error).
 """
 
 from __future__ import annotations
@@ -10,31 +11,32 @@ from pathlib import Path
 from typing import Any, cast
 
 import torch
+from omegaconf import OmegaConf
 
+from stablelora.config_groups import check_groups
+from stablelora.errors import ConfigError
+from stablelora.hydra_guards import check_output_root
+from stablelora.keyword_options import check_options
 from stablelora.lm_head import HEAD_MODES
+from stablelora.lora import (
+    adapter_arguments,
+    check_lora_options,
+    check_target_modules,
+    lora_options,
+)
+from stablelora.models import check_model_config, skeleton
+from stablelora.optim import check_optimizer_options
+from stablelora.tasks import check_chat_template, check_task_config
 
 SCHEDULES = ("linear", "cosine", "constant")
 DEVICES = ("auto", "cpu", "cuda")
-
-
-class ConfigError(ValueError):
-    """A user error in the config: reported as one line, before anything expensive."""
-
-
-#: The exit code of a run stopped by a :class:`ConfigError` (a usage error).
-CONFIG_ERROR_EXIT = 2
-
-
-# ---------------------------------------------------------------------------- validation
-#: Groups checked against the keys their yaml files declare (stablelora.checks); the adapter
-#: and optimizer groups are checked against apply_lora's and the builders' signatures.
+#: Groups checked against the keys their yaml files declare (stablelora.config_groups); the
+#: adapter and optimizer groups are checked against apply_lora's and the builders' signatures.
 DECLARED_GROUPS = ("model", "task", "method", "optim", "trainer", "logger", "probe")
 
 
 def plain_config(cfg: Any) -> dict[str, Any]:
     """A config node (a ``DictConfig``) as a plain dict, interpolations resolved."""
-    from omegaconf import OmegaConf
-
     return cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=True))
 
 
@@ -45,20 +47,11 @@ def optimizer_arguments(optimizer_cfg) -> tuple[str, dict]:
 
 
 def check_config(cfg, config_dirs=None) -> None:
-    """Raise :class:`ConfigError` (one line: what is wrong, how to fix it) for a bad config:
-    a key no yaml of its group declares, a value of the wrong type or range, an adapter or
-    optimizer option their functions do not take, an unusable ``output_root``, a model or
-    task that cannot be loaded. Loads nothing; ``config_dirs``: the config search path
+    """Raise :class:`~stablelora.errors.ConfigError` (one line: what is wrong, how to fix it)
+    for a bad config: a key no yaml of its group declares, a value of the wrong type or range,
+    an adapter or optimizer option their functions do not take, an unusable ``output_root``, a
+    model or task that cannot be loaded. Loads nothing; ``config_dirs``: the config search path
     (default: Hydra's, or the repository's ``conf/``)."""
-    from omegaconf import OmegaConf
-
-    from stablelora.checks import check_groups, check_output_root
-    from stablelora.lora import adapter_arguments, check_lora_options, lora_options
-    from stablelora.models import check_model_config
-    from stablelora.optim import check_optimizer_options
-    from stablelora.options import check_options
-    from stablelora.tasks import check_chat_template, check_task_config
-
     try:
         plain = plain_config(cfg)
     except Exception as error:  # noqa: BLE001 - any resolution error is a config error
@@ -98,9 +91,6 @@ def check_config(cfg, config_dirs=None) -> None:
         check_output_root(Path(plain["output_root"]))
     except ValueError as error:
         raise ConfigError(str(error)) from None
-    from stablelora.lora import check_target_modules
-    from stablelora.models import skeleton
-
     model_tree = skeleton(cfg.model)
     if model_tree is not None:
         try:

@@ -1,25 +1,23 @@
-"""Config checks that load nothing: the keys each config group declares (read from its yaml
-files), so that a composed config sets no other key and no value of the wrong type; and a
-usable ``output_root``, checked by a Hydra callback before Hydra creates the run folder.
+"""The config groups' yaml files (``conf/<group>/*.yaml``) read without Hydra: a group's
+options (:func:`group_options`), one option as Hydra composes it from its group's files
+(:func:`group_option`), and the keys each group declares, so that a composed config sets no
+other key and no value of the wrong type (:func:`check_groups`). Loads nothing.
 
 Hydra rejects ``optim.lrr=1e-4`` but accepts ``+optim.lrr=1e-4`` (its own suggestion for an
 unknown key) and any key an experiment file adds: both would run silently with the defaults.
 A group's declared keys are the union over its options (``conf/<group>/*.yaml``, their
 defaults lists followed, and the group's node in ``config.yaml``); the ``adapter`` and
 ``optimizer`` groups are checked against ``apply_lora``'s and the optimizer builders'
-signatures instead (see :func:`stablelora.validation.check_config`).
+signatures instead (see :func:`stablelora.config_check.check_config`).
 """
 
 from __future__ import annotations
 
 import functools
-import os
-import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import yaml
-from hydra.experimental.callback import Callback
 
 #: The repository's config directory (Hydra's primary search path for run.py).
 CONF = Path(__file__).resolve().parent.parent / "conf"
@@ -40,6 +38,29 @@ def config_dirs() -> list[Path]:
     except ImportError:  # pragma: no cover - hydra is a dependency
         pass
     return [CONF]
+
+
+def group_options(conf_dir: Path, group: str) -> list[str]:
+    """The options of a config group (``conf/<group>/**.yaml``) a user may pick: files and
+    folders starting with ``_`` are shared bases, not options, and so are the files of a
+    folder named like an option (``experiment/table1/cpu.yaml``: Table 1's settings at CPU
+    scale, composed by ``experiment=table1 scale=cpu``)."""
+    folder = Path(conf_dir) / group
+
+    def is_option(relative: Path) -> bool:
+        if any(part.startswith("_") for part in relative.parts):
+            return False
+        return not any(
+            (folder / parent).with_suffix(".yaml").exists()
+            for parent in relative.parents
+            if parent != Path(".")
+        )
+
+    return sorted(
+        path.relative_to(folder).with_suffix("").as_posix()
+        for path in folder.rglob("*.yaml")
+        if is_option(path.relative_to(folder))
+    )
 
 
 def _read(path: Path) -> tuple[dict, bool]:
@@ -169,40 +190,3 @@ def check_groups(cfg: Mapping, groups: Iterable[str], dirs: Iterable[Path] | Non
     for group in groups:
         if isinstance(cfg.get(group), Mapping):
             check_keys(cfg[group], declared(group, dirs), group)
-
-
-def check_output_root(root: Path) -> None:
-    """Raise a one-line ValueError when ``root`` is (inside) a file or cannot be written."""
-    existing = Path(root)
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise ValueError(
-            f"output_root={root}: {existing} is a file, not a directory: set output_root to "
-            "a directory."
-        )
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(
-            f"output_root={root}: {existing} is not writable: set output_root to a writable "
-            "directory."
-        )
-
-
-class OutputRootCheck(Callback):
-    """Stop with one line (exit code 2) when ``output_root`` is unusable, before Hydra
-    creates the run or sweep folder inside it (which would fail with a traceback)."""
-
-    def _check(self, config) -> None:
-        from stablelora.validation import CONFIG_ERROR_EXIT
-
-        try:
-            check_output_root(Path(str(config.output_root)))
-        except ValueError as error:
-            print(f"stablelora: config error: {error}", file=sys.stderr)
-            sys.exit(CONFIG_ERROR_EXIT)
-
-    def on_run_start(self, config, **kwargs) -> None:
-        self._check(config)
-
-    def on_multirun_start(self, config, **kwargs) -> None:
-        self._check(config)

@@ -1,0 +1,30 @@
+"""Writes a crash cannot tear: a file is written under a temporary name, flushed to the disk,
+then renamed over the old one (and the folder entry flushed), so that a kill or a power loss
+leaves either the old file or the new one. A leaf module, for every writer of run records."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def fsync_folder(folder: Path) -> None:
+    """Flush ``folder``'s entries (a rename in it) to the disk, where the file system lets a
+    folder be opened."""
+    try:
+        handle = os.open(folder, os.O_RDONLY)
+    except OSError:  # not every file system lets a folder be opened
+        return
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
+
+
+def fsync_replace(tmp: Path, path: Path) -> None:
+    """Flush ``tmp`` to the disk, then rename it to ``path`` (and flush the folder entry), so
+    that a crash leaves either the old or the new file, never a torn one."""
+    with open(tmp, "rb+") as stream:
+        os.fsync(stream.fileno())
+    os.replace(tmp, path)
+    fsync_folder(Path(path).parent)
