@@ -1,6 +1,10 @@
 """Test-wide settings and the helpers several test modules share.
 
-Settings: offline (an accidental Hub call fails at once), W&B offline, at most 2 threads.
+Settings: offline (an accidental Hub call fails at once), W&B offline, torch threads shared
+out between parallel test processes (``pytest -n auto``: one per worker on CPU machines), and
+every test starting from the same process state (environment variables, torch threads and
+determinism flag restored after each test). Tests that share a module-scoped fixture run on one
+worker under ``--dist loadgroup``, so that the fixture is built once.
 Shared helpers: :func:`compose_config` (Hydra's compose API on ``conf/``) and the fixtures
 below; the tiny models and tokenizer are in ``tests/tiny.py``.
 """
@@ -13,6 +17,24 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+#: pytest-xdist's workers (``-n N``): each gets its share of the cores, and so do the
+#: subprocesses it starts (run.py, torchrun), which read OMP_NUM_THREADS.
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if WORKERS > 1:
+    THREADS = max(1, _cores() // WORKERS)
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(THREADS)
+else:
+    THREADS = min(2, int(os.environ.get("OMP_NUM_THREADS") or _cores()))
+
+import inspect  # noqa: E402
 import re  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -21,10 +43,11 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+torch.set_num_threads(THREADS)
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf"
+TESTS = ROOT / "tests"
 #: The in-process smoke run: tiny random Llama, offline BBC News, 6 steps, no W&B.
 SMOKE = ["experiment=smoke", "logger.mode=disabled"]
 
@@ -110,6 +133,26 @@ def run_job_signalled_at_batch(cfg, run_dir, batch_number, signum, monkeypatch):
         return run_job(cfg, run_dir)
 
 
+@pytest.fixture(autouse=True)
+def same_process_state():
+    """Undo what a test (or the code it runs in-process) changed in the process: environment
+    variables (a sweep's log path, CUBLAS_WORKSPACE_CONFIG), torch threads (``train`` applies
+    ``trainer.num_threads``) and deterministic algorithms (``trainer.deterministic``), so that
+    no test depends on which tests ran before it in the same worker."""
+    environ = dict(os.environ)
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    yield
+    for key in set(os.environ) - set(environ):
+        del os.environ[key]
+    for key, value in environ.items():
+        if os.environ.get(key) != value:
+            os.environ[key] = value
+    if torch.get_num_threads() != THREADS:
+        torch.set_num_threads(THREADS)
+    if torch.are_deterministic_algorithms_enabled() != deterministic:
+        torch.use_deterministic_algorithms(deterministic)
+
+
 @pytest.fixture
 def one_thread():
     """Run the test on one torch thread (bit-reproducible CPU sums), then restore."""
@@ -119,8 +162,31 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+#: Module-scoped fixtures too cheap to keep their tests on one worker.
+CHEAP_SHARED_FIXTURES = {"tok"}
+
+
+def _builds_a_shared_fixture(item) -> bool:
+    """Whether ``item`` uses a module- or session-scoped fixture of this test folder."""
+    info = getattr(item, "_fixtureinfo", None)
+    for name, definitions in info.name2fixturedefs.items() if info else ():
+        definition = definitions[-1]
+        if (
+            definition.scope in ("module", "session")
+            and name not in CHEAP_SHARED_FIXTURES
+            and Path(inspect.getfile(definition.func)).parent == TESTS
+        ):
+            return True
+    return False
+
+
 def pytest_collection_modifyitems(config, items):
-    """Tests marked ``cuda`` skip themselves where no CUDA device is visible."""
+    """Tests marked ``cuda`` skip themselves where no CUDA device is visible. The tests of a
+    module that use one of its shared fixtures (a tiny training run, a sweep) join one
+    ``xdist_group``: under ``pytest -n N --dist loadgroup`` one worker builds each once."""
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None and _builds_a_shared_fixture(item):
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device (scripts/gpu_check.sh runs these)")

@@ -280,6 +280,15 @@ def test_cli_bad_input_is_one_line_and_nonzero_exit(tmp_path, override, message)
     assert message in result.stderr.strip().splitlines()[-1]
 
 
+def free_port() -> int:
+    """A TCP port no process listens on now (parallel test workers each need their own)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 @pytest.mark.slow
 def test_ddp_with_two_gloo_processes(tmp_path):
     torchrun = Path(sys.executable).with_name("torchrun")
@@ -287,7 +296,7 @@ def test_ddp_with_two_gloo_processes(tmp_path):
         [
             str(torchrun),
             "--nproc_per_node=2",
-            "--master_port=29533",
+            f"--master_port={free_port()}",
             "run.py",
             *SMOKE,
             "trainer.device=cpu",
