@@ -25,14 +25,15 @@ def _cores() -> int:
         return os.cpu_count() or 1
 
 
-#: pytest-xdist's workers (``-n N``): each gets its share of the cores, and so do the
-#: subprocesses it starts (run.py, torchrun), which read OMP_NUM_THREADS.
+#: pytest-xdist's workers (``-n N``): each gets its share of the cores (at most what
+#: OMP_NUM_THREADS asks for), and so do the subprocesses it starts (run.py, torchrun), which
+#: read OMP_NUM_THREADS. One process alone: at most 2 threads.
 WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-if WORKERS > 1:
-    THREADS = max(1, _cores() // WORKERS)
+THREADS = max(1, _cores() // WORKERS) if WORKERS > 1 else 0
+if THREADS:
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit():
+        THREADS = max(1, min(THREADS, int(os.environ["OMP_NUM_THREADS"])))
     os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(THREADS)
-else:
-    THREADS = min(2, int(os.environ.get("OMP_NUM_THREADS") or _cores()))
 
 import inspect  # noqa: E402
 import re  # noqa: E402
@@ -43,6 +44,7 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+THREADS = THREADS or min(2, torch.get_num_threads())
 torch.set_num_threads(THREADS)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -174,7 +176,7 @@ def _builds_a_shared_fixture(item) -> bool:
         if (
             definition.scope in ("module", "session")
             and name not in CHEAP_SHARED_FIXTURES
-            and Path(inspect.getfile(definition.func)).parent == TESTS
+            and Path(inspect.getfile(definition.func)).resolve().parent == TESTS
         ):
             return True
     return False
