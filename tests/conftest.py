@@ -35,6 +35,7 @@ if THREADS:
         THREADS = max(1, min(THREADS, int(os.environ["OMP_NUM_THREADS"])))
     os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(THREADS)
 
+import contextlib  # noqa: E402
 import inspect  # noqa: E402
 import re  # noqa: E402
 import subprocess  # noqa: E402
@@ -135,24 +136,34 @@ def run_job_signalled_at_batch(cfg, run_dir, batch_number, signum, monkeypatch):
         return run_job(cfg, run_dir)
 
 
-@pytest.fixture(autouse=True)
-def same_process_state():
-    """Undo what a test (or the code it runs in-process) changed in the process: environment
-    variables (a sweep's log path, CUBLAS_WORKSPACE_CONFIG), torch threads (``train`` applies
-    ``trainer.num_threads``) and deterministic algorithms (``trainer.deterministic``), so that
-    no test depends on which tests ran before it in the same worker."""
+@contextlib.contextmanager
+def restored_process_state():
+    """Undo on exit what the block changed in the process: environment variables (a sweep's
+    log path, CUBLAS_WORKSPACE_CONFIG), torch threads (``train`` applies
+    ``trainer.num_threads``; back to the session's :data:`THREADS`) and deterministic
+    algorithms (``trainer.deterministic``)."""
     environ = dict(os.environ)
     deterministic = torch.are_deterministic_algorithms_enabled()
-    yield
-    for key in set(os.environ) - set(environ):
-        del os.environ[key]
-    for key, value in environ.items():
-        if os.environ.get(key) != value:
-            os.environ[key] = value
-    if torch.get_num_threads() != THREADS:
-        torch.set_num_threads(THREADS)
-    if torch.are_deterministic_algorithms_enabled() != deterministic:
-        torch.use_deterministic_algorithms(deterministic)
+    try:
+        yield
+    finally:
+        for key in set(os.environ) - set(environ):
+            del os.environ[key]
+        for key, value in environ.items():
+            if os.environ.get(key) != value:
+                os.environ[key] = value
+        if torch.get_num_threads() != THREADS:
+            torch.set_num_threads(THREADS)
+        if torch.are_deterministic_algorithms_enabled() != deterministic:
+            torch.use_deterministic_algorithms(deterministic)
+
+
+@pytest.fixture(autouse=True)
+def same_process_state():
+    """Every test gets the process as the session set it up, so that no test depends on
+    which tests ran before it in the same worker (:func:`restored_process_state`)."""
+    with restored_process_state():
+        yield
 
 
 @pytest.fixture
