@@ -2,7 +2,8 @@
 # Set up a virtual environment and run either the main job or the test suite.
 #   bash scripts/setup.sh run    # install, then the main job: LoRA and Stable-LoRA side by side
 #                                # (`python -m experiments main`, offline, CPU, ~10 min)
-#   bash scripts/setup.sh test   # install, then ruff, mypy and the whole pytest suite (slow tests too)
+#   bash scripts/setup.sh test   # install, then ruff, mypy and the whole pytest suite (slow tests
+#                                # too), on every core (PYTEST_WORKERS=N: N worker processes)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode="${1:-test}"
@@ -19,6 +20,7 @@ export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE="${WANDB_MODE:-offline}
 case "$mode" in
   run)  shift || true; "$venv/bin/python" -m experiments cpu/main "$@" ;;
   test) "$venv/bin/ruff" check . && "$venv/bin/ruff" format --check . \
-          && "$venv/bin/mypy" stablelora && "$venv/bin/python" -m pytest -q -ra ;;
+          && "$venv/bin/mypy" stablelora \
+          && "$venv/bin/python" -m pytest -q -ra -n "${PYTEST_WORKERS:-auto}" ;;
   *) echo "usage: bash scripts/setup.sh run|test" >&2; exit 2 ;;
 esac

@@ -207,20 +207,31 @@ def run_with_layers(overrides, run_dir, **kill):
     return train(cfg, run_dir)
 
 
+#: 8 steps, every one probed, a checkpoint at step 4.
+PROBED_8 = [
+    "experiment=smoke",
+    "logger.mode=disabled",
+    "trainer.max_steps=8",
+    "trainer.checkpoint_every=4",
+    "probe.first_steps=8",
+]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The uninterrupted run of :data:`PROBED_8` (read only by the tests that share it)."""
+    run_dir = tmp_path_factory.mktemp("uninterrupted")
+    run_with_layers(PROBED_8, run_dir)
+    return run_dir
+
+
 @pytest.mark.parametrize("hard_kill", [False, True])
 def test_resumed_run_has_the_layer_records_of_an_uninterrupted_one(
-    tmp_path, monkeypatch, hard_kill
+    tmp_path, monkeypatch, hard_kill, uninterrupted
 ):
     from test_runner import Interrupted
 
-    overrides = [
-        "experiment=smoke",
-        "logger.mode=disabled",
-        "trainer.max_steps=8",
-        "trainer.checkpoint_every=4",
-        "probe.first_steps=8",
-    ]
-    run_with_layers(overrides, tmp_path / "uninterrupted")
+    overrides = PROBED_8
     with monkeypatch.context() as patch:
         if hard_kill:  # a SIGKILL: the buffered rows (step 5) are lost, the flushed part stays
             patch.setattr(LayerRecords, "close", lambda self: None)
@@ -228,7 +239,7 @@ def test_resumed_run_has_the_layer_records_of_an_uninterrupted_one(
             run_with_layers(overrides, tmp_path / "resumed", batch=6, monkeypatch=monkeypatch)
     assert steps_on_disk(tmp_path / "resumed")[-1] == (4 if hard_kill else 5)
     run_with_layers(overrides, tmp_path / "resumed")
-    first = per_layer_metrics(read_layer_table(tmp_path / "uninterrupted"))
+    first = per_layer_metrics(read_layer_table(uninterrupted))
     second = per_layer_metrics(read_layer_table(tmp_path / "resumed"))
     assert sorted(first) == sorted(second) == list(range(1, 9))
     for step in first:

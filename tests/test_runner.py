@@ -25,10 +25,17 @@ from stablelora.records import read_jsonl, result_table
 from stablelora.train import train
 
 
-def test_in_process_run_writes_complete_records(tmp_path):
-    summary = train(compose_config(SMOKE), tmp_path)
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    """The in-process smoke run (read only by the tests that share it): config, folder, summary."""
+    cfg, run_dir = compose_config(SMOKE), tmp_path_factory.mktemp("smoke")
+    return cfg, run_dir, train(cfg, run_dir)
+
+
+def test_in_process_run_writes_complete_records(smoke_run):
+    _, run_dir, summary = smoke_run
     assert summary["status"] == "completed" and summary["steps"] == 6
-    stored = json.loads((tmp_path / "summary.json").read_text())
+    stored = json.loads((run_dir / "summary.json").read_text())
     assert stored["status"] == "completed"
     for key in (
         "initial",
@@ -56,25 +63,24 @@ def test_in_process_run_writes_complete_records(tmp_path):
     assert set(stored["shrink"]) == {
         f"model.layers.{i}.self_attn.{m}_proj" for i in range(2) for m in "qv"
     }
-    rows = read_jsonl(tmp_path / "metrics.jsonl")
+    rows = read_jsonl(run_dir / "metrics.jsonl")
     assert rows[0]["step"] == 0 and "eval/acc" in rows[0]
     assert [r["step"] for r in rows if "train/loss" in r] == [2, 4, 6]
     assert "eval/acc_norm" in rows[-1] and rows[-1]["step"] == 6
     assert any("feat/delta1" in r for r in rows)
-    assert (tmp_path / "config.yaml").exists()
-    assert not (tmp_path / "checkpoint.pt").exists()  # removed once the run completed
+    assert (run_dir / "config.yaml").exists()
+    assert not (run_dir / "checkpoint.pt").exists()  # removed once the run completed
 
 
-def test_adapter_loads_with_peft(tmp_path):
+def test_adapter_loads_with_peft(smoke_run):
     from peft import PeftModel
 
     from stablelora.models import load_model
 
-    cfg = compose_config(SMOKE)
-    train(cfg, tmp_path)
+    cfg, run_dir, _ = smoke_run
     base, _ = load_model(cfg.model)
-    model = PeftModel.from_pretrained(base, tmp_path / "adapter")
-    saved = adapter_state(tmp_path)
+    model = PeftModel.from_pretrained(base, run_dir / "adapter")
+    saved = adapter_state(run_dir)
     loaded = {n: p for n, p in model.named_parameters() if "lora_" in n}
     assert len(loaded) == len(saved) == 8
     for name, tensor in saved.items():
@@ -288,6 +294,15 @@ def test_cli_bad_input_is_one_line_and_nonzero_exit(tmp_path, override, message)
     assert message in result.stderr.strip().splitlines()[-1]
 
 
+def free_port() -> int:
+    """A TCP port no process listens on now (parallel test workers each need their own)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 @pytest.mark.slow
 def test_ddp_with_two_gloo_processes(tmp_path):
     torchrun = Path(sys.executable).with_name("torchrun")
@@ -295,7 +310,7 @@ def test_ddp_with_two_gloo_processes(tmp_path):
         [
             str(torchrun),
             "--nproc_per_node=2",
-            "--master_port=29533",
+            f"--master_port={free_port()}",
             "run.py",
             *SMOKE,
             "trainer.device=cpu",

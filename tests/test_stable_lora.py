@@ -62,11 +62,29 @@ class ReferenceStableLoRA:
             p.sub_(LR * m_hat / (v_hat.sqrt() + EPS))
 
 
+@pytest.fixture(scope="module")
+def reference_run():
+    """``reference_run(stop_rule)``: the reference model and optimizer after 300 steps, trained
+    once per stop rule (the same target for the three implementations; tests only read them)."""
+    runs = {}
+
+    def run(stop_rule):
+        if stop_rule not in runs:
+            model = lora_model()
+            reference = ReferenceStableLoRA(model, stop_rule)
+            train_steps(model, reference, token_batches(300))
+            runs[stop_rule] = model, reference
+        return runs[stop_rule]
+
+    return run
+
+
 @pytest.mark.parametrize("stop_rule", ["norm", "never", "steps:40"])
 @pytest.mark.parametrize("implementation", ["foreach", "fused", "single_tensor"])
-def test_matches_reference_algorithm_over_300_steps(stop_rule, implementation):
-    torch.set_num_threads(1)
-    ours, reference_model = lora_model(), lora_model()
+def test_matches_reference_algorithm_over_300_steps(
+    stop_rule, implementation, one_thread, reference_run
+):
+    ours = lora_model()
     flags = {
         "foreach": dict(foreach=True),
         "fused": dict(fused=True),
@@ -83,10 +101,8 @@ def test_matches_reference_algorithm_over_300_steps(stop_rule, implementation):
         stop_rule=stop_rule,
         **flags,
     )
-    reference = ReferenceStableLoRA(reference_model, stop_rule)
-    batches = token_batches(300)
-    train_steps(ours, optimizer, batches)
-    train_steps(reference_model, reference, batches)
+    train_steps(ours, optimizer, token_batches(300))
+    reference_model, reference = reference_run(stop_rule)
 
     for (name, p), q in zip(ours.named_parameters(), reference_model.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-9, msg=name)

@@ -1,0 +1,57 @@
+"""The test suite's own rules (tests/conftest.py): a process state every test starts from,
+torch threads shared out between parallel workers, shared fixtures kept on one worker."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from conftest import THREADS, WORKERS, _cores, restored_process_state
+
+
+def test_process_state_is_restored_after_a_block_that_changes_it(monkeypatch):
+    monkeypatch.setenv("STABLELORA_TEST_KEPT", "before")
+    monkeypatch.delenv("STABLELORA_TEST_ADDED", raising=False)
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    with restored_process_state():
+        os.environ["STABLELORA_TEST_ADDED"] = "leaked"  # as SweepSummary sets its log path
+        os.environ["STABLELORA_TEST_KEPT"] = "changed"
+        torch.set_num_threads(THREADS + 1)  # as train() applies trainer.num_threads
+        torch.use_deterministic_algorithms(not deterministic)
+    assert "STABLELORA_TEST_ADDED" not in os.environ
+    assert os.environ["STABLELORA_TEST_KEPT"] == "before"
+    assert torch.get_num_threads() == THREADS
+    assert torch.are_deterministic_algorithms_enabled() == deterministic
+    with pytest.raises(RuntimeError), restored_process_state():  # restored on errors too
+        os.environ["STABLELORA_TEST_ADDED"] = "leaked"
+        raise RuntimeError
+    assert "STABLELORA_TEST_ADDED" not in os.environ
+
+
+def test_every_test_starts_on_the_sessions_threads():
+    assert torch.get_num_threads() == THREADS
+    if WORKERS > 1:  # pytest -n N: the workers do not ask for more cores than there are
+        asked = WORKERS * THREADS
+        assert asked <= max(_cores(), WORKERS)
+        # ... and the subprocesses they start (run.py, torchrun) read their share
+        assert os.environ["OMP_NUM_THREADS"] == os.environ["MKL_NUM_THREADS"] == str(THREADS)
+    else:
+        assert 1 <= THREADS <= 2
+
+
+def test_tests_sharing_a_module_fixture_share_an_xdist_group(request):
+    items = {item.nodeid: item for item in request.session.items}
+
+    def group(nodeid):
+        marker = items[nodeid].get_closest_marker("xdist_group")
+        return marker.args[0] if marker else None
+
+    run_folder = [n for n in items if n.startswith("tests/test_run_folder.py::")]
+    uses = {n for n in run_folder if "uninterrupted" in items[n].fixturenames}
+    if not uses:
+        pytest.skip("no test of tests/test_run_folder.py that shares its run is selected")
+    assert {group(n) for n in uses} == {"test_run_folder"}
+    # A test with no shared fixture is scheduled on its own.
+    assert all(group(n) is None for n in set(run_folder) - uses)
+    assert group(request.node.nodeid) is None
