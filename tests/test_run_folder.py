@@ -324,13 +324,13 @@ def test_the_runner_drives_an_optimizer_and_an_adapter_by_their_protocols(tmp_pa
     from peft.tuners.adalora import AdaLoraModel
 
     from stablelora.layer_records import read_layers
-    from stablelora.optim import OPTIMIZERS
+    from stablelora.optim import OPTIMIZERS, register_optimizer
 
     built: list[CountingSGD] = []
 
-    def build(model, pairs, *, lr, weight_decay, betas, eps, foreach, fused):
+    def build(model, pairs, adamw):
         params = [p for p in model.parameters() if p.requires_grad]
-        built.append(CountingSGD(params, lr, [pair.name for pair in pairs]))
+        built.append(CountingSGD(params, adamw.lr, [pair.name for pair in pairs]))
         return built[-1]
 
     hook_calls = []
@@ -343,7 +343,8 @@ def test_the_runner_drives_an_optimizer_and_an_adapter_by_their_protocols(tmp_pa
         hook_calls.append((global_step, optimizer.steps, has_grads))
         return allocate(self, global_step)
 
-    monkeypatch.setitem(OPTIMIZERS, "test_counting_sgd", build)
+    monkeypatch.setitem(OPTIMIZERS, "test_counting_sgd", None)  # removed again afterwards
+    register_optimizer("test_counting_sgd")(build)
     monkeypatch.setattr(AdaLoraModel, "update_and_allocate", update_and_allocate)
     steps = 6
     cfg = compose_config(
