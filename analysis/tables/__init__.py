@@ -66,15 +66,9 @@ import pkgutil
 from collections.abc import Iterable
 
 from analysis.collect import Collection
-from analysis.tables.aggregation import (
-    METHOD_ORDER,
-    SEED_MODES,
-    aggregate,
-    check_mode,
-    metric_scale,
-    sort_frame,
-)
+from analysis.tables.aggregation import SEED_MODES, aggregate, check_mode, metric_scale
 from analysis.tables.formatting import Table, cell_text, latex_escape
+from analysis.tables.ordering import METHOD_ORDER, sort_frame
 from analysis.tables.registry import TABLES, register_table
 from analysis.tables.selection import select_learning_rate
 

@@ -15,13 +15,13 @@ from analysis.tables.aggregation import (
     not_completed_note,
     protocol_note,
     setting_runs,
-    sort_frame,
 )
 from analysis.tables.formatting import (
     Table,
     cell_text,
     num_text,
 )
+from analysis.tables.ordering import sort_frame
 from analysis.tables.registry import register_table
 
 

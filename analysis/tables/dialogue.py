@@ -14,9 +14,9 @@ from analysis.tables.aggregation import (
     lower_is_better,
     metric_scale,
     not_completed_note,
-    sort_frame,
 )
 from analysis.tables.formatting import Table, cell_text
+from analysis.tables.ordering import sort_frame
 from analysis.tables.registry import register_table
 
 #: The ``KIND`` of the dialogue task families (``stablelora.tasks.chatterbot``...): what a run

@@ -12,9 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from analysis.tables.aggregation import (
-    sort_frame,
-)
+from analysis.tables.ordering import sort_frame
 
 DASH = "—"
 

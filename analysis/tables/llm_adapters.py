@@ -23,9 +23,9 @@ from analysis.tables.aggregation import (
     check_mode,
     not_completed_note,
     protocol_note,
-    sort_frame,
 )
 from analysis.tables.formatting import DASH, Table, cell_text, group_key, grouped
+from analysis.tables.ordering import sort_frame
 from analysis.tables.registry import register_table
 
 FAMILY = "llm_adapters"

@@ -8,13 +8,11 @@ import pandas as pd
 
 from analysis import published
 from analysis.collect import Collection
-from analysis.tables.aggregation import (
-    sort_frame,
-)
 from analysis.tables.formatting import (
     Table,
     num_text,
 )
+from analysis.tables.ordering import sort_frame
 from analysis.tables.registry import register_table
 
 

@@ -9,8 +9,9 @@ import numpy as np
 import pandas as pd
 
 from analysis.collect import Collection
-from analysis.tables.aggregation import AVG, accuracy_runs, check_mode, sort_frame
+from analysis.tables.aggregation import AVG, accuracy_runs, check_mode
 from analysis.tables.formatting import Table, num_text
+from analysis.tables.ordering import sort_frame
 from analysis.tables.registry import register_table
 from analysis.tables.table1 import qa_scores, seed_averages
 from analysis.width_fit import t_quantile

@@ -7,14 +7,12 @@ import math
 import pandas as pd
 
 from analysis.collect import format_value, label_runs
-from analysis.tables.aggregation import (
-    aggregate,
-    sort_frame,
-)
+from analysis.tables.aggregation import aggregate
 from analysis.tables.formatting import (
     Table,
     cell_text,
 )
+from analysis.tables.ordering import sort_frame
 
 
 def select_learning_rate(

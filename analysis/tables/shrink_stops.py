@@ -5,13 +5,11 @@ from __future__ import annotations
 import pandas as pd
 
 from analysis.collect import Collection, format_value
-from analysis.tables.aggregation import (
-    sort_frame,
-)
 from analysis.tables.formatting import (
     Table,
     num_text,
 )
+from analysis.tables.ordering import sort_frame
 from analysis.tables.registry import register_table
 
 

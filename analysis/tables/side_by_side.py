@@ -8,8 +8,9 @@ import numpy as np
 import pandas as pd
 
 from analysis.collect import Collection, format_value
-from analysis.tables.aggregation import metric_scale, sort_frame
+from analysis.tables.aggregation import metric_scale
 from analysis.tables.formatting import DASH, Table, num_text
+from analysis.tables.ordering import sort_frame
 from analysis.tables.registry import register_table
 
 #: The mid-run window of delta1/delta2: the probed steps in (1/4, 3/4] of the run.

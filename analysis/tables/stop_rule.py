@@ -16,12 +16,12 @@ from analysis.tables.aggregation import (
     protocol_note,
     setting_column,
     setting_runs,
-    sort_frame,
 )
 from analysis.tables.formatting import (
     Table,
     pivot_with_paper,
 )
+from analysis.tables.ordering import sort_frame
 from analysis.tables.registry import register_table
 
 

@@ -13,13 +13,11 @@ from analysis.collect import Collection
 from analysis.tables.aggregation import (
     AVG,
     SCALE,
-    TASK_ORDER,
     accuracy_runs,
     aggregate,
     check_mode,
     not_completed_note,
     protocol_note,
-    sort_frame,
 )
 from analysis.tables.formatting import (
     DASH,
@@ -30,6 +28,7 @@ from analysis.tables.formatting import (
     num_text,
     pivot_with_paper,
 )
+from analysis.tables.ordering import TASK_ORDER, sort_frame
 from analysis.tables.registry import register_table
 
 

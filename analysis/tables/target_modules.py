@@ -13,12 +13,12 @@ from analysis.tables.aggregation import (
     not_completed_note,
     protocol_note,
     setting_runs,
-    sort_frame,
 )
 from analysis.tables.formatting import (
     Table,
     pivot_with_paper,
 )
+from analysis.tables.ordering import sort_frame
 from analysis.tables.registry import register_table
 
 MODULE_SHORT = {

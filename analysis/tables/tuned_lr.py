@@ -22,8 +22,9 @@ import math
 import pandas as pd
 
 from analysis.collect import Collection, format_value, label_runs
-from analysis.tables.aggregation import aggregate, check_mode, sort_frame
+from analysis.tables.aggregation import aggregate, check_mode
 from analysis.tables.formatting import Table, cell_text
+from analysis.tables.ordering import sort_frame
 from analysis.tables.registry import register_table
 
 PICKS_FILE = "tuned_lr.json"
