@@ -67,10 +67,11 @@ def test_each_sweep_composes_the_runs_it_always_did(key):
     name, scale = key.split("@")
     expected = set(PRESET_RUNS[key])
     every = jobs(name, scale)
-    assert len(every) == len(expected), key
+    deliberate = "a deliberate change of what runs compute: python scripts/preset_runs.py"
+    assert len(every) == len(expected), f"{key}: {len(every)} jobs ({deliberate})"
     step = max(1, len(every) // 4)
     for overrides in [*every[::step], every[-1]]:
-        assert config_hash(compose_config(overrides)) in expected, overrides
+        assert config_hash(compose_config(overrides)) in expected, f"{overrides} ({deliberate})"
 
 
 def test_committed_cpu_runs_are_runs_of_their_experiment():
