@@ -36,7 +36,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from experiments.common import EXPERIMENTS, PICKS_FILE, ROOT, experiments_at, sweep_name
+from experiments.catalog import EXPERIMENTS, ROOT, experiments_at, sweep_name
+from experiments.common import PICKS_FILE
 
 #: The files of a run folder that are results (small); everything else stays behind.
 RECORD_FILES = (

@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from experiments.common import compose, sweep_params  # noqa: E402
+from experiments.catalog import compose, sweep_params  # noqa: E402
 from stablelora.config import config_hash  # noqa: E402
 
 FIXTURE = ROOT / "tests" / "fixtures" / "preset_runs.json"

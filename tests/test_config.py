@@ -119,7 +119,7 @@ def test_contract_names_exist():
 def first_job(experiment: str, scale: str) -> list[str]:
     """The overrides of the first job of the experiment's sweep at ``scale`` (group choices
     a scale's own settings make are set by the sweep: Hydra allows them no ``override``)."""
-    from experiments.common import sweep_params
+    from experiments.catalog import sweep_params
 
     params = sweep_params(experiment, scale)
     return [f"experiment={experiment}", f"scale={scale}"] + [
@@ -129,7 +129,7 @@ def first_job(experiment: str, scale: str) -> list[str]:
 
 def name_scale(experiment: str) -> str:
     """The scale an experiment is built for (its row's; the single-run smoke preset: paper)."""
-    from experiments.common import EXPERIMENTS
+    from experiments.catalog import EXPERIMENTS
 
     return EXPERIMENTS[experiment].scale if experiment in EXPERIMENTS else "paper"
 
@@ -152,7 +152,7 @@ def test_every_experiment_composes_at_every_scale(experiment, scale):
 
 
 def test_the_smoke_scale_wins_over_every_experiment_but_its_own_smoke_settings():
-    from experiments.common import sweep_params
+    from experiments.catalog import sweep_params
 
     smoke = OmegaConf.load(CONF / "scale" / "smoke.yaml")
     for name in group_options("experiment"):

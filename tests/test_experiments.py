@@ -25,8 +25,9 @@ from conftest import compose_config
 from omegaconf import OmegaConf
 
 from analysis import published
-from experiments.common import EXPERIMENTS as ARTEFACTS
-from experiments.common import OWN_COMMAND, RENAMED, experiments_at, main, sweep_params
+from experiments.catalog import EXPERIMENTS as ARTEFACTS
+from experiments.catalog import OWN_COMMAND, RENAMED, experiments_at, sweep_params
+from experiments.common import main
 from stablelora.config import HASH_LENGTH, config_hash
 
 ROOT = Path(__file__).resolve().parent.parent

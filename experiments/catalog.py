@@ -1,0 +1,276 @@
+"""Which experiments there are and what they compose: the row of each
+(:data:`EXPERIMENTS`: its tables and plots, the scale it is built for) and its Hydra
+configuration at a scale (:func:`compose`, :func:`sweep_params`, :func:`sweep_name`).
+:mod:`experiments.common` runs them; :mod:`experiments.reproduce` copies their records.
+An experiment ``<name>`` is ``conf/experiment/<name>.yaml`` plus its row here.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PRESETS = ROOT / "conf" / "experiment"
+SCALES = ("paper", "cpu", "smoke")
+#: Names the experiments had before the scale became a choice of its own.
+RENAMED = {
+    "table1_qa": "table1",
+    "figure2_norms": "figure2",
+    **{
+        f"cpu/{n}": n
+        for n in (
+            "table1",
+            "ablations",
+            "overhead",
+            "figure2",
+            "main",
+            "dialogue",
+            "figure2_compressed",
+            "tuned_select",
+            "tuned_final",
+        )
+    },  # fmt: skip
+}
+
+Report = tuple[tuple[str, ...], tuple[str, ...]]
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """An artefact of the paper: its preset name and the tables and plots that show it."""
+
+    name: str
+    description: str
+    tables: tuple[str, ...]
+    plots: tuple[str, ...]
+    #: The scale it runs at unless told otherwise: ``paper``, or ``cpu`` for the experiments
+    #: built for this machine (they include ``/scale/cpu`` in their preset).
+    scale: str = "paper"
+    #: (tables, plots) at a scale whose report differs from ``tables``/``plots``. The smoke
+    #: scale draws every table and plot of every scale, so CI exercises them all.
+    reports: dict[str, Report] = field(default_factory=dict)
+    #: A sweep parameter whose values each run in a process of their own, one after the
+    #: other (one ``run.py -m ... <key>=<value>`` per value): for per-process measures such as
+    #: the peak memory (max RSS) of the overhead table.
+    process_per: str | None = None
+    #: The selection experiment whose ``tuned_lr.json`` sets each method's ``optim.lr``
+    #: (one sweep command per method); see the module docstring.
+    lr_from: str | None = None
+
+    def report(self, scale: str) -> Report:
+        """The tables and plots of its report at ``scale``."""
+        if scale != "smoke":
+            return self.reports.get(scale, (self.tables, self.plots))
+        every = [(self.tables, self.plots), *self.reports.values()]
+        return tuple(dict.fromkeys(t for r in every for t in r[0])), tuple(
+            dict.fromkeys(p for r in every for p in r[1])
+        )
+
+
+#: Every artefact: its tables and plots (``analysis.report`` names), in the README's order.
+EXPERIMENTS: dict[str, Experiment] = {
+    e.name: e
+    for e in (
+        Experiment(
+            "table1",
+            "Table 1: QA accuracy per task and on average, beside the published numbers; at "
+            "CPU scale five methods x 3 seeds on ARC-Easy, OpenBookQA and BBC News, with the "
+            "paired Stable-LoRA - LoRA difference.",
+            ("table1", "table1_avg", "summary", "runs_not_completed"),
+            ("loss", "eval"),
+            reports={
+                "cpu": (
+                    (
+                        "table1",
+                        "table1_best",
+                        "table1_avg",
+                        "paired_difference",
+                        "summary",
+                        "runs_not_completed",
+                    ),
+                    ("loss",),
+                )
+            },
+        ),
+        Experiment(
+            "gsm8k",
+            "GSM8K accuracy by step budget, AdamW against Stable-LoRA.",
+            ("gsm8k", "summary", "runs_not_completed"),
+            ("eval", "loss"),
+        ),
+        Experiment(
+            "ablation_stop_rule",
+            "Stop-rule ablation of Stable-LoRA on merged QA.",
+            ("ablation_stop_rule", "shrink_stops", "summary", "runs_not_completed"),
+            ("figure2_norms", "shrink_stops", "eval"),
+        ),
+        Experiment(
+            "ablation_target_modules",
+            "Target-module ablation on Llama-3.2-3B, merged QA.",
+            ("ablation_target_modules", "summary", "runs_not_completed"),
+            ("loss", "eval"),
+        ),
+        Experiment(
+            "overhead",
+            "Time and memory overhead relative to LoRA, one process per method.",
+            ("overhead", "summary", "runs_not_completed"),
+            ("loss",),
+            process_per="method",
+        ),
+        Experiment(
+            "figure2",
+            "Figure 2: LoRA factor norms against step, with the feature-update magnitudes.",
+            ("shrink_stops", "summary", "runs_not_completed"),
+            ("figure2_norms", "deltas", "delta_ratio", "shrink_stops"),
+            reports={
+                "cpu": (
+                    ("shrink_stops", "shrink_stops_by_layer", "summary", "runs_not_completed"),
+                    ("figure2_norms", "deltas", "delta_ratio", "shrink_stops", "eval"),
+                )
+            },
+        ),
+        Experiment(
+            "init_scale",
+            "The scale of A0: accuracy and self-stability, AdamW against Stable-LoRA.",
+            ("init_scale", "init_scale_stability", "summary", "runs_not_completed"),
+            ("init_scale", "figure2_norms", "delta_ratio"),
+        ),
+        Experiment(
+            "reviewer_controls",
+            "Reviewer controls beside LoRA and Stable-LoRA.",
+            ("reviewer_controls", "shrink_stops", "summary", "runs_not_completed"),
+            ("figure2_norms", "delta_ratio", "shrink_stops"),
+        ),
+        # Built for CPU scale: SmolLM2-135M (shipped offline) on this machine's budget.
+        Experiment(
+            "ablations",
+            "Ablations at CPU scale on the compressed schedule: stop rule, scale of A0 and the "
+            "reviewers' controls.",
+            (
+                "ablation_stop_rule",
+                "init_scale",
+                "init_scale_stability",
+                "reviewer_controls",
+                "shrink_stops",
+                "shrink_stops_by_layer",
+                "summary",
+                "runs_not_completed",
+            ),
+            ("figure2_norms", "delta_ratio", "shrink_stops", "init_scale"),
+            scale="cpu",
+        ),
+        Experiment(
+            "figure2_compressed",
+            "Figure 2 at CPU scale on a schedule under which the stop rule fires (lr 1e-3, "
+            "lambda 5e-3).",
+            ("shrink_stops", "shrink_stops_by_layer", "summary", "runs_not_completed"),
+            ("figure2_norms", "deltas", "delta_ratio", "shrink_stops", "eval"),
+            scale="cpu",
+        ),
+        Experiment(
+            "tuned_select",
+            "Tuned study, stage 1: each method trained at every lr of a shared log-spaced "
+            "grid on ARC-Easy, ARC-Challenge and BBC News, scored on held-out validation; "
+            "the lr picked per method (tuned_lr.json).",
+            ("tuned_lr", "summary", "runs_not_completed"),
+            ("loss",),
+            scale="cpu",
+        ),
+        Experiment(
+            "tuned_final",
+            "Tuned study, stage 2: each method at its picked lr x 3 seeds, scored on the full "
+            "test splits, with example-level paired tests against LoRA.",
+            (
+                "table1",
+                "paired_difference",
+                "paired_examples",
+                "paired_bootstrap",
+                "shrink_stops",
+                "shrink_stops_by_layer",
+                "summary",
+                "runs_not_completed",
+            ),
+            ("loss", "delta_ratio"),
+            scale="cpu",
+            lr_from="tuned_select",
+        ),
+        Experiment(
+            "main",
+            "The main job (bash scripts/setup.sh run): LoRA and Stable-LoRA side by side on "
+            "BBC News at lr 1e-3, lambda 5e-3, 100 steps, where the stop rule fires.",
+            ("side_by_side", "runs_not_completed"),
+            ("figure2_norms",),
+            scale="cpu",
+        ),
+        Experiment(
+            "dialogue",
+            "Dialogue generalisation at CPU scale: LoRA against Stable-LoRA x 3 seeds on the "
+            "chatterbot corpus, held-out reply loss, perplexity and ROUGE-L.",
+            ("dialogue", "summary", "runs_not_completed"),
+            ("loss", "eval"),
+            scale="cpu",
+        ),
+    )
+}
+
+
+def experiments_at(scale: str) -> list[str]:
+    """The experiments that have a configuration at ``scale``: every one at the paper's and
+    the smoke scale; at CPU scale those built for it and those with a
+    ``conf/experiment/<name>/cpu.yaml``."""
+    return [
+        e.name
+        for e in EXPERIMENTS.values()
+        if scale in (e.scale, "smoke", "paper") or (PRESETS / e.name / f"{scale}.yaml").exists()
+    ]
+
+
+#: Experiments with their own command line (not a sweep + report pair).
+OWN_COMMAND = ("width_sweep",)
+
+
+def compose(name: str, scale: str, overrides: tuple[str, ...] = ()):
+    """The experiment's configuration at ``scale`` as ``run.py -m`` composes it (with the
+    Hydra node, so that its sweep is there)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from stablelora.config import register_resolvers
+
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        return hydra_compose(
+            "config",
+            overrides=[f"experiment={name}", f"scale={scale}", *overrides],
+            return_hydra_config=True,
+        )
+
+
+@functools.cache
+def sweep_name(name: str, scale: str) -> str:
+    """The folder of the experiment's sweep under ``sweeps/`` at ``scale``: its resolved
+    ``sweep_name`` (``table1``, ``cpu_table1``, ``table1_smoke``)."""
+    return str(compose(name, scale).sweep_name)
+
+
+def split_values(text: str) -> list[str]:
+    """Hydra's choice sweep ``a,b,[c,d]`` -> ``["a", "b", "[c,d]"]`` (commas inside brackets
+    belong to a list value; blanks around values, e.g. from a folded YAML string, stripped)."""
+    values, depth, current = [], 0, ""
+    for char in text:
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            values.append(current.strip())
+            current = ""
+        else:
+            current += char
+    return [*values, current.strip()]
+
+
+def sweep_params(name: str, scale: str) -> dict[str, list[str]]:
+    """The experiment's ``hydra.sweeper.params`` at ``scale`` as {key: [values]}, composed with
+    Hydra (so those its scale adds count)."""
+    params = compose(name, scale).hydra.sweeper.params or {}
+    return {str(key): split_values(str(value)) for key, value in params.items()}
