@@ -1,8 +1,9 @@
 """One entry point for every artefact of the paper: run its Hydra sweep, then its analysis.
 
 An experiment ``<name>`` is one Hydra preset ``conf/experiment/<name>.yaml`` (what it compares,
-the sweep declared under ``hydra.sweeper.params``) and a row of :data:`experiments.catalog.EXPERIMENTS` (its tables
-and plots). It runs at a scale (``conf/scale/``): ``paper`` (the paper's models, GPUs),
+the sweep declared under ``hydra.sweeper.params``) and a row of
+:data:`experiments.catalog.EXPERIMENTS` (its tables and plots).
+It runs at a scale (``conf/scale/``): ``paper`` (the paper's models, GPUs),
 ``cpu`` (SmolLM2-135M on this kind of machine; results/cpu/) or ``smoke`` (the tiny random
 Llama, CI-sized). Where an experiment needs its own settings at a scale (Table 1's offline
 tasks at CPU scale, two seeds in CI), they are in ``conf/experiment/<name>/<scale>.yaml``::
