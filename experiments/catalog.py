@@ -8,6 +8,7 @@ An experiment ``<name>`` is ``conf/experiment/<name>.yaml`` plus its row here.
 from __future__ import annotations
 
 import functools
+import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,7 +32,7 @@ RENAMED = {
             "tuned_select",
             "tuned_final",
         )
-    },  # fmt: skip
+    },
 }
 
 Report = tuple[tuple[str, ...], tuple[str, ...]]
@@ -56,7 +57,7 @@ class Experiment:
     #: the peak memory (max RSS) of the overhead table.
     process_per: str | None = None
     #: The selection experiment whose ``tuned_lr.json`` sets each method's ``optim.lr``
-    #: (one sweep command per method); see the module docstring.
+    #: (one sweep command per method); see :mod:`experiments.common`.
     lr_from: str | None = None
 
     def report(self, scale: str) -> Report:
@@ -274,3 +275,13 @@ def sweep_params(name: str, scale: str) -> dict[str, list[str]]:
     Hydra (so those its scale adds count)."""
     params = compose(name, scale).hydra.sweeper.params or {}
     return {str(key): split_values(str(value)) for key, value in params.items()}
+
+
+def sweep_jobs(name: str, scale: str) -> list[list[str]]:
+    """The overrides of every job of the experiment's sweep at ``scale`` (``key=value``, one
+    list per job), in the order Hydra's basic sweeper runs them: the last key varies fastest."""
+    params = sweep_params(name, scale)
+    return [
+        [f"{key}={value}" for key, value in zip(params, values)]
+        for values in itertools.product(*params.values())
+    ]

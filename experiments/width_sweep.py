@@ -25,6 +25,8 @@ from pathlib import Path
 
 import yaml
 
+from experiments.catalog import sweep_name
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -33,7 +35,7 @@ def run_sweep(scale: str, output_root: Path, overrides: list[str]) -> Path:
     command = [sys.executable, str(ROOT / "run.py"), "-m", "experiment=width_sweep",
                f"scale={scale}", f"output_root={output_root}", *overrides]  # fmt: skip
     subprocess.run(command, cwd=ROOT, check=True)
-    return output_root / "sweeps" / ("width_sweep_smoke" if scale == "smoke" else "width_sweep")
+    return output_root / "sweeps" / sweep_name("width_sweep", scale)
 
 
 def width_records(sweep_dir: Path) -> Path:

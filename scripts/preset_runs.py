@@ -13,7 +13,6 @@ default), and say so in the commit.
 
 from __future__ import annotations
 
-import itertools
 import json
 import sys
 from pathlib import Path
@@ -21,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from experiments.catalog import compose, sweep_params  # noqa: E402
+from experiments.catalog import compose, sweep_jobs  # noqa: E402
 from stablelora.config import config_hash  # noqa: E402
 
 FIXTURE = ROOT / "tests" / "fixtures" / "preset_runs.json"
@@ -36,12 +35,8 @@ ABOUT = (
 def runs(key: str) -> list[str]:
     """The sorted config hashes of every job of ``<experiment>@<scale>``."""
     name, scale = key.split("@")
-    params = sweep_params(name, scale)
-    hashes = set()
-    for values in itertools.product(*params.values()):
-        overrides = tuple(f"{k}={v}" for k, v in zip(params, values))
-        hashes.add(config_hash(compose(name, scale, overrides)))
-    return sorted(hashes)
+    jobs = sweep_jobs(name, scale)
+    return sorted({config_hash(compose(name, scale, tuple(job))) for job in jobs})
 
 
 def main(argv: list[str]) -> int:

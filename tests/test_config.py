@@ -119,12 +119,9 @@ def test_contract_names_exist():
 def first_job(experiment: str, scale: str) -> list[str]:
     """The overrides of the first job of the experiment's sweep at ``scale`` (group choices
     a scale's own settings make are set by the sweep: Hydra allows them no ``override``)."""
-    from experiments.catalog import sweep_params
+    from experiments.catalog import sweep_jobs
 
-    params = sweep_params(experiment, scale)
-    return [f"experiment={experiment}", f"scale={scale}"] + [
-        f"{k}={v[0]}" for k, v in params.items()
-    ]
+    return [f"experiment={experiment}", f"scale={scale}", *sweep_jobs(experiment, scale)[0]]
 
 
 def name_scale(experiment: str) -> str:

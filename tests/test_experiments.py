@@ -11,7 +11,6 @@ An experiment is ``conf/experiment/<name>.yaml`` (what it compares, the sweep un
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import math
 import os
@@ -26,7 +25,7 @@ from omegaconf import OmegaConf
 
 from analysis import published
 from experiments.catalog import EXPERIMENTS as ARTEFACTS
-from experiments.catalog import OWN_COMMAND, RENAMED, experiments_at, sweep_params
+from experiments.catalog import OWN_COMMAND, RENAMED, experiments_at, sweep_jobs, sweep_params
 from experiments.common import main
 from stablelora.config import HASH_LENGTH, config_hash
 
@@ -45,12 +44,8 @@ def exists(group: str, option: str) -> bool:
 
 
 def jobs(name: str, scale: str) -> list[list[str]]:
-    """The overrides of every job of the experiment's sweep at ``scale``, in Hydra's order."""
-    params = sweep_params(name, scale)
-    return [
-        [f"experiment={name}", f"scale={scale}"] + [f"{k}={v}" for k, v in zip(params, values)]
-        for values in itertools.product(*params.values())
-    ]
+    """The whole command-line overrides of every job of the experiment's sweep at ``scale``."""
+    return [[f"experiment={name}", f"scale={scale}", *job] for job in sweep_jobs(name, scale)]
 
 
 def variant_method(variant: str) -> str:
