@@ -190,6 +190,7 @@ EXPERIMENTS: dict[str, Experiment] = {
                 "paired_bootstrap",
                 "shrink_stops",
                 "shrink_stops_by_layer",
+                "side_by_side",
                 "summary",
                 "runs_not_completed",
             ),

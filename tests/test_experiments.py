@@ -440,6 +440,9 @@ def check_artefact(name: str, report: Path) -> None:
         assert set(mcnemar["method"]) == {"stable_lora"} and sorted(mcnemar["seed"]) == [0, 1]
         assert (mcnemar["n"] == 8).all()
         assert "stable_lora" in set(pd.read_csv(tables / "paired_bootstrap.csv")["method"])
+        sides = pd.read_csv(tables / "side_by_side.csv").set_index("label")
+        assert sorted(sides.index) == ["lora", "stable_lora"] and (sides["runs"] == 2).all()
+        assert (sides["delta_ratio_mid"] > 0).all() and math.isnan(sides.loc["lora", "layers"])
     elif name == "dialogue":
         data = pd.read_csv(tables / "dialogue.csv").set_index("label")
         assert list(data.index) == ["before training", "lora", "stable_lora"]

@@ -36,7 +36,7 @@ every table with its description. Among them:
 ``overhead``              training time and peak memory relative to LoRA
 ``shrink_stops``          when the layers stopped shrinking
 ``shrink_stops_by_layer`` the same by projection (q_proj, v_proj...) and band of depth
-``side_by_side``          the main job's table: accuracy before/after, layers stopped and
+``side_by_side``          methods side by side: accuracy before/after, layers stopped and
                           median stop step, ||A|| first -> last, mid-run delta1/delta2
 ``summary``               every (model, task, method) group: runs, status, metrics
 ``runs_not_completed``    every failed, diverged or incomplete run and its error

@@ -1,4 +1,4 @@
-"""The main job's table: each method's accuracy, shrink and self-stability side by side."""
+"""Methods side by side: accuracy, shrink and self-stability (main job, tuned study)."""
 
 from __future__ import annotations
 
@@ -104,7 +104,7 @@ def side_by_side(coll: Collection, seeds: str = "mean") -> Table | None:
     ]
     return Table(
         "side_by_side",
-        "LoRA and Stable-LoRA side by side",
+        "Methods side by side: accuracy, shrink and self-stability",
         pd.DataFrame(shown),
         pd.DataFrame(data),
         notes,
