@@ -182,3 +182,24 @@ def test_a_method_gets_no_pick_until_it_has_run_at_every_lr_of_the_grid(tmp_path
     record = json.loads((out / PICKS_FILE).read_text())
     assert [p["method"] for p in record["picks"]] == ["lora"]
     assert "not yet (grid incomplete)" in (out / "tables" / "tuned_lr.md").read_text()
+
+
+def test_a_diverged_run_completes_the_grid_but_is_never_picked(tmp_path):
+    # The largest lr diverged for lora+ (a result: too large), and only failed for lora (no
+    # result yet: the run is to be redone); rslora diverged everywhere.
+    runs = {
+        "loraplus": {1e-4: ("completed", 0.6), 1e-3: ("completed", 0.7), 1e-2: ("diverged", 0)},
+        "lora": {1e-4: ("completed", 0.6), 1e-3: ("completed", 0.7), 1e-2: ("failed", 0)},
+        "rslora": {1e-4: ("diverged", 0), 1e-3: ("diverged", 0), 1e-2: ("diverged", 0)},
+    }
+    for method, by_lr in runs.items():
+        for lr, (status, acc) in by_lr.items():
+            write_run(tmp_path, f"{method}-{lr}", method=method, acc=acc, status=status,
+                      config={"optim.lr": lr, "task.eval_split": "validation"})  # fmt: skip
+    data = pick_learning_rates(collect(tmp_path).runs)
+    picked = data[data["picked"]]
+    assert dict(zip(picked["method"], picked["optim.lr"])) == {"loraplus": 1e-3}
+    assert not picked["edge"].any()  # 1e-3 lies inside loraplus's grid: 1e-2 was tried
+    incomplete = data.groupby("method")["incomplete"].all().to_dict()
+    assert incomplete == {"lora": True, "loraplus": False, "rslora": False}
+    assert "ended" not in data

@@ -5,9 +5,10 @@ validation split (``task.eval_split=validation``). For each (model, task, method
 hyper-parameters) this picks the lr with the highest mean final main metric (``score``) over
 its completed selection runs (seeds); a tie goes to the **smaller** lr (the cheaper step, and
 the order of the grid; it is stated in the table's notes). An lr none of whose runs completed
-(diverged, failed) cannot be picked, and a method gets no pick until it has a completed run at
-every lr of the grid (all lrs any method of the same model and task ran), so a selection run
-over several sittings never hands a partial pick to the final stage. A pick on the grid's
+(diverged, failed) cannot be picked, and a method gets no pick until it has a completed or
+diverged run at every lr of the grid (all lrs any method of the same model and task ran), so
+a selection run over several sittings never hands a partial pick to the final stage, while an
+lr too large for a method (its run diverged) does not block its pick. A pick on the grid's
 smallest or largest lr is flagged: the grid should be extended there.
 
 The picks are written by ``analysis.report`` next to the table, as ``tuned_lr.json`` (see
@@ -30,6 +31,8 @@ from analysis.tables.registry import register_table
 PICKS_FILE = "tuned_lr.json"
 TIE_RULE = "ties go to the smaller lr"
 KEYS = ["model", "task", "label", "method"]
+#: Run statuses that are a result at their lr (a diverged run is one: that lr is too large).
+ENDED = ("completed", "diverged")
 
 
 def pick_learning_rates(runs: pd.DataFrame) -> pd.DataFrame:
@@ -42,15 +45,23 @@ def pick_learning_rates(runs: pd.DataFrame) -> pd.DataFrame:
     stats = aggregate(frame, [*KEYS, "optim.lr"], "mean")
     stats["optim.lr"] = stats["optim.lr"].astype(float)
     stats["picked"], stats["edge"], stats["incomplete"] = False, False, False
-    # The grid: every lr any method of the same model and task ran. A method without a
-    # completed run at each of them gets no pick yet (a selection run over several sittings
-    # must not hand a partial pick to the final stage).
+    # The grid: every lr any method of the same model and task ran. A method without an
+    # ended run (completed, or diverged: a result, unlike a failed or unfinished run) at each
+    # of them gets no pick yet: a selection over several sittings must not hand a partial
+    # pick to the final stage.
+    ended = frame[frame["status"].isin(ENDED)]
+    tried = set(zip(*(ended[k].astype(str) for k in KEYS), ended["optim.lr"].astype(float)))
+    stats["ended"] = [
+        (*(str(row[k]) for k in KEYS), row["optim.lr"]) in tried for _, row in stats.iterrows()
+    ]
     grids = stats.groupby(["model", "task"], dropna=False)["optim.lr"].agg(frozenset)
     for _, group in stats.groupby(KEYS, dropna=False, sort=False):
         scored = group[group["value"].notna()]
         first = group.iloc[0]
-        if set(scored["optim.lr"]) != grids[(first["model"], first["task"])]:
+        if set(group.loc[group["ended"], "optim.lr"]) != grids[(first["model"], first["task"])]:
             stats.loc[group.index, "incomplete"] = True
+            continue
+        if scored.empty:  # every lr diverged: nothing to pick
             continue
         # the highest mean; among equal means the smallest lr
         best = scored.sort_values(["value", "optim.lr"], ascending=[False, True]).index[0]
@@ -58,7 +69,7 @@ def pick_learning_rates(runs: pd.DataFrame) -> pd.DataFrame:
         grid = group["optim.lr"]
         lr = stats.loc[best, "optim.lr"]
         stats.loc[best, "edge"] = len(grid) > 1 and lr in (grid.min(), grid.max())
-    return sort_frame(stats, [*KEYS, "optim.lr"]).reset_index(drop=True)
+    return sort_frame(stats.drop(columns="ended"), [*KEYS, "optim.lr"]).reset_index(drop=True)
 
 
 def picks_record(data: pd.DataFrame) -> dict:
@@ -123,9 +134,9 @@ def tuned_lr(coll: Collection, seeds: str = "mean") -> Table | None:
         f"{split or 'runs eval'} split, mean ± sample std over the completed selection runs "
         "(n/runs when some did not complete).",
         f"Pick: the lr with the highest mean score per model, task and method; {TIE_RULE}; an "
-        "lr with no completed run is never picked, and a method is picked for only once it has a "
-        "completed run at every lr of the grid (every lr some method ran). A pick on the "
-        "grid's edge means the grid should be extended beyond it.",
+        "lr with no completed run is never picked, and a method gets a pick only once it has a "
+        "completed or diverged run at every lr of the grid (every lr some method ran). A pick "
+        "on the grid's edge means the grid should be extended beyond it.",
     ]
     if split != "validation":
         notes.append(
