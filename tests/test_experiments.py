@@ -25,8 +25,15 @@ from omegaconf import OmegaConf
 
 from analysis import published
 from experiments.catalog import EXPERIMENTS as ARTEFACTS
-from experiments.catalog import OWN_COMMAND, RENAMED, experiments_at, sweep_jobs, sweep_params
-from experiments.common import main
+from experiments.catalog import (
+    OWN_COMMAND,
+    RENAMED,
+    experiments_at,
+    sweep_jobs,
+    sweep_name,
+    sweep_params,
+)
+from experiments.common import PICKS_FILE, main, picked_lrs
 from stablelora.config import HASH_LENGTH, config_hash
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,6 +53,23 @@ def exists(group: str, option: str) -> bool:
 def jobs(name: str, scale: str) -> list[list[str]]:
     """The whole command-line overrides of every job of the experiment's sweep at ``scale``."""
     return [[f"experiment={name}", f"scale={scale}", *job] for job in sweep_jobs(name, scale)]
+
+
+def committed_cpu_jobs(name: str) -> list[list[str]]:
+    """The jobs of the experiment's CPU sweep; a final stage (``lr_from``) runs each method at
+    the lr its committed selection picked, as ``python -m experiments.reproduce`` does."""
+    found = jobs(name, "cpu")
+    source = ARTEFACTS[name].lr_from
+    if source is None:
+        return found
+    picks = ROOT / "results" / "cpu" / sweep_name(source, "cpu") / "report" / PICKS_FILE
+    lrs = picked_lrs(picks, sweep_params(name, "cpu")["method"], "committed_cpu_jobs")
+
+    def at_pick(job: list[str]) -> list[str]:
+        method = next(p[len("method=") :] for p in job if p.startswith("method="))
+        return [*(p for p in job if not p.startswith("optim.lr=")), f"optim.lr={lrs[method]!r}"]
+
+    return [at_pick(job) for job in found]
 
 
 def variant_method(variant: str) -> str:
@@ -93,7 +117,7 @@ def test_committed_cpu_runs_are_runs_of_their_experiment():
         checked += 1
         sweep = run_dir.parents[1].name.removeprefix("cpu_"), recorded["data_root"]
         if sweep not in first:
-            every[sweep] = [[*job, f"data_root={sweep[1]}"] for job in jobs(sweep[0], "cpu")]
+            every[sweep] = [[*job, f"data_root={sweep[1]}"] for job in committed_cpu_jobs(sweep[0])]
             first[sweep] = common(OmegaConf.to_container(compose_config(every[sweep][0])))
         if common(recorded) != first[sweep]:
             continue  # recorded before a configuration key was added
