@@ -30,10 +30,10 @@ from experiments.catalog import (
     RENAMED,
     experiments_at,
     sweep_jobs,
-    sweep_name,
     sweep_params,
 )
-from experiments.common import PICKS_FILE, main, picked_lrs
+from experiments.common import main, picked_lrs
+from experiments.reproduce import selection_args
 from stablelora.config import HASH_LENGTH, config_hash
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -59,11 +59,10 @@ def committed_cpu_jobs(name: str) -> list[list[str]]:
     """The jobs of the experiment's CPU sweep; a final stage (``lr_from``) runs each method at
     the lr its committed selection picked, as ``python -m experiments.reproduce`` does."""
     found = jobs(name, "cpu")
-    source = ARTEFACTS[name].lr_from
-    if source is None:
+    selection = selection_args(name, "cpu", ROOT / "results" / "cpu")  # ["--lr-selection", FILE]
+    if not selection:
         return found
-    picks = ROOT / "results" / "cpu" / sweep_name(source, "cpu") / "report" / PICKS_FILE
-    lrs = picked_lrs(picks, sweep_params(name, "cpu")["method"], "committed_cpu_jobs")
+    lrs = picked_lrs(Path(selection[1]), sweep_params(name, "cpu")["method"], "committed_cpu_jobs")
 
     def at_pick(job: list[str]) -> list[str]:
         method = next(p[len("method=") :] for p in job if p.startswith("method="))

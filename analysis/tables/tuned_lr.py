@@ -40,20 +40,21 @@ def pick_learning_rates(runs: pd.DataFrame) -> pd.DataFrame:
     (``value``), ``std``, ``n``/``runs``, ``picked`` and ``edge`` (the pick is the grid's
     smallest or largest lr); ``label`` leaves the lr out."""
     runs = label_runs(runs.copy(), exclude=["optim.lr"])
-    frame = runs.assign(value=pd.to_numeric(runs["score"], errors="coerce"))
+    frame = runs.assign(
+        value=pd.to_numeric(runs["score"], errors="coerce"),
+        ended=runs["status"].isin(ENDED),
+    )
+    frame["optim.lr"] = frame["optim.lr"].astype(float)
     frame.loc[frame["status"] != "completed", "value"] = math.nan
-    stats = aggregate(frame, [*KEYS, "optim.lr"], "mean")
-    stats["optim.lr"] = stats["optim.lr"].astype(float)
-    stats["picked"], stats["edge"], stats["incomplete"] = False, False, False
+    by_lr = [*KEYS, "optim.lr"]
+    stats = aggregate(frame, by_lr, "mean")
     # The grid: every lr any method of the same model and task ran. A method without an
     # ended run (completed, or diverged: a result, unlike a failed or unfinished run) at each
     # of them gets no pick yet: a selection over several sittings must not hand a partial
     # pick to the final stage.
-    ended = frame[frame["status"].isin(ENDED)]
-    tried = set(zip(*(ended[k].astype(str) for k in KEYS), ended["optim.lr"].astype(float)))
-    stats["ended"] = [
-        (*(str(row[k]) for k in KEYS), row["optim.lr"]) in tried for _, row in stats.iterrows()
-    ]
+    ended = frame.groupby(by_lr, dropna=False)["ended"].any().reset_index()
+    stats = stats.merge(ended, on=by_lr, how="left")
+    stats["picked"], stats["edge"], stats["incomplete"] = False, False, False
     grids = stats.groupby(["model", "task"], dropna=False)["optim.lr"].agg(frozenset)
     for _, group in stats.groupby(KEYS, dropna=False, sort=False):
         scored = group[group["value"].notna()]
@@ -69,7 +70,7 @@ def pick_learning_rates(runs: pd.DataFrame) -> pd.DataFrame:
         grid = group["optim.lr"]
         lr = stats.loc[best, "optim.lr"]
         stats.loc[best, "edge"] = len(grid) > 1 and lr in (grid.min(), grid.max())
-    return sort_frame(stats.drop(columns="ended"), [*KEYS, "optim.lr"]).reset_index(drop=True)
+    return sort_frame(stats.drop(columns="ended"), by_lr).reset_index(drop=True)
 
 
 def picks_record(data: pd.DataFrame) -> dict:
