@@ -164,6 +164,24 @@ def test_tuned_lr_picks_the_best_mean_validation_score_smaller_lr_on_ties(tmp_pa
     assert TIE_RULE in markdown and "yes (grid edge)" in markdown
 
 
+def test_tuned_lr_picks_the_lowest_mean_of_a_loss_like_main_metric(tmp_path):
+    # A dialogue task scored by its held-out loss: the best lr is the one with the lowest
+    # mean loss (the highest would be the worst), next to an accuracy task in the same sweep.
+    losses = {1e-4: (2.0, 2.2), 1e-3: (1.5, 1.7), 1e-2: (3.0, 3.4)}
+    for lr, values in losses.items():
+        for seed, loss in enumerate(values):
+            write_run(tmp_path, f"chat-{lr}-{seed}", task="chatterbot", seed=seed, acc=loss,
+                      main_metric="eval/loss",
+                      config={"optim.lr": lr, "task.eval_split": "validation"})  # fmt: skip
+        write_run(tmp_path, f"bbc-{lr}", acc={1e-4: 0.5, 1e-3: 0.6, 1e-2: 0.7}[lr],
+                  config={"optim.lr": lr, "task.eval_split": "validation"})  # fmt: skip
+    data = pick_learning_rates(collect(tmp_path).runs)
+    picked = data[data["picked"]]
+    assert dict(zip(picked["task"], picked["optim.lr"])) == {"chatterbot": 1e-3, "bbc_news": 1e-2}
+    assert picked.set_index("task").loc["chatterbot", "value"] == pytest.approx(1.6)
+    assert "sign" not in data
+
+
 def test_a_method_gets_no_pick_until_it_has_run_at_every_lr_of_the_grid(tmp_path):
     # A selection over several sittings: lora ran the whole grid, stable_lora two of its lrs
     # so far (the one it has not run would not be picked by the mean alone anyway).

@@ -2,8 +2,9 @@
 
 A selection sweep trains every method at every lr of a shared grid and scores it on the
 validation split (``task.eval_split=validation``). For each (model, task, method and its other
-hyper-parameters) this picks the lr with the highest mean final main metric (``score``) over
-its completed selection runs (seeds); a tie goes to the **smaller** lr (the cheaper step, and
+hyper-parameters) this picks the lr with the best mean final main metric (``score``) over
+its completed selection runs (seeds): the highest, or the lowest for a loss-like main metric
+(a dialogue task's held-out ``loss``); a tie goes to the **smaller** lr (the cheaper step, and
 the order of the grid; it is stated in the table's notes). An lr none of whose runs completed
 (diverged, failed) cannot be picked, and a method gets no pick until it has a completed or
 diverged run at every lr of the grid (all lrs any method of the same model and task ran), so
@@ -23,7 +24,7 @@ import math
 import pandas as pd
 
 from analysis.collect import Collection, format_value, label_runs
-from analysis.tables.aggregation import aggregate, check_mode
+from analysis.tables.aggregation import aggregate, check_mode, lower_is_better
 from analysis.tables.formatting import Table, cell_text
 from analysis.tables.ordering import sort_frame
 from analysis.tables.registry import register_table
@@ -37,8 +38,9 @@ ENDED = ("completed", "diverged")
 
 def pick_learning_rates(runs: pd.DataFrame) -> pd.DataFrame:
     """One row per (model, task, label, method, lr): the mean ``score`` over completed runs
-    (``value``), ``std``, ``n``/``runs``, ``picked`` and ``edge`` (the pick is the grid's
-    smallest or largest lr); ``label`` leaves the lr out."""
+    (``value``), ``std``, ``n``/``runs``, ``picked`` (the best mean: the highest, the lowest
+    for a loss-like main metric) and ``edge`` (the pick is the grid's smallest or largest lr);
+    ``label`` leaves the lr out."""
     runs = label_runs(runs.copy(), exclude=["optim.lr"])
     frame = runs.assign(
         value=pd.to_numeric(runs["score"], errors="coerce"),
@@ -54,6 +56,10 @@ def pick_learning_rates(runs: pd.DataFrame) -> pd.DataFrame:
     # pick to the final stage.
     ended = frame.groupby(by_lr, dropna=False)["ended"].any().reset_index()
     stats = stats.merge(ended, on=by_lr, how="left")
+    # +1 where higher is better; the main metric is one per task, so one per group
+    lower = frame.groupby(by_lr, dropna=False)["main_metric"].first().map(lower_is_better)
+    sign = lower.map({True: -1.0, False: 1.0}).rename("sign").reset_index()
+    stats = stats.merge(sign, on=by_lr, how="left")
     stats["picked"], stats["edge"], stats["incomplete"] = False, False, False
     grids = stats.groupby(["model", "task"], dropna=False)["optim.lr"].agg(frozenset)
     for _, group in stats.groupby(KEYS, dropna=False, sort=False):
@@ -64,13 +70,17 @@ def pick_learning_rates(runs: pd.DataFrame) -> pd.DataFrame:
             continue
         if scored.empty:  # every lr diverged: nothing to pick
             continue
-        # the highest mean; among equal means the smallest lr
-        best = scored.sort_values(["value", "optim.lr"], ascending=[False, True]).index[0]
+        # the best mean; among equal means the smallest lr
+        best = (
+            scored.assign(signed=scored["value"] * scored["sign"])
+            .sort_values(["signed", "optim.lr"], ascending=[False, True])
+            .index[0]
+        )
         stats.loc[best, "picked"] = True
         grid = group["optim.lr"]
         lr = stats.loc[best, "optim.lr"]
         stats.loc[best, "edge"] = len(grid) > 1 and lr in (grid.min(), grid.max())
-    return sort_frame(stats.drop(columns="ended"), by_lr).reset_index(drop=True)
+    return sort_frame(stats.drop(columns=["ended", "sign"]), by_lr).reset_index(drop=True)
 
 
 def picks_record(data: pd.DataFrame) -> dict:
@@ -79,7 +89,8 @@ def picks_record(data: pd.DataFrame) -> dict:
     picked = data[data["picked"]]
     split = data["split"].iloc[0] if len(data) else None
     return {
-        "metric": "score (final main metric), mean over the selection runs' seeds",
+        "metric": "score (final main metric), mean over the selection runs' seeds; the "
+        "highest wins (the lowest for a loss-like metric)",
         "split": None if pd.isna(split) else split,
         "tie_rule": TIE_RULE,
         "picks": [
@@ -134,7 +145,8 @@ def tuned_lr(coll: Collection, seeds: str = "mean") -> Table | None:
         "score: the final main metric (a mixture's: the unweighted mean over its tasks) on the "
         f"{split or 'runs eval'} split, mean ± sample std over the completed selection runs "
         "(n/runs when some did not complete).",
-        f"Pick: the lr with the highest mean score per model, task and method; {TIE_RULE}; an "
+        "Pick: the lr with the best mean score per model, task and method (the highest; the "
+        f"lowest for a loss-like main metric); {TIE_RULE}; an "
         "lr with no completed run is never picked, and a method gets a pick only once it has a "
         "completed or diverged run at every lr of the grid (every lr some method ran). A pick "
         "on the grid's edge means the grid should be extended beyond it.",
