@@ -176,7 +176,7 @@ EXPERIMENTS: dict[str, Experiment] = {
             "grid on ARC-Easy, ARC-Challenge and BBC News, scored on held-out validation; "
             "the lr picked per method (tuned_lr.json).",
             ("tuned_lr", "summary", "runs_not_completed"),
-            ("loss",),
+            ("lr_sweep", "loss"),
             scale="cpu",
         ),
         Experiment(

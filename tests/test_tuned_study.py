@@ -182,6 +182,41 @@ def test_tuned_lr_picks_the_lowest_mean_of_a_loss_like_main_metric(tmp_path):
     assert "sign" not in data
 
 
+def test_lr_sweep_plot_draws_each_methods_selection_curve_with_its_pick(tmp_path):
+    from analysis.plots import build_plots
+    from analysis.plots.selection import lr_sweep_points
+
+    scores = {
+        "lora": {1e-4: (0.60, 0.64), 1e-3: (0.70, 0.70)},
+        "loraplus": {1e-4: (0.8,), 1e-3: (0.5,)},
+    }
+    for method, by_lr in scores.items():
+        for lr, values in by_lr.items():
+            for seed, acc in enumerate(values):
+                write_run(tmp_path, f"{method}-{lr}-{seed}", method=method, seed=seed, acc=acc,
+                          config={"optim.lr": lr, "task.eval_split": "validation"})  # fmt: skip
+    points = lr_sweep_points(collect(tmp_path)).set_index(["method", "optim.lr"])
+    assert points["value"].to_dict() == pytest.approx(
+        {
+            ("lora", 1e-4): 62.0,
+            ("lora", 1e-3): 70.0,
+            ("loraplus", 1e-4): 80.0,
+            ("loraplus", 1e-3): 50.0,
+        }
+    )  # accuracies in %
+    assert points.loc[("lora", 1e-4), "std"] == pytest.approx(100 * np.std([0.60, 0.64], ddof=1))
+    assert points.index[points["picked"]].tolist() == [("lora", 1e-3), ("loraplus", 1e-4)]
+    paths = build_plots(collect(tmp_path), tmp_path / "plots", ["lr_sweep"])
+    assert [p.name for p in paths] == ["lr_sweep.png", "lr_sweep.pdf"]
+    assert all(p.stat().st_size > 1000 for p in paths)
+    # a sweep at one lr has no selection curve
+    one_lr = tmp_path / "one"
+    write_run(one_lr, "a", acc=0.5)
+    write_run(one_lr, "b", method="stable_lora", acc=0.6)
+    assert lr_sweep_points(collect(one_lr)).empty
+    assert build_plots(collect(one_lr), one_lr / "plots", ["lr_sweep"]) == []
+
+
 def test_a_method_gets_no_pick_until_it_has_run_at_every_lr_of_the_grid(tmp_path):
     # A selection over several sittings: lora ran the whole grid, stable_lora two of its lrs
     # so far (the one it has not run would not be picked by the mean alone anyway).

@@ -13,12 +13,14 @@ Each builder returns the paths it wrote, or ``[]`` when the records lack what it
 ``loss``           training loss against step
 ``eval``           the main evaluation metric against step
 ``init_scale``     delta1/delta2 and ||A||_F against step, one curve per scale of A0
+``lr_sweep``       a tuned study's selection curve: each method's score against lr, the pick
+                   ringed
 ================== =====================================================================
 
 Curves are means over seeds with the range over seeds (and layers) as a band. A plot is a
 function registered by ``@register_plot`` (:mod:`analysis.plots.drawing`) in any module of
 this package (this package imports them all): :mod:`~analysis.plots.norms`,
-:mod:`~analysis.plots.deltas`, :mod:`~analysis.plots.curves`.
+:mod:`~analysis.plots.deltas`, :mod:`~analysis.plots.curves`, :mod:`~analysis.plots.selection`.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ REPORT_ORDER = (
     "loss",
     "eval",
     "init_scale",
+    "lr_sweep",
 )
 
 
