@@ -267,7 +267,12 @@ def report(args: argparse.Namespace) -> dict:
     names = list(args.tables or tables_module.TABLES)
     coll, built, counts = everything, [], f"{len(everything.runs)} runs"
     if args.select_lr:
-        kept, selection = tables_module.select_learning_rate(everything.runs, args.select_metric)
+        try:
+            kept, selection = tables_module.select_learning_rate(
+                everything.runs, args.select_metric
+            )
+        except ValueError as err:  # a metric the runs lack, or one with no mean to rank
+            raise SystemExit(f"analysis.report: {err}") from None
         coll = everything.subset(kept["run_id"])
         coll.runs = kept
         built.append(selection)

@@ -85,7 +85,8 @@ def parse_args(experiment: Experiment, argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--select-metric",
         default="score",
-        help="the runs.csv column --select-lr maximises (default: score, the final main metric)",
+        help="the runs.csv column --select-lr ranks (the highest wins, the lowest for a loss; "
+        "default: score, the final main metric)",
     )
     parser.add_argument(
         "--skip-sweep", action="store_true", help="only redo the analysis of the existing records"

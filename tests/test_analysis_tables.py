@@ -529,6 +529,27 @@ def test_select_learning_rate_keeps_the_best_lr_per_method(tmp_path):
     assert table.display["chosen"].tolist().count("yes") == 2
 
 
+def test_select_learning_rate_keeps_the_lowest_loss(tmp_path):
+    # A dialogue task scored by held-out loss: the best lr has the lowest mean loss, whether
+    # the selection reads the main metric (score) or names the loss column.
+    for lr, loss in ((1e-4, 2.0), (1e-3, 1.5), (1e-2, 3.0)):
+        write_run(tmp_path, f"chat-{lr}", task="chatterbot", acc=loss, main_metric="eval/loss",
+                  config={"optim.lr": lr})  # fmt: skip
+    runs = collect(tmp_path).runs
+    for metric in ("score", "final/eval/loss"):
+        kept, table = select_learning_rate(runs, metric)
+        assert kept["optim.lr"].tolist() == [1e-3], metric
+    # beside an accuracy task of the same method, the mean over tasks means nothing
+    for lr, acc in ((1e-4, 0.5), (1e-3, 0.6), (1e-2, 0.7)):
+        write_run(tmp_path, f"bbc-{lr}", acc=acc, config={"optim.lr": lr})
+    with pytest.raises(ValueError, match="mixes loss-like and accuracy metrics"):
+        select_learning_rate(collect(tmp_path).runs)
+    from analysis.report import main as report_main
+
+    with pytest.raises(SystemExit, match="^analysis.report: cannot select the lr for"):
+        report_main([str(tmp_path), "--out", str(tmp_path / "out"), "--select-lr", "--no-plots"])
+
+
 def test_unfinished_run_without_summary_is_incomplete(tmp_path):
     run_dir = write_run(tmp_path, "running", metrics=[{"step": 3, "train/loss": 1.0}])
     (run_dir / "summary.json").unlink()
