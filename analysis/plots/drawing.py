@@ -175,11 +175,11 @@ def save_figure(fig, path: Path, **kwargs) -> None:
     fig.savefig(path, metadata=FIXED_METADATA.get(Path(path).suffix), **kwargs)
 
 
-def _save(plt, fig, out_dir: Path, name: str) -> list[Path]:
+def _save(plt, fig, out_dir: Path, name: str, step_axis: bool = True) -> list[Path]:
     from matplotlib.ticker import MaxNLocator
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    for ax in fig.axes:  # every x axis is a step count
+    for ax in fig.axes if step_axis else ():  # the x axis is a step count
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     paths = [out_dir / f"{name}.png", out_dir / f"{name}.pdf"]
@@ -232,6 +232,26 @@ def _per_setting(
     out_dir: Path, name: str, frame: pd.DataFrame, ylabel: str, title: str, log: bool = False
 ) -> list[Path]:
     """A panel per (model, task), a band per method."""
+
+    def draw(ax, rows: pd.DataFrame, colors: dict, notes: list[str]) -> None:
+        _lines(ax, rows, colors, notes, log=log)
+        if log:
+            ax.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
+        ax.set(yscale="log" if log else "linear", xlabel="step", ylabel=ylabel)
+
+    return _setting_panels(out_dir, name, frame, title, draw)
+
+
+def _setting_panels(
+    out_dir: Path,
+    name: str,
+    frame: pd.DataFrame,
+    title: str,
+    draw: Callable[..., None],
+    step_axis: bool = True,
+) -> list[Path]:
+    """A panel per (model, task) of ``frame``, each drawn by ``draw(ax, rows, colors,
+    notes)`` (``colors``: one per label of the whole frame, ``notes``: for the title)."""
     if frame.empty:
         return []
     plt, notes = _pyplot(), []
@@ -241,15 +261,8 @@ def _per_setting(
         colors = label_colors(_labels_in_order(frame["label"]))
         groups = _by(frame, SETTING)
         for ax, setting in zip(axes, settings):
-            _lines(ax, groups[setting], colors, notes, log=log)
-            if log:
-                ax.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
-            ax.set(
-                yscale="log" if log else "linear",
-                title=_title(setting),
-                xlabel="step",
-                ylabel=ylabel,
-            )
+            draw(ax, groups[setting], colors, notes)
+            ax.set_title(_title(setting))
             _legend(ax)
         _suptitle(fig, title, notes)
-        return _save(plt, fig, out_dir, name)
+        return _save(plt, fig, out_dir, name, step_axis)

@@ -8,23 +8,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.collect import Collection
-from analysis.plots.drawing import (
-    MAX_PANELS,
-    SETTING,
-    STYLE,
-    _by,
-    _combos,
-    _grid,
-    _labels_in_order,
-    _legend,
-    _limit,
-    _pyplot,
-    _suptitle,
-    _title,
-    label_colors,
-    register_plot,
-    save_figure,
-)
+from analysis.plots.drawing import _labels_in_order, _setting_panels, register_plot
 
 
 def lr_sweep_points(coll: Collection) -> pd.DataFrame:
@@ -54,53 +38,41 @@ def lr_sweep(coll: Collection, out_dir: Path) -> list[Path]:
     points = lr_sweep_points(coll)
     if points.empty or points["value"].notna().sum() == 0:
         return []
-    plt, notes = _pyplot(), []
-    with plt.rc_context(STYLE):
-        settings = _limit(_combos(points, SETTING), MAX_PANELS, "settings", notes)
-        fig, axes = _grid(plt, len(settings))
-        colors = label_colors(_labels_in_order(points["label"]))
-        groups = _by(points, SETTING)
-        for ax, setting in zip(axes, settings):
-            rows = groups[setting].sort_values("optim.lr")
-            for label in _labels_in_order(rows["label"]):
-                mine = rows[(rows["label"] == label) & rows["value"].notna()]
-                ax.errorbar(
-                    mine["optim.lr"],
-                    mine["value"],
-                    yerr=np.nan_to_num(mine["std"].to_numpy(dtype=float)),
-                    color=colors[label],
-                    marker="o",
-                    markersize=3,
-                    capsize=2,
-                    label=label,
-                )
-                pick = mine[mine["picked"]]
-                ax.scatter(
-                    pick["optim.lr"],
-                    pick["value"],
-                    s=90,
-                    facecolors="none",
-                    edgecolors=colors[label],
-                    linewidths=1.4,
-                    zorder=3,
-                )
-            metric = str(rows["metric"].iloc[0])
-            unit = " (%)" if metric_scale(metric) != 1 else ""
-            ylabel = metric.removeprefix("eval/") + unit
-            ax.set(xscale="log", title=_title(setting), xlabel="learning rate", ylabel=ylabel)
-            _legend(ax)
-        split = coll.runs.get("task.eval_split", pd.Series(dtype=object)).dropna().unique()
-        scored = f"on {split[0]}" if len(split) == 1 else "on the runs' eval splits"
-        _suptitle(
-            fig,
-            f"Learning-rate selection: final score {scored} (mean over seeds, bars: std; "
-            "ringed: the pick)",
-            notes,
-        )
-        fig.tight_layout()
-        out_dir.mkdir(parents=True, exist_ok=True)
-        paths = [out_dir / "lr_sweep.png", out_dir / "lr_sweep.pdf"]
-        for path in paths:
-            save_figure(fig, path)
-        plt.close(fig)
-        return paths
+
+    def draw(ax, rows: pd.DataFrame, colors: dict, notes: list[str]) -> None:
+        rows = rows[rows["value"].notna()].sort_values("optim.lr")
+        if rows.empty:  # no run of this setting completed
+            return
+        for label in _labels_in_order(rows["label"]):
+            mine = rows[rows["label"] == label]
+            ax.errorbar(
+                mine["optim.lr"],
+                mine["value"],
+                yerr=np.nan_to_num(mine["std"].to_numpy(dtype=float)),
+                color=colors[label],
+                marker="o",
+                markersize=3,
+                capsize=2,
+                label=label,
+            )
+            pick = mine[mine["picked"]]
+            ax.scatter(
+                pick["optim.lr"],
+                pick["value"],
+                s=90,
+                facecolors="none",
+                edgecolors=colors[label],
+                linewidths=1.4,
+                zorder=3,
+            )
+        metric = str(rows["metric"].iloc[0])
+        unit = " (%)" if metric_scale(metric) != 1 else ""
+        ax.set(xscale="log", xlabel="learning rate", ylabel=metric.removeprefix("eval/") + unit)
+
+    split = coll.runs.get("task.eval_split", pd.Series(dtype=object)).dropna().unique()
+    scored = f"on {split[0]}" if len(split) == 1 else "on the runs' eval splits"
+    title = (
+        f"Learning-rate selection: final score {scored} (mean over seeds, bars: std; "
+        "ringed: the pick)"
+    )
+    return _setting_panels(out_dir, "lr_sweep", points, title, draw, step_axis=False)
