@@ -194,7 +194,7 @@ EXPERIMENTS: dict[str, Experiment] = {
                 "summary",
                 "runs_not_completed",
             ),
-            ("loss", "delta_ratio"),
+            ("figure2_norms", "delta_ratio", "loss"),
             scale="cpu",
             lr_from="tuned_select",
         ),
