@@ -188,6 +188,7 @@ EXPERIMENTS: dict[str, Experiment] = {
                 "paired_difference",
                 "paired_examples",
                 "paired_bootstrap",
+                "stable_vs_baselines",
                 "shrink_stops",
                 "shrink_stops_by_layer",
                 "side_by_side",

@@ -463,6 +463,8 @@ def check_artefact(name: str, report: Path) -> None:
         assert set(mcnemar["method"]) == {"stable_lora"} and sorted(mcnemar["seed"]) == [0, 1]
         assert (mcnemar["n"] == 8).all()
         assert "stable_lora" in set(pd.read_csv(tables / "paired_bootstrap.csv")["method"])
+        against = pd.read_csv(tables / "stable_vs_baselines.csv")
+        assert set(against["method"]) == {"lora"} and set(against["label"]) == {"stable_lora"}
         sides = pd.read_csv(tables / "side_by_side.csv").set_index("label")
         assert sorted(sides.index) == ["lora", "stable_lora"] and (sides["runs"] == 2).all()
         assert (sides["delta_ratio_mid"] > 0).all() and math.isnan(sides.loc["lora", "layers"])

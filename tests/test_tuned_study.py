@@ -116,6 +116,48 @@ def test_paired_bootstrap_over_seeds_and_examples(tmp_path):
     assert len(mcnemar) == 6 and (mcnemar["c"] == 0).all()  # per task and seed
 
 
+def test_stable_lora_against_each_baseline(tmp_path):
+    # Stable-LoRA gains over LoRA on both tasks and equals LoRA+ example for example; rsLoRA
+    # has seed 0 only, so its comparison rests on that seed.
+    rng = np.random.default_rng(3)
+    sets = {"arc_easy": 150, "bbc_news": 60}
+    gains = []
+    for seed in (0, 1):
+        lora = {name: list(rng.random(n) < 0.5) for name, n in sets.items()}
+        stable = {name: [h or (rng.random() < 0.3) for h in hits] for name, hits in lora.items()}
+        gains.append({name: np.mean(stable[name]) - np.mean(lora[name]) for name in sets})
+        methods = {"lora": lora, "loraplus": stable, "stable_lora": stable}
+        if seed == 0:
+            methods["rslora"] = lora
+        for name, hits in methods.items():
+            run = write_run(tmp_path, f"{name}-{seed}", task="arc_bbc", method=name, seed=seed,
+                            final={"eval/acc": 0.5, **{f"eval/acc/{k}": 0.5 for k in sets}})  # fmt: skip
+            write_examples(run, hits)
+    table = tables_of(tmp_path)["stable_vs_baselines"]
+    data = table.data.set_index(["method", "eval_set"])
+    assert list(table.display["against"].unique()) == ["lora", "rslora", "loraplus"]
+    assert set(table.data["label"]) == {"stable_lora"}
+    for name in sets:
+        assert data.loc[("lora", name), "diff"] == pytest.approx(
+            100 * np.mean([g[name] for g in gains])
+        )
+        assert data.loc[("rslora", name), "diff"] == pytest.approx(100 * gains[0][name])
+        assert data.loc[("rslora", name), "seeds"] == 1
+        assert data.loc[("loraplus", name), "diff"] == 0
+        assert np.isnan(data.loc[("loraplus", name), "mdd"])
+    avg = data.loc[("lora", "Avg")]
+    assert 0 < avg["ci_low"] < avg["diff"] < avg["ci_high"] and avg["p_value"] < 0.01
+    # against LoRA it is paired_bootstrap's comparison, number for number
+    bootstrap = tables_of(tmp_path)["paired_bootstrap"].data
+    mine = bootstrap[bootstrap["method"] == "stable_lora"].set_index("eval_set")
+    for column in ("diff", "ci_low", "ci_high", "p_value", "mdd"):
+        assert data.xs("lora")[column].to_dict() == pytest.approx(mine[column].to_dict())
+    # no Stable-LoRA, or no baseline: no table
+    alone = tmp_path / "alone"
+    write_examples(write_run(alone, "s", method="stable_lora"), {"bbc_news": [True, False]})
+    assert "stable_vs_baselines" not in tables_of(alone)
+
+
 def test_bootstrap_of_identical_methods_is_zero_and_reproducible():
     hits = np.array([[1, 0, 1, 1], [0, 0, 1, 1]], dtype=float)
     draws = bootstrap_differences({"a": (hits, hits)}, [0, 1])

@@ -19,6 +19,7 @@ every table with its description. Among them:
                           per task and seed, with the minimum detectable difference
 ``paired_bootstrap``      paired bootstrap over seeds and examples per task and for the
                           task average: difference, 95% CI, p, minimum detectable difference
+``stable_vs_baselines``   the same bootstrap of Stable-LoRA against each other method in turn
 ``tuned_lr``              lr selection on validation: every (method, lr) with its mean
                           score and the pick (``tuned_lr.json`` beside the report)
 ``gsm8k``                 accuracy of runs scored by generation (GSM8K) by step budget

@@ -10,7 +10,10 @@ initialisation and the data order) are compared example by example on their last
 - ``paired_bootstrap``: per (task, method) and for the task average, the difference in
   accuracy with a 95% percentile interval from a paired bootstrap that resamples the seeds and,
   within each task, the examples (the same draw for both methods), and its two-sided bootstrap
-  p-value.
+  p-value;
+- ``stable_vs_baselines``: the same bootstrap with Stable-LoRA as the method and each other
+  method as the reference in turn (LoRA, rsLoRA, LoRA+, ...), the comparison a study of
+  Stable-LoRA asks for.
 
 Both state the minimum detectable difference (MDD): the true difference a two-sided 5% test
 would detect with 80% power, ``(z_0.975 + z_0.8) * SE`` = 2.80 SE, where SE is the standard
@@ -36,6 +39,8 @@ from stablelora.example_records import read_examples
 
 #: The method every other one is paired with (as in ``paired_difference``).
 REFERENCE = "lora"
+#: The method ``stable_vs_baselines`` pairs with every other one.
+STABLE = "stable_lora"
 #: McNemar is exact (binomial) when the discordant pairs are fewer than this.
 EXACT_BELOW = 25
 BOOTSTRAP_SAMPLES = 2000
@@ -67,12 +72,12 @@ def final_examples(run_dir: str) -> pd.DataFrame:
     return frame[frame["step"] == frame["step"].max()][["eval_set", "example_id", "correct"]]
 
 
-def paired_frames(coll: Collection) -> pd.DataFrame:
+def paired_frames(coll: Collection, reference_method: str = REFERENCE) -> pd.DataFrame:
     """Long rows (model, training, method, label, seed, eval_set, example_id, correct,
-    reference): every completed run's final per-example results joined with LoRA's run of
-    the same model, task and seed on the example ids."""
+    reference): every completed run's final per-example results joined with the run of
+    ``reference_method`` (LoRA) of the same model, task and seed on the example ids."""
     runs = accuracy_runs(coll.runs)
-    if runs.empty or REFERENCE not in set(runs["method"]):
+    if runs.empty or reference_method not in set(runs["method"]):
         return pd.DataFrame()
     runs = runs[runs["status"] == "completed"]
     keys = ["model", "task", "seed"]
@@ -87,11 +92,11 @@ def paired_frames(coll: Collection) -> pd.DataFrame:
     if not frames:
         return pd.DataFrame()
     examples = pd.concat(frames, ignore_index=True)
-    reference = examples[examples["method"] == REFERENCE]
+    reference = examples[examples["method"] == reference_method]
     reference = reference[[*keys, "eval_set", "example_id", "correct"]].rename(
         columns={"correct": "reference"}
     )
-    others = examples[examples["method"] != REFERENCE]
+    others = examples[examples["method"] != reference_method]
     return others.merge(reference, on=[*keys, "eval_set", "example_id"])
 
 
@@ -295,4 +300,62 @@ def paired_bootstrap(coll: Collection, seeds: str = "mean") -> Table | None:
         data,
         notes,
         key_columns=3,
+    )
+
+
+@register_table
+def stable_vs_baselines(coll: Collection, seeds: str = "mean") -> Table | None:
+    """Stable-LoRA against each other method: paired bootstrap over seeds and examples."""
+    check_mode(seeds)
+    runs = accuracy_runs(coll.runs)
+    if runs.empty or STABLE not in set(runs["method"]):
+        return None
+    frames = []
+    for baseline in sorted(set(runs["method"]) - {STABLE}):
+        pairs = paired_frames(coll, baseline)
+        pairs = pairs[pairs["method"] == STABLE] if not pairs.empty else pairs
+        if not pairs.empty:
+            frames.append(bootstrap_rows(pairs).assign(baseline=baseline))
+    data = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    if data.empty:
+        return None
+    # "method" is the baseline from here on (the tables' order of methods), "label" Stable-LoRA's
+    data = data.drop(columns="method").rename(columns={"baseline": "method"})
+    data["is_avg"] = data["eval_set"] == AVG
+    data = sort_frame(data, ["model", "label", "is_avg", "eval_set", "method"])
+    data = data.drop(columns="is_avg")
+    display = pd.DataFrame(
+        {
+            "model": data["model"],
+            "method": data["label"],
+            "task": data["eval_set"],
+            "against": data["method"],
+            "seeds × examples": data["seeds"].astype(str) + " × " + data["examples"].astype(str),
+            "Δ (pp)": [num_text(d, 2, signed=True) for d in data["diff"]],
+            "95% bootstrap CI": [
+                f"[{lo:+.2f}, {hi:+.2f}]" for lo, hi in zip(data["ci_low"], data["ci_high"])
+            ],
+            "p": [_p_text(p) for p in data["p_value"]],
+            "MDD (pp)": [_mdd_text(m, 2) for m in data["mdd"]],
+        }
+    )
+    notes = [
+        f"Δ: {STABLE}'s accuracy minus the baseline's on the same examples and seeds (each "
+        "baseline's runs of the seeds both completed), averaged over those seeds; Avg: the "
+        "unweighted mean over the tasks.",
+        f"The paired bootstrap of paired_bootstrap ({BOOTSTRAP_SAMPLES} samples, numpy seed "
+        f"{BOOTSTRAP_SEED}): seeds and, per task, examples redrawn with replacement, the same "
+        "draw for both methods; 2.5-97.5 percentile interval, p twice the smaller tail mass "
+        "beyond 0; MDD: 2.80 bootstrap standard errors (80% power, 5% two-sided).",
+        "Each baseline is a separate test: with k baselines, a Bonferroni reading asks for "
+        "p < 0.05 / k.",
+    ]
+    return Table(
+        "stable_vs_baselines",
+        f"{STABLE} against each baseline: paired bootstrap over seeds and examples "
+        "(percentage points)",
+        display,
+        data,
+        notes,
+        key_columns=4,
     )
