@@ -213,6 +213,20 @@ def _p_text(p: float) -> str:
     return "<0.001" if p < 0.001 else f"{p:.3f}"
 
 
+def _bootstrap_cells(data: pd.DataFrame, diff_header: str) -> dict[str, list[str] | pd.Series]:
+    """The displayed columns of :func:`bootstrap_rows`'s rows, the difference under
+    ``diff_header``."""
+    return {
+        "seeds × examples": data["seeds"].astype(str) + " × " + data["examples"].astype(str),
+        diff_header: [num_text(d, 2, signed=True) for d in data["diff"]],
+        "95% bootstrap CI": [
+            f"[{lo:+.2f}, {hi:+.2f}]" for lo, hi in zip(data["ci_low"], data["ci_high"])
+        ],
+        "p": [_p_text(p) for p in data["p_value"]],
+        "MDD (pp)": [_mdd_text(m, 2) for m in data["mdd"]],
+    }
+
+
 @register_table
 def paired_examples(coll: Collection, seeds: str = "mean") -> Table | None:
     """McNemar per (task, method, seed) against LoRA on the same examples."""
@@ -273,13 +287,7 @@ def paired_bootstrap(coll: Collection, seeds: str = "mean") -> Table | None:
             "model": data["model"],
             "task": data["eval_set"],
             "method": data["label"],
-            "seeds × examples": data["seeds"].astype(str) + " × " + data["examples"].astype(str),
-            f"Δ vs {REFERENCE} (pp)": [num_text(d, 2, signed=True) for d in data["diff"]],
-            "95% bootstrap CI": [
-                f"[{lo:+.2f}, {hi:+.2f}]" for lo, hi in zip(data["ci_low"], data["ci_high"])
-            ],
-            "p": [_p_text(p) for p in data["p_value"]],
-            "MDD (pp)": [_mdd_text(m, 2) for m in data["mdd"]],
+            **_bootstrap_cells(data, f"Δ vs {REFERENCE} (pp)"),
         }
     )
     notes = [
@@ -330,13 +338,7 @@ def stable_vs_baselines(coll: Collection, seeds: str = "mean") -> Table | None:
             "method": data["label"],
             "task": data["eval_set"],
             "against": data["method"],
-            "seeds × examples": data["seeds"].astype(str) + " × " + data["examples"].astype(str),
-            "Δ (pp)": [num_text(d, 2, signed=True) for d in data["diff"]],
-            "95% bootstrap CI": [
-                f"[{lo:+.2f}, {hi:+.2f}]" for lo, hi in zip(data["ci_low"], data["ci_high"])
-            ],
-            "p": [_p_text(p) for p in data["p_value"]],
-            "MDD (pp)": [_mdd_text(m, 2) for m in data["mdd"]],
+            **_bootstrap_cells(data, "Δ (pp)"),
         }
     )
     notes = [
