@@ -809,3 +809,24 @@ def test_best_of_table1_has_no_average_for_a_method_missing_a_task(tmp_path):
         data = tables_of(tmp_path, mode)["table1"].data.set_index("method")
         assert data.loc["lora", "avg"] == pytest.approx(60.0 if mode == "best" else 55.0)
         assert math.isnan(data.loc["stable_lora", "avg"]), mode
+
+
+def test_aggregate_best_of_seeds_follows_each_groups_sign_also_as_a_key():
+    from analysis.tables.aggregation import aggregate, metric_sign
+
+    frame = pd.DataFrame(
+        {
+            "task": ["qa", "qa", "chat", "chat"],
+            "value": [0.6, 0.8, 2.5, 1.5],
+            "status": ["completed"] * 4,
+            "sign": metric_sign(pd.Series(["eval/acc", "eval/acc", "eval/loss", "eval/loss"])),
+        }
+    )
+    best = aggregate(frame, ["task"], "best").set_index("task")["value"]
+    assert best.to_dict() == {"qa": 0.8, "chat": 1.5}
+    keyed = aggregate(frame, ["task", "sign"], "best").set_index("task")
+    assert keyed["value"].to_dict() == {"qa": 0.8, "chat": 1.5}
+    assert keyed["sign"].to_dict() == {"qa": 1.0, "chat": -1.0}
+    assert aggregate(frame, ["task", "sign"], "mean").set_index("task")["value"].to_dict() == (
+        pytest.approx({"qa": 0.7, "chat": 2.0})
+    )

@@ -22,7 +22,8 @@ def aggregate(frame: pd.DataFrame, keys: list[str], mode: str = "mean") -> pd.Da
     Returns one row per group: ``keys``, ``value`` (mean, or the best run for
     ``mode="best"``: the max, or the min where the optional ``sign`` column is -1),
     ``std`` (over the runs with a value, NaN for best-of), ``n`` (runs with a value),
-    ``runs`` (all runs) and ``statuses`` ("1 failed, 1 diverged" for the others).
+    ``runs`` (all runs) and ``statuses`` ("1 failed, 1 diverged" for the others). To rank
+    groups by ``sign * value``, put ``sign`` among the ``keys`` (it is one per group).
     """
     check_mode(mode)
     columns = [*keys, "value", "std", "n", "runs", "statuses"]
@@ -37,12 +38,12 @@ def aggregate(frame: pd.DataFrame, keys: list[str], mode: str = "mean") -> pd.Da
     out = grouped.agg(
         mean=("value", "mean"),
         best_signed=("signed", "max"),
-        sign=("group_sign", "first"),
+        group_sign=("group_sign", "first"),
         std=("value", "std"),
         n=("has_value", "sum"),
         runs=("value", "size"),
     ).reset_index()
-    out["value"] = out["best_signed"] * out["sign"] if mode == "best" else out["mean"]
+    out["value"] = out["best_signed"] * out["group_sign"] if mode == "best" else out["mean"]
     if mode == "best":
         out["std"] = math.nan
     missing = frame[~frame["has_value"]].copy()
@@ -91,6 +92,12 @@ def lower_is_better(metric: str) -> bool:
     return any(word in name for word in LOWER_IS_BETTER)
 
 
+def metric_sign(metrics: pd.Series) -> pd.Series:
+    """-1.0 where the metric is loss-like (lower is better), else 1.0: ``aggregate``'s
+    ``sign``."""
+    return metrics.map(lower_is_better).astype(bool).map({True: -1.0, False: 1.0}).astype(float)
+
+
 def metric_scale(metric: str) -> float:
     """Accuracies (fractions) are shown in percent; losses as they are."""
     return 1.0 if lower_is_better(metric) else SCALE
@@ -99,10 +106,9 @@ def metric_scale(metric: str) -> float:
 def display_values(runs: pd.DataFrame, column: str = "score") -> pd.DataFrame:
     """``runs`` with ``value`` (the column in display units) and ``sign`` (-1 where lower is
     better, so that best-of-seeds takes the lowest)."""
-    lower = runs["main_metric"].map(lower_is_better).astype(bool)
     scale = runs["main_metric"].map(metric_scale).astype(float)
     value = runs[column] * scale if column in runs else math.nan
-    return runs.assign(value=value, sign=lower.map({True: -1.0, False: 1.0}).astype(float))
+    return runs.assign(value=value, sign=metric_sign(runs["main_metric"]))
 
 
 def accuracy_runs(runs: pd.DataFrame) -> pd.DataFrame:

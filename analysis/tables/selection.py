@@ -8,7 +8,7 @@ import math
 import pandas as pd
 
 from analysis.collect import format_value, label_runs
-from analysis.tables.aggregation import aggregate, lower_is_better
+from analysis.tables.aggregation import aggregate, metric_sign
 from analysis.tables.formatting import (
     Table,
     cell_text,
@@ -36,10 +36,8 @@ def select_learning_rate(
     runs = label_runs(runs.copy(), exclude=["optim.lr"])
     keys = [*by, "label"]
     named = runs["main_metric"] if metric == "score" else pd.Series(metric, index=runs.index)
-    frame = runs.assign(
-        value=pd.to_numeric(runs[metric], errors="coerce"), lower=named.map(lower_is_better)
-    )
-    mixed = frame.groupby(keys, dropna=False)["lower"].nunique()
+    frame = runs.assign(value=pd.to_numeric(runs[metric], errors="coerce"), sign=metric_sign(named))
+    mixed = frame.groupby(keys, dropna=False)["sign"].nunique()
     if (mixed > 1).any():
         group = ", ".join(map(str, mixed[mixed > 1].index[0]))
         raise ValueError(
@@ -47,18 +45,12 @@ def select_learning_rate(
             "metrics; report those tasks separately or choose --select-metric."
         )
     frame.loc[frame["status"] != "completed", "value"] = math.nan
-    stats = aggregate(frame, [*keys, "optim.lr"], "mean")
-    lower = frame.groupby(keys, dropna=False)["lower"].first().rename("lower").reset_index()
-    stats = stats.merge(lower, on=keys, how="left")
+    stats = aggregate(frame, [*keys, "optim.lr", "sign"], "mean")  # one sign per group
     stats["chosen"] = False
     for _, group in stats.groupby(keys, dropna=False, sort=False):
-        scored = group["value"].dropna()
-        if scored.empty:
-            best = group.index[0]
-        else:
-            best = scored.idxmin() if group["lower"].iloc[0] else scored.idxmax()
-        stats.loc[best, "chosen"] = True
-    stats = stats.drop(columns="lower")
+        signed = (group["value"] * group["sign"]).dropna()
+        stats.loc[group.index[0] if signed.empty else signed.idxmax(), "chosen"] = True
+    stats = stats.drop(columns="sign")
     chosen = stats.loc[stats["chosen"], [*keys, "optim.lr"]]
     kept = runs.merge(chosen, on=[*keys, "optim.lr"], how="inner")
     label_runs(kept)

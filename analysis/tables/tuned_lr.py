@@ -24,7 +24,7 @@ import math
 import pandas as pd
 
 from analysis.collect import Collection, format_value, label_runs
-from analysis.tables.aggregation import aggregate, check_mode, lower_is_better
+from analysis.tables.aggregation import aggregate, check_mode, metric_sign
 from analysis.tables.formatting import Table, cell_text
 from analysis.tables.ordering import sort_frame
 from analysis.tables.registry import register_table
@@ -45,21 +45,19 @@ def pick_learning_rates(runs: pd.DataFrame) -> pd.DataFrame:
     frame = runs.assign(
         value=pd.to_numeric(runs["score"], errors="coerce"),
         ended=runs["status"].isin(ENDED),
+        sign=metric_sign(runs["main_metric"]),
     )
     frame["optim.lr"] = frame["optim.lr"].astype(float)
     frame.loc[frame["status"] != "completed", "value"] = math.nan
     by_lr = [*KEYS, "optim.lr"]
-    stats = aggregate(frame, by_lr, "mean")
+    # the main metric is one per task, so its sign is one per group: a key changes nothing
+    stats = aggregate(frame, [*by_lr, "sign"], "mean")
     # The grid: every lr any method of the same model and task ran. A method without an
     # ended run (completed, or diverged: a result, unlike a failed or unfinished run) at each
     # of them gets no pick yet: a selection over several sittings must not hand a partial
     # pick to the final stage.
     ended = frame.groupby(by_lr, dropna=False)["ended"].any().reset_index()
     stats = stats.merge(ended, on=by_lr, how="left")
-    # +1 where higher is better; the main metric is one per task, so one per group
-    lower = frame.groupby(by_lr, dropna=False)["main_metric"].first().map(lower_is_better)
-    sign = lower.map({True: -1.0, False: 1.0}).rename("sign").reset_index()
-    stats = stats.merge(sign, on=by_lr, how="left")
     stats["picked"], stats["edge"], stats["incomplete"] = False, False, False
     grids = stats.groupby(["model", "task"], dropna=False)["optim.lr"].agg(frozenset)
     for _, group in stats.groupby(KEYS, dropna=False, sort=False):
