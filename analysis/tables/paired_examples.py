@@ -79,25 +79,34 @@ def paired_frames(coll: Collection, reference_method: str = REFERENCE) -> pd.Dat
     runs = accuracy_runs(coll.runs)
     if runs.empty or reference_method not in set(runs["method"]):
         return pd.DataFrame()
-    runs = runs[runs["status"] == "completed"]
+    return pair_with(final_example_rows(runs), reference_method)
+
+
+def final_example_rows(runs: pd.DataFrame) -> pd.DataFrame:
+    """Every completed run's final per-example results (eval_set, example_id, correct) with
+    its model, task, seed, method and label; empty when no run has per-example records."""
     keys = ["model", "task", "seed"]
     frames = []
-    for run in runs.to_dict("records"):
+    for run in runs[runs["status"] == "completed"].to_dict("records"):
         examples = final_examples(run["run_id"])
         if examples.empty:
             continue
         frames.append(
             examples.assign(**{k: run[k] for k in keys}, method=run["method"], label=run["label"])
         )
-    if not frames:
-        return pd.DataFrame()
-    examples = pd.concat(frames, ignore_index=True)
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def pair_with(examples: pd.DataFrame, reference_method: str) -> pd.DataFrame:
+    """``examples`` (:func:`final_example_rows`) of every other method joined with
+    ``reference_method``'s run of the same model, task and seed on the example ids."""
+    if examples.empty:
+        return examples
+    keys = ["model", "task", "seed", "eval_set", "example_id"]
     reference = examples[examples["method"] == reference_method]
-    reference = reference[[*keys, "eval_set", "example_id", "correct"]].rename(
-        columns={"correct": "reference"}
-    )
+    reference = reference[[*keys, "correct"]].rename(columns={"correct": "reference"})
     others = examples[examples["method"] != reference_method]
-    return others.merge(reference, on=[*keys, "eval_set", "example_id"])
+    return others.merge(reference, on=keys)
 
 
 def mcnemar_rows(pairs: pd.DataFrame) -> pd.DataFrame:
@@ -318,9 +327,10 @@ def stable_vs_baselines(coll: Collection, seeds: str = "mean") -> Table | None:
     runs = accuracy_runs(coll.runs)
     if runs.empty or STABLE not in set(runs["method"]):
         return None
+    examples = final_example_rows(runs)  # read once, paired with each baseline in turn
     frames = []
     for baseline in sorted(set(runs["method"]) - {STABLE}):
-        pairs = paired_frames(coll, baseline)
+        pairs = pair_with(examples, baseline)
         pairs = pairs[pairs["method"] == STABLE] if not pairs.empty else pairs
         if not pairs.empty:
             frames.append(bootstrap_rows(pairs).assign(baseline=baseline))
