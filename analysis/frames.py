@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -33,6 +33,9 @@ class Collection:
     runs: pd.DataFrame
     history: pd.DataFrame
     shrink: pd.DataFrame
+    #: The analysis plan given at report time (``analysis.report --plan KEY=VALUE``), for runs
+    #: whose config declares none (:func:`analysis.tables.equivalence.read_plan`).
+    plan_options: dict = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.runs)
@@ -44,6 +47,7 @@ class Collection:
             self.runs[self.runs["run_id"].isin(keep)].reset_index(drop=True),
             self.history[self.history["run_id"].isin(keep)].reset_index(drop=True),
             self.shrink[self.shrink["run_id"].isin(keep)].reset_index(drop=True),
+            dict(self.plan_options),
         )
 
 

@@ -12,10 +12,12 @@ prints the Markdown of every table the records support, and writes under ``--out
 - the width exponents (gamma against width, :mod:`analysis.width_fit`) when the runs vary in
   model width, or when a directory holds a width sweep's ``records.jsonl``.
 
-Other options: ``--tables``/``--plots`` choose which to build, ``--select-lr`` keeps
-per method the learning rate with the best mean ``--select-metric`` (default: the final main
-metric), ``--wandb ENTITY/PROJECT`` (with ``--wandb-group``/``--wandb-tag``) adds the runs
-synced to W&B. Imports stay light: no torch or transformers.
+Other options: ``--plan KEY=VALUE ...`` gives the analysis plan (the keys of
+``analysis.primary`` in ``conf/config.yaml``) of runs whose ``config.yaml`` declares none
+(:mod:`analysis.tables.equivalence`), ``--tables``/``--plots`` choose which to build,
+``--select-lr`` keeps per method the learning rate with the best mean ``--select-metric``
+(default: the final main metric), ``--wandb ENTITY/PROJECT`` (with ``--wandb-group``/
+``--wandb-tag``) adds the runs synced to W&B. Imports stay light: no torch or transformers.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from analysis.collect import (
     label_runs,
 )
 from analysis.tables import Table
+from analysis.tables.equivalence import PlanError, parse_plan_options
 from analysis.tables.formatting import write_csv
 
 #: The table of failed, diverged and unfinished runs: always over every run collected.
@@ -103,6 +106,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=None,
         help="plots to draw (default: all supported)",
     )
+    parser.add_argument(
+        "--plan",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="the analysis plan (analysis.primary keys: margin_pp=1.0 average=tasks ...) of "
+        "runs whose config.yaml declares none; it must agree with a plan the runs declare",
+    )
     parser.add_argument("--no-plots", action="store_true", help="write tables only")
     parser.add_argument(
         "--select-lr",
@@ -124,6 +135,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--wandb-group", default=None, help="W&B group (the sweep name)")
     parser.add_argument("--wandb-tag", nargs="+", default=(), help="W&B tags (any of them)")
     args = parser.parse_args(argv)
+    try:
+        args.plan_options = parse_plan_options(args.plan)
+    except PlanError as err:
+        parser.error(str(err))
     if not args.sweep_dirs and not args.wandb:
         parser.error("give at least one SWEEP_DIR (or --wandb ENTITY/PROJECT).")
     if args.out is None:
@@ -259,6 +274,7 @@ def write_picks(table: Table, out: Path) -> Path:
 def report(args: argparse.Namespace) -> dict:
     """Collect, tabulate, plot; return ``{"tables": [...], "files": [...], "runs": int}``."""
     everything = gather(args)
+    everything.plan_options = dict(getattr(args, "plan_options", {}))
     if everything.runs.empty:
         raise SystemExit(f"analysis.report: no runs under {[str(d) for d in args.sweep_dirs]}.")
     out = Path(args.out)
@@ -277,7 +293,10 @@ def report(args: argparse.Namespace) -> dict:
         coll.runs = kept
         built.append(selection)
         counts += f" ({len(kept)} at the chosen learning rates)"
-    built += tables_module.build_tables(coll, args.seeds, [n for n in names if n != FAILURES])
+    try:
+        built += tables_module.build_tables(coll, args.seeds, [n for n in names if n != FAILURES])
+    except PlanError as err:  # runs that disagree on their analysis plan: one line
+        raise SystemExit(f"analysis.report: {err}") from None
     if FAILURES in names:  # every run that did not complete, whatever the lr selection kept
         built += tables_module.build_tables(everything, args.seeds, [FAILURES])
     files: list[Path] = []

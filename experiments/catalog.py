@@ -144,7 +144,8 @@ EXPERIMENTS: dict[str, Experiment] = {
             ("reviewer_controls", "shrink_stops", "summary", "runs_not_completed"),
             ("figure2_norms", "delta_ratio", "shrink_stops"),
         ),
-        # Built for CPU scale: SmolLM2-135M (shipped offline) on this machine's budget.
+        # Built for CPU scale: SmolLM2-135M (a 4-bit GGUF shipped offline) on this machine's
+        # budget.
         Experiment(
             "ablations",
             "Ablations at CPU scale on the compressed schedule: stop rule, scale of A0 and the "
@@ -166,7 +167,13 @@ EXPERIMENTS: dict[str, Experiment] = {
             "figure2_compressed",
             "Figure 2 at CPU scale on a schedule under which the stop rule fires (lr 1e-3, "
             "lambda 5e-3).",
-            ("shrink_stops", "shrink_stops_by_layer", "summary", "runs_not_completed"),
+            (
+                "contamination",
+                "shrink_stops",
+                "shrink_stops_by_layer",
+                "summary",
+                "runs_not_completed",
+            ),
             ("figure2_norms", "deltas", "delta_ratio", "shrink_stops", "eval"),
             scale="cpu",
         ),
@@ -175,7 +182,7 @@ EXPERIMENTS: dict[str, Experiment] = {
             "Tuned study, stage 1: each method trained at every lr of a shared log-spaced "
             "grid on ARC-Easy, ARC-Challenge and BBC News, scored on held-out validation; "
             "the lr picked per method (tuned_lr.json).",
-            ("tuned_lr", "summary", "runs_not_completed"),
+            ("contamination", "tuned_lr", "summary", "runs_not_completed"),
             ("lr_sweep", "loss"),
             scale="cpu",
         ),
@@ -184,11 +191,13 @@ EXPERIMENTS: dict[str, Experiment] = {
             "Tuned study, stage 2: each method at its picked lr x 3 seeds, scored on the full "
             "test splits, with example-level paired tests against LoRA.",
             (
+                "contamination",
                 "table1",
                 "paired_difference",
                 "paired_examples",
                 "paired_bootstrap",
                 "stable_vs_baselines",
+                "verdicts",
                 "shrink_stops",
                 "shrink_stops_by_layer",
                 "side_by_side",
@@ -203,7 +212,7 @@ EXPERIMENTS: dict[str, Experiment] = {
             "main",
             "The main job (bash scripts/setup.sh run): LoRA and Stable-LoRA side by side on "
             "BBC News at lr 1e-3, lambda 5e-3, 100 steps, where the stop rule fires.",
-            ("side_by_side", "runs_not_completed"),
+            ("contamination", "side_by_side", "runs_not_completed"),
             ("figure2_norms",),
             scale="cpu",
         ),
@@ -256,6 +265,19 @@ def sweep_name(name: str, scale: str) -> str:
     """The folder of the experiment's sweep under ``sweeps/`` at ``scale``: its resolved
     ``sweep_name`` (``table1``, ``cpu_table1``, ``table1_smoke``)."""
     return str(compose(name, scale).sweep_name)
+
+
+@functools.cache
+def plan_options(name: str, scale: str) -> tuple[str, ...]:
+    """The experiment's analysis plan (``analysis.primary`` of its composed preset) as
+    ``analysis.report --plan`` options (``KEY=VALUE``, values in JSON, which YAML reads): the
+    plan of runs recorded before their config held one (:mod:`analysis.tables.equivalence`)."""
+    import json
+
+    from omegaconf import OmegaConf
+
+    primary = OmegaConf.to_container(compose(name, scale).analysis.primary, resolve=True)
+    return tuple(f"{key}={json.dumps(value)}" for key, value in primary.items())
 
 
 def split_values(text: str) -> list[str]:

@@ -4,9 +4,10 @@ An experiment ``<name>`` is one Hydra preset ``conf/experiment/<name>.yaml`` (wh
 the sweep declared under ``hydra.sweeper.params``) and a row of
 :data:`experiments.catalog.EXPERIMENTS` (its tables and plots).
 It runs at a scale (``conf/scale/``): ``paper`` (the paper's models, GPUs),
-``cpu`` (SmolLM2-135M on this kind of machine; results/cpu/) or ``smoke`` (the tiny random
-Llama, CI-sized). Where an experiment needs its own settings at a scale (Table 1's offline
-tasks at CPU scale, two seeds in CI), they are in ``conf/experiment/<name>/<scale>.yaml``::
+``cpu`` (SmolLM2-135M from a 4-bit GGUF on this kind of machine; results/cpu/) or ``smoke``
+(the tiny random Llama, CI-sized). Where an experiment needs its own settings at a scale
+(Table 1's offline tasks at CPU scale, two seeds in CI), they are in
+``conf/experiment/<name>/<scale>.yaml``::
 
     python -m experiments <name> [--scale paper|cpu|smoke] [--output-root DIR]
                                  [--seeds mean|best] [--select-lr [--select-metric METRIC]]
@@ -61,8 +62,8 @@ def parse_args(experiment: Experiment, argv=None) -> argparse.Namespace:
         "--scale",
         choices=SCALES,
         default=experiment.scale,
-        help=f"paper: the paper's models; cpu: SmolLM2-135M on a CPU; smoke: the tiny random "
-        f"Llama, CI-sized (default: {experiment.scale})",
+        help=f"paper: the paper's models; cpu: SmolLM2-135M (4-bit GGUF) on a CPU; smoke: the tiny "
+        f"random Llama, CI-sized (default: {experiment.scale})",
     )
     parser.add_argument(
         "--output-root",

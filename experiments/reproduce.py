@@ -36,7 +36,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from experiments.catalog import EXPERIMENTS, ROOT, experiments_at, sweep_name
+from experiments.catalog import EXPERIMENTS, ROOT, experiments_at, plan_options, sweep_name
 from experiments.common import PICKS_FILE
 
 #: The files of a run folder that are results (small); everything else stays behind.
@@ -46,6 +46,7 @@ RECORD_FILES = (
     "metrics.jsonl",
     "layers.parquet",
     "examples.parquet",
+    "contamination.json",
 )
 SCALES = ("cpu",)
 
@@ -134,6 +135,10 @@ def report_command(name: str, scale: str, results_dir: Path, out: Path) -> list[
         *tables,
         "--plots",
         *plots,
+        # the plan of runs recorded before their config.yaml held one; runs that hold one
+        # must agree with it (analysis.tables.equivalence.read_plan)
+        "--plan",
+        *plan_options(name, scale),
     ]
 
 

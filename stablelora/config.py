@@ -31,6 +31,9 @@ DISPLAY_KEYS = (
     # The same loss, gradients and scores either way (within 1e-6 relative, tested), like
     # num_threads: changing it must not start a new run.
     "trainer.lm_head",
+    # How the results are analysed (the pre-declared primary analysis, conf/config.yaml): a
+    # plan declared for runs already made must not rename them.
+    "analysis",
 )
 #: The readable prefix of a run folder: ``<method>-<task>-<model>-s<seed>``.
 NAME_PARTS = ("method", "task", "model")
@@ -103,7 +106,14 @@ def method_name(*, _root_) -> str:
     return f"{adapter}+{optimizer}"
 
 
+def subtask_eval_split(mixture_split: str, own_split: str) -> str:
+    """The split a mixture's subtask scores: validation when the mixture scores validation,
+    else the subtask's own eval split (stablelora.tasks.merged_qa.subtask_configs)."""
+    return "validation" if mixture_split == "validation" else own_split
+
+
 RESOLVERS: dict[str, Callable[..., Any]] = {
+    "subtask_eval_split": subtask_eval_split,
     "run_dir_name": run_dir_name,
     "width_scaled_lr": width_scaled_lr,
     "method_name": method_name,

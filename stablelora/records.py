@@ -132,6 +132,7 @@ SUMMARY_FIELDS = (
     "task_kind",
     "protocol",
     "model",
+    "base_model",
     "seed",
 )
 SECTIONS = ("initial", "final", "best")
@@ -219,21 +220,29 @@ def read_summary(run_dir: Path) -> dict:
     return parse_summary(raw)
 
 
+#: Summary fields that are dicts W&B gets flat (``base_model/<k>``) with their scalar values.
+FLAT_RECORDS = ("base_model",)
+
+
 def wandb_summary(summary: dict) -> dict:
-    """The flat W&B summary of a run: scalar fields plus ``final/<k>``, ``best/<k>``."""
+    """The flat W&B summary of a run: scalar fields plus ``final/<k>``, ``best/<k>`` and
+    ``base_model/<k>`` (its scalar values)."""
     summary = _encode(summary)
     flat = {k: v for k, v in summary.items() if isinstance(v, (int, float, str, bool))}
-    for section in SECTIONS:
-        flat.update({f"{section}/{k}": v for k, v in (summary.get(section) or {}).items()})
+    for section in (*SECTIONS, *FLAT_RECORDS):
+        values = (summary.get(section) or {}).items()
+        flat.update({f"{section}/{k}": v for k, v in values if not isinstance(v, (dict, list))})
     return flat
 
 
 def summary_from_wandb(flat: dict) -> dict:
     """Inverse of :func:`wandb_summary` (W&B's own ``_``-keys dropped), then parsed."""
     summary = {k: v for k, v in flat.items() if "/" not in k and not k.startswith("_")}
-    for section in SECTIONS:
+    for section in (*SECTIONS, *FLAT_RECORDS):
         prefix = f"{section}/"
-        summary[section] = {k[len(prefix) :]: v for k, v in flat.items() if k.startswith(prefix)}
+        values = {k[len(prefix) :]: v for k, v in flat.items() if k.startswith(prefix)}
+        if section in SECTIONS or values:
+            summary[section] = values
     return parse_summary(summary)
 
 
@@ -503,6 +512,7 @@ def result_table(summary: dict) -> str:
         f"seed {summary.get('seed')}: {summary['status']} after {summary.get('steps')} steps"
         + (f" ({summary['error']})" if summary.get("error") else ""),
         "",
+        *([model_line(summary["base_model"]), ""] if summary.get("base_model") else []),
         "| metric | before | after |",
         "|---|---|---|",
     ]
@@ -527,6 +537,33 @@ def result_table(summary: dict) -> str:
             ),
         ]
     return "\n".join(lines)
+
+
+def model_line(record: dict) -> str:
+    """One line saying what model was trained, from a summary's ``base_model``:
+    ``model: llama, 30 layers, hidden 576, 9 heads (3 KV), vocab 49152; 134.5M parameters,
+    460.8K trainable; 4-bit Q4_1 GGUF, dequantized to float32``."""
+
+    def millions(count) -> str:
+        for scale, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+            if count is not None and count >= scale:
+                return f"{count / scale:.4g}{unit}"
+        return str(count if count is not None else "?")
+
+    heads = record.get("num_attention_heads")
+    kv = record.get("num_key_value_heads")
+    parts = [
+        str(record.get("model_type") or "?"),
+        f"{record.get('num_hidden_layers')} layers",
+        f"hidden {record.get('hidden_size')}",
+        *([f"{heads} heads" + (f" ({kv} KV)" if kv not in (None, heads) else "")] if heads else []),
+        *([f"vocab {record['vocab_size']}"] if record.get("vocab_size") else []),
+    ]
+    return (
+        f"model: {', '.join(parts)}; {millions(record.get('parameters'))} parameters, "
+        f"{millions(record.get('trainable_parameters'))} trainable"
+        + (f"; {record['weights']}" if record.get("weights") else "")
+    )
 
 
 def _fmt(value) -> str:

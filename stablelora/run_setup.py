@@ -158,6 +158,8 @@ class Run:
     probe: FeatureProbe
     recorder: RunRecorder
     autocast: Callable[[], contextlib.AbstractContextManager]
+    #: What was loaded (``stablelora.models.model_record``): the summary's ``base_model``.
+    base_model: dict | None = None
 
 
 def build_run(cfg, dist: Distributed, recorder: RunRecorder) -> Run:
@@ -167,7 +169,7 @@ def build_run(cfg, dist: Distributed, recorder: RunRecorder) -> Run:
     from stablelora.gamma import FeatureProbe
     from stablelora.lm_head import CausalLMLoss
     from stablelora.lora import adapter_arguments, apply_lora
-    from stablelora.models import load_model
+    from stablelora.models import count_parameters, load_model, model_record
     from stablelora.optim import create_optimizer, find_lora_pairs
     from stablelora.optim.registry import ADAMW_SETTINGS
     from stablelora.tasks import build_task
@@ -176,7 +178,9 @@ def build_run(cfg, dist: Distributed, recorder: RunRecorder) -> Run:
     adapter = adapter_arguments(plain_config(cfg.adapter), cfg.trainer.max_steps)
     builder, options = optimizer_arguments(plain_config(cfg.optimizer))
     model, tokenizer = load_model(cfg.model)
+    base_model = model_record(model, cfg.model)  # before the adapter: the loaded model's count
     model = apply_lora(model, **adapter).to(dist.device)
+    base_model["trainable_parameters"] = count_parameters(model, trainable=True)
     adamw = {name: optim[name] for name in ADAMW_SETTINGS}  # lr, weight_decay, betas, ...
     optimizer = create_optimizer(model, builder, **adamw, **options)
     ddp: torch.nn.Module = CausalLMLoss(model, head=cfg.trainer.lm_head)
@@ -221,4 +225,5 @@ def build_run(cfg, dist: Distributed, recorder: RunRecorder) -> Run:
         probe,
         recorder,
         autocast,
+        base_model,
     )

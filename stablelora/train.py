@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from stablelora.config_check import check_config, plain_config
+from stablelora.contamination import record_overlap
 from stablelora.layer_records import LayerRecords
 from stablelora.records import (
     RunRecorder,
@@ -255,6 +256,8 @@ def _train(
 
     trainer = cfg.trainer
     run = build_run(cfg, dist, recorder)
+    if dist.is_main:
+        record_overlap(run_dir, cfg.task, run.task.overlap)
     trainable = [p for p in run.model.parameters() if p.requires_grad]
     after_step = step_hooks(run.model)  # the adapter's own work after an optimizer step
     state = _start(run, run_dir, recorder)
@@ -381,6 +384,7 @@ def summarize(cfg, run: Run, state: dict, final: dict, wall_time: float) -> dict
         peak_memory_mb=peak_memory_mb(run.dist.device),
         world_size=run.dist.world_size,
         device=str(run.dist.device),
+        base_model=run.base_model,
         **task_record(cfg.task),
         extra=optimizer_summary(run.optimizer),
     )

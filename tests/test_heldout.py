@@ -115,12 +115,26 @@ def test_bbc_news_validation_is_disjoint_from_train_and_test(tok):
     (tests,), (vals,) = test.eval_sets.values(), val.eval_sets.values()
     assert 150 <= len(vals) <= 250
     assert not queries(vals) & train_queries(val)
-    # The corpus repeats some articles under two file names; the file-hash test split (kept
-    # as it was) therefore shares a few texts with train, and validation inherits only those.
-    assert queries(vals) & queries(tests) <= train_queries(test) & queries(tests)
-    assert val.num_train_examples + len(vals) == test.num_train_examples
+    # Split on the article body: no text on two sides, and what the validation run trains on
+    # is what the test run trains on minus the validation slice and its copies.
+    assert not queries(vals) & queries(tests) and not queries(tests) & train_queries(test)
+    assert train_queries(val) < train_queries(test)
     final = build_task({**cfg, "holdout_validation": True}, tok, seed=0)
     assert final.train_pairs == val.train_pairs and final.eval_sets == test.eval_sets
+
+
+def test_bbc_news_legacy_rule_is_kept_for_recorded_runs(tok):
+    """Runs recorded before task.split_rule read as legacy and load what they trained on."""
+    cfg = {**group_option("task", "bbc_news"), "max_eval_examples": None, "split_rule": "legacy"}
+    test = build_task(cfg, tok, seed=0)
+    val = build_task({**cfg, "eval_split": "validation"}, tok, seed=0)
+    (tests,), (vals,) = test.eval_sets.values(), val.eval_sets.values()
+    assert len(tests) == 218 and not queries(vals) & train_queries(val)
+    # The corpus repeats some articles under two file names; the file-hash test split
+    # therefore shares texts with train (what the content rule fixes).
+    assert queries(tests) & train_queries(test)
+    assert queries(vals) & queries(tests) <= train_queries(test) & queries(tests)
+    assert val.num_train_examples + len(vals) == test.num_train_examples
 
 
 def test_no_validation_row_in_any_training_batch(tmp_path, monkeypatch):

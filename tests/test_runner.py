@@ -72,6 +72,35 @@ def test_in_process_run_writes_complete_records(smoke_run):
     assert not (run_dir / "checkpoint.pt").exists()  # removed once the run completed
 
 
+def test_summary_records_the_loaded_model(smoke_run):
+    """``base_model`` describes the model that ran (its own config and parameter counts, not
+    the composed config's), and the result table says it in one line."""
+    from stablelora.config_check import plain_config
+    from stablelora.lora import adapter_arguments, apply_lora
+    from stablelora.models import load_model
+
+    cfg, run_dir, _ = smoke_run
+    record = json.loads((run_dir / "summary.json").read_text())["base_model"]
+    base, _ = load_model(cfg.model)
+    config = base.config
+    assert record["model_type"] == config.model_type == "llama"
+    assert record["num_hidden_layers"] == len(base.model.layers) == 2
+    assert record["hidden_size"] == base.get_input_embeddings().embedding_dim == 64
+    assert record["intermediate_size"] == base.model.layers[0].mlp.up_proj.out_features
+    assert record["num_attention_heads"] == config.num_attention_heads == 4
+    assert record["num_key_value_heads"] == config.num_key_value_heads == 2
+    assert record["vocab_size"] == base.get_input_embeddings().num_embeddings
+    assert record["parameters"] == sum(p.numel() for p in base.parameters())
+    lora = apply_lora(base, **adapter_arguments(plain_config(cfg.adapter), 6))
+    trainable = sum(p.numel() for p in lora.parameters() if p.requires_grad)
+    # rank 8 on q_proj (64 -> 64) and v_proj (64 -> 32: 2 KV heads) of 2 layers
+    assert record["trainable_parameters"] == trainable == 2 * 8 * ((64 + 64) + (64 + 32))
+    assert (record["source"], record["dtype"], record["file"]) == ("config", "float32", None)
+    assert record["weights"] == "random init (llama config), float32"
+    table = result_table(json.loads((run_dir / "summary.json").read_text()))
+    assert "model: llama, 2 layers, hidden 64, 4 heads (2 KV), vocab " in table
+
+
 def test_adapter_loads_with_peft(smoke_run):
     from peft import PeftModel
 

@@ -507,12 +507,16 @@ def test_merged_qa_composes_trains_on_all_and_reports_each(tok):
 def test_bbc_news_builds_and_evaluates(tok):
     task = build_task(task_config("bbc_news", max_eval_examples=None), tok, seed=0)
     (evals,) = task.eval_sets.values()
-    assert task.num_train_examples + len(evals) == 2225 and 150 < len(evals) < 300
+    dropped = (
+        task.overlap["bbc_news"]["train_dropped"] + task.overlap["bbc_news"]["repeats_dropped"]
+    )
+    assert task.num_train_examples + len(evals) + dropped == 2225 and 150 < len(evals) < 300
+    assert 0 < dropped < 30  # copies of eval articles kept out of training, repeats scored once
     assert evals[0].choices == ["business", "entertainment", "politics", "sports", "tech"]
     prompt, target = task.train_pairs[0]
-    assert prompt == (  # business/001.txt falls in the eval split
-        "Headline: Dollar gains on Greenspan speech\nArticle: The dollar has hit its highest level "
-        "against the euro in almost three months after the\nTopic:"
+    assert prompt == (  # business/001.txt trains under the content rule (by its body's hash)
+        "Headline: Ad sales boost Time Warner profit\nArticle: Quarterly profits at US media giant "
+        "TimeWarner jumped 76% to $1.13bn (£600m) for the three months\nTopic:"
     )
     assert target == " business"
     metrics = task.evaluate(byte_llama(), batch_size=16, max_examples=8)

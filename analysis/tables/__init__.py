@@ -20,6 +20,8 @@ every table with its description. Among them:
 ``paired_bootstrap``      paired bootstrap over seeds and examples per task and for the
                           task average: difference, 95% CI, p, minimum detectable difference
 ``stable_vs_baselines``   the same bootstrap of Stable-LoRA against each other method in turn
+``verdicts``              the pre-declared primary analysis of each comparison with its
+                          sensitivity rows, Holm-adjusted p, TOST and a computed verdict
 ``tuned_lr``              lr selection on validation: every (method, lr) with its mean
                           score and the pick (``tuned_lr.json`` beside the report)
 ``gsm8k``                 accuracy of runs scored by generation (GSM8K) by step budget
@@ -91,9 +93,11 @@ __all__ = [
 #: The report's order: the tables of these modules first, each module's in the order they are
 #: defined, then those of any other module of this package (alphabetically).
 REPORT_ORDER = (
+    "contamination",
     "table1",
     "paired",
     "paired_examples",
+    "verdicts",
     "tuned_lr",
     "gsm8k",
     "llm_adapters",

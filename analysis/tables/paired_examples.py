@@ -1,4 +1,4 @@
-"""Example-level paired tests against LoRA, from the runs' ``examples.parquet``.
+"""Example-level paired tests, from the runs' ``examples.parquet``.
 
 Two runs scored on the same examples (the same model, task and seed; a seed fixes the adapter
 initialisation and the data order) are compared example by example on their last evaluation:
@@ -7,19 +7,26 @@ initialisation and the data order) are compared example by example on their last
   the discordant examples (b: only the method right, c: only LoRA right), statsmodels'
   ``mcnemar``: the exact binomial test when b + c < :data:`EXACT_BELOW`, else the chi-square
   test with continuity correction;
-- ``paired_bootstrap``: per (task, method) and for the task average, the difference in
-  accuracy with a 95% percentile interval from a paired bootstrap that resamples the seeds and,
-  within each task, the examples (the same draw for both methods), and its two-sided bootstrap
-  p-value;
+- ``paired_bootstrap``: per (task, method), for the task average (``Avg``, the mean of the task
+  accuracies) and the average over questions (:data:`POOLED`), the difference in accuracy with
+  a 95% percentile interval from the paired bootstrap of :mod:`analysis.tables.equivalence`
+  (seeds redrawn once per replicate for every eval set the same runs score, examples per eval
+  set, the same draw for both methods), its two-sided bootstrap p and that p's Monte Carlo
+  standard error;
 - ``stable_vs_baselines``: the same bootstrap with Stable-LoRA as the method and each other
   method as the reference in turn (LoRA, rsLoRA, LoRA+, ...), the comparison a study of
-  Stable-LoRA asks for.
+  Stable-LoRA asks for. The verdicts (equivalence, Holm, the pre-declared primary analysis and
+  its sensitivity rows) are the ``verdicts`` table (:mod:`analysis.tables.verdicts`).
 
-Both state the minimum detectable difference (MDD): the true difference a two-sided 5% test
-would detect with 80% power, ``(z_0.975 + z_0.8) * SE`` = 2.80 SE, where SE is the standard
-error of the paired difference (McNemar: from the discordant rates of the n examples, sqrt((b +
-c) / n - ((b - c) / n)^2) / sqrt(n); bootstrap: the standard deviation of the resampled
-differences).
+Examples of a run's ``contamination.json`` (:mod:`stablelora.contamination`: eval items seen
+in training or validation, repeats) are left out: the tables score the *clean subset*; runs
+without the record are scored on the full split, and the notes say it was not checked.
+
+Both state the minimum detectable difference (MDD), a design figure: the true difference a
+two-sided 5% test would detect with 80% power, ``(z_0.975 + z_0.8) * SE`` = 2.80 SE, where SE
+is the standard error of the paired difference (McNemar: from the discordant rates of the n
+examples, sqrt((b + c) / n - ((b - c) / n)^2) / sqrt(n); bootstrap: the standard deviation of
+the resampled differences). What rules an effect in or out is the confidence interval.
 """
 
 from __future__ import annotations
@@ -32,10 +39,22 @@ import pandas as pd
 
 from analysis.collect import Collection
 from analysis.tables.aggregation import AVG, accuracy_runs, check_mode
+from analysis.tables.equivalence import (
+    BOOTSTRAP_SAMPLES,
+    BOOTSTRAP_SEED,
+    average_over_sets,
+    bootstrap_differences,
+    bootstrap_p,
+    bootstrap_replicates,
+    monte_carlo_se,
+)
 from analysis.tables.formatting import Table, num_text
 from analysis.tables.ordering import sort_frame
 from analysis.tables.registry import register_table
+from stablelora.contamination import excluded_ids, read_record
 from stablelora.example_records import read_examples
+
+__all__ = ["BOOTSTRAP_SAMPLES", "BOOTSTRAP_SEED", "bootstrap_differences"]
 
 #: The method every other one is paired with (as in ``paired_difference``).
 REFERENCE = "lora"
@@ -43,9 +62,9 @@ REFERENCE = "lora"
 STABLE = "stable_lora"
 #: McNemar is exact (binomial) when the discordant pairs are fewer than this.
 EXACT_BELOW = 25
-BOOTSTRAP_SAMPLES = 2000
-BOOTSTRAP_SEED = 0
 ALPHA, POWER = 0.05, 0.80
+#: The row of the average over questions (pooled; ``Avg`` is the mean of task accuracies).
+POOLED = "Avg over questions"
 
 
 def mdd_factor() -> float:
@@ -84,29 +103,77 @@ def paired_frames(coll: Collection, reference_method: str = REFERENCE) -> pd.Dat
 
 def final_example_rows(runs: pd.DataFrame) -> pd.DataFrame:
     """Every completed run's final per-example results (eval_set, example_id, correct) with
-    its model, task, seed, method and label; empty when no run has per-example records."""
+    its model, task, seed, method and label, ``excluded`` (the example is in the run's
+    contamination record: left out of the clean subset) and ``checked`` (the run has that
+    record); empty when no run has per-example records."""
     keys = ["model", "task", "seed"]
     frames = []
     for run in runs[runs["status"] == "completed"].to_dict("records"):
         examples = final_examples(run["run_id"])
         if examples.empty:
             continue
+        record = read_record(Path(run["run_id"]))
+        excluded = excluded_ids(record)
+        left_out = [
+            example_id in excluded.get(str(eval_set), ())
+            for eval_set, example_id in zip(examples["eval_set"], examples["example_id"])
+        ]
         frames.append(
-            examples.assign(**{k: run[k] for k in keys}, method=run["method"], label=run["label"])
+            examples.assign(
+                **{k: run[k] for k in keys},
+                method=run["method"],
+                label=run["label"],
+                excluded=left_out,
+                checked=record is not None,
+            )
         )
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
 def pair_with(examples: pd.DataFrame, reference_method: str) -> pd.DataFrame:
     """``examples`` (:func:`final_example_rows`) of every other method joined with
-    ``reference_method``'s run of the same model, task and seed on the example ids."""
+    ``reference_method``'s run of the same model, task and seed on the example ids; an
+    example is ``excluded`` when either run's record excludes it, ``checked`` when both runs
+    have a record."""
     if examples.empty:
         return examples
     keys = ["model", "task", "seed", "eval_set", "example_id"]
     reference = examples[examples["method"] == reference_method]
-    reference = reference[[*keys, "correct"]].rename(columns={"correct": "reference"})
+    reference = reference[[*keys, "correct", "excluded", "checked"]].rename(
+        columns={"correct": "reference", "excluded": "excluded_ref", "checked": "checked_ref"}
+    )
     others = examples[examples["method"] != reference_method]
-    return others.merge(reference, on=keys)
+    pairs = others.merge(reference, on=keys)
+    pairs["excluded"] = pairs["excluded"] | pairs.pop("excluded_ref")
+    pairs["checked"] = pairs["checked"] & pairs.pop("checked_ref")
+    return pairs
+
+
+def clean_pairs(pairs: pd.DataFrame) -> pd.DataFrame:
+    """``pairs`` without the examples a contamination record excludes (the clean subset)."""
+    return pairs[~pairs["excluded"]] if not pairs.empty else pairs
+
+
+def split_note(pairs: pd.DataFrame) -> str:
+    """Which split ``pairs`` are scored on: the clean subset (how many scored items the
+    contamination records left out) or the full split, not checked for overlap."""
+    checked = pairs["checked"].to_numpy(dtype=bool)
+    items = pairs[["eval_set", "example_id"]].drop_duplicates()
+    left_out = pairs.loc[pairs["excluded"], ["eval_set", "example_id"]].drop_duplicates()
+    if checked.all():
+        return (
+            f"clean subset: {len(left_out)} of {len(items)} scored items left out as seen in "
+            "training or validation, or repeated (the runs' contamination.json)"
+        )
+    if not checked.any():
+        return (
+            "full split, not checked for train/eval overlap (the runs have no contamination.json)"
+        )
+    return (
+        f"clean subset where both runs have a contamination.json ({len(left_out)} of "
+        f"{len(items)} scored items left out); the pairs of runs without one are scored on the "
+        "full split, not checked"
+    )
 
 
 def mcnemar_rows(pairs: pd.DataFrame) -> pd.DataFrame:
@@ -139,74 +206,69 @@ def mcnemar_rows(pairs: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def bootstrap_differences(
-    per_set: dict[str, tuple[np.ndarray, np.ndarray]],
-    seeds: list,
-    samples: int = BOOTSTRAP_SAMPLES,
-    rng_seed: int = BOOTSTRAP_SEED,
-) -> np.ndarray:
-    """Resampled differences (method - reference, in accuracy units) of the unweighted mean
-    over the eval sets: each sample draws the seeds with replacement and, per eval set, the
-    example positions with replacement (one draw for both methods and every seed: the seeds
-    score the same examples in the same order).
-
-    Args:
-        per_set: eval set -> (method, reference) correctness, shape (seeds, examples), rows in
-            the order of ``seeds``.
-        seeds: the paired seeds.
-    """
-    rng = np.random.default_rng(rng_seed)
-    total = np.zeros(samples)
-    for method, reference in per_set.values():
-        diff = method.astype(float) - reference.astype(float)  # (seeds, examples)
-        n_seeds, n = diff.shape
-        seed_draws = rng.integers(0, n_seeds, size=(samples, n_seeds))
-        example_draws = rng.integers(0, n, size=(samples, n))
-        for s in range(samples):
-            total[s] += diff[np.ix_(seed_draws[s], example_draws[s])].mean()
-    return total / len(per_set)
+def comparison_matrices(
+    group: pd.DataFrame,
+) -> tuple[dict[str, np.ndarray], dict[str, str], list]:
+    """One comparison's paired differences as matrices: (eval set -> (seeds, examples) array of
+    method - reference over the examples every paired seed scored, eval set -> its runs' task
+    (the eval sets of one task share the seed draw: one run scores them all), the seeds).
+    Eval sets that some paired seed did not score are left out."""
+    seeds = sorted(set(group["seed"]))
+    per_set: dict[str, np.ndarray] = {}
+    tasks: dict[str, str] = {}
+    for eval_set, part in group.groupby("eval_set", sort=False):
+        wide = part.pivot_table(
+            index="seed", columns="example_id", values=["correct", "reference"], aggfunc="first"
+        )
+        wide = wide.dropna(axis=1).reindex(seeds).dropna(axis=0)
+        if wide.empty or len(wide) != len(seeds):
+            continue
+        diff = wide["correct"].to_numpy(dtype=float) - wide["reference"].to_numpy(dtype=float)
+        per_set[str(eval_set)] = diff
+        tasks[str(eval_set)] = str(part["task"].iloc[0])
+    return per_set, tasks, seeds
 
 
 def bootstrap_rows(pairs: pd.DataFrame) -> pd.DataFrame:
-    """One row per (model, method, label) and eval set, plus ``Avg`` over the eval sets (of a
-    mixture's runs, or of the per-task runs): the observed difference, its bootstrap CI,
-    p-value, SE and MDD (percentage points)."""
+    """One row per (model, method, label) and eval set, plus ``Avg`` (the mean of the task
+    accuracies) and :data:`POOLED` (over questions) when there are several eval sets: the
+    observed difference, its bootstrap CI, p-value and p's Monte Carlo SE, SE and MDD
+    (percentage points)."""
     rows = []
     factor = mdd_factor()
     for key, group in pairs.groupby(["model", "method", "label"], sort=False):
-        matrices: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-        seeds = sorted(set(group["seed"]))
-        for eval_set, part in group.groupby("eval_set", sort=False):
-            wide = part.pivot_table(
-                index="seed", columns="example_id", values=["correct", "reference"], aggfunc="first"
-            )
-            wide = wide.dropna(axis=1).reindex(seeds).dropna(axis=0)
-            if wide.empty:
-                continue
-            matrices[str(eval_set)] = (
-                wide["correct"].to_numpy(dtype=float),
-                wide["reference"].to_numpy(dtype=float),
-            )
-        common = {name: m for name, m in matrices.items() if m[0].shape[0] == len(seeds)}
-        targets = {name: {name: m} for name, m in common.items()}
-        if len(common) > 1:
-            targets[AVG] = common
-        for name, per_set in targets.items():
-            observed = np.mean([(m - r).mean() for m, r in per_set.values()])
-            draws = bootstrap_differences(per_set, seeds)
-            low, high = np.percentile(draws, [2.5, 97.5])
-            p_value = min(1.0, 2 * min((draws <= 0).mean(), (draws >= 0).mean()))
-            se = float(draws.std(ddof=1))
+        per_set, tasks, seeds = comparison_matrices(group)
+        if not per_set:
+            continue
+        replicates = bootstrap_replicates(per_set, tasks)
+        draws = replicates.per_set("seeds_and_questions")
+        observed = {name: float(diff.mean()) for name, diff in per_set.items()}
+        targets = [(name, [name], observed[name], draws[name]) for name in per_set]
+        if len(per_set) > 1:
+            for name, average in ((AVG, "tasks"), (POOLED, "questions")):
+                targets.append(
+                    (
+                        name,
+                        list(per_set),
+                        float(average_over_sets(observed, replicates.sizes, average)),
+                        replicates.averaged("seeds_and_questions", average),
+                    )
+                )
+        for name, members, value, samples in targets:
+            low, high = np.percentile(samples, [100 * ALPHA / 2, 100 * (1 - ALPHA / 2)])
+            p_value = bootstrap_p(samples)
+            se = float(samples.std(ddof=1))
             rows.append(
                 {
                     **dict(zip(["model", "method", "label"], key)),
                     "eval_set": name,
                     "seeds": len(seeds),
-                    "examples": sum(m.shape[1] for m, _ in per_set.values()),
-                    "diff": 100 * observed,
+                    "examples": sum(replicates.sizes[m] for m in members),
+                    "diff": 100 * value,
                     "ci_low": 100 * low,
                     "ci_high": 100 * high,
                     "p_value": p_value,
+                    "p_mc_se": monte_carlo_se(p_value, len(samples)),
                     "se": 100 * se,
                     "mdd": 100 * factor * se if se > 0 else math.nan,
                 }
@@ -231,18 +293,49 @@ def _bootstrap_cells(data: pd.DataFrame, diff_header: str) -> dict[str, list[str
         "95% bootstrap CI": [
             f"[{lo:+.2f}, {hi:+.2f}]" for lo, hi in zip(data["ci_low"], data["ci_high"])
         ],
-        "p": [_p_text(p) for p in data["p_value"]],
+        "p (MC SE)": [p_cell(p, e) for p, e in zip(data["p_value"], data["p_mc_se"])],
         "MDD (pp)": [_mdd_text(m, 2) for m in data["mdd"]],
     }
+
+
+def p_cell(p: float, mc_se: float) -> str:
+    """A bootstrap p with its Monte Carlo standard error: ``0.104 (0.003)``; – for no test."""
+    if not np.isfinite(p):
+        return "–"
+    return _p_text(p) if not np.isfinite(mc_se) else f"{_p_text(p)} ({mc_se:.3f})"
+
+
+def _sort_averages_last(data: pd.DataFrame, order: list[str]) -> pd.DataFrame:
+    """``data`` sorted by ``order`` with the eval sets first, then ``Avg``, then the pooled."""
+    data = data.assign(avg_rank=data["eval_set"].map({AVG: 1, POOLED: 2}).fillna(0))
+    return sort_frame(data, [c if c != "is_avg" else "avg_rank" for c in order]).drop(
+        columns="avg_rank"
+    )
+
+
+#: The notes every bootstrap table shares: what the interval, p and MDD are, and which rules.
+BOOTSTRAP_NOTES = [
+    f"Paired bootstrap ({BOOTSTRAP_SAMPLES:,} resamples, numpy seed {BOOTSTRAP_SEED}; "
+    "analysis.tables.equivalence): each resample redraws the seeds with replacement once for "
+    "every task the same runs score, and per task the examples with replacement, the same "
+    "draw for both methods; the interval is the 2.5-97.5 percentiles, p twice the smaller "
+    "tail mass at or beyond 0, with its Monte Carlo standard error sqrt(p(1 - p)/B).",
+    f"Avg: the mean of the task accuracies (Table 1's average); {POOLED}: every question "
+    "weighted alike. The verdicts table names which is the primary analysis.",
+    "The confidence interval is what rules an effect in or out: differences outside it are "
+    "ruled out at 5%. MDD (a design figure): 2.80 bootstrap standard errors, the true "
+    "difference a two-sided 5% test detects with 80% power.",
+]
 
 
 @register_table
 def paired_examples(coll: Collection, seeds: str = "mean") -> Table | None:
     """McNemar per (task, method, seed) against LoRA on the same examples."""
     check_mode(seeds)
-    pairs = paired_frames(coll)
-    if pairs.empty:
+    everything = paired_frames(coll)
+    if everything.empty:
         return None
+    pairs = clean_pairs(everything)
     data = sort_frame(mcnemar_rows(pairs), ["model", "task", "eval_set", "method", "seed"])
     display = pd.DataFrame(
         {
@@ -266,8 +359,10 @@ def paired_examples(coll: Collection, seeds: str = "mean") -> Table | None:
         f"c: only {REFERENCE}. Δ = (b - c) / n.",
         f"McNemar's test (statsmodels): exact binomial on b of b + c when b + c < {EXACT_BELOW}, "
         "else chi-square with continuity correction; two-sided.",
-        "MDD: the difference a two-sided 5% test detects with 80% power at these discordance "
-        "rates, 2.80 · sqrt(((b + c)/n - ((b - c)/n)²) / n); – where no example is discordant.",
+        "MDD (a design figure): the difference a two-sided 5% test detects with 80% power at "
+        "these discordance rates, 2.80 · sqrt(((b + c)/n - ((b - c)/n)²) / n); – where no "
+        "example is discordant.",
+        f"Scored on the {split_note(everything)}.",
     ]
     return Table(
         "paired_examples",
@@ -283,14 +378,13 @@ def paired_examples(coll: Collection, seeds: str = "mean") -> Table | None:
 def paired_bootstrap(coll: Collection, seeds: str = "mean") -> Table | None:
     """Paired bootstrap over seeds and examples, per task and for the task average."""
     check_mode(seeds)
-    pairs = paired_frames(coll)
-    if pairs.empty:
+    everything = paired_frames(coll)
+    if everything.empty:
         return None
-    data = bootstrap_rows(pairs)
+    data = bootstrap_rows(clean_pairs(everything))
     if data.empty:
         return None
-    data["is_avg"] = data["eval_set"] == AVG
-    data = sort_frame(data, ["model", "is_avg", "eval_set", "method"]).drop(columns="is_avg")
+    data = _sort_averages_last(data, ["model", "is_avg", "eval_set", "method"])
     display = pd.DataFrame(
         {
             "model": data["model"],
@@ -301,14 +395,8 @@ def paired_bootstrap(coll: Collection, seeds: str = "mean") -> Table | None:
     )
     notes = [
         f"Δ: the method's accuracy minus {REFERENCE}'s on the same examples, averaged over the "
-        "paired seeds; Avg: the unweighted mean over the tasks (Table 1's average).",
-        f"Paired bootstrap ({BOOTSTRAP_SAMPLES} samples, numpy seed {BOOTSTRAP_SEED}): each "
-        "sample redraws the seeds and, per task, the examples with replacement, the same "
-        "draw for both methods; the interval is the 2.5-97.5 percentiles, p twice the smaller "
-        "tail mass beyond 0.",
-        "MDD: 2.80 bootstrap standard errors, the true difference a two-sided 5% test detects "
-        "with 80% power; a CI containing 0 with an MDD of m pp rules out only differences "
-        "larger than about m.",
+        f"paired seeds; scored on the {split_note(everything)}.",
+        *BOOTSTRAP_NOTES,
     ]
     return Table(
         "paired_bootstrap",
@@ -328,20 +416,19 @@ def stable_vs_baselines(coll: Collection, seeds: str = "mean") -> Table | None:
     if runs.empty or STABLE not in set(runs["method"]):
         return None
     examples = final_example_rows(runs)  # read once, paired with each baseline in turn
-    frames = []
+    frames, splits = [], []
     for baseline in sorted(set(runs["method"]) - {STABLE}):
         pairs = pair_with(examples, baseline)
         pairs = pairs[pairs["method"] == STABLE] if not pairs.empty else pairs
         if not pairs.empty:
-            frames.append(bootstrap_rows(pairs).assign(baseline=baseline))
+            splits.append(pairs)
+            frames.append(bootstrap_rows(clean_pairs(pairs)).assign(baseline=baseline))
     data = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     if data.empty:
         return None
     # "method" is the baseline from here on (the tables' order of methods), "label" Stable-LoRA's
     data = data.drop(columns="method").rename(columns={"baseline": "method"})
-    data["is_avg"] = data["eval_set"] == AVG
-    data = sort_frame(data, ["model", "label", "is_avg", "eval_set", "method"])
-    data = data.drop(columns="is_avg")
+    data = _sort_averages_last(data, ["model", "label", "is_avg", "eval_set", "method"])
     display = pd.DataFrame(
         {
             "model": data["model"],
@@ -353,14 +440,11 @@ def stable_vs_baselines(coll: Collection, seeds: str = "mean") -> Table | None:
     )
     notes = [
         f"Δ: {STABLE}'s accuracy minus the baseline's on the same examples and seeds (each "
-        "baseline's runs of the seeds both completed), averaged over those seeds; Avg: the "
-        "unweighted mean over the tasks.",
-        f"The paired bootstrap of paired_bootstrap ({BOOTSTRAP_SAMPLES} samples, numpy seed "
-        f"{BOOTSTRAP_SEED}): seeds and, per task, examples redrawn with replacement, the same "
-        "draw for both methods; 2.5-97.5 percentile interval, p twice the smaller tail mass "
-        "beyond 0; MDD: 2.80 bootstrap standard errors (80% power, 5% two-sided).",
-        "Each baseline is a separate test: with k baselines, a Bonferroni reading asks for "
-        "p < 0.05 / k.",
+        "baseline's runs of the seeds both completed), averaged over those seeds; scored on the "
+        f"{split_note(pd.concat(splits, ignore_index=True))}.",
+        *BOOTSTRAP_NOTES,
+        "Each baseline is a separate test: the verdicts table adjusts the p-values across the "
+        "baselines (Holm) and tests equivalence against the declared margin.",
     ]
     return Table(
         "stable_vs_baselines",

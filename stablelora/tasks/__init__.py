@@ -29,6 +29,7 @@ import importlib
 import pkgutil
 from typing import Any
 
+from stablelora.contamination import SPLIT_RULES
 from stablelora.tasks.base import MathTask, MultipleChoiceTask, Task
 from stablelora.tasks.data import PROMPT_FORMATS, PROTOCOLS, TaskConfig, check_source
 
@@ -85,6 +86,41 @@ def task_record(task_cfg: Any) -> dict[str, Any]:
     return {"task_family": cfg.family, "task_kind": kind, "protocol": cfg.protocol}
 
 
+def task_splits(task_cfg: Any, *, seed: int) -> dict | None:
+    """Eval set -> :class:`stablelora.contamination.SplitExamples` of the task, as a run of
+    ``seed`` would use them, without a tokenizer (what the overlap check reads); None for a
+    family whose data the check does not cover (generation-only, dialogue, toy tasks)."""
+    from stablelora.tasks.base import load_train_and_eval
+    from stablelora.tasks.data import split_source
+
+    cfg = TaskConfig.from_any(task_cfg)
+    module = family_module(cfg)
+    if cfg.family == "merged_qa":
+        splits = {
+            name: module.subtask_examples(sub, seed=seed)
+            for name, sub in module.subtask_configs(cfg).items()
+        }
+        module.across_subtasks(cfg, splits)
+        return splits
+    if hasattr(module, "load_split_examples"):
+        return {cfg.name: module.load_split_examples(cfg, seed=seed)}
+    if hasattr(module, "train_source") and hasattr(module, "to_eval_example"):  # maths
+        return {
+            cfg.name: load_train_and_eval(
+                cfg,
+                module.train_source(cfg),
+                module.eval_source(cfg),
+                module.to_example,
+                seed=seed,
+                to_eval_example=module.to_eval_example,
+            )
+        }
+    if getattr(module, "KIND", None) == "multiple_choice" and hasattr(module, "to_example"):
+        train, evals = split_source(cfg, cfg.train_split), split_source(cfg, cfg.eval_split)
+        return {cfg.name: load_train_and_eval(cfg, train, evals, module.to_example, seed=seed)}
+    return None
+
+
 def check_task_config(task_cfg: Any) -> None:
     """Validate a task config without loading any data or model.
 
@@ -95,6 +131,11 @@ def check_task_config(task_cfg: Any) -> None:
     """
     cfg = TaskConfig.from_any(task_cfg)
     module = family_module(cfg)
+    if cfg.split_rule not in SPLIT_RULES:
+        raise ValueError(
+            f"task {cfg.name}: split_rule {cfg.split_rule!r} is not one of {SPLIT_RULES}: "
+            "set task.split_rule"
+        )
     if cfg.protocol not in PROTOCOLS:
         raise ValueError(
             f"task {cfg.name}: protocol {cfg.protocol!r} is not one of {PROTOCOLS}: "

@@ -11,15 +11,19 @@ greedily, which is cheaper and deterministic.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 
+from stablelora.contamination import CONTENT, SplitExamples, clean_splits, overlap_entry
 from stablelora.example_records import example_id, unique_ids
 from stablelora.tasks.data import (
     EVAL_SHUFFLE_SEED,
+    VALIDATION,
     DataSource,
     TaskConfig,
     load_examples,
+    optional_examples,
     split_source,
 )
 from stablelora.tasks.prompts import (
@@ -64,6 +68,9 @@ class Task:
         #: Where the LM head runs when scoring: "used" positions or "all" (trainer.lm_head).
         self.lm_head = "used"
         self.last_examples: list[dict] = []
+        #: Eval set -> its overlap record (stablelora.contamination.overlap_entry); empty for
+        #: a family the check does not cover. The runner writes it to contamination.json.
+        self.overlap: dict[str, dict] = {}
 
     @property
     def num_train_examples(self) -> int:
@@ -135,10 +142,12 @@ class MultipleChoiceTask(Task):
         train_examples: list[MultipleChoiceExample],
         eval_sets: dict[str, list[MultipleChoiceExample]],
         main_metric: str = "acc",
+        overlap: dict[str, dict] | None = None,
     ):
         train_pairs = [multiple_choice_train_pair(ex, cfg.prompt_format) for ex in train_examples]
         super().__init__(cfg, tokenizer, train_pairs, main_metric)
         self.eval_sets = eval_sets
+        self.overlap = dict(overlap or {})
 
     def _evaluate(self, model, *, batch_size, max_examples):
         score = self._score_loglik if self.cfg.protocol == "loglik" else self._score_generate
@@ -215,10 +224,12 @@ class MathTask(Task):
         tokenizer,
         train_examples: list[MathExample],
         eval_examples: list[MathExample],
+        overlap: dict | None = None,
     ):
         train_pairs = [math_train_pair(ex, cfg.prompt_format) for ex in train_examples]
         super().__init__(cfg, tokenizer, train_pairs, main_metric="acc")
         self.eval_examples = eval_examples
+        self.overlap = {cfg.name: overlap} if overlap else {}
 
     def _evaluate(self, model, *, batch_size, max_examples):
         examples = self.eval_examples[:max_examples]
@@ -241,6 +252,22 @@ def argmax(values: list[float]) -> int:
     return max(range(len(values)), key=values.__getitem__)
 
 
+def held_out_source(
+    cfg: TaskConfig, train_source: DataSource, eval_source: DataSource
+) -> tuple[str, DataSource] | None:
+    """The held-out split a run does not score but must keep out of training, with its
+    source: the test split when scoring validation, the validation slice when scoring test
+    while holding it out (``task.holdout_validation``); None when there is no such split."""
+    if cfg.eval_split == VALIDATION:
+        return "test", replace(eval_source, split="test", holdout_of=None, drop_holdout=False)
+    if cfg.excludes_validation:
+        validation = replace(
+            train_source, split=VALIDATION, holdout_of=train_source.split, drop_holdout=False
+        )
+        return VALIDATION, validation
+    return None
+
+
 def load_train_and_eval(
     cfg: TaskConfig,
     train_source: DataSource,
@@ -249,19 +276,42 @@ def load_train_and_eval(
     *,
     seed: int,
     to_eval_example: Callable[[dict], object] | None = None,
-) -> tuple[list, list]:
-    """Train examples subsampled with ``seed``; eval examples in a fixed shuffled order."""
+) -> SplitExamples:
+    """Train examples subsampled with ``seed``, eval examples in a fixed shuffled order, the
+    other held-out split, and the overlap record of the eval split
+    (:func:`stablelora.contamination.overlap_entry`). Under ``task.split_rule=content`` the
+    eval split is scored without repeats and training leaves out what overlaps a held-out item
+    (:func:`stablelora.contamination.clean_splits`; after the ``max_train_examples`` draw, so
+    a capped train set may hold fewer)."""
+    to_eval = to_eval_example or to_example
+    content = cfg.split_rule == CONTENT
     train = load_examples(
         train_source, to_example, limit=cfg.max_train_examples, seed=seed, shuffle=False
     )
     evals = load_examples(
         eval_source,
-        to_eval_example or to_example,
-        limit=cfg.max_eval_examples,
+        to_eval,
+        limit=None if content else cfg.max_eval_examples,
         seed=EVAL_SHUFFLE_SEED,
         shuffle=True,
     )
-    return train, evals
+    other = held_out_source(cfg, train_source, eval_source)
+    held_out = optional_examples(other[1], to_eval) if other else None
+    counts = None
+    if content:
+        train, evals, held_out, counts = clean_splits(
+            train, evals, held_out, eval_is_validation=cfg.eval_split == VALIDATION
+        )
+        evals = evals[: cfg.max_eval_examples]
+    entry = overlap_entry(
+        train,
+        evals,
+        held_out,
+        eval_split=cfg.eval_split,
+        held_out_split=other[0] if other else None,
+        counts=counts,
+    )
+    return SplitExamples(train, evals, held_out, entry)
 
 
 def build_multiple_choice(
@@ -273,7 +323,7 @@ def build_multiple_choice(
     main_metric: str = "acc",
 ) -> MultipleChoiceTask:
     """A single-dataset multiple-choice task read from ``cfg``'s Hub id or ``data_dir``."""
-    train, evals = load_train_and_eval(
+    splits = load_train_and_eval(
         cfg,
         split_source(cfg, cfg.train_split),
         split_source(cfg, cfg.eval_split),
@@ -282,4 +332,11 @@ def build_multiple_choice(
     )
     if cfg.protocol == "generate":
         main_metric = "acc"
-    return MultipleChoiceTask(cfg, tokenizer, train, {cfg.name: evals}, main_metric)
+    return MultipleChoiceTask(
+        cfg,
+        tokenizer,
+        splits.train,
+        {cfg.name: splits.evals},
+        main_metric,
+        overlap={cfg.name: splits.overlap},
+    )

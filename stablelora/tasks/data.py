@@ -17,6 +17,8 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from stablelora.contamination import CONTENT, LEGACY, normalize
+
 PROTOCOLS = ("loglik", "generate")
 PROMPT_FORMATS = ("plain", "llm_adapters")
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
@@ -30,6 +32,9 @@ EVAL_SHUFFLE_SEED = 0
 VALIDATION = "validation"
 HOLDOUT_PERCENT = 10
 HOLDOUT_MAX_ROWS = 500
+#: Columns that name a row rather than say what it is: left out of its content hash under the
+#: ``content`` split rule, so that copies of one question under two ids fall together.
+ID_COLUMNS = frozenset({"id", "ID", "idx", "_id", "qid", "ind", "source_id", "example_id"})
 
 
 @dataclass(frozen=True)
@@ -53,6 +58,11 @@ class TaskConfig:
     # runs of an lr selection train on exactly the data the selection runs trained on).
     # Implied by eval_split=validation; nothing to hold out when the split is official.
     holdout_validation: bool = False
+    # How train, validation and test are kept apart (stablelora.contamination): "content"
+    # (splits on normalised content, overlaps removed from training) or "legacy" (the rules
+    # before it). conf/task/_base.yaml sets "content"; a recorded config without the key ran
+    # under "legacy", which is why that is the default here.
+    split_rule: str = LEGACY
     options: Mapping[str, Any] = field(default_factory=dict)
 
     @property
@@ -93,6 +103,7 @@ class DataSource:
     # on a train split: drop that held-out slice when the validation split is carved.
     holdout_of: str | None = None
     drop_holdout: bool = False
+    split_rule: str = LEGACY  # how the held-out slice is carved (:func:`holdout_rows`)
 
     @property
     def hub_name(self) -> str:
@@ -116,6 +127,7 @@ def split_source(cfg: TaskConfig, split: str) -> DataSource:
         cfg.data_dir,
         holdout_of=cfg.train_split if split == VALIDATION else None,
         drop_holdout=split == cfg.train_split and cfg.excludes_validation,
+        split_rule=cfg.split_rule,
     )
 
 
@@ -206,6 +218,23 @@ def row_hash(row: Mapping) -> int:
     return int(hashlib.md5(text.encode("utf-8")).hexdigest(), 16)
 
 
+def content_hash(row: Mapping) -> int:
+    """:func:`row_hash` of what a row says: its id columns (:data:`ID_COLUMNS`) left out and
+    its strings normalised (:func:`stablelora.contamination.normalize`), so that copies of one
+    item under different ids or spacing hash alike."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, str):
+            return normalize(value)
+        if isinstance(value, Mapping):
+            return {str(k): plain(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        return value
+
+    return row_hash({k: plain(v) for k, v in row.items() if k not in ID_COLUMNS})
+
+
 def holdout_mask(keys: Sequence[int], bits: int = 128) -> list[bool]:
     """Which of the rows with hashes ``keys`` form the held-out validation split: those in the
     first :data:`HOLDOUT_PERCENT` of the hash range, at most :data:`HOLDOUT_MAX_ROWS` (the
@@ -236,7 +265,7 @@ def load_rows(source: DataSource) -> Sequence[dict]:
     validation split (or the train split without it) where the dataset has no validation."""
     if source.holdout_of is not None and not has_split(source, source.split):
         rows = _split_rows(replace(source, split=source.holdout_of))
-        held = [i for i, m in enumerate(holdout_rows(rows)) if m]
+        held = [i for i, m in enumerate(holdout_rows(rows, source.split_rule)) if m]
         if not held:
             raise ValueError(
                 f"task {source.task}: {source.hub_name} has no validation split and its "
@@ -246,13 +275,16 @@ def load_rows(source: DataSource) -> Sequence[dict]:
         return select_rows(rows, held)
     if source.drop_holdout and not has_split(source, VALIDATION):
         rows = _split_rows(source)
-        return select_rows(rows, [i for i, m in enumerate(holdout_rows(rows)) if not m])
+        mask = holdout_rows(rows, source.split_rule)
+        return select_rows(rows, [i for i, m in enumerate(mask) if not m])
     return _split_rows(source)
 
 
-def holdout_rows(rows: Sequence[dict]) -> list[bool]:
-    """:func:`holdout_mask` of ``rows`` by their content hashes."""
-    return holdout_mask([row_hash(row) for row in rows])
+def holdout_rows(rows: Sequence[dict], split_rule: str = LEGACY) -> list[bool]:
+    """:func:`holdout_mask` of ``rows`` by their hashes: of the whole row (``legacy``), or of
+    what it says (``content``: :func:`content_hash`, copies under two ids fall together)."""
+    key = content_hash if split_rule == CONTENT else row_hash
+    return holdout_mask([key(row) for row in rows])
 
 
 def _split_rows(source: DataSource) -> Sequence[dict]:
@@ -285,6 +317,21 @@ def sample_indices(n: int, limit: int | None, seed: int, *, shuffle: bool) -> li
     if limit is not None and limit < n:
         indices = sorted(rng.sample(indices, limit))
     return indices
+
+
+def optional_examples(source: DataSource, to_example: Callable[[dict], Any]) -> list | None:
+    """Every labelled example of a split that may not exist (a held-out split the run does not
+    score, read only to keep training apart from it): None when there is none."""
+    if source.data_dir is not None:
+        carved = source.holdout_of is not None and local_split_file(
+            source.data_dir, source.holdout_of
+        )
+        if local_split_file(source.data_dir, source.split) is None and not carved:
+            return None
+    elif source.holdout_of is None and not has_split(source, source.split):
+        return None
+    examples = [ex for ex in map(to_example, load_rows(source)) if ex is not None]
+    return examples or None
 
 
 def load_examples(

@@ -57,7 +57,7 @@ def sources(cfg: TaskConfig) -> list[DataSource]:
 
 def build(cfg: TaskConfig, tokenizer, *, seed: int) -> MathTask:
     """The maths task described by ``cfg``."""
-    train, evals = load_train_and_eval(
+    splits = load_train_and_eval(
         cfg,
         train_source(cfg),
         eval_source(cfg),
@@ -65,4 +65,4 @@ def build(cfg: TaskConfig, tokenizer, *, seed: int) -> MathTask:
         seed=seed,
         to_eval_example=to_eval_example,
     )
-    return MathTask(cfg, tokenizer, train, evals)
+    return MathTask(cfg, tokenizer, splits.train, splits.evals, splits.overlap)

@@ -22,8 +22,8 @@ import importlib
 from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
+from stablelora.contamination import CONTENT, LEGACY, SplitExamples, overlap_ids, overlapping
 from stablelora.tasks.base import MultipleChoiceTask, load_train_and_eval
 from stablelora.tasks.data import (
     VALIDATION,
@@ -66,8 +66,26 @@ def subtask_configs(cfg: TaskConfig) -> dict[str, TaskConfig]:
             max_eval_examples=cfg.max_eval_examples,
             max_length=cfg.max_length,
             max_new_tokens=cfg.max_new_tokens,
+            split_rule=cfg.split_rule,
         )
+        if cfg.split_rule != LEGACY:  # records since the split rule state what applies
+            _check_recorded(cfg, name, sub, configs[name])
     return configs
+
+
+#: The subtask fields the mixture decides (conf/task/arc_bbc.yaml states them per subtask).
+FROM_MIXTURE = ("protocol", "prompt_format", "max_eval_examples", "max_length", "max_new_tokens")
+
+
+def _check_recorded(cfg: TaskConfig, name: str, sub: Mapping, effective: TaskConfig) -> None:
+    """A subtask value set apart from the mixture's would be recorded but not applied."""
+    for key in (*FROM_MIXTURE, "eval_split", "split_rule"):
+        if key in sub and sub[key] != getattr(effective, key):
+            raise ValueError(
+                f"task {cfg.name}: subtask {name} sets {key}={sub[key]!r} but the mixture's "
+                f"{getattr(effective, key)!r} applies: set task.{key} (or the subtask's "
+                f"value as ${{...{key}}})"
+            )
 
 
 def family_of(sub: TaskConfig):
@@ -98,8 +116,8 @@ def sources(cfg: TaskConfig) -> list[DataSource]:
     ]
 
 
-def subtask_examples(sub: TaskConfig, *, seed: int) -> tuple[list, list[Any]]:
-    """(train, eval) examples of one subtask."""
+def subtask_examples(sub: TaskConfig, *, seed: int) -> SplitExamples:
+    """The examples of one subtask."""
     module = family_of(sub)
     if hasattr(module, "load_split_examples"):
         return module.load_split_examples(sub, seed=seed)
@@ -112,13 +130,30 @@ def subtask_examples(sub: TaskConfig, *, seed: int) -> tuple[list, list[Any]]:
     )
 
 
+def across_subtasks(cfg: TaskConfig, splits: dict[str, SplitExamples]) -> list:
+    """The mixture's training examples, checked against every subtask's held-out items, not
+    only its own: under the ``content`` rule those overlapping another subtask's eval or
+    held-out items leave training (counted in that subtask's ``train_dropped``); each
+    record's ``in_train`` then lists its eval items found anywhere in the mixture's training
+    data."""
+    train = [ex for split in splits.values() for ex in split.train]
+    for split in splits.values():
+        if cfg.split_rule == CONTENT:
+            leaked = overlapping(train, split.evals + (split.held_out or []))
+            train = [ex for i, ex in enumerate(train) if i not in leaked]
+            split.overlap["train_dropped"] += len(leaked)
+    for split in splits.values():
+        split.overlap["in_train"] = overlap_ids(split.evals, train)
+    return train
+
+
 def build(cfg: TaskConfig, tokenizer, *, seed: int) -> MultipleChoiceTask:
     """The mixture: all subtasks' train examples (then capped), one eval set per subtask."""
-    train, eval_sets = [], {}
-    for name, sub in subtask_configs(cfg).items():
-        sub_train, eval_sets[name] = subtask_examples(sub, seed=seed)
-        train += sub_train
+    splits = {name: subtask_examples(sub, seed=seed) for name, sub in subtask_configs(cfg).items()}
+    train = across_subtasks(cfg, splits)
+    eval_sets = {name: split.evals for name, split in splits.items()}
+    overlap = {name: split.overlap for name, split in splits.items()}
     train = [
         train[i] for i in sample_indices(len(train), cfg.max_train_examples, seed, shuffle=False)
     ]
-    return MultipleChoiceTask(cfg, tokenizer, train, eval_sets, main_metric="acc")
+    return MultipleChoiceTask(cfg, tokenizer, train, eval_sets, "acc", overlap=overlap)

@@ -66,6 +66,9 @@ class MultipleChoiceExample:
     gold: int
     instruction: str
     label_word: str = "answer"
+    #: The text the train/eval overlap check compares (stablelora.contamination.overlap_text)
+    #: when the query is not the whole item: BBC News' article body. Empty: query and answer.
+    content: str = ""
 
     @property
     def gold_label(self) -> str:
