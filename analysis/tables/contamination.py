@@ -32,6 +32,8 @@ def overlap_frame(coll: Collection) -> pd.DataFrame:
         if record is None:
             continue
         for eval_set, entry in record["tasks"].items():
+            in_train, in_held_out = entry.get("in_train", {}), entry.get("in_held_out", {})
+            items = int(entry.get("eval_items", 0))
             rows.append(
                 {
                     "run_id": run["run_id"],
@@ -39,18 +41,18 @@ def overlap_frame(coll: Collection) -> pd.DataFrame:
                     "task": run["task"],
                     "eval_set": eval_set,
                     "split_rule": record["split_rule"],
-                    "eval_split": entry["eval_split"],
-                    "items": entry["eval_items"],
-                    "train_exact": len(entry["in_train"]["exact"]),
-                    "train_near": len(entry["in_train"]["near"]),
+                    "eval_split": entry.get("eval_split", ""),
+                    "items": items,
+                    "train_exact": len(in_train.get("exact", [])),
+                    "train_near": len(in_train.get("near", [])),
                     "held_out_split": entry.get("held_out_split") or "",
-                    "held_out_exact": len(entry["in_held_out"]["exact"]),
-                    "held_out_near": len(entry["in_held_out"]["near"]),
-                    "repeats": len(entry["repeats"]),
+                    "held_out_exact": len(in_held_out.get("exact", [])),
+                    "held_out_near": len(in_held_out.get("near", [])),
+                    "repeats": len(entry.get("repeats", [])),
                     "overlapping": overlap_count(entry),
-                    "clean": entry["eval_items"] - len(excluded_ids(record)[eval_set]),
-                    "train_dropped": entry["train_dropped"],
-                    "held_out_dropped": entry["held_out_dropped"],
+                    "clean": items - len(excluded_ids(record)[eval_set]),
+                    "train_dropped": entry.get("train_dropped", 0),
+                    "held_out_dropped": entry.get("held_out_dropped", 0),
                 }
             )
     return pd.DataFrame(rows)
