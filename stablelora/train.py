@@ -257,7 +257,7 @@ def _train(
     trainer = cfg.trainer
     run = build_run(cfg, dist, recorder)
     if dist.is_main:
-        record_overlap(run_dir, cfg.task, run.task.overlap)
+        record_overlap(run_dir, cfg.task, getattr(run.task, "overlap", {}))
     trainable = [p for p in run.model.parameters() if p.requires_grad]
     after_step = step_hooks(run.model)  # the adapter's own work after an optimizer step
     state = _start(run, run_dir, recorder)
