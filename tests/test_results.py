@@ -177,3 +177,51 @@ def test_copy_records_adds_a_sitting_to_the_committed_runs_and_prune_drops_the_r
     assert (runs / "lora-s0" / "layers.parquet").read_bytes() == b"PAR1 per-layer values PAR1"
     assert copy_records(second, results, prune=True) == (2, 0)
     assert sorted(p.name for p in runs.iterdir()) == ["lora-s1", "lora-s2"]
+
+
+def _readme_table(text: str, header_start: str) -> list[list[str]]:
+    """The cells of the Markdown table in ``text`` whose header row starts ``header_start``."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.strip().startswith(header_start))
+    rows = []
+    for line in lines[start + 2 :]:
+        if not line.strip().startswith("|"):
+            break
+        rows.append([cell.strip() for cell in line.strip().strip("|").split("|")])
+    return rows
+
+
+def test_tuned_study_figures_in_the_readme_come_from_the_committed_tables():
+    """The tuned study's verdict table, per-task differences and overlap counts in
+    results/cpu/README.md are the committed tables' numbers (a hand-edited figure fails)."""
+    text = (RESULTS / "README.md").read_text()
+    report = RESULTS / "cpu_tuned_final" / "report" / "tables"
+    verdicts = pd.read_csv(report / "verdicts.csv")
+    primary = verdicts[verdicts["role"] == "primary"].set_index("method")
+    rows = _readme_table(text, "| Stable-LoRA against |")
+    assert {row[0] for row in rows} == set(primary.index)
+    for method, diff, ci, p_holm, tost_holm, verdict in rows:
+        want = primary.loc[method]
+        assert diff == f"{want['diff']:+.2f}", method
+        assert ci == f"[{want['ci_low']:+.2f}, {want['ci_high']:+.2f}]", method
+        assert p_holm == f"{want['p_adjusted']:.3f}" and tost_holm == f"{want['tost_adjusted']:.3f}"
+        assert verdict == want["verdict"], method
+    stable = pd.read_csv(report / "stable_vs_baselines.csv")
+    columns = {"ARC-Easy": "arc_easy", "ARC-Challenge": "arc_challenge", "BBC News": "bbc_news"}
+    for row in _readme_table(
+        text, "| against | ARC-Easy | ARC-Challenge | BBC News | average (primary)"
+    ):
+        baseline, cells = row[0], row[1:]
+        for name, cell in zip([*columns.values(), "Avg"], cells):
+            want = stable[(stable["method"] == baseline) & (stable["eval_set"] == name)].iloc[0]
+            assert cell == f"{want['diff']:+.2f} [{want['ci_low']:+.2f}, {want['ci_high']:+.2f}]"
+    overlap = pd.read_csv(report / "contamination.csv").set_index("eval_set")
+    for name, words in (
+        ("bbc_news", "BBC News"),
+        ("arc_easy", "ARC-Easy"),
+        ("arc_challenge", "ARC-Challenge"),
+    ):
+        counted = f"{overlap.loc[name, 'overlapping']:,} of {overlap.loc[name, 'items']:,} {words}"
+        assert counted in " ".join(text.split()), counted
+    clean = int(primary["examples"].iloc[0])
+    assert f"({clean:,} of {int(overlap['items'].sum()):,} items" in text
