@@ -104,3 +104,23 @@ def label_runs(runs: pd.DataFrame, exclude: Iterable[str] = ()) -> pd.DataFrame:
     methods = runs["method"].map(format_value)
     runs["label"] = methods.where(variant == "", methods + ", " + variant)
     return runs
+
+
+def setting_keys(runs: pd.DataFrame) -> list[str]:
+    """The keys of :func:`variant_keys` that every method has (not an ``optimizer.*`` option):
+    the hyper-parameters of a *setting* that several methods are run at, e.g. ``optim.lr``
+    and ``adapter.init_scale`` in an lr sweep of LoRA and Stable-LoRA."""
+    return [key for key in variant_keys(runs) if not key.startswith("optimizer.")]
+
+
+def setting_labels(runs: pd.DataFrame) -> pd.Series:
+    """Each run's setting, ``"init_scale=4, lr=0.00316"`` (the values of :func:`setting_keys`
+    for every run, so that the runs of two methods at one setting have the same text; ``""``
+    when the runs' methods are each run at one setting). The paired tables pair a method's run
+    with the reference's run of the same model, task, seed *and setting*."""
+    keys = setting_keys(runs)
+    setting = pd.Series("", index=runs.index, dtype=object)
+    for key in keys:
+        part = short_key(key) + "=" + runs[key].map(format_value)
+        setting = setting.str.cat(part, sep=", ").str.strip(", ")
+    return setting

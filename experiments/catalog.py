@@ -59,6 +59,13 @@ class Experiment:
     #: The selection experiment whose ``tuned_lr.json`` sets each method's ``optim.lr``
     #: (one sweep command per method); see :mod:`experiments.common`.
     lr_from: str | None = None
+    #: Other experiments whose sweeps run into this one's sweep folder after its own (same
+    #: ``experiment_name``), before the one report of the folder: e.g. the A0 axis of the lr
+    #: range study. Each is a row of its own too (``part_of`` names this one), so that it can
+    #: run alone.
+    parts: tuple[str, ...] = ()
+    #: The experiment whose sweep folder and report this one adds to (see ``parts``).
+    part_of: str | None = None
 
     def report(self, scale: str) -> Report:
         """The tables and plots of its report at ``scale``."""
@@ -68,6 +75,27 @@ class Experiment:
         return tuple(dict.fromkeys(t for r in every for t in r[0])), tuple(
             dict.fromkeys(p for r in every for p in r[1])
         )
+
+
+#: The lr range study's report (both of its sweeps, one folder): the verdicts per setting (lr,
+#: A0 x4), per-task accuracies, the paired tests and the mechanism per lr.
+LR_RANGE_REPORT: Report = (
+    (
+        "contamination",
+        "verdicts",
+        "table1",
+        "paired_bootstrap",
+        "stable_vs_baselines",
+        "paired_examples",
+        "lr_mechanism",
+        "shrink_stops",
+        "shrink_stops_by_layer",
+        "side_by_side",
+        "summary",
+        "runs_not_completed",
+    ),
+    ("lr_range", "figure2_norms", "delta_ratio", "loss"),
+)
 
 
 #: Every artefact: its tables and plots (``analysis.report`` names), in the README's order.
@@ -207,6 +235,23 @@ EXPERIMENTS: dict[str, Experiment] = {
             ("figure2_norms", "delta_ratio", "loss"),
             scale="cpu",
             lr_from="tuned_select",
+        ),
+        Experiment(
+            "lr_range",
+            "Stable-LoRA against LoRA across the lr range (1e-4 .. 3.16e-3, 3 seeds) and at "
+            "A0 x4 (lr_range_a0, run after it into the same folder): verdict per lr at +-1 pp "
+            "(Holm across the settings), delta1/delta2, stop steps and ||A||_F per lr.",
+            *LR_RANGE_REPORT,
+            scale="cpu",
+            parts=("lr_range_a0",),
+        ),
+        Experiment(
+            "lr_range_a0",
+            "The A0 axis of lr_range alone (A0 x4 at lr 3.16e-3, both methods, 3 seeds), into "
+            "lr_range's sweep folder and report.",
+            *LR_RANGE_REPORT,
+            scale="cpu",
+            part_of="lr_range",
         ),
         Experiment(
             "main",

@@ -27,12 +27,18 @@ validation split, and its report writes the picks (``report/tuned_lr.json``,
 selection) runs each method at its pick, one ``run.py -m ... method=<m> optim.lr=<pick>``
 per method. ``python -m experiments <final>`` runs the selection stage first (it resumes: a
 completed selection costs nothing) and reads its picks; ``--lr-selection FILE`` takes the picks
-from a recorded file instead and runs the final stage alone.
+from a recorded file instead and runs the final stage alone. At the paper's scale (several
+models and tasks) the selection picks an lr per model, task and method, and the final stage
+runs one command per model, task and method.
+
+An experiment with ``parts`` (:attr:`Experiment.parts`: the lr range study's A0 axis) runs
+their sweeps after its own, into the same sweep folder, and then the one report of the folder.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import subprocess
 import sys
@@ -180,13 +186,19 @@ def selection_command(experiment: Experiment, args: argparse.Namespace) -> list[
     ]
 
 
-def picked_lrs(path: Path, methods: list[str], prog: str) -> dict[str, float]:
-    """Each method's picked lr from a ``tuned_lr.json``; one line (exit 2) when the file or
-    a method's pick is missing, or a method has different picks (several models or tasks)."""
+def read_picks(path: Path, prog: str) -> list[dict]:
+    """The picks of a ``tuned_lr.json``; one line (exit 2) when the file is missing."""
     if not path.is_file():
         raise SystemExit(f"{prog}: no picked learning rates at {path}: run the selection stage "
                          "first, or give --lr-selection FILE")  # fmt: skip
-    picks = json.loads(path.read_text())["picks"]
+    return list(json.loads(path.read_text())["picks"])
+
+
+def picked_lrs(path: Path, methods: list[str], prog: str) -> dict[str, float]:
+    """Each method's picked lr from a ``tuned_lr.json``; one line (exit 2) when the file or
+    a method's pick is missing, or a method has different picks (several models or tasks:
+    see :func:`picked_lrs_per_setting`)."""
+    picks = read_picks(path, prog)
     chosen: dict[str, float] = {}
     for method in methods:
         lrs = {float(p["lr"]) for p in picks if p["method"] == method}
@@ -198,6 +210,30 @@ def picked_lrs(path: Path, methods: list[str], prog: str) -> dict[str, float]:
     return chosen
 
 
+def picked_lrs_per_setting(
+    path: Path, methods: list[str], models: list[str], tasks: list[str], prog: str
+) -> dict[tuple[str, str, str], float]:
+    """{(model, task, method): picked lr} for every model, task and method of a final stage
+    that sweeps several models or tasks (the paper's scale); one line (exit 2) when one lacks
+    its pick."""
+    picks = {(p["model"], p["task"], p["method"]): float(p["lr"]) for p in read_picks(path, prog)}
+    chosen = {}
+    for key in itertools.product(models, tasks, methods):
+        if key not in picks:
+            raise SystemExit(f"{prog}: {path} has no pick for model {key[0]}, task {key[1]}, "
+                             f"method {key[2]}: run the selection stage for it")  # fmt: skip
+        chosen[key] = picks[key]
+    return chosen
+
+
+def setting_values(name: str, scale: str, key: str, overrides: list[str]) -> list[str] | None:
+    """The values of ``key`` (model, task) when the sweep varies it, else None."""
+    for override in overrides:
+        if override.startswith(f"{key}="):
+            return split_values(override.split("=", 1)[1])
+    return sweep_params(name, scale).get(key)
+
+
 def sweep_commands(
     experiment: Experiment, args: argparse.Namespace, sweep: list[str]
 ) -> list[list[str]]:
@@ -205,8 +241,19 @@ def sweep_commands(
     method at its picked lr (``experiment.lr_from``)."""
     if experiment.lr_from:
         methods = sweep_values(experiment.name, args.scale, "method", args.overrides)
-        lrs = picked_lrs(selection_file(experiment, args), methods, f"python -m experiments "
-                         f"{experiment.name}")  # fmt: skip
+        prog = f"python -m experiments {experiment.name}"
+        models = setting_values(experiment.name, args.scale, "model", args.overrides) or []
+        tasks = setting_values(experiment.name, args.scale, "task", args.overrides) or []
+        if len(models) > 1 or len(tasks) > 1:  # the paper's scale: a pick per model and task
+            per = picked_lrs_per_setting(selection_file(experiment, args), methods, models,
+                                         tasks, prog)  # fmt: skip
+            base = [p for p in sweep if not p.startswith(("method=", "optim.lr=", "model=",
+                                                          "task="))]  # fmt: skip
+            return [
+                [*base, f"model={m}", f"task={t}", f"method={k}", f"optim.lr={lr!r}"]
+                for (m, t, k), lr in per.items()
+            ]
+        lrs = picked_lrs(selection_file(experiment, args), methods, prog)
         base = [p for p in sweep if not p.startswith(("method=", "optim.lr="))]
         return [[*base, f"method={m}", f"optim.lr={lrs[m]!r}"] for m in methods]
     key = experiment.process_per
@@ -215,6 +262,21 @@ def sweep_commands(
     values = sweep_values(experiment.name, args.scale, key, args.overrides)
     base = [part for part in sweep if not part.startswith(f"{key}=")]
     return [[*base, f"{key}={value}"] for value in values]
+
+
+def all_sweep_commands(
+    experiment: Experiment, args: argparse.Namespace, sweep: list[str]
+) -> list[list[str]]:
+    """The experiment's sweep commands, then those of its ``parts`` (their sweeps run into
+    the same folder: one report shows them all)."""
+    found = sweep_commands(experiment, args, sweep)
+    for name in experiment.parts:
+        part = EXPERIMENTS[name]
+        if sweep_name(name, args.scale) != sweep_name(experiment.name, args.scale):
+            raise SystemExit(f"python -m experiments {experiment.name}: its part {name} sweeps "
+                             "into another folder (give it the same experiment_name)")  # fmt: skip
+        found += sweep_commands(part, args, commands(part, args)[0])
+    return found
 
 
 def usage() -> str:
@@ -266,7 +328,7 @@ def main(argv=None) -> int:
                   "runs started.", file=sys.stderr)  # fmt: skip
             return 1
     if not args.skip_sweep:
-        for command in sweep_commands(experiment, args, sweep):
+        for command in all_sweep_commands(experiment, args, sweep):
             print("[experiments] " + " ".join(command), flush=True)
             sweep_code |= subprocess.call(command, cwd=ROOT)
     if not sweep_dir.exists():

@@ -65,7 +65,8 @@ def experiments_of(scale: str, only: list[str] | None) -> list[str]:
                 f"choose from {names}."
             )
         names = [name for name in names if name in only]
-    return names
+    # A part of another experiment (lr_range_a0) runs with it, into its folder: once.
+    return [name for name in names if name == WIDTH_SWEEP or EXPERIMENTS[name].part_of not in names]
 
 
 def copy_records(sweep_dir: Path, results_dir: Path, prune: bool = False) -> tuple[int, int]:

@@ -46,6 +46,12 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_M
 PRESET_RUNS = json.loads((ROOT / "tests" / "fixtures" / "preset_runs.json").read_text())["runs"]
 
 
+def folder(name: str) -> str:
+    """The experiment whose sweep folder ``name`` runs into (its own, or that of the
+    experiment it is a part of)."""
+    return ARTEFACTS[name].part_of or name
+
+
 def exists(group: str, option: str) -> bool:
     return (CONF / group / f"{option}.yaml").exists()
 
@@ -160,7 +166,7 @@ def test_cpu_scale_runs_the_shipped_model_on_fixed_eval_examples(name):
     for overrides in jobs(name, "cpu")[:1]:
         cfg = compose_config(overrides)
         OmegaConf.to_container(cfg, resolve=True)
-        assert cfg.sweep_name == f"cpu_{name}"
+        assert cfg.sweep_name == f"cpu_{folder(name)}"
         assert cfg.model.name == "smollm2_135m" and cfg.model.source == "gguf"  # no Hub/GPU
         # Every run of a table is scored on the same examples, by one process using both cores.
         assert cfg.trainer.max_eval_examples and cfg.trainer.num_threads == 2
@@ -217,7 +223,7 @@ def test_smoke_scale_is_ci_sized_and_uses_existing_configs(name):
     assert len(every) <= 8, name
     for overrides in every:
         cfg = compose_config(overrides)
-        assert cfg.sweep_name == f"{name}_smoke" and cfg.model.name == "tiny_llama"
+        assert cfg.sweep_name == f"{folder(name)}_smoke" and cfg.model.name == "tiny_llama"
         assert cfg.task.name in ("bbc_news", "arithmetic", "chatterbot")  # offline tasks
         assert cfg.trainer.max_steps <= 8 and cfg.trainer.max_eval_examples <= 16
         assert exists("method", cfg.method.name.split("+")[0]) or "+" in cfg.method.name
@@ -378,9 +384,10 @@ def test_smoke_experiment_end_to_end(name, tmp_path):
     result = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True,
                             timeout=600)  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    sweep = tmp_path / "sweeps" / f"{name}_smoke"
+    sweep = tmp_path / "sweeps" / f"{folder(name)}_smoke"
     summaries = sorted(sweep.rglob("summary.json"))
-    assert len(summaries) == len(jobs(name, "smoke"))
+    # its own sweep, then those of its parts (the lr range study's A0 axis), into one folder
+    assert len(summaries) == sum(len(jobs(n, "smoke")) for n in (name, *experiment.parts))
     runs = pd.read_csv(sweep / "report" / "tables" / "runs.csv")
     assert len(runs) == len(summaries) and set(runs["status"]) == {"completed"}
     assert runs["score"].notna().all()
@@ -493,5 +500,33 @@ def check_artefact(name: str, report: Path) -> None:
         stable = data.loc["stable_lora"]
         assert 1 <= stable["stopped"] <= stable["layers"] and stable["median_stop_step"] >= 1
         assert (data["delta_ratio_mid"] > 0).all()
+    elif name in ("lr_range", "lr_range_a0"):
+        check_lr_range(tables, parts=name == "lr_range")
     else:
         raise AssertionError(f"no check for {name}: add what its smoke report must show")
+
+
+def check_lr_range(tables: Path, parts: bool) -> None:
+    """The lr range study: a verdict per setting (both lrs and A0 x4 when the A0 axis ran with
+    it), the mechanism per setting and method, per-task accuracies per (method, lr)."""
+    settings = (
+        {"init_scale=1, lr=0.01", "init_scale=1, lr=0.05", "init_scale=4, lr=0.05"}
+        if parts
+        else {""}
+    )
+    verdicts = pd.read_csv(tables / "verdicts.csv", keep_default_na=False)
+    primary = verdicts[verdicts["role"] == "primary"]
+    if "setting" not in primary:  # one setting per method: the column is left out
+        primary = primary.assign(setting="")
+    assert set(primary["setting"]) == settings and len(primary) == len(settings)
+    assert (primary["seeds"] == 2).all() and (primary["examples"] == 8).all()
+    assert set(verdicts["role"]) == {"primary", "sensitivity"}
+    mechanism = pd.read_csv(tables / "lr_mechanism.csv", keep_default_na=False)
+    assert len(mechanism) == 2 * len(settings) and set(mechanism["method"]) == {"lora",
+                                                                                "stable_lora"}  # fmt: skip
+    assert (pd.to_numeric(mechanism["runs"]) == 2).all()
+    stable = mechanism[mechanism["method"] == "stable_lora"]
+    assert (pd.to_numeric(stable["q_proj_layers"]) == 4).all()  # 2 layers x 2 seeds
+    assert (pd.to_numeric(mechanism["delta_ratio_mid"]) > 0).all()
+    table1 = pd.read_csv(tables / "table1.csv")
+    assert len(table1) == 2 * len(settings) and (table1["bbc_news_n"] == 2).all()

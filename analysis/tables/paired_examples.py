@@ -38,6 +38,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.collect import Collection
+from analysis.labels import setting_labels
 from analysis.tables.aggregation import AVG, accuracy_runs, check_mode
 from analysis.tables.equivalence import (
     BOOTSTRAP_SAMPLES,
@@ -103,10 +104,13 @@ def paired_frames(coll: Collection, reference_method: str = REFERENCE) -> pd.Dat
 
 def final_example_rows(runs: pd.DataFrame) -> pd.DataFrame:
     """Every completed run's final per-example results (eval_set, example_id, correct) with
-    its model, task, seed, method and label, ``excluded`` (the example is in the run's
-    contamination record: left out of the clean subset) and ``checked`` (the run has that
+    its model, task, seed, setting (:func:`~analysis.labels.setting_labels`: the lr, the
+    scale of A0... when the methods are each run at several), method and label,
+    ``excluded`` (the example is in the run's contamination record: left out of the clean
+    subset) and ``checked`` (the run has that
     record); empty when no run has per-example records."""
-    keys = ["model", "task", "seed"]
+    keys = ["model", "task", "seed", "setting"]
+    runs = runs.assign(setting=setting_labels(runs))
     frames = []
     for run in runs[runs["status"] == "completed"].to_dict("records"):
         examples = final_examples(run["run_id"])
@@ -132,12 +136,14 @@ def final_example_rows(runs: pd.DataFrame) -> pd.DataFrame:
 
 def pair_with(examples: pd.DataFrame, reference_method: str) -> pd.DataFrame:
     """``examples`` (:func:`final_example_rows`) of every other method joined with
-    ``reference_method``'s run of the same model, task and seed on the example ids; an
+    ``reference_method``'s run of the same model, task, seed and setting on the example ids; an
     example is ``excluded`` when either run's record excludes it, ``checked`` when both runs
     have a record."""
     if examples.empty:
         return examples
     keys = ["model", "task", "seed", "eval_set", "example_id"]
+    if "setting" in examples:  # a method at one lr is paired with the reference at that lr
+        keys.insert(3, "setting")
     reference = examples[examples["method"] == reference_method]
     reference = reference[[*keys, "correct", "excluded", "checked"]].rename(
         columns={"correct": "reference", "excluded": "excluded_ref", "checked": "checked_ref"}

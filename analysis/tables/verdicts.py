@@ -3,7 +3,10 @@ analysis, with its sensitivity rows, Holm-adjusted p-values, equivalence (TOST) 
 computed from the numbers (:mod:`analysis.tables.equivalence`).
 
 The family: Stable-LoRA against each other method when the runs hold Stable-LoRA, else each
-method against LoRA. Per comparison the rows are
+method against LoRA, at every *setting* the methods share (:func:`analysis.labels.setting_labels`:
+in an lr sweep each lr, and A0 x4, is a comparison of its own: the method's run paired with the
+baseline's run of the same seed and setting; the family holds every setting). Per comparison
+the rows are
 
 - ``primary``: the plan's resampling and average, on the clean subset (the full split when
   the runs have no contamination record);
@@ -128,28 +131,34 @@ def analysis_row(
     return {k: 100 * v if k in scaled else v for k, v in row.items()}
 
 
-def verdict_rows(family: list[tuple[str, pd.DataFrame]], plan: Plan) -> pd.DataFrame:
-    """Every comparison's primary and sensitivity rows, adjusted and with their verdicts."""
+def verdict_rows(
+    family: list[tuple[str, pd.DataFrame]], plan: Plan, primary_only: bool = False
+) -> pd.DataFrame:
+    """Every comparison's primary and sensitivity rows (``primary_only``: the primary rows
+    alone; their adjusted p-values and verdicts are the same), adjusted and with their
+    verdicts."""
     has_clean = any(pairs["checked"].any() for _, pairs in family)
     rows = []
     for baseline, pairs in family:
         splits = {FULL: pairs, CLEAN: clean_pairs(pairs)}
-        compared = pairs[["model", "method", "label"]].drop_duplicates()
-        for key in compared.itertuples(index=False):
+        setting = pairs["setting"] if "setting" in pairs else pd.Series("", index=pairs.index)
+        compared = pairs.assign(setting=setting)[["model", "method", "label", "setting"]]
+        for key in compared.drop_duplicates().itertuples(index=False):
             prepared = {}
             for split, frame in splits.items():
-                part = frame[(frame["model"] == key[0]) & (frame["method"] == key[1])]
+                part = frame[(frame["model"] == key[0]) & (frame["label"] == key[2])]
                 per_set, tasks, seeds = comparison_matrices(part)
                 if per_set:
                     prepared[split] = (per_set, bootstrap_replicates(per_set, tasks), seeds)
             for role, resample, average, split in analyses(plan, has_clean):
-                if split not in prepared:
+                if split not in prepared or (primary_only and role != "primary"):
                     continue
                 per_set, replicates, seeds = prepared[split]
                 rows.append(
                     {
                         "model": key[0],
                         "label": key[2],
+                        "setting": key[3],
                         "method": baseline,
                         "role": role,
                         "resample": resample,
@@ -176,12 +185,30 @@ def verdict_rows(family: list[tuple[str, pd.DataFrame]], plan: Plan) -> pd.DataF
     return data
 
 
+def _without(label: str, setting: str) -> str:
+    """The label without the parts its setting column shows: ``"stable_lora, lr=0.001"``,
+    ``"lr=0.001"`` -> ``"stable_lora"``."""
+    shown = set(setting.split(", "))
+    return ", ".join(part for part in label.split(", ") if part not in shown)
+
+
 def _interval(low: float, high: float) -> str:
     return "–" if not np.isfinite(low) else f"[{low:+.2f}, {high:+.2f}]"
 
 
 def _p(p: float) -> str:
     return p_cell(p, math.nan)
+
+
+def family_note(settings: pd.Series) -> str:
+    """Which comparisons form a family when the methods run at several settings."""
+    found = sorted(set(settings) - {""})
+    if not found:
+        return ""
+    return (
+        f" (the family: every setting and baseline of a model, here {len(found)} settings; a "
+        "method's run is paired with the baseline's run of the same seed and setting)"
+    )
 
 
 @register_table
@@ -203,10 +230,12 @@ def verdicts(coll: Collection, seeds: str = "mean") -> Table | None:
     data = sort_frame(data, ["model", "label", "role_rank", "analysis_rank", "method"])
     data = data.drop(columns=["role_rank", "analysis_rank"]).reset_index(drop=True)
     level, equivalence_level = 100 * (1 - plan.alpha), 100 * (1 - 2 * plan.alpha)
+    settings = data["setting"].fillna("")
     display = pd.DataFrame(
         {
             "model": data["model"],
-            "method": data["label"],
+            **({"setting": settings} if settings.ne("").any() else {}),
+            "method": [_without(label, s) for label, s in zip(data["label"], settings)],
             "against": data["method"],
             "analysis": data["role"],
             "resampling": data["resample"].map(RESAMPLINGS),
@@ -227,6 +256,8 @@ def verdicts(coll: Collection, seeds: str = "mean") -> Table | None:
             "verdict": data["verdict"],
         }
     )
+    if not settings.ne("").any():  # one setting per method: the CSV as before settings
+        data = data.drop(columns="setting")
     scored = pd.concat([pairs for _, pairs in family], ignore_index=True)
     margin = "no margin declared" if plan.margin_pp is None else f"±{plan.margin_pp:g} pp"
     notes = [
@@ -237,7 +268,8 @@ def verdicts(coll: Collection, seeds: str = "mean") -> Table | None:
             else f"Split: {split_note(scored)}."
         ),
         f"Verdict, from the {plan.correction}-adjusted p-values across the comparisons of each "
-        f"analysis (alpha {plan.alpha:g}): 'different' when the two-sided test rejects, else "
+        f"analysis{family_note(settings)} (alpha {plan.alpha:g}): 'different' when the "
+        "two-sided test rejects, else "
         f"'equivalent within the margin' ({margin}) when both one-sided tests of TOST reject "
         f"(the {equivalence_level:g}% interval inside the margin), else 'inconclusive'.",
         f"Bootstrap: {BOOTSTRAP_SAMPLES:,} resamples (numpy seed {BOOTSTRAP_SEED}), the seeds "
@@ -254,5 +286,5 @@ def verdicts(coll: Collection, seeds: str = "mean") -> Table | None:
         display,
         data,
         notes,
-        key_columns=8,
+        key_columns=8 + int(settings.ne("").any()),
     )
