@@ -136,14 +136,22 @@ def name_scale(experiment: str) -> str:
 def test_every_experiment_composes_at_every_scale(experiment, scale):
     if (experiment, scale) == ("width_sweep", "cpu"):
         pytest.skip("the toy width sweep has no CPU scale: it runs as written or at smoke scale")
+    from experiments.catalog import EXPERIMENTS
+
     cfg = compose_config(first_job(experiment, scale))
     OmegaConf.to_container(cfg, resolve=True)
-    assert cfg.experiment_name == experiment
-    built_for_cpu = name_scale(experiment) == "cpu"
+    row = EXPERIMENTS.get(experiment)
+    name = row.part_of if row is not None and row.part_of else experiment  # its sweep folder
+    assert cfg.experiment_name == name
+    # Built for CPU only: the preset itself includes /scale/cpu, so "paper" composes the CPU
+    # sweep; a CPU experiment with conf/experiment/<name>/paper.yaml has a paper scale of its own.
+    cpu_only = name_scale(experiment) == "cpu" and not (
+        CONF / "experiment" / experiment / "paper.yaml"
+    ).exists()
     expected = {
-        "paper": ("cpu_" if built_for_cpu else "") + experiment,
-        "cpu": f"cpu_{experiment}",
-        "smoke": f"{experiment}_smoke",
+        "paper": ("cpu_" if cpu_only else "") + name,
+        "cpu": f"cpu_{name}",
+        "smoke": f"{name}_smoke",
     }
     assert cfg.sweep_name == expected[scale]
 
