@@ -68,13 +68,15 @@ class Experiment:
     part_of: str | None = None
 
     def report(self, scale: str) -> Report:
-        """The tables and plots of its report at ``scale``."""
+        """The tables and plots of its report at ``scale``; every report opens with the runs'
+        train/eval overlap (``contamination``, built where the runs carry a record)."""
         if scale != "smoke":
-            return self.reports.get(scale, (self.tables, self.plots))
-        every = [(self.tables, self.plots), *self.reports.values()]
-        return tuple(dict.fromkeys(t for r in every for t in r[0])), tuple(
-            dict.fromkeys(p for r in every for p in r[1])
-        )
+            tables, plots = self.reports.get(scale, (self.tables, self.plots))
+        else:
+            every = [(self.tables, self.plots), *self.reports.values()]
+            tables = tuple(dict.fromkeys(t for r in every for t in r[0]))
+            plots = tuple(dict.fromkeys(p for r in every for p in r[1]))
+        return tuple(dict.fromkeys(("contamination", *tables))), plots
 
 
 #: The lr range study's report (both of its sweeps, one folder): the verdicts per setting (lr,

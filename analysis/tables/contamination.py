@@ -108,8 +108,11 @@ def contamination(coll: Collection, seeds: str = "mean") -> Table | None:
         )
         notes.insert(
             0,
-            f"**These runs' eval splits overlap their training data**: {parts}. The paired "
-            "tables score the clean subset as the primary analysis and the full split beside "
-            "it; task.split_rule=content (the default for new runs) keeps the splits apart.",
+            f"**These runs' eval splits overlap their training data**: {parts}. Tables "
+            "built from per-example records (examples.parquet: the paired bootstrap, the "
+            "verdicts) score the clean subset as the primary analysis and the full split "
+            "beside it; tables built from the runs' summary metrics (Table 1, the per-seed "
+            "differences) score the full split, overlapping items included. "
+            "task.split_rule=content (the default for new runs) keeps the splits apart.",
         )
     return Table("contamination", "Train/eval overlap of the runs' splits", display, data, notes, 3)
