@@ -145,9 +145,10 @@ def test_every_experiment_composes_at_every_scale(experiment, scale):
     assert cfg.experiment_name == name
     # Built for CPU only: the preset itself includes /scale/cpu, so "paper" composes the CPU
     # sweep; a CPU experiment with conf/experiment/<name>/paper.yaml has a paper scale of its own.
-    cpu_only = name_scale(experiment) == "cpu" and not (
-        CONF / "experiment" / experiment / "paper.yaml"
-    ).exists()
+    cpu_only = (
+        name_scale(experiment) == "cpu"
+        and not (CONF / "experiment" / experiment / "paper.yaml").exists()
+    )
     expected = {
         "paper": ("cpu_" if cpu_only else "") + name,
         "cpu": f"cpu_{name}",

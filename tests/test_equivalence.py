@@ -237,6 +237,9 @@ def test_plan_read_from_the_runs_config_and_an_error_when_they_disagree(tmp_path
     assert (plan.margin_pp, plan.resample, plan.source) == (1.0, "questions", "runs")
     with pytest.raises(PlanError, match="contradicts"):
         read_plan(collect(tmp_path).runs, {"margin_pp": 2.0})
+    # The preset's own values, as experiments.reproduce passes them, agree with the runs'.
+    agreed = read_plan(collect(tmp_path).runs, {"margin_pp": 1.0, "resample": "questions"})
+    assert (agreed.margin_pp, agreed.source) == (1.0, "runs")
     write_run(tmp_path, "a2", seed=2, config={
         "analysis.primary.margin_pp": 0.5, "analysis.primary.resample": "questions"})  # fmt: skip
     with pytest.raises(PlanError, match="2 different analysis plans"):

@@ -147,7 +147,10 @@ def read_plan(runs: pd.DataFrame, given: dict | None = None) -> Plan:
     declared = {}
     if columns:
         rows = {
-            tuple((c.removeprefix(PLAN_PREFIX), _plan_value(c, row[c])) for c in columns)
+            tuple(
+                (c.removeprefix(PLAN_PREFIX), _plan_value(c.removeprefix(PLAN_PREFIX), row[c]))
+                for c in columns
+            )
             for row in runs[columns].to_dict("records")
         }
         if len(rows) > 1 or runs["analysis.primary.resample"].isna().any():
