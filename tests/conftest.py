@@ -242,3 +242,15 @@ def tok():
     from tiny import byte_tokenizer
 
     return byte_tokenizer()
+
+
+def flipped(base: list[bool], gained: int, lost: int, rng) -> list[bool]:
+    """``base`` with ``gained`` wrong answers made right and ``lost`` right ones made wrong."""
+    out = list(base)
+    wrong = [i for i, h in enumerate(base) if not h]
+    right = [i for i, h in enumerate(base) if h]
+    for i in rng.choice(wrong, gained, replace=False):
+        out[i] = True
+    for i in rng.choice(right, lost, replace=False):
+        out[i] = False
+    return out

@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import yaml
+from conftest import flipped
 from test_analysis_tables import tables_of, write_run
 from test_tuned_study import write_examples
 
@@ -141,16 +142,6 @@ def test_a_mixtures_task_average_keeps_the_spread_of_its_shared_seed(tmp_path):
 
 
 # ---------------------------------------------------------------------------- verdicts
-def flipped(base: list[bool], gained: int, lost: int, rng) -> list[bool]:
-    """``base`` with ``gained`` wrong answers made right and ``lost`` right ones made wrong."""
-    out = list(base)
-    wrong = [i for i, h in enumerate(base) if not h]
-    right = [i for i, h in enumerate(base) if h]
-    for i in rng.choice(wrong, gained, replace=False):
-        out[i] = True
-    for i in rng.choice(right, lost, replace=False):
-        out[i] = False
-    return out
 
 
 def write_family(root, n=2000, config=None, record=None) -> None:

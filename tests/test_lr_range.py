@@ -10,6 +10,7 @@ import argparse
 import matplotlib.image
 import numpy as np
 import pytest
+from conftest import flipped
 from test_analysis_tables import tables_of, write_run
 from test_tuned_study import write_examples
 
@@ -24,17 +25,6 @@ from experiments.common import all_sweep_commands, commands, sweep_commands
 
 LAYERS = ("model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj")
 PLAN = {"analysis.primary.margin_pp": 1.0, "analysis.primary.resample": "seeds_and_questions"}
-
-
-def flipped(base: list[bool], gained: int, lost: int, rng) -> list[bool]:
-    out = list(base)
-    wrong = [i for i, h in enumerate(base) if not h]
-    right = [i for i, h in enumerate(base) if h]
-    for i in rng.choice(wrong, gained, replace=False):
-        out[i] = True
-    for i in rng.choice(right, lost, replace=False):
-        out[i] = False
-    return out
 
 
 def history(ratio: float, stable: bool) -> list[dict]:

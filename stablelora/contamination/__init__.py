@@ -233,6 +233,35 @@ def overlap_entry(
     }
 
 
+def apply_split_rule(
+    train: list,
+    evals: list,
+    held_out: list | None,
+    *,
+    split_rule: str,
+    eval_split: str,
+    held_out_split: str | None,
+    max_eval_examples: int | None,
+) -> SplitExamples:
+    """A family's loaded splits under ``split_rule``: cleaned (:func:`clean_splits`) under
+    ``content``, the scored split cut to ``max_eval_examples``, and its overlap record."""
+    counts = None
+    if split_rule == CONTENT:
+        train, evals, held_out, counts = clean_splits(
+            train, evals, held_out, eval_is_validation=eval_split == "validation"
+        )
+    evals = evals[:max_eval_examples]
+    entry = overlap_entry(
+        train,
+        evals,
+        held_out,
+        eval_split=eval_split,
+        held_out_split=held_out_split,
+        counts=counts,
+    )
+    return SplitExamples(train, evals, held_out, entry)
+
+
 def overlap_count(entry: Mapping[str, Any]) -> int:
     """How many eval items of an entry overlap training or the other held-out split."""
     ids: set[str] = set()

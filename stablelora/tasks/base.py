@@ -15,7 +15,7 @@ from dataclasses import replace
 
 import torch
 
-from stablelora.contamination import CONTENT, SplitExamples, clean_splits, overlap_entry
+from stablelora.contamination import CONTENT, SplitExamples, apply_split_rule
 from stablelora.example_records import example_id, unique_ids
 from stablelora.tasks.data import (
     EVAL_SHUFFLE_SEED,
@@ -297,21 +297,15 @@ def load_train_and_eval(
     )
     other = held_out_source(cfg, train_source, eval_source)
     held_out = optional_examples(other[1], to_eval) if other else None
-    counts = None
-    if content:
-        train, evals, held_out, counts = clean_splits(
-            train, evals, held_out, eval_is_validation=cfg.eval_split == VALIDATION
-        )
-        evals = evals[: cfg.max_eval_examples]
-    entry = overlap_entry(
+    return apply_split_rule(
         train,
         evals,
         held_out,
+        split_rule=cfg.split_rule,
         eval_split=cfg.eval_split,
         held_out_split=other[0] if other else None,
-        counts=counts,
+        max_eval_examples=cfg.max_eval_examples,
     )
-    return SplitExamples(train, evals, held_out, entry)
 
 
 def build_multiple_choice(

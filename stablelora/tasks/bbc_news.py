@@ -23,13 +23,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from stablelora.contamination import (
-    CONTENT,
-    SplitExamples,
-    clean_splits,
-    normalize,
-    overlap_entry,
-)
+from stablelora.contamination import CONTENT, SplitExamples, apply_split_rule, normalize
 from stablelora.tasks.base import MultipleChoiceTask
 from stablelora.tasks.data import (
     EVAL_SHUFFLE_SEED,
@@ -142,21 +136,15 @@ def load_split_examples(cfg: TaskConfig, *, seed: int) -> SplitExamples:
     held = other if scores_validation or cfg.excludes_validation else None
     order = sample_indices(len(evals), None, EVAL_SHUFFLE_SEED, shuffle=True)
     evals = [evals[i] for i in order]
-    counts = None
-    if content:
-        train, evals, held, counts = clean_splits(
-            train, evals, held, eval_is_validation=scores_validation
-        )
-    evals = evals[: cfg.max_eval_examples]
-    entry = overlap_entry(
+    return apply_split_rule(
         train,
         evals,
         held,
+        split_rule=cfg.split_rule,
         eval_split=cfg.eval_split,
         held_out_split=other_split,
-        counts=counts,
+        max_eval_examples=cfg.max_eval_examples,
     )
-    return SplitExamples(train, evals, held, entry)
 
 
 def build(cfg: TaskConfig, tokenizer, *, seed: int) -> MultipleChoiceTask:
