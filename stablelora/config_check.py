@@ -14,10 +14,10 @@ import torch
 from omegaconf import OmegaConf
 
 from stablelora.config_groups import check_groups
+from stablelora.config_schema import check_schema
 from stablelora.errors import ConfigError
 from stablelora.hydra_guards import check_output_root
 from stablelora.keyword_options import check_options
-from stablelora.lm_head import HEAD_MODES
 from stablelora.lora import (
     adapter_arguments,
     check_lora_options,
@@ -28,8 +28,6 @@ from stablelora.models import check_model_config, skeleton
 from stablelora.optim import check_optimizer_options
 from stablelora.tasks import check_chat_template, check_task_config
 
-SCHEDULES = ("linear", "cosine", "constant")
-DEVICES = ("auto", "cpu", "cuda")
 #: Groups checked against the keys their yaml files declare (stablelora.config_groups); the
 #: adapter and optimizer groups are checked against apply_lora's and the builders' signatures.
 DECLARED_GROUPS = ("model", "task", "method", "optim", "trainer", "logger", "probe")
@@ -52,12 +50,17 @@ def check_config(cfg, config_dirs=None) -> None:
     an adapter or optimizer option their functions do not take, an unusable ``output_root``, a
     model or task that cannot be loaded. Loads nothing; ``config_dirs``: the config search path
     (default: Hydra's, or the repository's ``conf/``)."""
+    if "hydra" in cfg:  # Hydra's own node resolves only inside a running job
+        cfg = OmegaConf.masked_copy(cfg, [str(key) for key in cfg if key != "hydra"])
     try:
         plain = plain_config(cfg)
     except Exception as error:  # noqa: BLE001 - any resolution error is a config error
-        raise ConfigError(str(error).splitlines()[0]) from None
-    optim, trainer = plain["optim"], plain["trainer"]
+        key = getattr(error, "full_key", None)
+        where = f"{key} cannot be resolved: " if key else ""
+        raise ConfigError(f"{where}{str(error).splitlines()[0]}") from None
+    trainer = plain["trainer"]
     try:
+        check_schema(plain)
         check_groups(plain, DECLARED_GROUPS, config_dirs)
         adapter_keys = ["name", "kind", *(k for k in lora_options() if k != "adapter")]
         check_options(plain["adapter"], adapter_keys, f"adapter={plain['adapter'].get('name')}")
@@ -72,21 +75,6 @@ def check_config(cfg, config_dirs=None) -> None:
         check_chat_template(cfg.task, cfg.model)
     except ValueError as error:
         raise ConfigError(_config_message(str(error))) from None
-    rules = [  # (holds, "key must ...") for each value a user can get wrong
-        (optim["lr"] > 0, "optim.lr must be positive"),
-        (optim["weight_decay"] >= 0, "optim.weight_decay must be >= 0"),
-        (trainer["max_steps"] > 0, "trainer.max_steps must be positive"),
-        (trainer["batch_size"] > 0, "trainer.batch_size must be positive"),
-        (trainer["grad_accum"] >= 1, "trainer.grad_accum must be >= 1"),
-        (trainer["length_grouping"] >= 0, "trainer.length_grouping must be >= 0"),
-        (trainer["lm_head"] in HEAD_MODES, f"trainer.lm_head must be one of {HEAD_MODES}"),
-        (optim["schedule"] in SCHEDULES, f"optim.schedule must be one of {SCHEDULES}"),
-        (trainer["device"] in DEVICES, f"trainer.device must be one of {DEVICES}"),
-    ]
-    for holds, rule in rules:
-        if not holds:
-            key = rule.split()[0]
-            raise ConfigError(f"{rule}, got {key}={OmegaConf.select(cfg, key)}.")
     try:
         check_output_root(Path(plain["output_root"]))
     except ValueError as error:

@@ -1,8 +1,8 @@
 """What run.py puts around Hydra, so that a user's mistake is one line and exit code 2 (a
 usage error) instead of Hydra's traceback: the command line's config group options, checked
-before Hydra composes (:func:`check_command_line`); ``output_root``, checked by a Hydra
-callback before Hydra creates a folder in it (:class:`OutputRootCheck`); and Hydra's own copy
-of the config on a full disk (:func:`guard_hydra_save`)."""
+before Hydra composes (:func:`check_command_line`); every run's config, checked by a Hydra
+callback once composed and before Hydra creates a folder (:class:`ConfigCheck`); and Hydra's
+own copy of the config on a full disk (:func:`guard_hydra_save`)."""
 
 from __future__ import annotations
 
@@ -32,6 +32,25 @@ _VALUED_FLAGS = (
     "-p",
     "--info",
 )
+
+
+def _default_groups(conf_dir: Path) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(groups conf/config.yaml's defaults list picks, those of them marked optional)."""
+    import yaml
+
+    picked, optional = [], []
+    for entry in yaml.safe_load((conf_dir / "config.yaml").read_text()).get("defaults", []):
+        if isinstance(entry, dict):
+            for key in entry:
+                name = str(key).split("@")[0]
+                if name.startswith("optional "):
+                    name = name.removeprefix("optional ")
+                    optional.append(name)
+                picked.append(name)
+    return tuple(picked), tuple(optional)
+
+
+DEFAULT_GROUPS, OPTIONAL_GROUPS = _default_groups(Path(__file__).resolve().parent.parent / "conf")
 
 
 def check_command_line(args: list[str], conf_dir: Path) -> list[str]:
@@ -64,9 +83,14 @@ def check_command_line(args: list[str], conf_dir: Path) -> list[str]:
         seen[key] = value
         if "." in key or "/" in key or not (Path(conf_dir) / key).is_dir():
             continue  # a value, or a group of Hydra's own (hydra/launcher=joblib)
-        if "(" in value or value in ("null", ""):
-            continue  # a sweep function (range(), glob()) or no option
         options = group_options(Path(conf_dir), key)
+        if value == "":
+            raise ValueError(
+                f"{override} picks no option of conf/{key}/; choose one of {', '.join(options)}"
+                + (f" (or {key}=null)." if key in OPTIONAL_GROUPS else ".")
+            )
+        if "(" in value or value == "null":
+            continue  # a sweep function (range(), glob()) or no option
         for choice in (choice.strip() for choice in value.split(",")):
             if choice not in options:
                 base = any(part.startswith("_") for part in choice.split("/"))
@@ -76,6 +100,11 @@ def check_command_line(args: list[str], conf_dir: Path) -> list[str]:
                     + f"; choose one of {', '.join(options)}"
                     + ("." if base else f" (or add conf/{key}/{choice}.yaml).")
                 )
+        if override.startswith("+") and key in DEFAULT_GROUPS:
+            raise ValueError(
+                f"{override}: conf/config.yaml already picks an option of {key}; override it "
+                f"without the '+': {override.lstrip('+')}"
+            )
     return warnings
 
 
@@ -123,19 +152,62 @@ def check_output_root(root: Path) -> None:
         )
 
 
-class OutputRootCheck(Callback):
-    """Stop with one line (exit code 2) when ``output_root`` is unusable, before Hydra
-    creates the run or sweep folder inside it (which would fail with a traceback)."""
+class ConfigCheck(Callback):
+    """Check every run's config (:func:`stablelora.config_check.check_config`) once Hydra has
+    composed it and before Hydra creates any folder: a single run in ``on_run_start``; every
+    job of a multirun in ``on_multirun_start``, each composed as Hydra's basic sweeper will
+    compose it. A bad value stops the command with one line (naming the job in a sweep) and
+    exit code 2, leaving nothing behind."""
 
-    def _check(self, config) -> None:
+    def on_run_start(self, config, **kwargs) -> None:
+        _check_or_exit(config)
+
+    def on_multirun_start(self, config, **kwargs) -> None:
         try:
             check_output_root(Path(str(config.output_root)))
         except ValueError as error:
-            print(f"stablelora: config error: {error}", file=sys.stderr)
-            sys.exit(CONFIG_ERROR_EXIT)
+            _exit(str(error))
+        for overrides in sweep_jobs(config):
+            from hydra.core.global_hydra import GlobalHydra
 
-    def on_run_start(self, config, **kwargs) -> None:
-        self._check(config)
+            loader = GlobalHydra.instance().config_loader()
+            try:
+                job = loader.load_sweep_config(config, list(overrides))
+            except Exception as error:  # noqa: BLE001 - Hydra's composition errors
+                _exit(f"{' '.join(overrides)}: {str(error).splitlines()[0]}")
+            _check_or_exit(job, " ".join(overrides))
 
-    def on_multirun_start(self, config, **kwargs) -> None:
-        self._check(config)
+
+def sweep_jobs(config) -> list[list[str]]:
+    """Each job's overrides, in the order Hydra's basic sweeper runs them (its
+    ``hydra.sweeper.params`` then the command line's overrides, expanded); ``[]`` under
+    another sweeper, whose jobs are checked as each starts (by the runner)."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    sweeper = config.hydra.sweeper
+    if sweeper.get("_target_") != f"{BasicSweeper.__module__}.{BasicSweeper.__name__}":
+        return []
+    params = sweeper.get("params") or {}
+    arguments = [f"{key}={value}" for key, value in params.items()]
+    arguments += [str(override) for override in config.hydra.overrides.task]
+    parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())
+    batches = BasicSweeper.split_arguments(parser.parse_overrides(arguments), None)
+    return [list(job) for batch in batches for job in batch]
+
+
+def _check_or_exit(config, job: str | None = None) -> None:
+    from stablelora.config_check import check_config
+    from stablelora.errors import ConfigError
+
+    sources = config.hydra.runtime.get("config_sources") or []
+    dirs = [Path(s.path) for s in sources if s.schema == "file"] or None
+    try:
+        check_config(config, config_dirs=dirs)
+    except ConfigError as error:
+        _exit(f"{job}: {error}" if job else str(error))
+
+
+def _exit(message: str) -> None:
+    print(f"stablelora: config error: {message}", file=sys.stderr, flush=True)
+    sys.exit(CONFIG_ERROR_EXIT)

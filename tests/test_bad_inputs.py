@@ -24,6 +24,10 @@ FIXTURE = ROOT / "tests" / "fixtures" / "llm_adapters"
     [
         ('[{"instruction": "q", "answer": "true"}, {"instruc', r"cannot read .*boolq/test.json"),
         ('[{"instruction": "q"}]', r"row 0 of .*boolq/test.json has no 'answer'"),
+        (
+            '[{"instruction": null, "answer": "true"}]',
+            r"row 0 of .*boolq/test.json: 'instruction' is null, not text: fix the row",
+        ),
     ],
 )
 def test_a_malformed_eval_file_is_a_config_error_before_the_model_loads(
@@ -125,3 +129,47 @@ def test_hydra_saving_its_config_on_a_full_disk_is_one_line(tmp_path, monkeypatc
     monkeypatch.setattr(hydra_guards, "_hydra_save_config", other_error)
     with pytest.raises(PermissionError):
         hydra.core.utils._save_config({}, "config.yaml", Path(tmp_path))
+
+
+def test_an_empty_group_option_or_a_plus_on_a_default_group_is_one_line():
+    with pytest.raises(ValueError, match=r"^model= picks no option of conf/model/; choose one"):
+        check_command_line(["model="], CONF)
+    with pytest.raises(ValueError, match=r"variant= picks no option.* \(or variant=null\)\."):
+        check_command_line(["variant="], CONF)
+    with pytest.raises(ValueError, match=r"already picks an option of model.*: model=tiny_llama$"):
+        check_command_line(["+model=tiny_llama"], CONF)
+    assert check_command_line(["variant=null", "+task.x=1", "+hydra.job.name=x"], CONF) == []
+
+
+@pytest.mark.parametrize("args", [["+variant=nope"], ["-m", "+experiment=table1,nope"]])
+def test_a_plus_before_a_missing_option_still_names_the_option(args):
+    # The check strips Hydra's '+' before looking the option up: without that, 'nope' would
+    # pass here and reach Hydra's multi-line error with exit code 1.
+    group = args[-1].lstrip("+").split("=")[0]
+    with pytest.raises(ValueError, match=rf"^{group}=nope is not an option of conf/{group}/"):
+        check_command_line(args, CONF)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["seed=1.5"], "seed must be an integer, got 1.5."),
+        (["trainer.max_steps=1e3"], "trainer.max_steps must be an integer, got 1000.0."),
+        (["optim.lr=${oc.env:STABLELORA_NOT_SET}"], "optim.lr cannot be resolved: "),
+        (["seed=${seed}"], "seed cannot be resolved: Recursive interpolation detected"),
+        (["+model=tiny_llama"], r"override it without the '\+': model=tiny_llama"),
+        (["seed=0,-1", "-m"], "seed=-1 output_root=.*: seed must be >= 0, got -1."),
+    ],
+)
+def test_cli_bad_values_stop_before_any_folder_in_one_line_exit_2(tmp_path, args, message):
+    import re
+
+    flags = [arg for arg in args if arg.startswith("-")]  # Hydra's flags come first
+    values = [arg for arg in args if not arg.startswith("-")]
+    result = run_cli("run.py", *flags, *SMOKE, *values, f"output_root={tmp_path}", timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("stablelora: config error: "), lines
+    assert re.search(message, lines[0]), lines[0]
+    assert not list(tmp_path.iterdir())  # no run or sweep folder, valid jobs included

@@ -365,6 +365,25 @@ def test_validation_accepts_every_composed_default():
         ("+optimizer.regg=5", "optimizer=stable_lora .* has no option 'regg'.*shrink_ratio"),
         ("+adapter.rnk=4", "adapter=lora has no option 'rnk'.*rank"),
         ("output_root=/dev/null", "output_root=/dev/null: /dev/null is a file"),
+        # Each of these used to run with a traceback after the model loaded, or silently.
+        ("seed=1.5", r"^seed must be an integer, got 1.5\.$"),
+        ("seed=1e999", r"^seed must be an integer, got inf\.$"),
+        ("seed=nan", r"^seed must be an integer, got nan\.$"),
+        ("seed=null", r"^seed must be an integer, got null\.$"),
+        ("seed=true", r"^seed must be an integer, got true\.$"),
+        ("seed=-1", r"^seed must be >= 0, got -1\.$"),
+        ("seed=99999999999999999999", r"^seed must be <= 4294967295"),
+        ("trainer.max_steps=1e3", r"^trainer.max_steps must be an integer, got 1000.0\.$"),
+        ("trainer.log_every=0", r"^trainer.log_every must be positive, got 0\.$"),
+        ("trainer.eval_batch_size=-1", r"^trainer.eval_batch_size must be positive"),
+        ("trainer.max_eval_examples=-1", r"^trainer.max_eval_examples must be positive"),
+        ("trainer.checkpoint_every=-5", r"^trainer.checkpoint_every must be >= 0, got -5\.$"),
+        ("optim.lr=inf", r"^optim.lr must be a finite number, got inf\.$"),
+        ("optim.betas=[0.9,1.5]", r"^optim.betas.1 must be < 1.0, got 1.5\.$"),
+        ("logger.mode=on", r"^logger.mode must be one of 'offline', 'online' or 'disabled'"),
+        ("analysis.primary.alpha=0.7", r"^analysis.primary.alpha must be < 0.5"),
+        ("optim.lr=${oc.env:STABLELORA_NOT_SET}", r"^optim.lr cannot be resolved: .*NOT_SET"),
+        ("seed=${seed}", r"^seed cannot be resolved: Recursive interpolation detected"),
     ],
 )
 def test_bad_values_are_one_clear_line(override, message, monkeypatch):
@@ -602,3 +621,57 @@ def test_launchers_compose_with_the_local_example(launcher, target, tmp_path):
     assert cfg.hydra.launcher._target_ == target
     if launcher == "submitit_slurm":
         assert cfg.hydra.launcher.partition == "gpu" and cfg.logger.mode == "online"
+
+
+def test_the_docs_options_table_is_the_schemas():
+    from stablelora.config_schema import options_table
+
+    text = (ROOT / "docs" / "runner.md").read_text()
+    table = text.split("<!-- options:begin -->\n")[1].split("<!-- options:end -->")[0]
+    assert table == options_table(), "run: python -m stablelora.config_schema, paste in docs"
+
+
+def test_the_schemas_choices_are_the_codes():
+    from typing import get_args
+
+    from analysis.tables.equivalence import AVERAGES, CORRECTIONS, DECLARED, RESAMPLINGS
+    from stablelora.config_schema import (
+        ModelSchema,
+        PlanSchema,
+        TaskSchema,
+        TrainerSchema,
+    )
+    from stablelora.contamination import SPLIT_RULES
+    from stablelora.lm_head import HEAD_MODES
+    from stablelora.models import DTYPES, SOURCES
+    from stablelora.tasks.data import PROMPT_FORMATS, PROTOCOLS
+
+    def choices(schema, key):
+        return set(get_args(schema.model_fields[key].annotation))
+
+    assert choices(TrainerSchema, "lm_head") == set(HEAD_MODES)
+    assert choices(ModelSchema, "source") == set(SOURCES)
+    assert choices(ModelSchema, "dtype") == set(DTYPES)
+    assert choices(TaskSchema, "protocol") == set(PROTOCOLS)
+    assert choices(TaskSchema, "prompt_format") == set(PROMPT_FORMATS)
+    assert choices(TaskSchema, "split_rule") == set(SPLIT_RULES)
+    assert choices(PlanSchema, "resample") == set(RESAMPLINGS)
+    assert choices(PlanSchema, "average") == set(AVERAGES)
+    assert choices(PlanSchema, "correction") == set(CORRECTIONS)
+    assert choices(PlanSchema, "declared") == set(DECLARED)
+
+
+@pytest.mark.parametrize("experiment", group_options("experiment"))
+def test_every_preset_meets_the_schema_at_every_scale(experiment):
+    from omegaconf import OmegaConf
+
+    from stablelora.config_schema import check_schema
+
+    for scale in ("paper", "cpu", "smoke"):
+        cfg = compose_config([f"experiment={experiment}", f"scale={scale}"])
+        top = [str(key) for key in cfg if key != "hydra"]
+        try:
+            plain = OmegaConf.to_container(OmegaConf.masked_copy(cfg, top), resolve=True)
+        except Exception:  # noqa: BLE001 - interpolations a sweep's variant fills in
+            continue
+        check_schema(plain)
