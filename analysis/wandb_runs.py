@@ -3,11 +3,12 @@ read from disk (``analysis.collect.collect``)."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 
 from analysis.frames import Collection, build_collection
 from analysis.run_rows import run_row, shrink_rows, unique_rows
-from stablelora.records import summary_from_wandb
+from stablelora.records import RecordsError, summary_from_wandb
 
 #: W&B run states for runs whose summary has no ``status`` (the runner writes one at the end).
 WANDB_STATES = {
@@ -30,9 +31,19 @@ def wandb_run_records(run, *, history: bool = True) -> tuple[dict, list[dict], l
     """
     config = dict(run.config or {})
     raw = getattr(run.summary, "_json_dict", None)
-    summary = summary_from_wandb(dict(raw if raw is not None else run.summary or {}))
-    if summary["status"] == "incomplete":  # no runner summary: W&B's own state says more
-        summary["status"] = WANDB_STATES.get(getattr(run, "state", None), "incomplete")
+    path = "/".join(getattr(run, "path", None) or [run.id])
+    try:
+        summary = summary_from_wandb(dict(raw if raw is not None else run.summary or {}))
+    except RecordsError as error:  # as a damaged summary.json: the run is kept, incomplete
+        warnings.warn(
+            f"W&B run {path}: its summary cannot be read ({error}); the run is shown as "
+            "incomplete.",
+            stacklevel=2,
+        )
+        summary = summary_from_wandb({})
+    else:
+        if summary["status"] == "incomplete":  # no runner summary: W&B's own state says more
+            summary["status"] = WANDB_STATES.get(getattr(run, "state", None), "incomplete")
     metrics = []
     if history:
         for row in run.scan_history():
@@ -42,7 +53,6 @@ def wandb_run_records(run, *, history: bool = True) -> tuple[dict, list[dict], l
             if values:
                 metrics.append({"step": int(row["_step"]), **values})
     metrics = unique_rows(f"wandb:{run.id}", metrics)
-    path = "/".join(getattr(run, "path", None) or [run.id])
     row = run_row(
         config,
         summary,

@@ -26,16 +26,22 @@ each exactly once: an evaluation rewrites the file without the rows of its step 
 own (atomically: a temporary file, fsync and a rename), and a resumed run first drops the rows
 after its checkpoint's step, as ``metrics.jsonl`` is cut back (:meth:`ExampleRecords.
 truncate_after`). The file is small: a final evaluation of 3,766 QA examples is ~160 KB.
+
+A checkpoint records the steps whose rows the file holds (:attr:`ExampleRecords.steps`), so a
+resume finds a file that was deleted or lost rows, as well as one that cannot be read, and
+stops with one line instead of finishing the run without them (:class:`RecordsError`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from stablelora.atomic_files import fsync_replace
+from stablelora.layer_records import RecordsError
 
 EXAMPLES_FILE = "examples.parquet"
 COLUMNS = ("step", "eval_set", "example_id", "gold", "pred", "pred_norm", "correct", "loglik")
@@ -85,11 +91,23 @@ def to_table(step: int, rows: Sequence[dict]):
 
 
 def read_example_table(run_dir: Path):
-    """The run's ``examples.parquet`` as a pyarrow table, or None when it has none."""
+    """The run's ``examples.parquet`` as a pyarrow table, or None when it has none.
+
+    Raises:
+        RecordsError: the file cannot be read (truncated, foreign bytes), naming it.
+    """
     import pyarrow.parquet as pq
 
     path = Path(run_dir) / EXAMPLES_FILE
-    return pq.read_table(path) if path.exists() else None
+    if not path.exists():
+        return None
+    try:
+        table = pq.read_table(path)
+    except (OSError, ValueError) as error:  # pyarrow's ArrowInvalid is a ValueError
+        raise RecordsError(f"{path} cannot be read ({type(error).__name__})") from None
+    if "step" not in table.column_names:  # parquet, but not this file's schema
+        raise RecordsError(f"{path} cannot be read (no step column)")
+    return table
 
 
 def read_examples(run_dir: Path):
@@ -105,18 +123,22 @@ def read_examples(run_dir: Path):
 
 
 class ExampleRecords:
-    """Writes ``examples.parquet`` of a run; does nothing when ``enabled`` is False."""
+    """Writes ``examples.parquet`` of a run; does nothing when ``enabled`` is False.
+
+    ``steps``: the steps whose rows the file holds, in order (what a checkpoint records, for
+    :meth:`truncate_after` to check on resume).
+    """
 
     def __init__(self, run_dir: Path, enabled: bool = True):
         self.path = Path(run_dir) / EXAMPLES_FILE
         self.enabled = enabled
+        self.steps: list[int] = []
 
-    def _rewrite(self, keep, extra=None) -> None:
+    def _rewrite(self, table, keep, extra=None) -> None:
         import pyarrow as pa
         import pyarrow.compute as pc
         import pyarrow.parquet as pq
 
-        table = read_example_table(self.path.parent)
         tables = [] if table is None else [table.filter(keep(pc, table["step"]))]
         if extra is not None:
             tables.append(extra)
@@ -128,17 +150,61 @@ class ExampleRecords:
         fsync_replace(tmp, self.path)
 
     def write(self, step: int, rows: Sequence[dict]) -> None:
-        """Record the evaluation at ``step``: its rows replace any earlier rows of that step."""
+        """Record the evaluation at ``step``: its rows replace any earlier rows of that step.
+
+        Raises:
+            RecordsError: the file cannot be read (:func:`read_example_table`).
+        """
         if not self.enabled or not rows:
             return
-        self._rewrite(lambda pc, steps: pc.not_equal(steps, step), to_table(step, rows))
+        table = read_example_table(self.path.parent)
+        self._rewrite(table, lambda pc, steps: pc.not_equal(steps, step), to_table(step, rows))
+        self.steps = sorted({*self.steps, step})
 
-    def truncate_after(self, step: int) -> None:
+    def truncate_after(self, step: int, recorded: Sequence[int] | None = None) -> None:
         """Drop the rows of evaluations after ``step`` (a resumed run redoes them); all rows
-        for ``step`` < 0 (a fresh start)."""
-        if not self.enabled or not self.path.exists():
+        for ``step`` < 0 (a fresh start).
+
+        ``recorded``: the steps the checkpoint at ``step`` had written rows of (its
+        :attr:`steps`; None for a checkpoint from before it recorded them: nothing to check).
+        Those rows cannot be rebuilt, so a file that lacks some of them, or cannot be read,
+        stops the resume; the file is checked before anything is cut.
+
+        Raises:
+            RecordsError: one line naming the file and what to do.
+        """
+        if not self.enabled:
             return
         if step < 0:
-            self.path.unlink()
+            self.path.unlink(missing_ok=True)
+            self.steps = []
             return
-        self._rewrite(lambda pc, steps: pc.less_equal(steps, step))
+        where = f"the checkpoint at step {step}"
+        try:
+            table = read_example_table(self.path.parent)
+        except RecordsError as error:
+            if recorded is not None and not recorded:  # only rows after the checkpoint
+                print(
+                    f"stablelora: {error}; it holds no evaluation up to {where}, only later "
+                    "ones, which are run again: removed it.",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                self.path.unlink()
+                return
+            raise RecordsError(
+                f"{error}: it holds per-example records up to {where}, which cannot be "
+                "rebuilt; restore it, or rerun with trainer.resume=false to start this run over."
+            ) from None
+        found = set() if table is None else set(table["step"].unique().to_pylist())
+        missing = sorted(set(recorded or ()) - found)
+        if missing:
+            what = "is missing" if table is None else "has lost rows"
+            raise RecordsError(
+                f"{self.path} {what}: {where} had recorded the evaluations at steps "
+                f"{', '.join(map(str, missing))} in it, which cannot be rebuilt; restore it, or "
+                "rerun with trainer.resume=false to start this run over."
+            )
+        self.steps = sorted(s for s in found if s <= step)
+        if table is not None and max(found, default=step) > step:
+            self._rewrite(table, lambda pc, steps: pc.less_equal(steps, step))

@@ -188,16 +188,88 @@ def _number(value):
     return value
 
 
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # True is an int in Python
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_metrics(value) -> bool:
+    return isinstance(value, dict) and all(v is None or _is_number(v) for v in value.values())
+
+
+#: What each field of ``summary.json`` holds when it is not null, as (check, what it is): the
+#: analysis and the rerun act on these values, so a summary holding anything else is damaged
+#: or foreign and is refused as a whole (:func:`summary_problem`). The optimizer's own fields
+#: (:func:`optimizer_summary`) are its own: not checked here.
+_TEXT = (lambda v: isinstance(v, str), "a string")
+SUMMARY_SCHEMA = {
+    **dict.fromkeys(("error", "traceback", "main_metric", "device", "git_commit"), _TEXT),
+    **dict.fromkeys(("method", "task", "task_family", "task_kind", "protocol", "model"), _TEXT),
+    **dict.fromkeys(
+        ("steps", "max_steps", "attempts", "world_size", "seed"), (_is_count, "an integer")
+    ),
+    **dict.fromkeys(
+        ("train_loss_final", "wall_time_s", "train_time_s", "peak_memory_mb"),
+        (_is_number, "a number"),
+    ),
+    **dict.fromkeys(SECTIONS, (_is_metrics, "a mapping of names to numbers")),
+    **dict.fromkeys(("versions", "base_model"), (lambda v: isinstance(v, dict), "a mapping")),
+}
+#: Fields whose non-finite numbers are written as strings (:func:`_encode`): decoded first.
+_DECODED = ("train_loss_final", "wall_time_s", "train_time_s", "peak_memory_mb")
+
+
+def _shown(value) -> str:
+    """``value`` for a one-line message: its repr when short and scalar, else its type."""
+    text = repr(value)
+    if isinstance(value, (dict, list)) or len(text) > 40:
+        return f"a {type(value).__name__}"
+    return text
+
+
+def summary_problem(summary: dict) -> str | None:
+    """What in ``summary`` (non-finite numbers decoded) breaks :data:`SUMMARY_SCHEMA`, in a
+    few words (``final['eval/acc'] is 'abc', not a number``); None when nothing does. A missing
+    ``status`` is allowed here (a W&B run still going); an unknown one is not."""
+    status = summary.get("status")
+    if status is not None and status not in STATUSES:
+        return f"status is {_shown(status)}, not one of {', '.join(STATUSES)}"
+    for field, (check, what) in SUMMARY_SCHEMA.items():
+        value = summary.get(field)
+        if value is None or check(value):
+            continue
+        if field in SECTIONS and isinstance(value, dict):  # name the metric that is wrong
+            key, bad = next((k, v) for k, v in value.items() if not _is_number(v))
+            return f"{field}[{key!r}] is {_shown(bad)}, not a number"
+        return f"{field} is {_shown(value)}, not {what}"
+    return None
+
+
 def parse_summary(raw: dict) -> dict:
-    """The one reader of a summary (from ``summary.json`` or W&B): the sections as dicts,
-    non-finite numbers back as floats, ``incomplete`` for a run that has no status."""
+    """The one reader of a summary (from ``summary.json`` or W&B): checked against
+    :data:`SUMMARY_SCHEMA`, the sections as dicts, non-finite numbers back as floats,
+    ``incomplete`` for a run that has no status.
+
+    Raises:
+        RecordsError: a field holds a value of another type (what, without the file's name).
+    """
     summary = dict(raw or {})
-    if summary.get("status") not in STATUSES:
+    for section in SECTIONS:
+        values = summary.get(section)
+        if isinstance(values, dict):
+            summary[section] = {k: _number(v) for k, v in values.items()}
+    for key in _DECODED:
+        summary[key] = _number(summary.get(key))
+    problem = summary_problem(summary)
+    if problem:
+        raise RecordsError(problem)
+    if summary.get("status") is None:
         summary["status"] = INCOMPLETE
     for section in SECTIONS:
-        summary[section] = {k: _number(v) for k, v in (summary.get(section) or {}).items()}
-    for key in ("train_loss_final", "wall_time_s", "train_time_s", "peak_memory_mb"):
-        summary[key] = _number(summary.get(key))
+        summary[section] = summary.get(section) or {}
     return summary
 
 
@@ -205,8 +277,9 @@ def read_summary(run_dir: Path) -> dict:
     """:func:`parse_summary` of ``run_dir/summary.json``; ``{}`` when there is none.
 
     Raises:
-        RecordsError: the file exists but is not a JSON object (it is written atomically, so
-            only a foreign or damaged file): one line naming it.
+        RecordsError: the file exists but is not a JSON object with a status, or a field holds
+            a value of another type (it is written atomically by :func:`make_summary`, so only
+            a foreign or damaged file): one line naming it.
     """
     path = Path(run_dir) / "summary.json"
     if not path.exists():
@@ -217,7 +290,12 @@ def read_summary(run_dir: Path) -> dict:
         raise RecordsError(f"{path} cannot be read ({type(error).__name__})") from None
     if not isinstance(raw, dict):
         raise RecordsError(f"{path} cannot be read (a JSON {type(raw).__name__}, not an object)")
-    return parse_summary(raw)
+    if raw.get("status") is None:  # the runner always writes one
+        raise RecordsError(f"{path} cannot be read (it has no status)")
+    try:
+        return parse_summary(raw)
+    except RecordsError as error:
+        raise RecordsError(f"{path} cannot be read ({error})") from None
 
 
 #: Summary fields that are dicts W&B gets flat (``base_model/<k>``) with their scalar values.
@@ -434,21 +512,28 @@ class RunRecorder:
             self.wandb_run = None
 
     # ------------------------------------------------------------------ records
-    def keep_rows(self, rows: int, step: int | None = None) -> None:
+    def keep_rows(
+        self, rows: int, step: int | None = None, example_steps: list[int] | None = None
+    ) -> None:
         """Cut ``metrics.jsonl`` back to its first ``rows`` rows: those a checkpoint (at
         ``step``) had seen, or none for a fresh start; they are logged again from there, so
-        every row is in the file exactly once.
+        every row is in the file exactly once. ``example_steps``: the evaluations whose
+        per-example rows the checkpoint had recorded (None: not recorded, not checked).
 
         Raises:
             RecordsError: the file holds fewer rows than the checkpoint had seen, or one of
-                them is damaged (:func:`read_resumed_rows`); a per-layer file before the
+                them is damaged (:func:`read_resumed_rows`); ``examples.parquet`` cannot be
+                read or lacks rows the checkpoint had recorded
+                (:meth:`ExampleRecords.truncate_after`); a per-layer file before the
                 checkpoint's step cannot be read (:meth:`LayerRecords.truncate_after`).
         """
         if not self.enabled:
             return
         kept = read_resumed_rows(self.metrics_path, rows, step)  # checked before any cut
+        # examples.parquet is one file, checked before it is cut: before the per-layer parts
+        # are, so that a damaged one leaves every record as found
+        self.examples.truncate_after(step if step is not None else -1, example_steps)
         self.layers.truncate_after(step if step is not None else -1)
-        self.examples.truncate_after(step if step is not None else -1)
         if self.metrics_path.exists():  # rewritten even when as long: drops a torn last line
             tmp = self.metrics_path.with_name("metrics.jsonl.tmp")
             tmp.write_text("".join(json.dumps(row) + "\n" for row in kept))

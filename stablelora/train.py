@@ -168,7 +168,8 @@ def train(cfg, run_dir: Path) -> dict:
         ConfigError: a bad config (before anything is loaded).
         RunFolderError: the folder is held by another process, holds another configuration,
             or has only unreadable checkpoints (nothing written into it).
-        RecordsError: ``metrics.jsonl`` is shorter than the checkpoint says.
+        RecordsError: records the checkpoint stands on are short or damaged
+            (``metrics.jsonl``, ``examples.parquet``, ``layers.parquet``): left as found.
         RunInterrupted: a stop signal; a checkpoint and an ``interrupted`` summary are written.
     """
     from omegaconf import OmegaConf
@@ -222,6 +223,8 @@ def _start(run: Run, run_dir: Path, recorder: RunRecorder) -> dict:
         "wall_time": 0.0,
         "attempts": 0,
         "records": 0,
+        # The steps whose per-example rows examples.parquet holds (None in older checkpoints)
+        "example_steps": None,
         "status": "running",
         "error": None,
         "loss": None,
@@ -232,7 +235,7 @@ def _start(run: Run, run_dir: Path, recorder: RunRecorder) -> dict:
     loaded = load_checkpoint(run, run_dir) if run.cfg.trainer.resume else None
     if loaded is not None:
         state.update(loaded)
-        recorder.keep_rows(state["records"], state["step"])
+        recorder.keep_rows(state["records"], state["step"], state["example_steps"])
         print(f"[stablelora] resuming {run_dir} from step {state['step']}")
     else:
         recorder.keep_rows(0)
@@ -265,7 +268,11 @@ def _train(
 
     def checkpoint() -> None:
         recorder.flush()  # the per-layer rows up to this step, before the checkpoint
-        state.update(records=recorder.rows, wall_time=wall_before + time.time() - started)
+        state.update(
+            records=recorder.rows,
+            example_steps=recorder.examples.steps,
+            wall_time=wall_before + time.time() - started,
+        )
         save_checkpoint(run, run_dir, state)
 
     def evaluation(step: int) -> None:

@@ -321,6 +321,14 @@ def test_wandb_run_converts_like_a_run_directory():
     assert row["status"] == "failed" and row["method"] == "stable_lora"  # from the config
 
 
+def test_a_wandb_summary_of_wrong_types_is_warned_about_and_shown_incomplete():
+    damaged = FakeSummary({"status": "completed", "steps": 20, "final/eval/acc": "abc"})
+    with pytest.warns(UserWarning, match=r"W&B run me/stablelora/abc123: its summary cannot be "
+                      r"read \(final\['eval/acc'\] is 'abc', not a number\)"):  # fmt: skip
+        row, _, _ = wandb_run_records(fake_wandb_run(summary=damaged))
+    assert row["status"] == "incomplete" and math.isnan(row["score"])  # not "finished"
+
+
 def test_collect_wandb_filters_by_group_and_tags():
     calls = []
 

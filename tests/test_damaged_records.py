@@ -5,11 +5,15 @@ warning and a fallback), never in silently wrong records or an overwritten summa
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
+import shutil
 import signal
 import warnings
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from conftest import (
     SMOKE,
@@ -20,7 +24,13 @@ from conftest import (
 )
 
 from stablelora.job import run_job
-from stablelora.records import RecordsError, RunRecorder, read_jsonl, read_summary
+from stablelora.records import (
+    RecordsError,
+    RunRecorder,
+    parse_summary,
+    read_jsonl,
+    read_summary,
+)
 from stablelora.run_folder import RunFolderError
 from stablelora.train import train
 
@@ -145,6 +155,133 @@ def test_a_corrupt_layer_part_after_the_checkpoint_is_dropped_before_it_is_fatal
     assert f"{later} cannot be read" in capsys.readouterr().err
 
 
+# ---------------------------------------------------------------------------- examples.parquet
+@pytest.mark.parametrize("damage", ["random bytes", "truncated", "deleted", "step 0 rows lost"])
+def test_damaged_examples_stop_the_resume_and_keep_the_interrupted_summary(
+    tmp_path, monkeypatch, damage
+):
+    from stablelora.example_records import ExampleRecords, read_examples
+
+    cfg = compose_config(FAST + ["trainer.checkpoint_every=100"])
+    assert signalled_at_batch(cfg, tmp_path, 3, monkeypatch) == 128 + signal.SIGTERM
+    assert read_summary(tmp_path)["status"] == "interrupted"
+    path = tmp_path / "examples.parquet"
+    original = path.read_bytes()  # the initial evaluation's rows, which the checkpoint holds
+    assert set(read_examples(tmp_path)["step"]) == {0}
+    if damage == "random bytes":
+        path.write_bytes(os.urandom(3000))
+    elif damage == "truncated":
+        path.write_bytes(original[:200])
+    elif damage == "deleted":
+        path.unlink()
+    else:  # a whole file, holding only a later evaluation (as a copy from elsewhere may)
+        path.unlink()
+        ExampleRecords(tmp_path).write(5, [{"eval_set": "x", "example_id": "a", "correct": True}])
+    damaged = path.read_bytes() if path.exists() else None
+    message = one_line_exit(cfg, tmp_path)
+    assert message.startswith(f"stablelora: {path} ") and "restore it" in message, message
+    if damage in ("deleted", "step 0 rows lost"):
+        assert "the evaluations at steps 0" in message
+    assert read_summary(tmp_path)["status"] == "interrupted"  # not rewritten as failed
+    assert (path.read_bytes() if path.exists() else None) == damaged  # left as found
+    path.write_bytes(original)  # restored, the run resumes and keeps every evaluation
+    assert train(cfg, tmp_path)["status"] == "completed"
+    assert set(read_examples(tmp_path)["step"]) == {0, 6}
+
+
+def test_a_damaged_examples_file_of_later_evaluations_only_is_dropped_on_resume(
+    tmp_path, monkeypatch, capsys
+):
+    from stablelora.example_records import read_examples
+
+    # The checkpoint at step 3 precedes every evaluation (none before training): a kill after
+    # the one at step 4 leaves a file holding only rows the resume evaluates again.
+    overrides = ["trainer.eval_before=false", "trainer.eval_every=4", "trainer.checkpoint_every=3"]
+    cfg = compose_config(FAST + overrides)
+    with pytest.raises(Interrupted):
+        train_killed_at_batch(cfg, tmp_path, 5, monkeypatch)
+    path = tmp_path / "examples.parquet"
+    assert set(read_examples(tmp_path)["step"]) == {4}
+    path.write_bytes(os.urandom(3000))
+    capsys.readouterr()
+    assert train(cfg, tmp_path)["status"] == "completed"
+    assert f"{path} cannot be read" in capsys.readouterr().err
+    assert set(read_examples(tmp_path)["step"]) == {4, 6}
+
+
+@pytest.mark.parametrize("damage", ["random bytes", "deleted", "step 0 rows only"])
+def test_the_paired_tables_leave_out_a_run_with_damaged_examples_and_say_so(tmp_path, damage):
+    import numpy as np
+    from test_analysis_tables import tables_of, write_run
+    from test_tuned_study import write_examples
+
+    from stablelora.example_records import ExampleRecords
+
+    rng = np.random.default_rng(0)
+    for seed in (0, 1, 2):
+        for method in ("lora", "stable_lora"):
+            run = write_run(tmp_path, f"{method}-{seed}", method=method, seed=seed)
+            write_examples(run, {"bbc_news": [bool(h) for h in rng.random(100) < 0.5]})
+    path = tmp_path / "stable_lora-2" / "examples.parquet"  # rows of steps 0 and 10 (final)
+    if damage == "random bytes":
+        path.write_bytes(os.urandom(3000))
+        why = "examples.parquet cannot be read"
+    elif damage == "deleted":
+        path.unlink()
+        why = "no examples.parquet"
+    else:  # the trained model's rows lost: step 0's must not stand in for them
+        ExampleRecords(path.parent).truncate_after(0)
+        why = "examples.parquet has no rows of its final step (10)"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tables = tables_of(tmp_path)
+    if damage != "deleted":  # a missing file is no damage (older records have none): noted
+        assert any(str(path) in str(w.message) for w in caught), [str(w) for w in caught]
+    note = (
+        "1 of 6 completed runs are left out of the pairs (no per-example records of their "
+        f"final evaluation): stable_lora-2 ({why})."
+    )
+    for name in ("paired_examples", "paired_bootstrap", "stable_vs_baselines", "verdicts"):
+        assert note in tables[name].notes, name
+    assert tables["paired_bootstrap"].display["seeds × examples"].tolist() == ["2 × 100"]
+    assert sorted(set(tables["paired_examples"].data["seed"])) == [0, 1]
+    # sound records: no such note
+    path.unlink(missing_ok=True)
+    write_examples(path.parent, {"bbc_news": [True] * 100})
+    tables = tables_of(tmp_path)
+    assert not any("left out of the pairs" in n for n in tables["paired_bootstrap"].notes)
+    assert tables["paired_bootstrap"].display["seeds × examples"].tolist() == ["3 × 100"]
+
+
+# ---------------------------------------------------------------------------- divergence
+def test_the_stop_tables_leave_out_diverged_runs_and_say_so(tmp_path):
+    from test_analysis_tables import tables_of, write_run
+
+    def stops(step):
+        return {f"layer.{i}.v_proj": {"shrinking": False, "stop_step": step} for i in range(2)}
+
+    write_run(tmp_path, "lora", acc=0.60)
+    for seed in (0, 1):
+        write_run(tmp_path, f"stable-{seed}", method="stable_lora", seed=seed, shrink=stops(30))
+    # a diverged run: its norms turn NaN at once, so every layer "stops" at step 2
+    write_run(tmp_path, "stable-2", method="stable_lora", seed=2, status="diverged",
+              shrink=stops(2))  # fmt: skip
+    write_run(tmp_path, "wd", method="adamw_large_wd", acc=0.61)  # makes reviewer_controls
+    tables = tables_of(tmp_path)
+    note = (
+        "Left out: 1 diverged run (a diverged run's stops record its divergence, not the stop "
+        "rule): stable-2."
+    )
+    for name in ("shrink_stops", "shrink_stops_by_layer"):
+        data = tables[name].data  # by layer: a row per layer index
+        assert data["layer_runs"].sum() == data["stopped"].sum() == 4, name
+        assert data["first"].min() == 30, name
+        assert note in tables[name].notes, name
+    assert tables["shrink_stops"].data.iloc[0]["runs"] == 2
+    controls = tables["reviewer_controls"].data.set_index("label")
+    assert controls.loc["stable_lora", "median_stop_step"] == 30
+
+
 # ---------------------------------------------------------------------------- summary.json
 @pytest.mark.parametrize("content", [b"[1, 2]", b"\x00\xffnot json"])
 def test_a_damaged_summary_is_named_by_the_analysis_and_kept_by_the_runner(tmp_path, content):
@@ -163,6 +300,74 @@ def test_a_damaged_summary_is_named_by_the_analysis_and_kept_by_the_runner(tmp_p
     assert "restore it, or delete it" in message
     assert path.read_bytes() == content  # not overwritten as failed
     assert (tmp_path / "metrics.jsonl").exists() and (tmp_path / "adapter").is_dir()
+
+
+@pytest.fixture(scope="module")
+def completed_in_two_steps(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("completed")
+    assert train(compose_config(FAST + ["trainer.max_steps=2"]), run_dir)["status"] == "completed"
+    return run_dir
+
+
+@pytest.mark.parametrize(
+    ("fields", "whole", "problem"),
+    [
+        (
+            {"status": 5, "final": [1]},
+            False,
+            "status is 5, not one of completed, diverged, failed, interrupted",
+        ),
+        ({"final": {"eval/acc": "abc"}}, False, "final['eval/acc'] is 'abc', not a number"),
+        ({"steps": "2"}, False, "steps is '2', not an integer"),
+        ({"final": {"eval/acc": "abc"}}, True, "it has no status"),  # the whole file
+    ],
+)
+def test_a_summary_of_wrong_types_is_refused_by_the_runner_and_incomplete_to_the_analysis(
+    tmp_path, completed_in_two_steps, fields, whole, problem
+):
+    from analysis.report import main as report_main
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(completed_in_two_steps, run_dir)
+    path = run_dir / "summary.json"
+    text = json.dumps(fields if whole else json.loads(path.read_text()) | fields)
+    path.write_text(text)
+    message = one_line_exit(compose_config(FAST + ["trainer.max_steps=2"]), run_dir)
+    assert f"{path} cannot be read ({problem}): restore it, or delete it" in message
+    assert path.read_text() == text  # not rewritten as failed, no new training
+    out = tmp_path / "report"
+    with pytest.warns(UserWarning, match=re.escape(f"{path} cannot be read ({problem})")):
+        assert report_main([str(run_dir), "--out", str(out), "--no-plots"])["runs"] == 1
+    runs = pd.read_csv(out / "tables" / "runs.csv")
+    assert runs["status"].tolist() == ["incomplete"]
+
+
+def test_the_summary_schema_reads_what_the_runner_writes_and_names_what_breaks_it():
+    written = {
+        "status": "diverged",
+        "steps": 3,
+        "train_loss_final": "nan",  # JSON has no NaN: the runner's encoding
+        "final": {"eval/loss": "inf", "eval/acc": None},
+        "best": {"eval/acc": 0.5, "step": 2},
+        "wall_time_s": 3,  # an int where a float is usual: a number all the same
+        "shrink": {"layer.0.v_proj": {"shrinking": False, "stop_step": 2}},  # the optimizer's
+    }
+    summary = parse_summary(written)
+    assert math.isnan(summary["train_loss_final"]) and summary["final"]["eval/loss"] == math.inf
+    assert summary["initial"] == {} and summary["shrink"] == written["shrink"]
+    assert parse_summary({})["status"] == "incomplete"  # W&B: a run that wrote none yet
+    for fields, problem in [
+        ({"status": "running"}, "status is 'running', not one of"),
+        ({"steps": True}, "steps is True, not an integer"),
+        ({"seed": 1.5}, "seed is 1.5, not an integer"),
+        ({"peak_memory_mb": "a lot"}, "peak_memory_mb is 'a lot', not a number"),
+        ({"best": {"step": [2]}}, "best['step'] is a list, not a number"),
+        ({"initial": "0.5"}, "initial is '0.5', not a mapping of names to numbers"),
+        ({"versions": ["torch"]}, "versions is a list, not a mapping"),
+        ({"error": {"line": 1}}, "error is a dict, not a string"),
+    ]:
+        with pytest.raises(RecordsError, match=re.escape(problem)):
+            parse_summary({"status": "completed", **fields})
 
 
 def test_unreadable_config_yaml_is_called_unreadable(tmp_path):

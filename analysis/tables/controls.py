@@ -44,7 +44,10 @@ def reviewer_controls(coll: Collection, seeds: str = "mean") -> Table | None:
     keys = ["model", "task", "label", "method"]
     cells = sort_frame(aggregate(runs, keys, seeds), keys)
     if "shrink/stop_step_median" in runs:
-        stops = runs.groupby(keys, dropna=False)["shrink/stop_step_median"].median()
+        # a diverged run's stops record its divergence, not the stop rule (it counts as
+        # missing: not_completed_note below)
+        sound = runs[runs["status"] != "diverged"]
+        stops = sound.groupby(keys, dropna=False)["shrink/stop_step_median"].median()
         cells = cells.merge(stops.rename("median_stop_step").reset_index(), on=keys, how="left")
     else:
         cells["median_stop_step"] = math.nan

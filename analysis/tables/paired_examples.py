@@ -32,6 +32,7 @@ the resampled differences). What rules an effect in or out is the confidence int
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -53,7 +54,8 @@ from analysis.tables.formatting import Table, num_text
 from analysis.tables.ordering import sort_frame
 from analysis.tables.registry import register_table
 from stablelora.contamination import excluded_ids, read_record
-from stablelora.example_records import read_examples
+from stablelora.example_records import EXAMPLES_FILE, read_examples
+from stablelora.layer_records import RecordsError
 
 __all__ = ["BOOTSTRAP_SAMPLES", "BOOTSTRAP_SEED", "bootstrap_differences"]
 
@@ -84,12 +86,51 @@ def mcnemar_test(b: int, c: int) -> tuple[float, str]:
     return float(result.pvalue), "exact" if exact else "chi2"
 
 
-def final_examples(run_dir: str) -> pd.DataFrame:
-    """The rows of the run's last evaluation (``eval_set``, ``example_id``, ``correct``)."""
-    frame = read_examples(Path(run_dir))
-    if frame.empty:
-        return frame
-    return frame[frame["step"] == frame["step"].max()][["eval_set", "example_id", "correct"]]
+def final_examples(run: dict) -> tuple[pd.DataFrame | None, str | None]:
+    """The rows of a run's final evaluation (``eval_set``, ``example_id``, ``correct``), or
+    None and why the run has none (a few words for the tables' notes).
+
+    The final evaluation is the one at the step the summary records (``steps``), never the
+    largest step the file holds: a file cut back, or restored from an earlier copy, may hold
+    only the initial evaluation's rows, which are not the trained model's. A file that cannot
+    be read, or lacks that step, is warned about, naming it (as the per-layer files are)."""
+    path = Path(run["run_id"]) / EXAMPLES_FILE
+    if not path.exists():
+        return None, f"no {EXAMPLES_FILE}"
+    try:
+        frame = read_examples(path.parent)
+    except RecordsError as error:
+        warnings.warn(f"{error}; the run is left out of the paired tables.", stacklevel=2)
+        return None, f"{EXAMPLES_FILE} cannot be read"
+    step = run.get("steps")
+    final = frame[frame["step"] == step] if pd.notna(step) else frame.iloc[:0]
+    if final.empty:
+        shown = "unknown" if pd.isna(step) else int(step)
+        warnings.warn(
+            f"{path} has no rows of the run's final step ({shown}); the run is left out of "
+            "the paired tables.",
+            stacklevel=2,
+        )
+        return None, f"{EXAMPLES_FILE} has no rows of its final step ({shown})"
+    return final[["eval_set", "example_id", "correct"]], None
+
+
+def unpaired_note(runs: pd.DataFrame) -> list[str]:
+    """A note naming the completed runs of ``runs`` that the pairs leave out for want of
+    per-example records of their final step (:func:`final_examples`): a run missing from the
+    pairs is said, never silently dropped. Empty when every completed run has them."""
+    completed = runs[runs["status"] == "completed"]
+    left_out = [
+        f"{run['run']} ({why})"
+        for run in completed.to_dict("records")
+        if (why := final_examples(run)[1]) is not None
+    ]
+    if not left_out:
+        return []
+    return [
+        f"{len(left_out)} of {len(completed)} completed runs are left out of the pairs (no "
+        f"per-example records of their final evaluation): {'; '.join(left_out)}."
+    ]
 
 
 def paired_frames(coll: Collection, reference_method: str = REFERENCE) -> pd.DataFrame:
@@ -107,14 +148,14 @@ def final_example_rows(runs: pd.DataFrame) -> pd.DataFrame:
     its model, task, seed, setting (:func:`~analysis.labels.setting_labels`: the lr, the
     scale of A0... when the methods are each run at several), method and label,
     ``excluded`` (the example is in the run's contamination record: left out of the clean
-    subset) and ``checked`` (the run has that
-    record); empty when no run has per-example records."""
+    subset) and ``checked`` (the run has that record); empty when no run has per-example
+    records. A run without those of its final step is left out (:func:`unpaired_note`)."""
     keys = ["model", "task", "seed", "setting"]
     runs = runs.assign(setting=setting_labels(runs))
     frames = []
     for run in runs[runs["status"] == "completed"].to_dict("records"):
-        examples = final_examples(run["run_id"])
-        if examples.empty:
+        examples, _ = final_examples(run)  # a run without them: unpaired_note says so
+        if examples is None:
             continue
         record = read_record(Path(run["run_id"]))
         excluded = excluded_ids(record)
@@ -369,6 +410,7 @@ def paired_examples(coll: Collection, seeds: str = "mean") -> Table | None:
         "these discordance rates, 2.80 · sqrt(((b + c)/n - ((b - c)/n)²) / n); – where no "
         "example is discordant.",
         f"Scored on the {split_note(everything)}.",
+        *unpaired_note(accuracy_runs(coll.runs)),
     ]
     return Table(
         "paired_examples",
@@ -403,6 +445,7 @@ def paired_bootstrap(coll: Collection, seeds: str = "mean") -> Table | None:
         f"Δ: the method's accuracy minus {REFERENCE}'s on the same examples, averaged over the "
         f"paired seeds; scored on the {split_note(everything)}.",
         *BOOTSTRAP_NOTES,
+        *unpaired_note(accuracy_runs(coll.runs)),
     ]
     return Table(
         "paired_bootstrap",
@@ -451,6 +494,7 @@ def stable_vs_baselines(coll: Collection, seeds: str = "mean") -> Table | None:
         *BOOTSTRAP_NOTES,
         "Each baseline is a separate test: the verdicts table adjusts the p-values across the "
         "baselines (Holm) and tests equivalence against the declared margin.",
+        *unpaired_note(runs),
     ]
     return Table(
         "stable_vs_baselines",

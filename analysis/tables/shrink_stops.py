@@ -13,13 +13,35 @@ from analysis.tables.ordering import sort_frame
 from analysis.tables.registry import register_table
 
 
+def stop_layers(coll: Collection, columns: list[str]) -> tuple[pd.DataFrame, list[str]]:
+    """The shrink rows (one per layer and run) with the runs' ``columns``, diverged runs left
+    out, and a note naming those: the steps a diverged run's layers "stopped" on (often its
+    first ones, as its norms ran away) record its divergence, not the stop rule in training.
+    Empty rows when no run is left."""
+    runs = coll.runs[list(dict.fromkeys(["run_id", "run", "status", *columns]))]
+    layers = coll.shrink.merge(runs, on="run_id")
+    diverged = layers["status"] == "diverged"
+    names = sorted(layers.loc[diverged, "run"].astype(str).unique())
+    notes = (
+        [
+            f"Left out: {len(names)} diverged run{'s' * (len(names) > 1)} (a diverged run's "
+            f"stops record its divergence, not the stop rule): {'; '.join(names)}."
+        ]
+        if names
+        else []
+    )
+    return layers[~diverged], notes
+
+
 @register_table
 def shrink_stops(coll: Collection, seeds: str = "mean") -> Table | None:
     """When the layers stopped shrinking (Stable-LoRA's stop rule), over layers and seeds."""
     if coll.shrink.empty:
         return None
     keys = ["model", "task", "label", "method"]
-    layers = coll.shrink.merge(coll.runs[["run_id", *keys, "steps"]], on="run_id")
+    layers, left_out = stop_layers(coll, [*keys, "steps"])
+    if layers.empty:
+        return None
     rows_shown, data_rows = [], []
     for key, group in sort_frame(layers, keys).groupby(keys, dropna=False, sort=False):
         stops = group["stop_step"].dropna().astype(float)
@@ -52,7 +74,8 @@ def shrink_stops(coll: Collection, seeds: str = "mean") -> Table | None:
     notes = [
         "Over every (layer, seed): stopped = layers that met the stop rule / all; the "
         "steps are those on which the layer stopped (it never shrinks again); layers "
-        "that did not stop shrank on every step of the run."
+        "that did not stop shrank on every step of the run.",
+        *left_out,
     ]
     return Table(
         "shrink_stops",
@@ -78,7 +101,9 @@ def shrink_stops_by_layer(coll: Collection, seeds: str = "mean", bands: int = 4)
     if coll.shrink.empty:
         return None
     keys = ["model", "task", "label", "method"]
-    layers = coll.shrink.merge(coll.runs[["run_id", *keys]], on="run_id")
+    layers, left_out = stop_layers(coll, keys)
+    if layers.empty:
+        return None
     positions = layers["layer"].map(layer_position)
     layers = layers.assign(projection=[p for p, _ in positions], depth=[d for _, d in positions])
     deepest = layers["depth"].max()
@@ -120,7 +145,8 @@ def shrink_stops_by_layer(coll: Collection, seeds: str = "mean", bands: int = 4)
         )
     notes = [
         "Per projection and band of layer indices (depth), over every (layer, seed): stopped "
-        "= layers that met the stop rule / all, and the steps on which they stopped."
+        "= layers that met the stop rule / all, and the steps on which they stopped.",
+        *left_out,
     ]
     return Table(
         "shrink_stops_by_layer",

@@ -57,6 +57,7 @@ from analysis.tables.paired_examples import (
     p_cell,
     pair_with,
     split_note,
+    unpaired_note,
 )
 from analysis.tables.registry import register_table
 
@@ -279,6 +280,7 @@ def verdicts(coll: Collection, seeds: str = "mean") -> Table | None:
         "per-seed differences (scipy; TOST as statsmodels' ttost_paired).",
         "The confidence interval rules an effect in or out; MDD is a design figure (2.80 "
         "standard errors: the difference a two-sided 5% test detects with 80% power).",
+        *unpaired_note(accuracy_runs(coll.runs)),
     ]
     return Table(
         "verdicts",
