@@ -38,7 +38,9 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections import deque
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from analysis.frames import Collection, build_collection, concat
@@ -67,6 +69,7 @@ __all__ = [
     "format_value",
     "label_runs",
     "read_config",
+    "scan_run_dirs",
     "task_fields",
     "wandb_run_records",
 ]
@@ -87,21 +90,73 @@ HISTORY_COLUMNS = ["run_id", "step", "key", "value"]
 SHRINK_COLUMNS = ["run_id", "layer", "shrinking", "stop_step"]
 
 
-def find_run_dirs(root: str | Path) -> list[Path]:
-    """Every run directory under ``root`` (``root`` itself if it is one), sorted.
+#: Hydra's folder in every job folder, written before the job starts.
+HYDRA_DIR = ".hydra"
 
-    A run directory holds ``summary.json``, ``config.yaml`` or ``metrics.jsonl``; run folders
-    are not nested, so the walk stops at the first one on each branch.
+
+@dataclass
+class RunFolders:
+    """What a walk of a sweep directory found: the run folders, the job folders whose job
+    never started (Hydra's ``.hydra/`` and no records: a sweep stopped before them), and a
+    note per folder or link left out (read through another path already, or a broken link)."""
+
+    runs: list[Path] = field(default_factory=list)
+    not_started: list[Path] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+
+def scan_run_dirs(root: str | Path, seen: dict[str, Path] | None = None) -> RunFolders:
+    """The run folders under ``root`` (``root`` itself if it is one), sorted.
+
+    A run folder holds ``summary.json``, ``config.yaml`` or ``metrics.jsonl``; run folders
+    are not nested, so the walk stops at the first one on each branch. Symlinked folders are
+    followed, as the runner follows them (a sweep may link runs kept elsewhere), after every
+    folder reached without a link, so that a run both in the sweep and linked to is read under
+    its own path. A folder reached a second time (through a link, or under another root
+    sharing ``seen``: real path -> the path it was first read through) is read once and noted,
+    which also ends link cycles.
     """
     root = Path(root)
-    found = []
-    for folder, subdirs, files in os.walk(root):
-        if any(name in files for name in RUN_FILES):
-            found.append(Path(folder))
-            subdirs[:] = []
+    seen = {} if seen is None else seen
+    found = RunFolders()
+    # Folders to visit: those reached without a link first, then those below a link.
+    direct: deque[Path] = deque([root])
+    linked: deque[Path] = deque()
+    while direct or linked:
+        via_link = not direct
+        here = linked.popleft() if via_link else direct.popleft()
+        real = os.path.realpath(here)
+        if real in seen:
+            found.skipped.append(f"{here} is {seen[real]} again (a symlink, or a folder given "
+                                 "twice): read once")  # fmt: skip
             continue
-        subdirs[:] = sorted(d for d in subdirs if d not in SKIP_DIRS)
-    return sorted(found)
+        seen[real] = here
+        try:
+            entries = sorted(os.scandir(here), key=lambda entry: entry.name)
+        except OSError as error:
+            found.skipped.append(f"{here} cannot be read ({error.strerror}): skipped")
+            continue
+        if any(entry.name in RUN_FILES and entry.is_file() for entry in entries):
+            found.runs.append(here)
+            continue
+        if any(entry.name == HYDRA_DIR and entry.is_dir() for entry in entries):
+            found.not_started.append(here)  # Hydra prepared the job, which recorded nothing
+            continue
+        for entry in entries:
+            if entry.is_symlink() and not os.path.exists(entry.path):
+                found.skipped.append(f"{entry.path} links to {os.readlink(entry.path)}, which "
+                                     "does not exist: skipped")  # fmt: skip
+            elif entry.is_dir() and entry.name not in SKIP_DIRS:
+                (linked if via_link or entry.is_symlink() else direct).append(Path(entry.path))
+    found.runs.sort()
+    found.not_started.sort()
+    return found
+
+
+def find_run_dirs(root: str | Path) -> list[Path]:
+    """Every run directory under ``root`` (``root`` itself if it is one), sorted; symlinked
+    folders followed, each folder once (:func:`scan_run_dirs`)."""
+    return scan_run_dirs(root).runs
 
 
 def _read_layers(run_dir: Path, per_layer_probes: bool):
@@ -137,15 +192,25 @@ def collect(
 
     Returns:
         A :class:`Collection`; ``run_id`` is the run directory's path, ``sweep`` the given
-        directory and ``run`` the run's path relative to it.
+        directory and ``run`` the run's path relative to it. What was left out (a job that
+        never started, a folder reached twice, a broken link) is in ``notes``, each also a
+        warning.
     """
     if isinstance(paths, (str, Path)):
         paths = [paths]
-    records = []
+    records, notes = [], []
+    seen: dict[str, Path] = {}  # shared by the roots: a run under two of them is read once
     for root in map(Path, paths):
         if not root.exists():
             raise FileNotFoundError(f"{root} does not exist: give a sweep or run directory.")
-        for run_dir in find_run_dirs(root):
+        folders = scan_run_dirs(root, seen)
+        notes += folders.skipped
+        notes += [
+            f"{folder} never started (Hydra's {HYDRA_DIR}/ and no records): rerun the sweep's "
+            "command to run it"
+            for folder in folders.not_started
+        ]
+        for run_dir in folders.runs:
             run_id = str(run_dir)
             metrics = unique_rows(run_id, read_jsonl(run_dir / "metrics.jsonl")) if history else []
             layers = _read_layers(run_dir, per_layer_probes) if history else None
@@ -163,4 +228,8 @@ def collect(
                 history_steps=max((m.get("step", 0) for m in metrics), default=None),
             )
             records.append((row, metrics, shrink_rows(run_id, summary.get("shrink")), layers))
-    return build_collection(records, per_layer_probes)
+    for note in notes:  # said, never dropped silently; the report lists them too
+        warnings.warn(note, stacklevel=2)
+    collection = build_collection(records, per_layer_probes)
+    collection.notes = notes
+    return collection

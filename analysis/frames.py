@@ -36,6 +36,9 @@ class Collection:
     #: The analysis plan given at report time (``analysis.report --plan KEY=VALUE``), for runs
     #: whose config declares none (:func:`analysis.tables.equivalence.read_plan`).
     plan_options: dict = field(default_factory=dict)
+    #: What the collection left out and why, one line each: sweep jobs that never started, a
+    #: folder reached twice, a broken link (:func:`analysis.collect.scan_run_dirs`).
+    notes: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.runs)
@@ -48,6 +51,7 @@ class Collection:
             self.history[self.history["run_id"].isin(keep)].reset_index(drop=True),
             self.shrink[self.shrink["run_id"].isin(keep)].reset_index(drop=True),
             dict(self.plan_options),
+            list(self.notes),
         )
 
 
@@ -161,4 +165,4 @@ def concat(collections: Iterable[Collection]) -> Collection:
     history = history.astype({"run_id": "category", "key": "category"})
     shrink = pd.concat([c.shrink for c in collections], ignore_index=True)
     label_runs(runs)
-    return Collection(runs, history, shrink)
+    return Collection(runs, history, shrink, notes=[n for c in collections for n in c.notes])

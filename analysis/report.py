@@ -2,9 +2,10 @@
 
     python -m analysis.report SWEEP_DIR [SWEEP_DIR ...] [--out DIR] [--seeds mean|best]
 
-collects every run under the directories (failed, diverged and unfinished runs included),
-prints the Markdown of every table the records support, and writes under ``--out`` (default:
-``report/`` in the first directory):
+collects every run under the directories (failed, diverged and unfinished runs included;
+symlinked run folders followed, each folder once; jobs that never started and what else was
+left out listed in ``report.md``), prints the Markdown of every table the records support,
+and writes under ``--out`` (default: ``report/`` in the first directory):
 
 - ``tables/<name>.md``, ``.tex`` (booktabs) and ``.csv`` for each table
   (:mod:`analysis.tables`), ``runs.csv`` (one row per run) and ``report.md`` (all tables);
@@ -16,8 +17,9 @@ Other options: ``--plan KEY=VALUE ...`` gives the analysis plan (the keys of
 ``analysis.primary`` in ``conf/config.yaml``) of runs whose ``config.yaml`` declares none
 (:mod:`analysis.tables.equivalence`), ``--tables``/``--plots`` choose which to build,
 ``--select-lr`` keeps per method the learning rate with the best mean ``--select-metric``
-(default: the final main metric), ``--wandb ENTITY/PROJECT`` (with ``--wandb-group``/
-``--wandb-tag``) adds the runs synced to W&B. Imports stay light: no torch or transformers.
+(default: the final main metric) on the tasks every candidate lr was run on,
+``--wandb ENTITY/PROJECT`` (with ``--wandb-group``/``--wandb-tag``) adds the runs synced to
+W&B. Imports stay light: no torch or transformers.
 """
 
 from __future__ import annotations
@@ -314,15 +316,23 @@ def report(args: argparse.Namespace) -> dict:
     if not args.no_plots:
         files += plots_module.build_plots(coll, out / "plots", args.plots)
     text = "\n".join(table.markdown() for table in built)
+    # What the collection left out (jobs that never started, a folder reached twice, broken
+    # links): listed in the report as well as warned about, so that no run vanishes silently.
+    left_out = "".join(
+        ["Left out of every table:\n\n", *(f"- {note}\n" for note in everything.notes), "\n"]
+        if everything.notes
+        else []
+    )
     (out / "report.md").write_text(
         f"# Report: {', '.join(str(d) for d in args.sweep_dirs) or args.wandb}\n\n"
-        f"{counts}; seeds: {args.seeds}.\n\n{text}\n## Plots\n\n"
+        f"{counts}; seeds: {args.seeds}.\n\n{left_out}{text}\n## Plots\n\n"
         + "".join(f"- [{p.name}](plots/{p.name})\n" for p in files if p.suffix == ".png")
     )
     print(text)
     print(
         f"[analysis.report] {counts}, {len(built)} tables, "
         f"{sum(p.suffix == '.png' for p in files)} plots -> {out}"
+        + (f"; {len(everything.notes)} folders left out (report.md)" if everything.notes else "")
     )
     for path in files:
         if path.suffix == ".png" and path.parent.name == "plots":

@@ -27,9 +27,11 @@ validation split, and its report writes the picks (``report/tuned_lr.json``,
 selection) runs each method at its pick, one ``run.py -m ... method=<m> optim.lr=<pick>``
 per method. ``python -m experiments <final>`` runs the selection stage first (it resumes: a
 completed selection costs nothing) and reads its picks; ``--lr-selection FILE`` takes the picks
-from a recorded file instead and runs the final stage alone. At the paper's scale (several
-models and tasks) the selection picks an lr per model, task and method, and the final stage
-runs one command per model, task and method.
+from a recorded file instead and runs the final stage alone. The picks are checked before any
+run starts (:func:`read_picks`, :func:`picked_lrs`): a file that is not a selection report's
+record, or holds picks for another model and task, is one line and exit code 2. At the
+paper's scale (several models and tasks) the selection picks an lr per model, task and method,
+and the final stage runs one command per model, task and method.
 
 An experiment with ``parts`` (:attr:`Experiment.parts`: the lr range study's A0 axis) runs
 their sweeps after its own, into the same sweep folder, and then the one report of the folder.
@@ -40,6 +42,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -51,10 +54,16 @@ from experiments.catalog import (
     ROOT,
     SCALES,
     Experiment,
+    compose,
     split_values,
     sweep_name,
     sweep_params,
 )
+
+
+class UsageError(SystemExit):
+    """A usage error of the command line (a bad option, override or picks file): :func:`main`
+    prints it as one line and returns 2. A SystemExit, so that it stops any other caller too."""
 
 
 def parse_args(experiment: Experiment, argv=None) -> argparse.Namespace:
@@ -150,11 +159,17 @@ def sweep_values(name: str, scale: str, key: str, overrides: list[str]) -> list[
             return split_values(override.split("=", 1)[1])
     params = sweep_params(name, scale)
     if key not in params:
-        raise SystemExit(f"python -m experiments: {name} does not sweep {key!r}.")
+        raise UsageError(f"python -m experiments: {name} does not sweep {key!r}.")
     return params[key]
 
 
 PICKS_FILE = "tuned_lr.json"  # analysis.tables.tuned_lr.PICKS_FILE (no analysis import here)
+#: analysis.tables.tuned_lr.PICKS_METRIC: what the picks were ranked on. A file that says
+#: otherwise was not written by a selection report, so its lrs are not the final stage's.
+PICKS_METRIC = (
+    "score (final main metric), mean over the selection runs' seeds; the highest wins (the "
+    "lowest for a loss-like metric)"
+)
 #: Keys the final stage of a tuned study sets itself: not passed on to its selection stage.
 FINAL_ONLY_KEYS = ("seed", "method", "optim.lr")
 
@@ -186,25 +201,74 @@ def selection_command(experiment: Experiment, args: argparse.Namespace) -> list[
     ]
 
 
+def pick_problem(pick) -> str | None:
+    """What is wrong with one entry of a picks file's ``picks`` (None if nothing): the final
+    stage trusts its model, task, method and lr."""
+    if not isinstance(pick, dict):
+        return f"is a JSON {type(pick).__name__}, not an object"
+    for key in ("model", "task", "method"):
+        if not isinstance(pick.get(key), str) or not pick[key]:
+            return f"has no {key} (a name)" if key not in pick else f"has {key} {pick[key]!r}"
+    lr = pick.get("lr")
+    # bool is an int to Python, and JSON allows NaN: neither is a learning rate
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < math.inf:
+        return f"has lr {lr!r}, not a positive number"
+    return None
+
+
 def read_picks(path: Path, prog: str) -> list[dict]:
-    """The picks of a ``tuned_lr.json``; one line (exit 2) when the file is missing."""
+    """The picks of a ``tuned_lr.json`` (as :func:`analysis.tables.tuned_lr.picks_record`
+    writes it); a :class:`UsageError` (one line, exit 2) when the file is missing, is not
+    JSON, or is not such a record (no list of picks, picks ranked on another metric, a pick
+    without a model, task, method or positive lr)."""
     if not path.is_file():
-        raise SystemExit(f"{prog}: no picked learning rates at {path}: run the selection stage "
+        raise UsageError(f"{prog}: no picked learning rates at {path}: run the selection stage "
                          "first, or give --lr-selection FILE")  # fmt: skip
-    return list(json.loads(path.read_text())["picks"])
+    fix = "give the tuned_lr.json a selection report wrote, or rerun the selection stage"
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:  # ValueError: not JSON, or not UTF-8
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise UsageError(f"{prog}: {path} cannot be read ({reason}): {fix}") from None
+    if not isinstance(record, dict) or not isinstance(record.get("picks"), list):
+        raise UsageError(f"{prog}: {path} is not a picks file (no list of picks): {fix}")
+    if record.get("metric") != PICKS_METRIC:
+        raise UsageError(f"{prog}: {path} holds picks ranked on {record.get('metric')!r}, not "
+                         f"the selection's final main metric: {fix}")  # fmt: skip
+    for index, pick in enumerate(record["picks"]):
+        problem = pick_problem(pick)
+        if problem:
+            raise UsageError(f"{prog}: {path}: pick {index} {problem}: {fix}")
+    return list(record["picks"])
 
 
-def picked_lrs(path: Path, methods: list[str], prog: str) -> dict[str, float]:
-    """Each method's picked lr from a ``tuned_lr.json``; one line (exit 2) when the file or
-    a method's pick is missing, or a method has different picks (several models or tasks:
-    see :func:`picked_lrs_per_setting`)."""
+def picked_lrs(
+    path: Path,
+    methods: list[str],
+    prog: str,
+    model: str | None = None,
+    task: str | None = None,
+) -> dict[str, float]:
+    """Each method's picked lr from a ``tuned_lr.json``; a :class:`UsageError` (one line,
+    exit 2) when the file is not a picks record (:func:`read_picks`), holds no pick for the
+    experiment's ``model`` and ``task`` (when given: picks made for another setting), or a
+    method's pick is missing, or a method has different picks (several models or tasks: see
+    :func:`picked_lrs_per_setting`)."""
     picks = read_picks(path, prog)
+    if model is not None and task is not None:
+        ours = [p for p in picks if (p["model"], p["task"]) == (model, task)]
+        if picks and not ours:
+            theirs = ", ".join(sorted({f"{p['model']} on {p['task']}" for p in picks}))
+            raise UsageError(f"{prog}: {path} holds picks for {theirs}, not for this "
+                             f"experiment's {model} on {task}: give the picks of a selection "
+                             "run with the same model and task (its --scale)")  # fmt: skip
+        picks = ours
     chosen: dict[str, float] = {}
     for method in methods:
         lrs = {float(p["lr"]) for p in picks if p["method"] == method}
         if len(lrs) != 1:
             found = "no pick" if not lrs else f"several picks {sorted(lrs)}"
-            raise SystemExit(f"{prog}: {path} has {found} for method {method}: rerun the "
+            raise UsageError(f"{prog}: {path} has {found} for method {method}: rerun the "
                              "selection with this method (one model and task)")  # fmt: skip
         chosen[method] = lrs.pop()
     return chosen
@@ -214,13 +278,13 @@ def picked_lrs_per_setting(
     path: Path, methods: list[str], models: list[str], tasks: list[str], prog: str
 ) -> dict[tuple[str, str, str], float]:
     """{(model, task, method): picked lr} for every model, task and method of a final stage
-    that sweeps several models or tasks (the paper's scale); one line (exit 2) when one lacks
-    its pick."""
+    that sweeps several models or tasks (the paper's scale); a :class:`UsageError` (one line,
+    exit 2) when the file is not a picks record or one lacks its pick."""
     picks = {(p["model"], p["task"], p["method"]): float(p["lr"]) for p in read_picks(path, prog)}
     chosen = {}
     for key in itertools.product(models, tasks, methods):
         if key not in picks:
-            raise SystemExit(f"{prog}: {path} has no pick for model {key[0]}, task {key[1]}, "
+            raise UsageError(f"{prog}: {path} has no pick for model {key[0]}, task {key[1]}, "
                              f"method {key[2]}: run the selection stage for it")  # fmt: skip
         chosen[key] = picks[key]
     return chosen
@@ -232,6 +296,12 @@ def setting_values(name: str, scale: str, key: str, overrides: list[str]) -> lis
         if override.startswith(f"{key}="):
             return split_values(override.split("=", 1)[1])
     return sweep_params(name, scale).get(key)
+
+
+def composed_name(name: str, scale: str, group: str) -> str:
+    """The ``name`` of the experiment's ``group`` (model, task) at ``scale`` when its sweep
+    does not vary it: the name its runs record, which the selection's picks name."""
+    return str(compose(name, scale)[group].name)
 
 
 def sweep_commands(
@@ -253,7 +323,10 @@ def sweep_commands(
                 [*base, f"model={m}", f"task={t}", f"method={k}", f"optim.lr={lr!r}"]
                 for (m, t, k), lr in per.items()
             ]
-        lrs = picked_lrs(selection_file(experiment, args), methods, prog)
+        # One model and task: the picks must be theirs (not those of another scale's study).
+        model = models[0] if models else composed_name(experiment.name, args.scale, "model")
+        task = tasks[0] if tasks else composed_name(experiment.name, args.scale, "task")
+        lrs = picked_lrs(selection_file(experiment, args), methods, prog, model, task)
         base = [p for p in sweep if not p.startswith(("method=", "optim.lr="))]
         return [[*base, f"method={m}", f"optim.lr={lrs[m]!r}"] for m in methods]
     key = experiment.process_per
@@ -273,7 +346,7 @@ def all_sweep_commands(
     for name in experiment.parts:
         part = EXPERIMENTS[name]
         if sweep_name(name, args.scale) != sweep_name(experiment.name, args.scale):
-            raise SystemExit(f"python -m experiments {experiment.name}: its part {name} sweeps "
+            raise UsageError(f"python -m experiments {experiment.name}: its part {name} sweeps "
                              "into another folder (give it the same experiment_name)")  # fmt: skip
         found += sweep_commands(part, args, commands(part, args)[0])
     return found
@@ -328,7 +401,12 @@ def main(argv=None) -> int:
                   "runs started.", file=sys.stderr)  # fmt: skip
             return 1
     if not args.skip_sweep:
-        for command in all_sweep_commands(experiment, args, sweep):
+        try:  # every command is built (the picks read and checked) before the first starts
+            planned = all_sweep_commands(experiment, args, sweep)
+        except UsageError as error:
+            print(error, file=sys.stderr)
+            return 2
+        for command in planned:
             print("[experiments] " + " ".join(command), flush=True)
             sweep_code |= subprocess.call(command, cwd=ROOT)
     if not sweep_dir.exists():

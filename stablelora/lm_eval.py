@@ -22,37 +22,84 @@ import sys
 from pathlib import Path
 
 from stablelora.errors import CONFIG_ERROR_EXIT
+from stablelora.records import RecordsError, read_summary
 
 
 class LmEvalError(ValueError):
-    """A usage error (no such run, no adapter, unknown task): one line, exit code 2."""
+    """A usage error (no such run, no adapter, unknown task, a Hub task offline): one line,
+    exit code 2."""
+
+
+#: What to do about a damaged ``config.yaml``.
+CONFIG_FIX = "restore the run's config.yaml (Hydra's copy is .hydra/config.yaml), or rerun the run"
+
+
+def read_run_config(run_dir: Path, required: tuple[str, ...] = ()):
+    """The run's ``config.yaml`` as a DictConfig; :class:`RecordsError` (one line) when it is
+    not a YAML mapping, or lacks a ``required`` key."""
+    import yaml
+    from omegaconf import OmegaConf
+
+    path = run_dir / "config.yaml"
+    try:
+        tree = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, yaml.YAMLError) as error:  # ValueError: not UTF-8
+        reason = type(error).__name__
+        raise RecordsError(f"{path} cannot be read ({reason}): {CONFIG_FIX}") from None
+    if not isinstance(tree, dict):
+        kind = "empty file" if tree is None else type(tree).__name__
+        raise RecordsError(f"{path} is a YAML {kind}, not a run's config: {CONFIG_FIX}")
+    missing = [key for key in required if key not in tree]
+    if missing:
+        raise RecordsError(f"{path} has no {missing[0]!r}: {CONFIG_FIX}")
+    # OmegaConf's own loader for the values (it reads 1e-4 as a float, YAML 1.1 a string)
+    return OmegaConf.load(path)
 
 
 def load_run_model(run_dir: Path, device: str = "cpu"):
-    """``(PeftModel, tokenizer, config)`` of a completed run, in eval mode on ``device``."""
+    """``(PeftModel, tokenizer, config)`` of a completed run, in eval mode on ``device``;
+    :class:`RecordsError` (one line) when its config or adapter is damaged."""
     import torch
-    from omegaconf import OmegaConf
     from peft import PeftModel
+    from safetensors import SafetensorError
 
     from stablelora.models import load_model
     from stablelora.run_setup import seed_everything
 
-    cfg = OmegaConf.load(run_dir / "config.yaml")
+    cfg = read_run_config(run_dir, required=("model", "seed"))  # what the base is rebuilt from
     # A random-init base (model.source=config) is the one train() built right after seeding.
     seed_everything(cfg.seed, deterministic=False)
     base, tokenizer = load_model(cfg.model)
-    model = PeftModel.from_pretrained(base, str(run_dir / "adapter"))
+    adapter = run_dir / "adapter"
+    try:
+        model = PeftModel.from_pretrained(base, str(adapter))
+    except SafetensorError as error:  # cut short (a full disk, a partial copy) or not a tensor file
+        raise RecordsError(
+            f"{adapter / 'adapter_model.safetensors'} cannot be read ({error}): delete "
+            f"{adapter} and rerun the run's command to train it again, or evaluate another run"
+        ) from None
     return model.to(torch.device(device)).eval(), tokenizer, cfg
 
 
 def check_run(run_dir: Path) -> None:
+    """A usage error unless ``run_dir`` is a run folder with an adapter to evaluate; the
+    message says what to do for the run's status (a diverged run never gets one)."""
     if not (run_dir / "config.yaml").is_file():
         raise LmEvalError(f"{run_dir} is not a run folder (no config.yaml): pass a run's folder.")
-    if not (run_dir / "adapter").is_dir():
+    read_run_config(run_dir)
+    if (run_dir / "adapter").is_dir():
+        return
+    summary = read_summary(run_dir)
+    if summary.get("status") == "diverged":  # a result: rerunning it does nothing
         raise LmEvalError(
-            f"{run_dir} has no adapter/ (only a completed run saves one): finish the run by "
-            "rerunning its command, then evaluate it."
+            f"{run_dir} diverged ({summary.get('error') or 'a non-finite loss'}): it has no "
+            "usable adapter, and rerunning it changes nothing; evaluate another run (e.g. one "
+            "at a smaller optim.lr)."
         )
+    raise LmEvalError(
+        f"{run_dir} has no adapter/ (only a completed run saves one): finish the run by "
+        "rerunning its command, then evaluate it."
+    )
 
 
 def task_manager(include_path: str | None, tasks: list[str]):
@@ -104,14 +151,21 @@ def evaluate_run(
 
     model, tokenizer, _ = load_run_model(run_dir, device)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-    results = lm_eval.simple_evaluate(
-        model=lm,
-        tasks=tasks,
-        num_fewshot=num_fewshot,
-        limit=limit,
-        task_manager=manager,
-        log_samples=log_samples,
-    )
+    try:
+        results = lm_eval.simple_evaluate(
+            model=lm,
+            tasks=tasks,
+            num_fewshot=num_fewshot,
+            limit=limit,
+            task_manager=manager,
+            log_samples=log_samples,
+        )
+    except ConnectionError as error:  # a task's dataset is on the Hub, which cannot be reached
+        raise LmEvalError(
+            f"the data of lm-eval task(s) {tasks} cannot be downloaded ({error}): run once with "
+            "network access (HF_DATASETS_OFFLINE/HF_HUB_OFFLINE unset) to cache them, or give "
+            "--include-path a folder with a task YAML over local files."
+        ) from None
     if results is None:  # a non-zero rank under accelerate
         return {}, run_dir / "lm_eval"
     path = run_dir / "lm_eval" / f"{'_'.join(tasks)}.json"
@@ -149,6 +203,8 @@ def main(argv: list[str] | None = None) -> None:
     except LmEvalError as error:
         print(f"stablelora.lm_eval: {error}", file=sys.stderr)
         sys.exit(CONFIG_ERROR_EXIT)
+    except RecordsError as error:  # the run's records are damaged: not a usage error
+        sys.exit(f"stablelora.lm_eval: {error}")  # one line on stderr, exit code 1
     if results:
         from lm_eval.utils import make_table
 

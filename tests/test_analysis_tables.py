@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -550,12 +551,82 @@ def test_select_learning_rate_keeps_the_lowest_loss(tmp_path):
         report_main([str(tmp_path), "--out", str(tmp_path / "out"), "--select-lr", "--no-plots"])
 
 
+def test_select_learning_rate_compares_lrs_on_the_tasks_every_lr_was_run_on(tmp_path):
+    # lr 1e-4 ran bbc_news only (0.125); lr 1e-2 ran bbc_news (0.25) and twice arc_easy (0.0).
+    # Over every run 1e-4 wins (0.125 against 0.083); on the one shared task 1e-2 does.
+    write_run(tmp_path, "a", acc=0.125, config={"optim.lr": 1e-4})
+    write_run(tmp_path, "b", acc=0.25, config={"optim.lr": 1e-2})
+    for seed in (0, 1):
+        write_run(tmp_path, f"c{seed}", task="arc_easy", acc=0.0, seed=seed,
+                  config={"optim.lr": 1e-2})  # fmt: skip
+    with pytest.warns(UserWarning, match="unbalanced lr grid, the lrs are compared on bbc_news"):
+        kept, table = select_learning_rate(collect(tmp_path).runs)
+    assert set(kept["optim.lr"]) == {1e-2} and len(kept) == 3  # arc_easy's runs kept too
+    assert sorted(kept["task"]) == ["arc_easy", "arc_easy", "bbc_news"]
+    stats = table.data.set_index("optim.lr")
+    assert stats.loc[1e-2, "score"] == pytest.approx(0.25) and stats.loc[1e-2, "n"] == 1
+    assert any("arc_easy left out of the comparison" in note for note in table.notes)
+
+
+def test_select_learning_rate_says_which_tasks_leave_the_tables(tmp_path):
+    write_run(tmp_path, "a", acc=0.5, config={"optim.lr": 1e-4})
+    write_run(tmp_path, "b", acc=0.25, config={"optim.lr": 1e-2})
+    write_run(tmp_path, "c", task="arc_easy", acc=0.9, config={"optim.lr": 1e-2})
+    with pytest.warns(UserWarning) as caught:  # the grid is unbalanced too
+        kept, table = select_learning_rate(collect(tmp_path).runs)
+    assert any("arc_easy has no run at the chosen lr 0.0001" in str(w.message) for w in caught)
+    assert kept["optim.lr"].tolist() == [1e-4]
+    assert any("its 1 run(s) at other lrs enter no other table" in n for n in table.notes)
+    # no task run at every lr: nothing to compare, one line
+    shutil.rmtree(tmp_path / "a")
+    write_run(tmp_path, "d", task="obqa", acc=0.5, config={"optim.lr": 1e-4})
+    with pytest.raises(ValueError, match=r"no task was run at every candidate lr \(lr 0.0001: "):
+        select_learning_rate(collect(tmp_path).runs)
+
+
 def test_unfinished_run_without_summary_is_incomplete(tmp_path):
     run_dir = write_run(tmp_path, "running", metrics=[{"step": 3, "train/loss": 1.0}])
     (run_dir / "summary.json").unlink()
     coll = collect(tmp_path)
     assert coll.runs.loc[0, "status"] == "incomplete" and coll.runs.loc[0, "steps"] == 3
     assert tables_of(tmp_path)["runs_not_completed"].display.loc[0, "status"] == "incomplete"
+
+
+def test_symlinked_run_folders_are_read_once_and_what_is_left_out_is_said(tmp_path):
+    # A sweep of 3 copied lora runs and 3 stable_lora runs linked from where they were run
+    # (the runner follows such links): the analysis once read 3 runs and lost a method.
+    sweep, elsewhere = tmp_path / "sweep" / "runs", tmp_path / "elsewhere"
+    for seed in range(3):
+        write_run(sweep, f"lora-s{seed}", seed=seed, acc=0.6)
+        target = write_run(elsewhere, f"stable-s{seed}", method="stable_lora", seed=seed)
+        (sweep / f"stable-s{seed}").symlink_to(target, target_is_directory=True)
+    (sweep / "again").symlink_to(sweep / "lora-s0", target_is_directory=True)  # read once
+    (sweep / "cycle").symlink_to(tmp_path / "sweep", target_is_directory=True)
+    (sweep / "broken").symlink_to(tmp_path / "gone", target_is_directory=True)
+    (sweep / "job-s3" / ".hydra").mkdir(parents=True)  # a sweep stopped before this job
+    (sweep / "job-s3" / ".hydra" / "config.yaml").write_text("seed: 3\n")
+    with pytest.warns(UserWarning) as caught:
+        coll = collect(tmp_path / "sweep")
+    assert len(coll.runs) == 6 and sorted(coll.runs["method"].value_counts()) == [3, 3]
+    assert sorted(coll.runs["run"]) == sorted(
+        [f"runs/lora-s{s}" for s in range(3)] + [f"runs/stable-s{s}" for s in range(3)]
+    )
+    said = [str(w.message) for w in caught]
+    assert len(coll.notes) == 4 and set(coll.notes) <= set(said)
+    again = f"{sweep / 'again'} is {sweep / 'lora-s0'} again (a symlink, or a folder given twice)"
+    assert f"{again}: read once" in coll.notes
+    assert any("cycle is " in n and "read once" in n for n in coll.notes)
+    assert any(f"{sweep / 'broken'} links to {tmp_path / 'gone'}, which does not exist" in n
+               for n in coll.notes)  # fmt: skip
+    assert any(n.startswith(f"{sweep / 'job-s3'} never started") for n in coll.notes)
+
+    from analysis.report import main as report_main
+
+    with pytest.warns(UserWarning):
+        report_main([str(tmp_path / "sweep"), "--out", str(tmp_path / "out"), "--no-plots",
+                     "--tables", "summary"])  # fmt: skip
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "Left out of every table:" in text and "job-s3 never started" in text
 
 
 def test_width_exponents_are_delegated_to_width_fit(tmp_path):

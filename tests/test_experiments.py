@@ -14,6 +14,7 @@ import argparse
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -303,8 +304,10 @@ def test_process_per_method_gives_one_sweep_command_per_value(tmp_path):
 
 def test_tuned_final_runs_each_method_at_its_pick_and_passes_the_horizon_on(tmp_path):
     from analysis.tables.tuned_lr import PICKS_FILE as ANALYSIS_PICKS_FILE
+    from analysis.tables.tuned_lr import PICKS_METRIC as ANALYSIS_PICKS_METRIC
     from experiments.common import (
         PICKS_FILE,
+        PICKS_METRIC,
         commands,
         selection_command,
         selection_file,
@@ -312,13 +315,15 @@ def test_tuned_final_runs_each_method_at_its_pick_and_passes_the_horizon_on(tmp_
     )
 
     assert PICKS_FILE == ANALYSIS_PICKS_FILE
+    assert PICKS_METRIC == ANALYSIS_PICKS_METRIC
     final = ARTEFACTS["tuned_final"]
     assert final.lr_from == "tuned_select" and final.scale == "cpu"
     picks = tmp_path / PICKS_FILE
-    picks.write_text(
-        '{"picks": [{"method": "lora", "lr": 0.000316}, {"method": "rslora", "lr": 0.001},'
-        ' {"method": "loraplus", "lr": 0.0001}, {"method": "stable_lora", "lr": 0.001}]}'
-    )
+    setting = {"model": "smollm2_135m", "task": "arc_bbc"}  # the CPU study's
+    lrs = {"lora": 0.000316, "rslora": 0.001, "loraplus": 0.0001, "stable_lora": 0.001}
+    record = {"metric": PICKS_METRIC, "picks": [
+        {**setting, "method": m, "lr": lr} for m, lr in lrs.items()]}  # fmt: skip
+    picks.write_text(json.dumps(record))
     overrides = ["data_root=/data", "trainer.max_steps=2000", "seed=1", "optim.lr=9"]
     args = argparse.Namespace(scale="cpu", output_root=tmp_path, seeds="mean",
                               overrides=overrides, lr_selection=picks)  # fmt: skip
@@ -345,6 +350,45 @@ def test_tuned_final_runs_each_method_at_its_pick_and_passes_the_horizon_on(tmp_
     args.lr_selection = tmp_path / "missing.json"
     with pytest.raises(SystemExit, match="no picked learning rates at .*missing.json"):
         sweep_commands(final, args, sweep)
+
+
+COMMITTED_PICKS = ROOT / "results" / "cpu" / "cpu_tuned_select" / "report" / "tuned_lr.json"
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ('{"metric": "score", "picks": [', r"json cannot be read \(Expecting value: line 1"),
+        ('["lora", 0.001]', "is not a picks file \\(no list of picks\\)"),
+        ('{"metric": "best/eval/acc", "picks": []}', "holds picks ranked on 'best/eval/acc'"),
+        ('{"metric": M, "picks": [{"method": "lora", "lr": 0.01}]}', "pick 0 has no model"),
+        ('{"metric": M, "picks": [{"model": "tiny_llama", "task": "bbc_news", '
+         '"method": "lora", "lr": "1e-3"}]}', "pick 0 has lr '1e-3', not a positive number"),
+        ('{"metric": M, "picks": [{"model": "tiny_llama", "task": "bbc_news", '
+         '"method": "lora", "lr": NaN}]}', "pick 0 has lr nan, not a positive number"),
+        (None, "holds picks for smollm2_135m on arc_bbc, not for this experiment's tiny_llama "
+               "on bbc_news: give the picks of a selection run with the same model and task"),
+    ],
+)  # fmt: skip
+def test_a_picks_file_not_of_this_experiment_is_refused_in_one_line(
+    tmp_path, capsys, content, message
+):
+    """A damaged --lr-selection file, or one whose picks were made for another model and task
+    (the CPU study's picks at smoke scale), stops the final stage before any run: one line,
+    exit 2 (a usage error), no traceback."""
+    from experiments.common import PICKS_METRIC
+
+    picks = COMMITTED_PICKS
+    if content is not None:
+        picks = tmp_path / "tuned_lr.json"
+        picks.write_text(content.replace('"metric": M', f'"metric": {json.dumps(PICKS_METRIC)}'))
+    argv = ["tuned_final", "--scale", "smoke", "--output-root", str(tmp_path),
+            "--lr-selection", str(picks)]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("python -m experiments tuned_final: "), err
+    assert re.search(message, err[0]), err[0]
+    assert not (tmp_path / "sweeps").exists()  # no run started
 
 
 def test_tuned_presets_share_the_setting_and_differ_in_split_and_seeds():

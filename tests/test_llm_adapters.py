@@ -277,6 +277,39 @@ def test_a_missing_dataset_folder_names_it(tmp_path):
     check_task_config({**cfg, "eval_datasets": ["gsm8k"], "train_file": "dataset/gsm8k/test.json"})
 
 
+@pytest.mark.parametrize(
+    ("task", "file", "row", "value", "message"),
+    [
+        ("commonsense8", "dataset/boolq/test.json", 1, {"instruction": None},
+         r"\(boolq\): row 1 of .*boolq/test.json: 'instruction' is null, not text"),
+        ("maths7", "ft-training_set/math_10k.json", 0, {"output": 5},
+         r"row 0 of .*math_10k.json: 'output' is a number \(5\), not text"),
+        ("maths7", "ft-training_set/math_10k.json", 1, {"input": ["x"]},
+         r"row 1 of .*math_10k.json: 'input' is a list, not text"),
+        ("maths7", "dataset/gsm8k/test.json", 0, {"answer": float("nan")},
+         r"\(gsm8k\): row 0 of .*gsm8k/test.json: answer nan is not a finite number"),
+        ("maths7", "dataset/SVAMP/test.json", 0, {"answer": True},
+         r"\(SVAMP\): row 0 of .*SVAMP/test.json: answer True is not a number"),
+        ("maths7", "dataset/AddSub/test.json", 0, {"answer": None},
+         r"\(AddSub\): row 0 of .*AddSub/test.json: answer None is not a number"),
+    ],
+)  # fmt: skip
+def test_a_row_of_the_wrong_type_is_refused_naming_the_file_and_row(
+    tmp_path, task, file, row, value, message
+):
+    """Rows that used to be trained and scored silently: a null instruction read as the text
+    "None", an output 5 as "5", a NaN answer that no prediction matches."""
+    data = tmp_path / "LLM-Adapters"
+    shutil.copytree(FIXTURE, data)
+    path = data / file
+    rows_ = json.loads(path.read_text())
+    rows_[row].update(value)
+    path.write_text(json.dumps(rows_))  # NaN as JSON's NaN, as json.dumps writes it
+    with pytest.raises(ValueError, match=message) as error:
+        check_task_config(config(task, data_dir=str(data)))
+    assert "\n" not in str(error.value)
+
+
 def test_configs_compose_and_pass_the_runner_checks(monkeypatch):
     from stablelora.config_check import check_config
     from stablelora.errors import ConfigError

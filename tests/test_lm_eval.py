@@ -136,3 +136,66 @@ def test_a_folder_without_an_adapter_is_a_usage_error(tmp_path):
         evaluate_run(tmp_path, ["arc_easy"])
     with pytest.raises(LmEvalError, match="not a run folder"):
         evaluate_run(tmp_path / "missing", ["arc_easy"])
+
+
+def test_a_diverged_run_or_a_damaged_config_is_one_line(tmp_path, capsys):
+    """A diverged run never gets an adapter (rerunning it does nothing): say so, not "finish
+    the run"; a config.yaml that is not a mapping is damaged records, not a traceback."""
+    import yaml
+
+    from stablelora.lm_eval import main
+    from stablelora.records import make_summary
+
+    config = {"seed": 0, "model": {"name": "tiny_llama"}, "task": {"name": "bbc_news"},
+              "method": {"name": "lora"}}  # fmt: skip
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    summary = make_summary("diverged", config, error="loss is nan at step 3", steps=3)
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(tmp_path), "--tasks", "arc_easy"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert "diverged (loss is nan at step 3): it has no usable adapter" in err[0]
+    assert "evaluate another run" in err[0] and "finish the run" not in err[0]
+
+    (tmp_path / "adapter").mkdir()
+    for text, kind in (("- model\n- seed\n", "list"), ("", "empty file")):
+        (tmp_path / "config.yaml").write_text(text)
+        with pytest.raises(SystemExit) as exit_info:
+            main([str(tmp_path), "--tasks", "arc_easy"])
+        message = str(exit_info.value.code)  # sys.exit(message): one line, exit code 1
+        assert message.startswith("stablelora.lm_eval: ") and "\n" not in message
+        assert f"config.yaml is a YAML {kind}, not a run's config: restore" in message
+
+
+def test_a_truncated_adapter_names_the_file_and_what_to_do(arc_run, tmp_path):
+    import shutil
+
+    from stablelora.lm_eval import load_run_model
+    from stablelora.records import RecordsError
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(arc_run[0], run_dir)
+    weights = run_dir / "adapter" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # cut short
+    with pytest.raises(RecordsError) as error:
+        load_run_model(run_dir)
+    message = str(error.value)
+    assert message.startswith(f"{weights} cannot be read (") and "\n" not in message
+    assert f"delete {run_dir / 'adapter'} and rerun the run's command" in message
+
+
+@pytest.mark.slow  # lm-eval indexes its few thousand task YAMLs (~10 s)
+def test_a_hub_task_offline_is_one_line_pointing_to_include_path(arc_run, tmp_path, monkeypatch):
+    pytest.importorskip("lm_eval")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "empty_cache"))  # nothing cached
+    run_dir, _, _ = arc_run
+    result = run_cli("-m", "stablelora.lm_eval", str(run_dir), "--tasks", "arc_easy",
+                     "--device", "cpu", "--limit", "2")  # fmt: skip
+    assert result.returncode == 2, result.stderr[-2000:]
+    # the libraries' own warnings (as in a run that succeeds) come first; then one line
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("stablelora.lm_eval: the data of lm-eval task(s) ['arc_easy'] cannot")
+    assert "--include-path a folder with a task YAML over local files" in last

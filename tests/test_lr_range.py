@@ -21,7 +21,7 @@ from analysis.plots.lr_range import difference_points, ratio_points, verdict_kin
 from analysis.tables.equivalence import adjust
 from experiments import cost
 from experiments.catalog import EXPERIMENTS, compose, sweep_jobs, sweep_name, sweep_params
-from experiments.common import all_sweep_commands, commands, sweep_commands
+from experiments.common import PICKS_METRIC, all_sweep_commands, commands, sweep_commands
 
 LAYERS = ("model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj")
 PLAN = {"analysis.primary.margin_pp": 1.0, "analysis.primary.resample": "seeds_and_questions"}
@@ -235,7 +235,7 @@ def test_paper_tuned_final_runs_each_model_task_and_method_at_its_pick(tmp_path)
         )
     ]
     path = tmp_path / "tuned_lr.json"
-    path.write_text(json.dumps({"picks": picks}))
+    path.write_text(json.dumps({"metric": PICKS_METRIC, "picks": picks}))
     final = EXPERIMENTS["tuned_final"]
     args = argparse.Namespace(
         scale="paper", output_root=tmp_path, seeds="mean", overrides=[], lr_selection=path
@@ -248,7 +248,7 @@ def test_paper_tuned_final_runs_each_model_task_and_method_at_its_pick(tmp_path)
         key = (values["model"], values["task"], values["method"])
         assert float(values["optim.lr"]) == lrs[key] and values["scale"] == "paper"
         assert sum(part.startswith("model=") for part in command) == 1
-    path.write_text(json.dumps({"picks": picks[1:]}))
+    path.write_text(json.dumps({"metric": PICKS_METRIC, "picks": picks[1:]}))
     with pytest.raises(SystemExit, match="no pick for model"):
         sweep_commands(final, args, commands(final, args)[0])
 

@@ -30,6 +30,12 @@ from analysis.tables.ordering import sort_frame
 from analysis.tables.registry import register_table
 
 PICKS_FILE = "tuned_lr.json"
+#: The record's ``metric``: what the picks were ranked on. The final stage refuses a file that
+#: says otherwise (experiments.common.PICKS_METRIC, the same text).
+PICKS_METRIC = (
+    "score (final main metric), mean over the selection runs' seeds; the highest wins (the "
+    "lowest for a loss-like metric)"
+)
 TIE_RULE = "ties go to the smaller lr"
 KEYS = ["model", "task", "label", "method"]
 #: Run statuses that are a result at their lr (a diverged run is one: that lr is too large).
@@ -87,8 +93,7 @@ def picks_record(data: pd.DataFrame) -> dict:
     picked = data[data["picked"]]
     split = data["split"].iloc[0] if len(data) else None
     return {
-        "metric": "score (final main metric), mean over the selection runs' seeds; the "
-        "highest wins (the lowest for a loss-like metric)",
+        "metric": PICKS_METRIC,
         "split": None if pd.isna(split) else split,
         "tie_rule": TIE_RULE,
         "picks": [

@@ -10,11 +10,16 @@ top-level ``data_root`` is set) holding
   relative to ``data_dir`` instead (``dataset/gsm8k/train.json``), or an absolute path.
 
 Every file is a JSON list of ``{"instruction", "input", "output", "answer"}`` rows, read as
-they are (questions keep their leading and trailing spaces). Options: ``train_file`` and
-``eval_datasets`` (a list of folder names); ``max_train_examples`` subsamples the training
-rows with the run's seed, ``max_eval_examples`` each eval dataset with a fixed seed (the same
-examples for every seed). Metrics: ``acc/<dataset>`` and ``n/<dataset>`` for each dataset
-(even when there is one), ``acc`` (the main metric) their unweighted mean and ``n`` their sum.
+they are (questions keep their leading and trailing spaces). A row of another type stops the
+run before the model loads, naming the file and the row: an ``instruction`` that is not text,
+an ``input`` (or a training ``output``) that is neither text nor null, an ``answer`` that is
+not a finite number (``NaN``) for a numeric dataset or not one of its labels.
+
+Options: ``train_file`` and ``eval_datasets`` (a list of folder names); ``max_train_examples``
+subsamples the training rows with the run's seed, ``max_eval_examples`` each eval dataset with
+a fixed seed (the same examples for every seed). Metrics: ``acc/<dataset>`` and
+``n/<dataset>`` for each dataset (even when there is one), ``acc`` (the main metric) their
+unweighted mean and ``n`` their sum.
 
 The dataset's name picks its answer rule, exactly as LLM-Adapters' ``commonsense_evaluate.py``
 (``extract_answer``) and ``evaluate.py`` (``extract_answer_number``/``extract_answer_letter``):
@@ -76,6 +81,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -169,17 +175,25 @@ def is_correct(dataset: str, prediction: str | float | None, gold: str | float) 
 
 
 def gold_answer(dataset: str, answer, where: str) -> str | float:
-    """A row's ``answer`` as the gold: a float for numeric datasets, else one of the labels."""
+    """A row's ``answer`` as the gold: a finite float for numeric datasets (a JSON number or
+    a numeric string), else one of the labels."""
     if isinstance(answer, list):
         if not answer:
             raise ValueError(f"{where}: its answer is an empty list")
         answer = answer[-1]
     kind = DATASETS[dataset]
     if kind == "number":
+        not_a_number = ValueError(f"{where}: answer {answer!r} is not a number")
+        if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
+            raise not_a_number  # bool is an int to Python; null, lists, objects are no number
         try:
-            return float(answer)
-        except (TypeError, ValueError):
-            raise ValueError(f"{where}: answer {answer!r} is not a number") from None
+            gold = float(answer)
+        except ValueError:
+            raise not_a_number from None
+        # NaN (JSON allows it) or inf matches no prediction: every answer would be scored wrong
+        if not math.isfinite(gold):
+            raise ValueError(f"{where}: answer {answer!r} is not a finite number")
+        return gold
     if answer not in LABELS[kind]:
         raise ValueError(
             f"{where}: answer {answer!r} is not one of {'/'.join(LABELS[kind])}, the labels of "
@@ -250,8 +264,29 @@ def _load_json(path: Path, mtime_ns: int, size: int):
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+#: The text fields a row is read for: ``instruction`` must be text; ``input`` and ``output``
+#: may be null or absent (no input; an output that is not trained on). An eval row's
+#: ``output`` is never read, so it is not checked.
+TEXT_FIELDS = {"instruction": False, "input": True, "output": True}
+
+
+def json_type(value) -> str:
+    """The JSON name of a parsed value's type, for messages (``null``, ``a number``...)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return f"a number ({value!r})"
+    if isinstance(value, list):
+        return "a list"
+    return "an object" if isinstance(value, dict) else type(value).__name__
+
+
 def read_rows(path: Path, what: str, required: tuple[str, ...]) -> list[dict]:
-    """The rows of one of their JSON files: a list of objects, each with ``required`` keys."""
+    """The rows of one of their JSON files: a list of objects, each with ``required`` keys and
+    text where :data:`TEXT_FIELDS` expects it (a null instruction or a numeric output would
+    otherwise be trained on as the text ``None`` or ``5``)."""
     try:
         stat = path.stat()
         rows = _load_json(path, stat.st_mtime_ns, stat.st_size)
@@ -259,10 +294,20 @@ def read_rows(path: Path, what: str, required: tuple[str, ...]) -> list[dict]:
         raise ValueError(f"{what}: cannot read {path}: {error}") from None
     if not isinstance(rows, list) or not rows:
         raise ValueError(f"{what}: {path} must be a non-empty JSON list of rows")
+    texts = {k: v for k, v in TEXT_FIELDS.items() if k != "output" or k in required}
     for index, row in enumerate(rows):
-        missing = [key for key in required if not isinstance(row, dict) or key not in row]
+        if not isinstance(row, dict):
+            raise ValueError(f"{what}: row {index} of {path} is {json_type(row)}, not an object")
+        missing = [key for key in required if key not in row]
         if missing:
             raise ValueError(f"{what}: row {index} of {path} has no {missing[0]!r}")
+        for key, nullable in texts.items():
+            value = row.get(key)
+            if not isinstance(value, str) and not (nullable and value is None):
+                raise ValueError(
+                    f"{what}: row {index} of {path}: {key!r} is {json_type(value)}, not text: "
+                    "fix the row or remove it"
+                )
     return rows
 
 
