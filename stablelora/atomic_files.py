@@ -5,7 +5,22 @@ leaves either the old file or the new one. A leaf module, for every writer of ru
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+
+@contextmanager
+def writing(path: Path) -> Iterator[None]:
+    """Name ``path`` in an OSError raised without a file name: a ``write()`` or ``close()``
+    failing on a full disk, past a quota or past the process' file-size limit (``ulimit -f``)
+    names no file, and the runner's one line must say which one could not be written."""
+    try:
+        yield
+    except OSError as error:
+        if error.filename is None:
+            error.filename = str(path)
+        raise
 
 
 def fsync_folder(folder: Path) -> None:

@@ -40,7 +40,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from stablelora.atomic_files import fsync_replace
+from stablelora.atomic_files import fsync_replace, writing
 from stablelora.layer_records import RecordsError
 
 EXAMPLES_FILE = "examples.parquet"
@@ -146,8 +146,9 @@ class ExampleRecords:
             return
         merged = pa.concat_tables([t.cast(_schema()) for t in tables])
         tmp = self.path.with_name(self.path.name + ".tmp")
-        pq.write_table(merged, tmp, compression="zstd", use_dictionary=["eval_set"])
-        fsync_replace(tmp, self.path)
+        with writing(self.path):
+            pq.write_table(merged, tmp, compression="zstd", use_dictionary=["eval_set"])
+            fsync_replace(tmp, self.path)
 
     def write(self, step: int, rows: Sequence[dict]) -> None:
         """Record the evaluation at ``step``: its rows replace any earlier rows of that step.

@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import os
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -150,6 +151,13 @@ def check_output_root(root: Path) -> None:
             f"output_root={root}: {existing} is not writable: set output_root to a writable "
             "directory."
         )
+    try:  # root passes os.access everywhere, yet cannot write in /sys or a read-only mount
+        tempfile.TemporaryDirectory(dir=existing, prefix=".stablelora-write-check-").cleanup()
+    except OSError as error:
+        raise ValueError(
+            f"output_root={root}: {existing} cannot be written ({error.strerror}): set "
+            "output_root to a writable directory."
+        ) from None
 
 
 class ConfigCheck(Callback):

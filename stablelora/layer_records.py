@@ -46,6 +46,7 @@ from typing import Any
 
 import numpy as np
 
+from stablelora.atomic_files import writing
 from stablelora.quantities import QUANTITIES, gamma_values
 
 LAYERS_FILE = "layers.parquet"
@@ -156,14 +157,15 @@ def _write_atomic(table, path: Path) -> None:
 
     floats = [name for name in table.column_names if name not in INDEX_COLUMNS]
     tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(
-        table,
-        tmp,
-        compression="zstd",
-        compression_level=9,
-        use_dictionary=["layer", "width"],
-        column_encoding={name: "BYTE_STREAM_SPLIT" for name in floats},
-    )
+    with writing(path):
+        pq.write_table(
+            table,
+            tmp,
+            compression="zstd",
+            compression_level=9,
+            use_dictionary=["layer", "width"],
+            column_encoding={name: "BYTE_STREAM_SPLIT" for name in floats},
+        )
     os.replace(tmp, path)
 
 

@@ -35,7 +35,7 @@ import warnings
 from importlib import metadata
 from pathlib import Path
 
-from stablelora.atomic_files import fsync_replace
+from stablelora.atomic_files import fsync_replace, writing
 from stablelora.example_records import ExampleRecords
 from stablelora.layer_records import (
     LayerRecords,
@@ -91,8 +91,10 @@ def write_json_atomic(path: Path, payload: dict) -> None:
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     try:
-        tmp.write_text(json.dumps(_encode(payload), indent=2, sort_keys=True, default=_jsonable))
-        fsync_replace(tmp, path)
+        with writing(path):
+            text = json.dumps(_encode(payload), indent=2, sort_keys=True, default=_jsonable)
+            tmp.write_text(text)
+            fsync_replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -536,8 +538,9 @@ class RunRecorder:
         self.layers.truncate_after(step if step is not None else -1)
         if self.metrics_path.exists():  # rewritten even when as long: drops a torn last line
             tmp = self.metrics_path.with_name("metrics.jsonl.tmp")
-            tmp.write_text("".join(json.dumps(row) + "\n" for row in kept))
-            fsync_replace(tmp, self.metrics_path)
+            with writing(self.metrics_path):
+                tmp.write_text("".join(json.dumps(row) + "\n" for row in kept))
+                fsync_replace(tmp, self.metrics_path)
         self.rows = rows
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
@@ -551,7 +554,7 @@ class RunRecorder:
         if per_layer and self.wandb_run is not None and every and step % every == 0:
             self._wandb(lambda run: run.log(wandb_per_layer(per_layer), step=step, commit=False))
         row = {"step": step, **{k: _finite_or_none(v) for k, v in metrics.items()}}
-        with self.metrics_path.open("a") as stream:
+        with writing(self.metrics_path), self.metrics_path.open("a") as stream:
             stream.write(json.dumps(row, default=_jsonable) + "\n")
         self.rows += 1
         self._wandb(lambda run: run.log(metrics, step=step))

@@ -19,7 +19,7 @@ from typing import Any, TextIO
 import torch
 import yaml
 
-from stablelora.atomic_files import fsync_folder
+from stablelora.atomic_files import fsync_folder, writing
 from stablelora.config import computed_config
 from stablelora.records import RecordsError, flatten, read_summary, say
 
@@ -98,7 +98,7 @@ def save_checkpoint_file(payload: dict, run_dir: Path) -> Path:
     newest, older = (run_dir / name for name in CHECKPOINTS)
     tmp = newest.with_name(newest.name + ".tmp")
     try:
-        with open(tmp, "wb") as stream:
+        with writing(newest), open(tmp, "wb") as stream:
             torch.save(payload, stream)
             stream.flush()
             os.fsync(stream.fileno())
@@ -193,7 +193,8 @@ def save_adapter(model, run_dir: Path) -> None:
     target, tmp = run_dir / "adapter", run_dir / "adapter.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        model.save_pretrained(tmp)
+        with writing(target):
+            model.save_pretrained(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

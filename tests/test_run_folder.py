@@ -13,6 +13,7 @@ import pytest
 import torch
 from conftest import (
     CONF,
+    ROOT,
     SMOKE,
     Interrupted,
     adapter_state,
@@ -217,6 +218,81 @@ def test_full_disk_is_one_line_and_keeps_the_summary_and_checkpoint(tmp_path, mo
     assert (tmp_path / "checkpoint.pt").exists() and not (tmp_path / "adapter").exists()
     assert run_job(cfg, tmp_path)["status"] == "completed"  # resumes from the checkpoint
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.parametrize(
+    "code,words",
+    [
+        (errno.EFBIG, "file too large for this process' file-size limit (ulimit -f)"),
+        (errno.EDQUOT, "disk quota exceeded"),
+    ],
+)
+def test_a_write_past_a_limit_names_the_file_and_keeps_the_last_checkpoint(
+    tmp_path, monkeypatch, code, words
+):
+    from stablelora import run_folder
+
+    saved = []
+    real_save = run_folder.torch.save
+
+    def limited(payload, stream):  # the second checkpoint hits the limit mid-write
+        if saved:
+            stream.write(b"partial")
+            raise OSError(code, os.strerror(code))  # as write() raises it: no file name
+        saved.append(payload["state"]["step"])
+        real_save(payload, stream)
+
+    cfg = compose_config(FAST + ["trainer.max_steps=8", "trainer.checkpoint_every=3"])
+    with monkeypatch.context() as patch:
+        patch.setattr(run_folder.torch, "save", limited)
+        with pytest.raises(SystemExit) as exit_info:
+            run_job(cfg, tmp_path)
+    message = exit_info.value.code
+    assert message == (
+        f"stablelora: {words}{' or file system' if code == errno.EFBIG else ''} "
+        f"({tmp_path / 'checkpoint.pt'} could not be written): "
+        + ("raise the limit (ulimit -f unlimited)" if code == errno.EFBIG else
+           "free some space or raise the quota")
+        + " and rerun the same command to resume from the last checkpoint."
+    )  # fmt: skip
+    assert saved == [3] and not (tmp_path / "checkpoint.pt.tmp").exists()
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["state"]["step"] == 3
+    assert run_job(cfg, tmp_path)["status"] == "completed"  # resumes from step 3
+
+
+@pytest.mark.slow
+def test_a_real_file_size_limit_is_one_line_and_the_rerun_completes(tmp_path):
+    import resource
+    import subprocess
+    import sys
+
+    def limit():  # 40 KiB: the tiny model's first checkpoint does not fit
+        resource.setrlimit(resource.RLIMIT_FSIZE, (40 * 1024, 40 * 1024))
+
+    command = [sys.executable, "run.py", *SMOKE, f"output_root={tmp_path}"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    limited = subprocess.run(
+        command, cwd=ROOT, env=env, capture_output=True, text=True, preexec_fn=limit
+    )
+    assert limited.returncode == 1, limited.stderr[-2000:]
+    last = limited.stderr.strip().splitlines()[-1]
+    assert last.startswith("stablelora: file too large") and "checkpoint.pt could not" in last
+    assert not list(tmp_path.rglob("*.tmp"))
+    rerun = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    (summary,) = tmp_path.rglob("summary.json")
+    assert json.loads(summary.read_text())["status"] == "completed"
+
+
+@pytest.mark.skipif(
+    not Path("/sys").is_dir() or os.access("/sys", os.W_OK) is False,
+    reason="needs /sys, writable by permission bits (root) yet not writable",
+)
+def test_an_output_root_root_cannot_write_is_a_config_error():
+    from stablelora.hydra_guards import check_output_root
+
+    with pytest.raises(ValueError, match=r"^output_root=/sys/x: /sys cannot be written \("):
+        check_output_root(Path("/sys/x"))
 
 
 # ---------------------------------------------------------------------------- signals
