@@ -198,6 +198,66 @@ def test_resume_from_a_trainer_checkpoint_keeps_the_shrink_state(tmp_path, one_t
     assert sum(row["shrink/newly_stopped"] for row in rows.values()) == len(stop_steps(whole))
 
 
+@pytest.mark.parametrize("skipped_steps", [0, 3])
+def test_resume_from_a_lora_checkpoint_is_refused_unless_the_shrink_restarts(
+    tmp_path, one_thread, skipped_steps
+):
+    """A Trainer checkpoint of LoRA (plain AdamW) at step 15, resumed with Stable-LoRA: a
+    ValueError, or with missing_shrink_state='restart' a shrink that starts at step 15 of the
+    Trainer (not at the optimizer's step 0), logged, with stop steps on the Trainer's clock.
+    ``skipped_steps``: the checkpoint's AdamW counted fewer steps than the Trainer did, as
+    after steps a GradScaler skipped; the restart still follows the Trainer's step."""
+    from transformers import Trainer
+
+    steps, cut = 30, 15
+    data = [{"input_ids": ids, "labels": ids} for ids in token_batches(steps)]
+
+    def trainer_for(output, method, max_steps, **args):
+        model = lora_model(dtype=torch.float32)
+        optimizer = create_optimizer(model, method, lr=LR, **args.pop("options", {}))
+        trainer = Trainer(
+            model=model,
+            args=training_args(output, max_steps=max_steps, lr_scheduler_type="constant", **args),
+            train_dataset=Batches(data),
+            data_collator=first_item,
+            optimizers=(optimizer, None),
+            callbacks=[StableLoRACallback()] if method == "stable_lora" else [],
+        )
+        return trainer, optimizer
+
+    lora, _ = trainer_for(tmp_path, "lora", cut, save_strategy="steps", save_steps=cut)
+    lora.train()
+    checkpoint = tmp_path / "trainer" / f"checkpoint-{cut}"
+    if skipped_steps:
+        state = torch.load(checkpoint / "optimizer.pt", weights_only=True)
+        for entry in state["state"].values():
+            entry["step"] -= skipped_steps
+        torch.save(state, checkpoint / "optimizer.pt")
+
+    options = dict(shrink_ratio=SHRINK)
+    refused, _ = trainer_for(tmp_path, "stable_lora", steps, options=options)
+    with pytest.raises(ValueError, match="written by another optimizer") as error:
+        refused.train(resume_from_checkpoint=str(checkpoint))
+    assert "\n" not in str(error.value)
+
+    trainer, optimizer = trainer_for(tmp_path, "stable_lora", steps, options=options)
+    optimizer.missing_shrink_state = "restart"
+    trainer.train(resume_from_checkpoint=str(checkpoint))
+    assert trainer.state.global_step == steps
+    assert optimizer.shrink_restart_step == cut and optimizer.shrink_step == steps
+    assert optimizer.record_summary()["shrink_restart_step"] == cut
+    restarts = [row for row in trainer.state.log_history if "shrink/restart_step" in row]
+    assert restarts == [{"shrink/restart_step": cut, "step": cut, "epoch": restarts[0]["epoch"]}]
+    stops = [step for step in stop_steps(optimizer).values() if step is not None]
+    assert stops and min(stops) > cut  # the Trainer's steps 16..30, not the optimizer's 1..15
+    rows = callback_rows(trainer.state.log_history, SHRINK_KEYS)
+    assert sorted(rows) == list(range(cut + 1, steps + 1))
+    for step, row in rows.items():
+        assert row["shrink/newly_stopped"] == stops.count(step)
+        if "shrink/median_stop_step" in row:
+            assert cut < row["shrink/median_stop_step"] <= step
+
+
 def test_sft_trainer_logs_the_shrink_and_the_probe(tmp_path, one_thread):
     """TRL's SFTTrainer: the rows reach log_history (the report_to path), and the probe's
     values equal a FeatureProbe run on the same inputs with a twin model and optimizer."""

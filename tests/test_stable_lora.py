@@ -173,6 +173,61 @@ def test_checkpoint_of_other_layers_is_rejected():
         other.load_state_dict(optimizer.state_dict())
 
 
+def lora_checkpoint(steps):
+    """The model and LoRA's (plain AdamW) optimizer state after ``steps`` steps."""
+    model = lora_model()
+    optimizer = create_optimizer(model, "lora", lr=LR)
+    train_steps(model, optimizer, token_batches(steps))
+    return model, optimizer.state_dict()
+
+
+def test_checkpoint_of_another_optimizer_is_refused():
+    model, state = lora_checkpoint(10)
+    optimizer = create_optimizer(model, "stable_lora", lr=LR, shrink_ratio=SHRINK)
+    with pytest.raises(ValueError, match="written by another optimizer") as error:
+        optimizer.load_state_dict(state)
+    assert "\n" not in str(error.value) and "missing_shrink_state = 'restart'" in str(error.value)
+    assert not optimizer.state and optimizer.shrink_step == 0  # nothing of it was loaded
+    with pytest.raises(ValueError, match="must be 'error' or 'restart'"):
+        optimizer.missing_shrink_state = "fresh"
+
+
+@pytest.mark.parametrize("stop_rule", ["norm", "steps:5"])
+def test_restart_starts_the_shrink_fresh_at_the_checkpoints_step(stop_rule):
+    """A LoRA checkpoint at step 10 resumed with missing_shrink_state='restart': AdamW's
+    moments are LoRA's, every layer shrinks again from step 11, stop steps count on from 10
+    (steps:5 shrinks on steps 11..15), and the restart is in the summary and the state dict."""
+    shrink = 0.1  # layers stop within 30 steps of the restart
+    model, state = lora_checkpoint(10)
+    optimizer = create_optimizer(
+        model, "stable_lora", lr=LR, shrink_ratio=shrink, stop_rule=stop_rule
+    )
+    optimizer.missing_shrink_state = "restart"
+    optimizer.load_state_dict(state)
+    assert optimizer.shrink_step == optimizer.shrink_restart_step == 10
+    first = next(p for p in model.parameters() if p.requires_grad)
+    torch.testing.assert_close(optimizer.state[first]["exp_avg"], state["state"][0]["exp_avg"])
+    A = find_lora_pairs(model)[0].A
+    before = A.detach().clone()
+    optimizer.shrink_()  # step 11's shrink
+    torch.testing.assert_close(A, before * (1 - shrink), rtol=0, atol=0)  # it shrinks again
+
+    train_steps(model, optimizer, token_batches(30, seed=2)[1:])
+    stops = set(stop_steps(optimizer).values())
+    assert None not in stops and min(stops) > 10
+    if stop_rule == "steps:5":
+        assert stops == {16}
+    summary = optimizer.record_summary()
+    assert summary["shrink_restart_step"] == 10
+    assert summary["shrink_layers"]["median_stop_step"] > 10
+
+    resumed = create_optimizer(lora_model(), "stable_lora", lr=LR, stop_rule=stop_rule)
+    resumed.load_state_dict(optimizer.state_dict())  # its own checkpoint: no option needed
+    assert resumed.shrink_restart_step == 10 and resumed.shrink_step == 40
+    assert stop_steps(resumed) == stop_steps(optimizer)
+    assert "shrink_restart_step" not in create_optimizer(model, "stable_lora").record_summary()
+
+
 def test_pairs_follow_modules_not_parameter_order():
     model = lora_model()
     pairs = find_lora_pairs(model)

@@ -24,7 +24,11 @@ at the step they describe:
   ``lora/norm_A``, ``lora/norm_B``, the other ``feat/*`` and their ``gamma/*`` values.
 
 Resuming from a Trainer checkpoint keeps the shrink state: the Trainer saves the optimizer's
-``state_dict``, which for Stable-LoRA holds the per-layer flags and stop steps.
+``state_dict``, which for Stable-LoRA holds the per-layer flags and stop steps. A checkpoint
+written by another optimizer (LoRA's AdamW) has none, and loading it is a ValueError unless
+``optimizer.missing_shrink_state = "restart"`` was set: then the shrink starts afresh at the
+Trainer's ``global_step`` (stop steps count on from it), and the callback logs
+``shrink/restart_step`` in a row of its own at that step.
 """
 
 from __future__ import annotations
@@ -111,6 +115,21 @@ class StableLoRACallback(TrainerCallback):
                 per_layer=False,
             )
         self._stopped = None
+        self._log_a_restart(inner, state)
+
+    def _log_a_restart(self, optimizer, state) -> None:
+        """After a resume whose checkpoint had no shrink state (the optimizer restarted its
+        shrink while loading it, and has taken no step since): put the restart on the
+        Trainer's clock and log it."""
+        restart = getattr(optimizer, "shrink_restart_step", None)
+        if restart is None or optimizer.shrink_step != restart:
+            return
+        if restart != state.global_step:
+            # The optimizer counted the checkpoint's AdamW steps, which a GradScaler's skipped
+            # steps leave behind the Trainer's global_step; stop steps are on the Trainer's.
+            optimizer.restart_shrink(state.global_step)
+        if state.is_world_process_zero:
+            Trainer.log(self._trainer(), {"shrink/restart_step": state.global_step})
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.probe is not None:

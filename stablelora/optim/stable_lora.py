@@ -133,7 +133,13 @@ class StableLoRA(torch.optim.AdamW):
         lr, betas, eps, weight_decay, foreach, fused, **adamw_kwargs: passed to AdamW.
 
     The per-layer flags and stop steps are part of :meth:`state_dict`, so a run resumed
-    mid-shrink continues exactly where it stopped.
+    mid-shrink continues exactly where it stopped. A checkpoint written by another optimizer
+    (e.g. LoRA's AdamW) has no shrink state: :meth:`load_state_dict` refuses it unless
+    ``missing_shrink_state`` is set to ``"restart"``, which loads AdamW's state and starts the
+    shrink fresh at the checkpoint's step (:meth:`restart_shrink`; recorded as
+    ``shrink_restart_step``). It is an attribute rather than a constructor argument so that
+    it stays out of the runner's optimizer options: a run folder belongs to one optimizer, so
+    the runner never resumes across optimizers.
     """
 
     def __init__(
@@ -191,7 +197,10 @@ class StableLoRA(torch.optim.AdamW):
         # With a GradScaler, an overflow step must skip the shrink too: let the scaler skip
         # step() as a whole instead of handing the inf check to a fused kernel.
         self._step_supports_amp_scaling = False
-        self.shrink_step = 0  # how many times step() has run
+        self.shrink_step = 0  # the run's optimizer step: step() calls, plus the resumed ones
+        # The step the shrink started afresh at, from a checkpoint without shrink state.
+        self.shrink_restart_step: int | None = None
+        self._missing_shrink_state = "error"
         self._all_stopped = False
         self._pending_check: tuple[torch.Tensor, torch.cuda.Event] | None = None
 
@@ -215,7 +224,8 @@ class StableLoRA(torch.optim.AdamW):
             return
         keep = 1.0 - self.shrink_ratio
         rule = self.stop_rule
-        if rule.kind == "never" or (rule.kind == "steps" and self.shrink_step <= rule.steps):
+        shrunk_for = self.shrink_step - (self.shrink_restart_step or 0)  # steps:N counts these
+        if rule.kind == "never" or (rule.kind == "steps" and shrunk_for <= rule.steps):
             for group in self._groups:
                 torch._foreach_mul_(group.A, keep)
             return
@@ -285,9 +295,13 @@ class StableLoRA(torch.optim.AdamW):
     def record_summary(self) -> dict:
         """Added by the runner to ``summary.json``: ``shrink`` (per layer, see
         :meth:`shrink_state`) and ``shrink_layers`` (how many layers are still shrinking, how
-        many stopped, and the median stop step of those that did)."""
+        many stopped, and the median stop step of those that did), plus, once the shrink
+        restarted from a checkpoint without shrink state, ``shrink_restart_step``."""
         state = self.shrink_state()
-        return {"shrink": state, "shrink_layers": shrink_counts(state)}
+        summary: dict[str, Any] = {"shrink": state, "shrink_layers": shrink_counts(state)}
+        if self.shrink_restart_step is not None:
+            summary["shrink_restart_step"] = self.shrink_restart_step
+        return summary
 
     def record_layers(self) -> dict[str, dict[str, float | None]]:
         """Per layer, logged by the feature probe as ``lora/<layer>/<key>``."""
@@ -297,6 +311,32 @@ class StableLoRA(torch.optim.AdamW):
         }
 
     # ------------------------------------------------------------------ checkpointing
+    @property
+    def missing_shrink_state(self) -> str:
+        """What :meth:`load_state_dict` does with a checkpoint that has no shrink state:
+        ``"error"`` (the default: a ValueError) or ``"restart"`` (:meth:`restart_shrink` at the
+        checkpoint's step, the largest AdamW step count among its parameters)."""
+        return self._missing_shrink_state
+
+    @missing_shrink_state.setter
+    def missing_shrink_state(self, value: str) -> None:
+        if value not in ("error", "restart"):
+            raise ValueError(
+                f"missing_shrink_state must be 'error' or 'restart', got {value!r}: 'restart' "
+                "starts the shrink fresh when a checkpoint has no Stable-LoRA shrink state."
+            )
+        self._missing_shrink_state = value
+
+    def restart_shrink(self, step: int) -> None:
+        """Start the shrink afresh at the run's optimizer step ``step``: every layer shrinks
+        again, stop steps count on from ``step`` and ``steps:N`` shrinks N more steps."""
+        self.shrink_step = self.shrink_restart_step = int(step)
+        for group in self._groups:
+            group.shrinking.fill_(True)
+            group.stop_step.fill_(-1)
+        self._pending_check = None
+        self._all_stopped = False
+
     def state_dict(self) -> dict:
         """AdamW's state dict plus ``"stable_lora"``: the step count, flags and stop steps."""
         state = super().state_dict()
@@ -307,13 +347,24 @@ class StableLoRA(torch.optim.AdamW):
             "stop_step": self._gather("stop_step"),
             "shrink_ratio": self.shrink_ratio,
             "stop_rule": str(self.stop_rule),
+            "restart_step": self.shrink_restart_step,
         }
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Load AdamW's state and, when present, the shrink flags, matched by layer name."""
+        """Load AdamW's state and the shrink flags, matched by layer name; a state without
+        shrink flags only with ``missing_shrink_state = "restart"`` (class docstring)."""
         state_dict = dict(state_dict)
         shrink = state_dict.pop("stable_lora", None)
+        if shrink is None and self.missing_shrink_state == "error":
+            # Loading AdamW's half alone would restart the shrink at step 0 of a run that is
+            # further on, and count its stop steps from there: never without being asked.
+            raise ValueError(
+                "This checkpoint was written by another optimizer, e.g. LoRA's AdamW (it has no "
+                "Stable-LoRA shrink state): resume with the optimizer that wrote it, or set "
+                "optimizer.missing_shrink_state = 'restart' before resuming to start the shrink "
+                "fresh at the checkpoint's step."
+            )
         if shrink is not None and list(shrink["layer_names"]) != self.layer_names:
             raise ValueError(
                 "The checkpoint's LoRA layers differ from this optimizer's: resume with the same "
@@ -321,8 +372,11 @@ class StableLoRA(torch.optim.AdamW):
             )
         super().load_state_dict(state_dict)
         if shrink is None:
+            steps = [int(state["step"]) for state in self.state.values() if "step" in state]
+            self.restart_shrink(max(steps, default=0))
             return
         self.shrink_step = int(shrink["shrink_step"])
+        self.shrink_restart_step = shrink.get("restart_step")  # absent: an older checkpoint
         for group in self._groups:
             group.shrinking.copy_(torch.as_tensor(shrink["shrinking"])[group.indices])
             group.stop_step.copy_(torch.as_tensor(shrink["stop_step"])[group.indices])
