@@ -81,9 +81,12 @@ def sweep_stopped() -> int | None:
 
 
 def sweep_summary_line(outcomes: list[dict]) -> tuple[str, bool]:
-    """``("sweep: 3 completed, 1 diverged, 1 failed (<dir>), 0 interrupted", any_failed)``."""
+    """``("sweep: 3 completed, 1 diverged, 1 failed (<dir>), 0 interrupted", any_failed)``:
+    each job counted once, at its last outcome (a job a cluster preempted and requeued reports
+    ``interrupted``, then how its resumed run ended)."""
     by_status: dict[str, list[str]] = {status: [] for status in STATUSES}
-    for outcome in outcomes:
+    last = {outcome["run_dir"]: outcome for outcome in outcomes}  # file order: the latest wins
+    for outcome in last.values():
         by_status.setdefault(outcome["status"], []).append(outcome["run_dir"])
     counts = []
     for status, folders in by_status.items():

@@ -543,6 +543,57 @@ def test_sweep_summary_counts_jobs_and_fails_the_sweep(tmp_path, monkeypatch, ca
         f"stablelora sweep: 1 completed, 1 diverged, 1 failed ({tmp_path / 'c'}), 0 interrupted"
     )
     assert sweep_summary_line([{"run_dir": "x", "status": "diverged"}])[1] is False
+    requeued = [{"run_dir": "x", "status": "interrupted"}, {"run_dir": "x", "status": "completed"}]
+    assert sweep_summary_line(requeued)[0] == (
+        "stablelora sweep: 1 completed, 0 diverged, 0 failed, 0 interrupted"
+    )
+
+
+@pytest.mark.slow
+def test_a_submitit_sweep_runs_and_a_preempted_job_is_requeued_to_the_same_records(tmp_path):
+    """The cluster path for real, with submitit's local executor: a two-job sweep completes,
+    and the job sent the preemption signal (SIGUSR2, what SLURM sends before a time limit or a
+    preemption) checkpoints, is requeued by submitit and resumes to the records of an
+    uninterrupted run."""
+    import subprocess
+    import sys
+    import time
+
+    settings = FAST + [
+        "trainer.max_steps=600",
+        "trainer.log_every=1",
+        "trainer.checkpoint_every=0",  # the only checkpoint is the one the signal asks for
+        "trainer.num_threads=1",
+    ]
+    out = tmp_path / "out"
+    command = [sys.executable, "run.py", "-m", "hydra/launcher=submitit_local", *settings,
+               "method=lora,stable_lora", f"output_root={out}"]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    sweep = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)  # fmt: skip
+    signalled_at = None
+    while sweep.poll() is None:
+        for metrics in out.glob("sweeps/*/stable_lora-*/metrics.jsonl"):
+            rows = len(metrics.read_text().splitlines())
+            if signalled_at is None and rows >= 10:
+                holder = (metrics.parent / ".lock").read_text().split()  # "pid N on host"
+                os.kill(int(holder[1]), signal.SIGUSR2)
+                signalled_at = rows
+        time.sleep(0.02)
+    stdout, stderr = sweep.communicate()
+    assert sweep.returncode == 0, stderr[-3000:]
+    assert signalled_at is not None, "the job ended before it could be signalled"
+    assert stdout.strip().splitlines()[-1] == (
+        "stablelora sweep: 2 completed, 0 diverged, 0 failed, 0 interrupted"
+    )
+    (preempted,) = out.glob("sweeps/*/stable_lora-*")
+    summary = read_summary(preempted)
+    assert summary["status"] == "completed" and summary["attempts"] == 2  # requeued once
+    reference = tmp_path / "uninterrupted"
+    assert run_job(compose_config(settings + ["method=stable_lora"]), reference)
+    assert rows_without_timing(preempted) == rows_without_timing(reference)
+    first, second = adapter_state(reference), adapter_state(preempted)
+    assert all(torch.equal(first[name], second[name]) for name in first)
 
 
 def test_a_checkpoint_without_its_state_is_not_a_checkpoint(tmp_path, capsys):
