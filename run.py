@@ -14,15 +14,15 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import open_dict
 
-from stablelora.config import register_resolvers
-from stablelora.sweep import default_num_threads
+from stablelora.config.identity import register_resolvers
+from stablelora.runner.sweep import default_num_threads
 
 register_resolvers()
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg):
-    from stablelora.job import run_job
+    from stablelora.runner.job import run_job
 
     hydra_cfg = HydraConfig.get()
     if cfg.trainer.num_threads is None:  # parallel jobs share the cores instead of each all
@@ -39,8 +39,8 @@ def check_cli(args: list[str]) -> None:
     """Before Hydra composes: a config group option that does not exist is one line and exit
     code 2 (Hydra: a long error, exit 1), a key given twice a warning; and Hydra's own copy of
     the config on a full disk is one line, not a traceback."""
-    from stablelora.errors import CONFIG_ERROR_EXIT
-    from stablelora.hydra_guards import check_command_line, guard_hydra_save
+    from stablelora.config.errors import CONFIG_ERROR_EXIT
+    from stablelora.config.hydra_guards import check_command_line, guard_hydra_save
 
     try:
         for warning in check_command_line(args, Path(__file__).resolve().parent / "conf"):

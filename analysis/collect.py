@@ -55,8 +55,9 @@ from analysis.run_rows import (
     unique_rows,
 )
 from analysis.wandb_runs import collect_wandb, wandb_run_records
-from stablelora.layer_records import read_layer_table
-from stablelora.records import RecordsError, read_jsonl, read_summary
+from stablelora.records.layers import RecordsError, read_layer_table
+from stablelora.records.rows import read_jsonl
+from stablelora.records.summary import read_summary
 
 __all__ = [
     "LEGACY_KINDS",
@@ -200,7 +201,8 @@ def collect(
         paths = [paths]
     records, notes = [], []
     seen: dict[str, Path] = {}  # shared by the roots: a run under two of them is read once
-    for root in map(Path, paths):
+    roots = [Path(path) for path in paths]
+    for root in roots:
         if not root.exists():
             raise FileNotFoundError(f"{root} does not exist: give a sweep or run directory.")
         folders = scan_run_dirs(root, seen)
@@ -231,5 +233,5 @@ def collect(
     for note in notes:  # said, never dropped silently; the report lists them too
         warnings.warn(note, stacklevel=2)
     collection = build_collection(records, per_layer_probes)
-    collection.notes = notes
+    collection.notes, collection.roots = notes, roots
     return collection

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -13,14 +14,14 @@ from pandas.api.types import union_categoricals
 
 from analysis.labels import label_runs
 from analysis.run_rows import TASK_FIELDS
-from stablelora.layer_records import with_gamma
+from stablelora.records.layers import with_gamma
 
 HISTORY_COLUMNS = ["run_id", "step", "key", "value"]
 SHRINK_COLUMNS = ["run_id", "layer", "shrinking", "stop_step"]
 #: The probe's per-layer feature magnitudes and gamma estimates: many keys per row, and the
 #: tables and plots use only their means over layers (``feat/delta1``) and the per-layer
 #: norms (``lora/<layer>/norm_A``), so by default they are not loaded. The runner writes
-#: per-layer values to ``layers.parquet`` (:mod:`stablelora.layer_records`); runs recorded
+#: per-layer values to ``layers.parquet`` (:mod:`stablelora.records.layers`); runs recorded
 #: before that have them in ``metrics.jsonl``: both are read, into the same history keys.
 PER_LAYER_PROBE = re.compile(r"^(feat|gamma)/.+/")
 
@@ -39,6 +40,10 @@ class Collection:
     #: What the collection left out and why, one line each: sweep jobs that never started, a
     #: folder reached twice, a broken link (:func:`analysis.collect.scan_run_dirs`).
     notes: list[str] = field(default_factory=list)
+    #: The directories the runs were collected from, as given (:func:`analysis.collect.collect`;
+    #: none from W&B): where a table finds what sits beside the runs (a width sweep's
+    #: ``records.jsonl``, :mod:`analysis.tables.width`).
+    roots: list[Path] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.runs)
@@ -52,6 +57,7 @@ class Collection:
             self.shrink[self.shrink["run_id"].isin(keep)].reset_index(drop=True),
             dict(self.plan_options),
             list(self.notes),
+            list(self.roots),
         )
 
 
@@ -165,4 +171,10 @@ def concat(collections: Iterable[Collection]) -> Collection:
     history = history.astype({"run_id": "category", "key": "category"})
     shrink = pd.concat([c.shrink for c in collections], ignore_index=True)
     label_runs(runs)
-    return Collection(runs, history, shrink, notes=[n for c in collections for n in c.notes])
+    return Collection(
+        runs,
+        history,
+        shrink,
+        notes=[n for c in collections for n in c.notes],
+        roots=[r for c in collections for r in c.roots],
+    )

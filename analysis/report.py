@@ -9,9 +9,12 @@ and writes under ``--out`` (default: ``report/`` in the first directory):
 
 - ``tables/<name>.md``, ``.tex`` (booktabs) and ``.csv`` for each table
   (:mod:`analysis.tables`), ``runs.csv`` (one row per run) and ``report.md`` (all tables);
-- ``plots/<name>.png`` and ``.pdf`` for each plot (:mod:`analysis.plots`);
-- the width exponents (gamma against width, :mod:`analysis.width_fit`) when the runs vary in
-  model width, or when a directory holds a width sweep's ``records.jsonl``.
+- ``plots/<name>.png`` and ``.pdf`` for each plot (:mod:`analysis.plots`); among the tables
+  and plots the width exponents (``gamma_width``: gamma against width,
+  :mod:`analysis.width_fit`) when the runs vary in model width, or when a directory holds a
+  width sweep's ``records.jsonl`` (its fit's own report then in ``width_sweep/``);
+- ``tuned_lr.json`` with the ``tuned_lr`` table: the picks the final stage of a tuned study
+  reads.
 
 Other options: ``--plan KEY=VALUE ...`` gives the analysis plan (the keys of
 ``analysis.primary`` in ``conf/config.yaml``) of runs whose ``config.yaml`` declares none
@@ -25,34 +28,19 @@ W&B. Imports stay light: no torch or transformers.
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
 import sys
 import textwrap
 from pathlib import Path
 
-import pandas as pd
-
 from analysis import plots as plots_module
 from analysis import tables as tables_module
-from analysis import width_fit
-from analysis.collect import (
-    TASK_FIELDS,
-    Collection,
-    collect,
-    collect_wandb,
-    concat,
-    format_value,
-    label_runs,
-)
-from analysis.tables import Table
+from analysis.collect import TASK_FIELDS, Collection, collect, collect_wandb, concat
 from analysis.tables.equivalence import PlanError, parse_plan_options
 from analysis.tables.formatting import write_csv
+from analysis.tables.tuned_lr import write_picks
 
 #: The table of failed, diverged and unfinished runs: always over every run collected.
 FAILURES = "runs_not_completed"
-#: Config keys holding the model width: the toy width model's, a config-built model's.
-WIDTH_COLUMNS = ("model.width", "model.config.hidden_size")
 
 
 def _listing(title: str, builders: dict) -> str:
@@ -160,118 +148,6 @@ def gather(args: argparse.Namespace) -> Collection:
     return collections[0] if len(collections) == 1 else concat(collections)
 
 
-# ---------------------------------------------------------------------------- width
-def width_column(runs: pd.DataFrame) -> str | None:
-    """The config key that holds the model width, if the runs differ in it."""
-    for column in WIDTH_COLUMNS:
-        if column in runs and runs[column].nunique() >= 2:
-            return column
-    return None
-
-
-def width_records(coll: Collection) -> pd.DataFrame:
-    """The probe's mean-over-layers magnitudes of runs that differ in model width, in
-    :func:`analysis.width_fit.load_records`' long format: method = the run's label without
-    the width, lr_mode = ``fixed``/``scaled`` for runs with ``lr_width_exponent`` (the width
-    sweep's lr rule), else the run's learning rate."""
-    runs = coll.runs
-    column = width_column(runs)
-    if column is None or coll.history.empty:
-        return pd.DataFrame()
-    runs = runs[runs[column].notna()].copy()
-    label_runs(runs, exclude=[column, "optim.lr", "lr_width_exponent"])
-    if "lr_width_exponent" in runs:
-        exponent = pd.to_numeric(runs["lr_width_exponent"], errors="coerce").fillna(0)
-        runs["lr_mode"] = exponent.map(lambda e: "fixed" if e == 0 else "scaled")
-    else:
-        runs["lr_mode"] = "lr=" + runs["optim.lr"].map(format_value)
-    quantities = [f"feat/{q}" for q in ("delta1", "delta2", "delta3", "dY", "gAZ", "AZ", "Z")]
-    history = coll.history[coll.history["key"].isin(quantities)]
-    history = history.astype({"run_id": str, "key": str})
-    info = runs[["run_id", "label", "lr_mode", column, "seed"]].astype({"run_id": str})
-    table = history.merge(info, on="run_id")
-    return pd.DataFrame(
-        {
-            "method": table["label"],
-            "lr_mode": table["lr_mode"],
-            "width": table[column].astype(int),
-            "seed": table["seed"],
-            "step": table["step"],
-            "quantity": table["key"].str.removeprefix("feat/"),
-            "value": table["value"],
-        }
-    )
-
-
-def width_tables(coll: Collection, dirs: list[Path], out: Path) -> tuple[list[Table], list[Path]]:
-    """Gamma against width, fitted by :mod:`analysis.width_fit`: from the width sweep's
-    ``records.jsonl`` files in ``dirs`` when there are some, else from the collected runs
-    when they differ in model width. Returns the tables and the plot files written."""
-    found, written = [], []
-    (out / "plots").mkdir(parents=True, exist_ok=True)
-    records_files = [path for directory in dirs for path in _width_sweep_records(directory)]
-    for index, records in enumerate(records_files):
-        suffix = "" if len(records_files) == 1 else f"_{index}"
-        result = width_fit.analyze(records, out / f"width_sweep{suffix}")
-        found.append(_width_table(f"gamma_width{suffix}", str(records), result["fits"]))
-        for path in result["files"]:
-            if path.suffix in (".png", ".pdf"):
-                target = out / "plots" / f"gamma_{path.name.removesuffix(path.suffix)}{suffix}"
-                target = target.with_suffix(path.suffix)
-                shutil.copyfile(path, target)
-                written.append(target)
-    table = width_records(coll) if not records_files else pd.DataFrame()
-    steps = width_fit.choose_steps(table) if not table.empty else []
-    if steps:
-        fits = width_fit.fit_exponents(table, steps)
-        found.append(_width_table("gamma_width", "runs of several widths", fits))
-        written += width_fit.plot_magnitudes(table, fits, steps[-1], out / "plots" / "gamma_width")
-    return found, written
-
-
-def _width_sweep_records(directory: Path) -> list[Path]:
-    """``records.jsonl`` files of ``experiments/width_sweep.py`` in ``directory`` (at most two
-    levels down): one JSON run per line with ``width`` and ``metrics``."""
-    candidates = [directory / "records.jsonl", *directory.glob("*/records.jsonl")]
-    found = []
-    for path in candidates:
-        if path.is_file():
-            with path.open() as stream:
-                first = stream.readline()
-            try:
-                record = json.loads(first)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(record, dict) and {"width", "metrics"} <= set(record):
-                found.append(path)
-    return found
-
-
-def _width_table(name: str, source: str, fits: pd.DataFrame) -> Table:
-    display = width_fit.exponent_table(fits).astype(str)
-    return Table(
-        name,
-        f"Width exponents of the feature updates ({source})",
-        display,
-        fits,
-        [
-            "Least-squares slope of log(RMS) on log(width) with a 95% CI (analysis.width_fit); "
-            "stable feature learning: 0 for delta1, delta2, delta3 and dY; the paper's "
-            "Assumption 1: 1 for gAZ."
-        ],
-        key_columns=3,
-    )
-
-
-def write_picks(table: Table, out: Path) -> Path:
-    """``out/tuned_lr.json``: the learning rates picked on validation (analysis.tables.tuned_lr)."""
-    from analysis.tables.tuned_lr import PICKS_FILE, picks_record
-
-    path = out / PICKS_FILE
-    path.write_text(json.dumps(picks_record(table.data), indent=2) + "\n")
-    return path
-
-
 # ---------------------------------------------------------------------------- main
 def report(args: argparse.Namespace) -> dict:
     """Collect, tabulate, plot; return ``{"tables": [...], "files": [...], "runs": int}``."""
@@ -302,10 +178,6 @@ def report(args: argparse.Namespace) -> dict:
     if FAILURES in names:  # every run that did not complete, whatever the lr selection kept
         built += tables_module.build_tables(everything, args.seeds, [FAILURES])
     files: list[Path] = []
-    if args.tables is None:
-        extra_tables, extra_files = width_tables(coll, list(args.sweep_dirs), out)
-        built += extra_tables
-        files += extra_files
     for table in built:
         files += table.write(out / "tables")
         if table.name == "tuned_lr":  # the record the final stage of a tuned study reads

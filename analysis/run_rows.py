@@ -8,7 +8,7 @@ import math
 import warnings
 from pathlib import Path
 
-from stablelora.records import flatten
+from stablelora.records.rows import flatten
 
 
 def _yaml_loader():

@@ -8,7 +8,8 @@ from collections.abc import Iterable
 
 from analysis.frames import Collection, build_collection
 from analysis.run_rows import run_row, shrink_rows, unique_rows
-from stablelora.records import RecordsError, summary_from_wandb
+from stablelora.records.layers import RecordsError
+from stablelora.records.summary import summary_from_wandb
 
 #: W&B run states for runs whose summary has no ``status`` (the runner writes one at the end).
 WANDB_STATES = {

@@ -2,7 +2,7 @@
 
 For each method, learning-rate mode, chosen step and quantity q (delta1, delta2, delta3, dY,
 gAZ, AZ, Z: the mean over layers of the per-layer RMS logged by
-:class:`stablelora.gamma.FeatureProbe` as ``feat/<q>``), fit by least squares::
+:class:`stablelora.probes.gamma.FeatureProbe` as ``feat/<q>``), fit by least squares::
 
     log(rms_q) = exponent * log(n) + c        over every (width, seed) run
 
@@ -112,6 +112,16 @@ def choose_steps(table: pd.DataFrame, steps=None) -> list[int]:
     logged = common_steps(table)
     wanted = set(DEFAULT_STEPS) | set(logged[-1:]) if steps is None else set(steps)
     return sorted(wanted & set(logged))
+
+
+def fit_records(records: str | Path, steps=None) -> tuple[pd.DataFrame, list[int], pd.DataFrame]:
+    """A width sweep's ``records.jsonl`` fitted: its long table (:func:`load_records`), the
+    steps chosen (:func:`choose_steps`) and the fits at them (:func:`fit_exponents`)."""
+    table = load_records(records)
+    if table.empty:
+        raise ValueError(f"{records} holds no feat/* metrics: was the FeatureProbe enabled?")
+    chosen = choose_steps(table, steps)
+    return table, chosen, fit_exponents(table, chosen)
 
 
 def _cell(row) -> str:
@@ -311,11 +321,7 @@ def analyze(records: str | Path, out_dir: str | Path, steps=None) -> dict:
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    table = load_records(records)
-    if table.empty:
-        raise ValueError(f"{records} holds no feat/* metrics: was the FeatureProbe enabled?")
-    chosen = choose_steps(table, steps)
-    fits = fit_exponents(table, chosen)
+    table, chosen, fits = fit_records(records, steps)
     wide, check = exponent_table(fits), assumption1_table(fits)
     runs = table[RUN_KEYS].drop_duplicates()
     widths, seeds = sorted(runs["width"].unique().tolist()), sorted(runs["seed"].unique().tolist())

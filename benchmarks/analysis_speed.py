@@ -30,7 +30,7 @@ from pathlib import Path
 
 import yaml
 
-from stablelora.layer_records import LayerRecords, split_per_layer
+from stablelora.records.layers import LayerRecords, split_per_layer
 
 MODELS = ("qwen2_0.5b", "llama3.2_1b", "qwen2_1.5b", "llama3.2_3b")
 QA = ("hellaswag", "siqa", "obqa", "arc_easy", "arc_challenge")

@@ -55,7 +55,7 @@ def timed_step(model, optimizer, probe, step, batch) -> float:
 
 def main(argv=None) -> dict:
     from stablelora import create_optimizer, find_lora_pairs
-    from stablelora.gamma import FeatureProbe
+    from stablelora.probes.gamma import FeatureProbe
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=1000)

@@ -55,7 +55,7 @@ POOL_BATCHES = 8
 
 def build(model_name: str, task_name: str, data_root: str | None):
     """The main job's model with LoRA r8 on q/v, its Stable-LoRA optimizer and the task."""
-    from stablelora.config_check import plain_config
+    from stablelora.config.check import plain_config
     from stablelora.lora import adapter_arguments, apply_lora
     from stablelora.models import load_model
     from stablelora.optim import create_optimizer
@@ -72,7 +72,7 @@ def build(model_name: str, task_name: str, data_root: str | None):
 
 
 def batches(task, steps: int, batch_size: int, grouped: bool) -> list[dict]:
-    from stablelora.run_setup import TrainOrder
+    from stablelora.runner.setup import TrainOrder
 
     pool = POOL_BATCHES if grouped else 0
     order = TrainOrder(task.num_train_examples, 0, batch_size, pool, length_of=task.train_length)
@@ -131,7 +131,7 @@ def padding_share(data: list[dict]) -> float:
 
 
 def bench_training(task_name, model, optimizer, task, args, rate) -> None:
-    from stablelora.lm_head import CausalLMLoss
+    from stablelora.runner.lm_head import CausalLMLoss
 
     data = {
         grouping: batches(task, args.steps, args.batch_size, grouping == "grouped")

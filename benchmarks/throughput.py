@@ -2,7 +2,7 @@
 
 Both train the same model (same LoRA layers, optimizer, batches) side by side in one process,
 alternating repetitions so that a noisy shared machine hits both alike. The runner is timed
-through ``stablelora.train.train`` itself (its ``train_time_s``: the loop only, without model
+through ``stablelora.runner.train.train`` itself (its ``train_time_s``: the loop only, without model
 loading and evaluation), once with the feature probe off and once at its default cadence.
 
     python benchmarks/throughput.py                          # tiny Llama, quick
@@ -34,7 +34,7 @@ def compose(overrides):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from stablelora.config import register_resolvers
+    from stablelora.config.identity import register_resolvers
 
     register_resolvers()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
@@ -44,7 +44,7 @@ def compose(overrides):
 def count_tokens(cfg) -> int:
     """Tokens (attention mask sum) the run reads in ``max_steps`` steps."""
     from stablelora.models import load_tokenizer
-    from stablelora.run_setup import batch_indices
+    from stablelora.runner.setup import batch_indices
     from stablelora.tasks import build_task
 
     tokenizer = load_tokenizer(cfg.model.tokenizer or "smollm2")
@@ -57,7 +57,7 @@ def count_tokens(cfg) -> int:
 
 
 def runner_seconds(cfg) -> float:
-    from stablelora.train import train
+    from stablelora.runner.train import train
 
     with tempfile.TemporaryDirectory() as run_dir:
         return train(cfg, Path(run_dir))["train_time_s"]
@@ -67,11 +67,11 @@ def bare_seconds(cfg) -> float:
     """The same training written as the shortest loop: no records, probes or checks."""
     from omegaconf import OmegaConf
 
-    from stablelora.config_check import optimizer_arguments
+    from stablelora.config.check import optimizer_arguments
     from stablelora.lora import adapter_arguments, apply_lora
     from stablelora.models import load_model
     from stablelora.optim import create_optimizer
-    from stablelora.run_setup import batch_indices
+    from stablelora.runner.setup import batch_indices
     from stablelora.tasks import build_task
 
     torch.manual_seed(cfg.seed)

@@ -1,4 +1,4 @@
-"""``python -m experiments NAME [--smoke] ...``: see :mod:`experiments.common`."""
+"""``python -m experiments NAME [--scale paper|cpu|smoke] ...``: see :mod:`experiments.common`."""
 
 import sys
 

@@ -296,7 +296,7 @@ def compose(name: str, scale: str, overrides: tuple[str, ...] = ()):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from stablelora.config import register_resolvers
+    from stablelora.config.identity import register_resolvers
 
     register_resolvers()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):

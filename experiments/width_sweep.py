@@ -2,7 +2,7 @@
 (the paper's Assumption 1 and its stable feature learning, arXiv 2603.05204).
 
 Runs ``python run.py -m experiment=width_sweep`` (the runner's own training loop with the
-:class:`stablelora.gamma.FeatureProbe`): widths 128..4096, methods lora, rslora, loraplus and
+:class:`stablelora.probes.gamma.FeatureProbe`): widths 128..4096, methods lora, rslora, loraplus and
 stable_lora, seeds 0-2, lr fixed (``lr_width_exponent=0``) or scaled as n^-1/2 (``0.5``). Then
 it gathers the runs' ``feat/*`` records into ``records.jsonl`` and fits the width exponents
 with :mod:`analysis.width_fit` (table with 95% CIs, Assumption 1 check, plots).

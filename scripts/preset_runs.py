@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from experiments.catalog import compose, sweep_jobs  # noqa: E402
-from stablelora.config import config_hash  # noqa: E402
+from stablelora.config.identity import config_hash  # noqa: E402
 
 FIXTURE = ROOT / "tests" / "fixtures" / "preset_runs.json"
 ABOUT = (

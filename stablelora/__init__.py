@@ -6,7 +6,7 @@ Public API::
     model = apply_lora(hf_model, rank=8, alpha=16, target_modules=["q_proj", "v_proj"])
     optimizer = create_optimizer(model, method="stable_lora", lr=1e-4, shrink_ratio=5e-4)
 
-The names below load on first use, so that light modules (``stablelora.records``, used by
+The names below load on first use, so that light modules (``stablelora.records.recorder``, used by
 the analysis) can be imported without importing torch.
 """
 

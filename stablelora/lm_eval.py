@@ -21,8 +21,9 @@ import json
 import sys
 from pathlib import Path
 
-from stablelora.errors import CONFIG_ERROR_EXIT
-from stablelora.records import RecordsError, read_summary
+from stablelora.config.errors import CONFIG_ERROR_EXIT
+from stablelora.records.layers import RecordsError
+from stablelora.records.summary import read_summary
 
 
 class LmEvalError(ValueError):
@@ -64,7 +65,7 @@ def load_run_model(run_dir: Path, device: str = "cpu"):
     from safetensors import SafetensorError
 
     from stablelora.models import load_model
-    from stablelora.run_setup import seed_everything
+    from stablelora.runner.setup import seed_everything
 
     cfg = read_run_config(run_dir, required=("model", "seed"))  # what the base is rebuilt from
     # A random-init base (model.source=config) is the one train() built right after seeding.

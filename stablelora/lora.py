@@ -11,7 +11,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from stablelora.keyword_options import check_options, keyword_options
+from stablelora.config.keyword_options import check_options, keyword_options
 
 SCALINGS = ("lora", "rslora")
 ADAPTERS = ("lora", "adalora")

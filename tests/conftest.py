@@ -60,7 +60,7 @@ def compose_config(overrides=(), config_dirs=()):
     ``config_dirs`` are searched after ``conf/``."""
     from hydra import compose, initialize_config_dir
 
-    from stablelora.config import register_resolvers
+    from stablelora.config.identity import register_resolvers
 
     register_resolvers()
     extra = [f"hydra.searchpath=[{','.join(f'file://{d}' for d in config_dirs)}]"]
@@ -89,7 +89,7 @@ def train_killed_at_batch(cfg, run_dir, batch_number, monkeypatch):
     """Run ``train`` and raise :class:`Interrupted` when it asks for batch ``batch_number``,
     as a kill would; the patch is undone afterwards so the next ``train`` resumes."""
     import stablelora.tasks as tasks
-    from stablelora.train import train
+    from stablelora.runner.train import train
 
     original_build, calls = tasks.build_task, []
 
@@ -114,7 +114,7 @@ def train_killed_at_batch(cfg, run_dir, batch_number, monkeypatch):
 def run_job_signalled_at_batch(cfg, run_dir, batch_number, signum, monkeypatch):
     """``run_job`` with ``signum`` sent to this process while batch ``batch_number`` is read."""
     import stablelora.tasks as tasks
-    from stablelora.job import run_job
+    from stablelora.runner.job import run_job
 
     original_build, calls = tasks.build_task, []
 

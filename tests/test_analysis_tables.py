@@ -17,7 +17,6 @@ from conftest import check_latex
 from analysis import published
 from analysis.collect import collect
 from analysis.plots import build_plots
-from analysis.report import width_tables
 from analysis.tables import build_tables, latex_escape, select_learning_rate
 from stablelora.optim.stable_lora import shrink_counts
 
@@ -651,12 +650,56 @@ def test_width_exponents_are_delegated_to_width_fit(tmp_path):
                 metrics=metrics,
                 config={"model.width": width},
             )
-    found, files = width_tables(collect(tmp_path), [tmp_path], tmp_path / "out")
-    (table,) = found
+    coll = collect(tmp_path)
+    (table,) = build_tables(coll, names=["gamma_width"])
+    files = build_plots(coll, tmp_path / "out" / "plots", ["gamma_width"])
     fits = table.data.set_index(["quantity", "step"])
     assert fits.loc[("gAZ", 10), "exponent"] == pytest.approx(1.0)
     assert fits.loc[("delta1", 10), "exponent"] == pytest.approx(0.0, abs=1e-9)
     assert any(p.name == "gamma_width.png" for p in files)
+
+
+def test_a_width_sweeps_records_beside_the_runs_are_fitted_by_the_report(tmp_path):
+    """A width sweep's ``records.jsonl`` in a collected directory: the ``gamma_width`` table
+    fits it, the ``gamma_width`` plot copies width_fit's figures and leaves its own report in
+    ``width_sweep/``; a report restricted to other tables and plots leaves it alone."""
+    from analysis.report import main as report_main
+
+    lines = [
+        {
+            "method": "lora",
+            "lr_mode": "fixed",
+            "width": width,
+            "seed": seed,
+            "metrics": [
+                {"step": s, "feat/delta1": 0.1 * (1 + seed / 10), "feat/gAZ": width * (1 + seed)}
+                for s in (2, 10)
+            ],
+        }
+        for width in (64, 128, 256)
+        for seed in (0, 1)
+    ]
+    (tmp_path / "records.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    write_run(
+        tmp_path, "lora-s0", acc=0.7, metrics=[{"step": 5, "train/loss": 1.0, "eval/acc": 0.7}]
+    )
+    result = report_main([str(tmp_path), "--out", str(tmp_path / "out")])
+    tables = {t.name: t for t in result["tables"]}
+    fits = tables["gamma_width"].data.set_index(["quantity", "step"])
+    assert fits.loc[("gAZ", 10), "exponent"] == pytest.approx(1.0)
+    assert str(tmp_path / "records.jsonl") in tables["gamma_width"].title
+    out = tmp_path / "out"
+    for name in ("gamma_width_fit", "gamma_exponents_vs_step"):
+        assert (out / "plots" / f"{name}.png").stat().st_size > 0
+        assert f"[{name}.png](plots/{name}.png)" in (out / "report.md").read_text()
+    assert (out / "width_sweep" / "exponents.md").is_file()
+    assert (out / "tables" / "gamma_width.md").is_file()
+
+    other = tmp_path / "other"
+    result = report_main([str(tmp_path), "--out", str(other), "--tables", "summary",
+                          "--plots", "loss"])  # fmt: skip
+    assert [t.name for t in result["tables"]] == ["summary"]
+    assert not (other / "width_sweep").exists() and not list(other.glob("plots/gamma_*"))
 
 
 def test_width_fit_interval_is_t_times_the_standard_error():

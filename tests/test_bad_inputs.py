@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from conftest import CONF, ROOT, SMOKE, compose_config, run_cli
 
-from stablelora.config_groups import group_options
-from stablelora.hydra_guards import check_command_line
-from stablelora.job import run_job
+from stablelora.config.groups import group_options
+from stablelora.config.hydra_guards import check_command_line
+from stablelora.runner.job import run_job
 
 FIXTURE = ROOT / "tests" / "fixtures" / "llm_adapters"
 
@@ -108,7 +108,7 @@ def test_cli_unknown_group_option_is_one_line_exit_2_and_no_folder(tmp_path, ove
 def test_hydra_saving_its_config_on_a_full_disk_is_one_line(tmp_path, monkeypatch):
     import hydra.core.utils
 
-    from stablelora import hydra_guards
+    from stablelora.config import hydra_guards
 
     hydra_guards.guard_hydra_save()
     hydra_guards.guard_hydra_save()  # idempotent

@@ -15,7 +15,7 @@ from conftest import compose_config
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from stablelora.config import register_resolvers
+from stablelora.config.identity import register_resolvers
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf"
@@ -188,7 +188,7 @@ def test_method_preset_selects_its_adapter_and_optimizer(preset):
     cfg = compose_config([f"method={preset}", "model=tiny_llama"])
     assert cfg.method.name == preset
     assert (cfg.adapter.name, cfg.optimizer.name) == (cfg.method.adapter, cfg.method.optimizer)
-    from stablelora.config_check import check_config
+    from stablelora.config.check import check_config
 
     check_config(cfg)  # every preset's adapter and optimizer options are valid
 
@@ -243,7 +243,7 @@ def test_methods_differ_only_where_they_should():
     ],
 )
 def test_any_adapter_composes_with_any_optimizer(overrides, name, adapter, optimizer):
-    from stablelora.config_check import check_config
+    from stablelora.config.check import check_config
 
     cfg = compose_config([*overrides, "model=tiny_llama"])
     assert (cfg.method.name, cfg.adapter.name, cfg.optimizer.name) == (name, adapter, optimizer)
@@ -252,7 +252,7 @@ def test_any_adapter_composes_with_any_optimizer(overrides, name, adapter, optim
 
 def test_every_adapter_and_every_optimizer_pass_validation_together():
     """The two groups are separate nodes, so pairs that cover every option of each suffice."""
-    from stablelora.config_check import check_config
+    from stablelora.config.check import check_config
 
     adapters, optimizers = group_options("adapter"), group_options("optimizer")
     for index in range(max(len(adapters), len(optimizers))):
@@ -333,7 +333,7 @@ def test_apply_lora_rejects_an_unknown_option_naming_the_valid_ones():
 
 # ---------------------------------------------------------------------------- config errors
 def test_validation_accepts_every_composed_default():
-    from stablelora.config_check import check_config
+    from stablelora.config.check import check_config
 
     for method in ("lora", "rslora", "loraplus", "stable_lora"):
         check_config(compose_config([f"method={method}", "model=tiny_llama"]))
@@ -387,8 +387,8 @@ def test_validation_accepts_every_composed_default():
     ],
 )
 def test_bad_values_are_one_clear_line(override, message, monkeypatch):
-    from stablelora.config_check import check_config
-    from stablelora.errors import ConfigError
+    from stablelora.config.check import check_config
+    from stablelora.config.errors import ConfigError
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
@@ -398,8 +398,8 @@ def test_bad_values_are_one_clear_line(override, message, monkeypatch):
 
 
 def test_an_option_of_another_optimizer_is_a_config_error():
-    from stablelora.config_check import check_config
-    from stablelora.errors import ConfigError
+    from stablelora.config.check import check_config
+    from stablelora.config.errors import ConfigError
 
     cfg = compose_config(["model=tiny_llama", "method=lora", "+optimizer.shrink_ratio=5e-4"])
     with pytest.raises(ConfigError, match="optimizer=adamw .*has no option 'shrink_ratio'"):
@@ -411,8 +411,8 @@ def test_an_option_of_another_optimizer_is_a_config_error():
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
 def test_an_unwritable_output_root_is_a_config_error(tmp_path):
-    from stablelora.config_check import check_config
-    from stablelora.errors import ConfigError
+    from stablelora.config.check import check_config
+    from stablelora.config.errors import ConfigError
 
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o500)
@@ -505,8 +505,8 @@ def extension_dirs(tmp_path, monkeypatch):
 
 
 def test_a_new_optimizer_is_one_module_and_one_yaml(extension_dirs):
-    from stablelora.config_check import check_config, optimizer_arguments
-    from stablelora.errors import ConfigError
+    from stablelora.config.check import check_config, optimizer_arguments
+    from stablelora.config.errors import ConfigError
     from stablelora.optim import create_optimizer, optimizer_options
 
     code, conf = extension_dirs
@@ -565,8 +565,8 @@ def build(cfg, tokenizer, *, seed):
 def test_a_new_task_family_is_one_module_and_one_yaml(extension_dirs):
     from tiny import byte_llama, byte_tokenizer
 
-    from stablelora.config_check import check_config
-    from stablelora.errors import ConfigError
+    from stablelora.config.check import check_config
+    from stablelora.config.errors import ConfigError
     from stablelora.tasks import build_task, families, task_record
 
     code, conf = extension_dirs
@@ -624,26 +624,26 @@ def test_launchers_compose_with_the_local_example(launcher, target, tmp_path):
 
 
 def test_the_docs_options_table_is_the_schemas():
-    from stablelora.config_schema import options_table
+    from stablelora.config.schema import options_table
 
     text = (ROOT / "docs" / "runner.md").read_text()
     table = text.split("<!-- options:begin -->\n")[1].split("<!-- options:end -->")[0]
-    assert table == options_table(), "run: python -m stablelora.config_schema, paste in docs"
+    assert table == options_table(), "run: python -m stablelora.config.schema, paste in docs"
 
 
 def test_the_schemas_choices_are_the_codes():
     from typing import get_args
 
     from analysis.tables.equivalence import AVERAGES, CORRECTIONS, DECLARED, RESAMPLINGS
-    from stablelora.config_schema import (
+    from stablelora.config.schema import (
         ModelSchema,
         PlanSchema,
         TaskSchema,
         TrainerSchema,
     )
     from stablelora.contamination import SPLIT_RULES
-    from stablelora.lm_head import HEAD_MODES
     from stablelora.models import DTYPES, SOURCES
+    from stablelora.runner.lm_head import HEAD_MODES
     from stablelora.tasks.data import PROMPT_FORMATS, PROTOCOLS
 
     def choices(schema, key):
@@ -665,7 +665,7 @@ def test_the_schemas_choices_are_the_codes():
 def test_every_preset_meets_the_schema_at_every_scale(experiment):
     from omegaconf import OmegaConf
 
-    from stablelora.config_schema import check_schema
+    from stablelora.config.schema import check_schema
 
     for scale in ("paper", "cpu", "smoke"):
         cfg = compose_config([f"experiment={experiment}", f"scale={scale}"])

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, SMOKE, compose_config, run_cli
 
-from stablelora.config_groups import group_option
+from stablelora.config.groups import group_option
 from stablelora.contamination import (
     CONTAMINATION_FILE,
     clean_splits,
@@ -170,7 +170,7 @@ def test_bbc_content_rule_puts_copies_of_an_article_on_one_side(bbc_copy):
 
 
 def test_a_run_writes_its_record_and_the_check_reads_it_back(tmp_path):
-    from stablelora.train import train
+    from stablelora.runner.train import train
 
     cfg = compose_config(SMOKE)
     run_dir = tmp_path / "run"

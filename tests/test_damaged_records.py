@@ -23,16 +23,13 @@ from conftest import (
     train_killed_at_batch,
 )
 
-from stablelora.job import run_job
-from stablelora.records import (
-    RecordsError,
-    RunRecorder,
-    parse_summary,
-    read_jsonl,
-    read_summary,
-)
-from stablelora.run_folder import RunFolderError
-from stablelora.train import train
+from stablelora.records.layers import RecordsError
+from stablelora.records.recorder import RunRecorder
+from stablelora.records.rows import read_jsonl
+from stablelora.records.summary import parse_summary, read_summary
+from stablelora.runner.folder import RunFolderError
+from stablelora.runner.job import run_job
+from stablelora.runner.train import train
 
 FAST = SMOKE + ["probe=off", "model.config.num_hidden_layers=1"]
 #: With the probe: per-layer records in layers.parquet / layers.parts.
@@ -160,7 +157,7 @@ def test_a_corrupt_layer_part_after_the_checkpoint_is_dropped_before_it_is_fatal
 def test_damaged_examples_stop_the_resume_and_keep_the_interrupted_summary(
     tmp_path, monkeypatch, damage
 ):
-    from stablelora.example_records import ExampleRecords, read_examples
+    from stablelora.records.examples import ExampleRecords, read_examples
 
     cfg = compose_config(FAST + ["trainer.checkpoint_every=100"])
     assert signalled_at_batch(cfg, tmp_path, 3, monkeypatch) == 128 + signal.SIGTERM
@@ -192,7 +189,7 @@ def test_damaged_examples_stop_the_resume_and_keep_the_interrupted_summary(
 def test_a_damaged_examples_file_of_later_evaluations_only_is_dropped_on_resume(
     tmp_path, monkeypatch, capsys
 ):
-    from stablelora.example_records import read_examples
+    from stablelora.records.examples import read_examples
 
     # The checkpoint at step 3 precedes every evaluation (none before training): a kill after
     # the one at step 4 leaves a file holding only rows the resume evaluates again.
@@ -215,7 +212,7 @@ def test_the_paired_tables_leave_out_a_run_with_damaged_examples_and_say_so(tmp_
     from test_analysis_tables import tables_of, write_run
     from test_tuned_study import write_examples
 
-    from stablelora.example_records import ExampleRecords
+    from stablelora.records.examples import ExampleRecords
 
     rng = np.random.default_rng(0)
     for seed in (0, 1, 2):
@@ -390,7 +387,7 @@ def signalled_in_evaluation(cfg, run_dir, evaluation_number, monkeypatch) -> int
     ``evaluation_number``; returns the exit code and checks that the evaluation stopped
     within one batch (no further forward pass)."""
     import stablelora.tasks as tasks
-    from stablelora.lm_head import split_causal_lm
+    from stablelora.runner.lm_head import split_causal_lm
 
     original_build, evaluations, forwards_after = tasks.build_task, [], []
 
@@ -409,7 +406,7 @@ def signalled_in_evaluation(cfg, run_dir, evaluation_number, monkeypatch) -> int
                     os.kill(os.getpid(), signal.SIGTERM)
 
             # The body runs in every evaluation path (the scoring may call it without the
-            # model's own forward: stablelora.lm_head).
+            # model's own forward: stablelora.runner.lm_head).
             parts = split_causal_lm(model)
             handle = (parts.body if parts else model).register_forward_pre_hook(hook)
             try:
@@ -470,7 +467,7 @@ def test_a_stop_signal_during_evaluation_stops_within_a_batch_and_resumes_it(
 
 
 def test_check_stop_does_nothing_outside_a_run():
-    from stablelora.run_folder import StopSignals, check_stop
+    from stablelora.runner.folder import StopSignals, check_stop
 
     check_stop()
     with StopSignals():
@@ -491,7 +488,7 @@ def test_check_stop_does_nothing_outside_a_run():
 
 
 def test_parts_left_by_a_kill_after_the_adapter_save_are_merged_by_the_rerun(tmp_path):
-    from stablelora.layer_records import read_layer_table
+    from stablelora.records.layers import read_layer_table
 
     cfg = compose_config(PROBED)
     assert train(cfg, tmp_path)["status"] == "completed"

@@ -15,9 +15,9 @@ import torch
 from conftest import compose_config
 from tiny import byte_llama, byte_tokenizer
 
-from stablelora.config_check import check_config
-from stablelora.config_groups import group_option
-from stablelora.errors import ConfigError
+from stablelora.config.check import check_config
+from stablelora.config.errors import ConfigError
+from stablelora.config.groups import group_option
 from stablelora.tasks import build_task, check_task_config
 from stablelora.tasks.data import TaskConfig
 from stablelora.tasks.dialogue import (
@@ -320,7 +320,7 @@ def test_a_model_without_chat_template_stops_before_the_model_loads(tmp_path, mo
         raise AssertionError("the model was loaded")
 
     monkeypatch.setattr(stablelora.models, "load_model", no_loading)
-    from stablelora.train import train
+    from stablelora.runner.train import train
 
     with pytest.raises(ConfigError, match="has no chat template|has none"):
         train(compose_config(overrides), tmp_path / "run")
@@ -336,8 +336,8 @@ def test_unknown_task_key_is_one_line_before_anything_loads():
 
 # ----------------------------------------------------------------------------- end to end
 def test_tiny_run_through_the_runner(tmp_path):
-    from stablelora.records import read_jsonl
-    from stablelora.train import train
+    from stablelora.records.rows import read_jsonl
+    from stablelora.runner.train import train
 
     overrides = ["experiment=dialogue", "scale=smoke", "task=chatterbot", "trainer.eval_every=2"]
     summary = train(compose_config(overrides), tmp_path)

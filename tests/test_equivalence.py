@@ -29,7 +29,7 @@ from analysis.tables.equivalence import (
     verdict,
 )
 from experiments.catalog import ROOT, plan_options
-from stablelora.config import config_hash
+from stablelora.config.identity import config_hash
 from stablelora.contamination import write_record
 
 MIXTURE = {"eval/acc": 0.5, "eval/acc/arc_easy": 0.5, "eval/acc/bbc_news": 0.5}

@@ -1,4 +1,4 @@
-"""Per-example evaluation records (stablelora.example_records, ``examples.parquet``): what a
+"""Per-example evaluation records (stablelora.records.examples, ``examples.parquet``): what a
 task reports per example, the file's round trip, and exactly-once rows across a resume."""
 
 from __future__ import annotations
@@ -11,17 +11,17 @@ import torch
 from conftest import SMOKE, Interrupted, compose_config, train_killed_at_batch
 from tiny import byte_llama
 
-from stablelora.config_groups import group_option
-from stablelora.example_records import (
+from stablelora.config.groups import group_option
+from stablelora.records.examples import (
     EXAMPLES_FILE,
     ExampleRecords,
     example_id,
     read_examples,
     unique_ids,
 )
-from stablelora.records import read_jsonl
+from stablelora.records.rows import read_jsonl
+from stablelora.runner.train import train
 from stablelora.tasks import build_task
-from stablelora.train import train
 
 pytestmark = pytest.mark.usefixtures("hub_offline")
 

@@ -35,7 +35,7 @@ from experiments.catalog import (
 )
 from experiments.common import main, picked_lrs
 from experiments.reproduce import selection_args
-from stablelora.config import HASH_LENGTH, computed_config, config_hash
+from stablelora.config.identity import HASH_LENGTH, computed_config, config_hash
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf"

@@ -1,4 +1,4 @@
-"""The feature-update probe (stablelora.gamma), the toy width model and the width sweep."""
+"""The feature-update probe (stablelora.probes.gamma), the toy width model and the width sweep."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ import torch
 from torch import nn
 
 from stablelora import apply_lora, create_optimizer, find_lora_pairs
-from stablelora.feature_updates import feature_update_terms, rms, update_rms
-from stablelora.gamma import FeatureProbe
-from stablelora.quantities import QUANTITIES, gamma_value, gamma_values
+from stablelora.probes.feature_updates import feature_update_terms, rms, update_rms
+from stablelora.probes.gamma import FeatureProbe
+from stablelora.probes.quantities import QUANTITIES, gamma_value, gamma_values
 from stablelora.toy import TOY_TARGET_MODULES, ToyTeacherTask, build_toy_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -12,8 +12,8 @@ import os
 import pytest
 from conftest import SMOKE, compose_config
 
-from stablelora.records import read_jsonl
-from stablelora.train import train
+from stablelora.records.rows import read_jsonl
+from stablelora.runner.train import train
 
 #: Tiny random Llama, offline BBC News (64 examples, batch 4), Stable-LoRA at lr 1e-2 with a
 #: linear schedule, seed 0, one CPU thread; no probe, no checkpoint, a 2-example final eval.

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from stablelora.config_groups import group_option
+from stablelora.config.groups import group_option
 from stablelora.tasks import build_task
 from stablelora.tasks.data import (
     HOLDOUT_MAX_ROWS,
@@ -143,8 +143,8 @@ def test_no_validation_row_in_any_training_batch(tmp_path, monkeypatch):
     from conftest import SMOKE, compose_config
 
     import stablelora.tasks as tasks
-    from stablelora.example_records import example_id, read_examples, unique_ids
-    from stablelora.train import train
+    from stablelora.records.examples import example_id, read_examples, unique_ids
+    from stablelora.runner.train import train
 
     built, drawn = [], []
     original = tasks.build_task

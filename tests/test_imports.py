@@ -1,7 +1,7 @@
 """The modules of stablelora import each other without a cycle, counting the imports inside
 functions too: a function-level import is there to keep a module light to import (torch,
-transformers), never to hide a cycle. Leaf modules (stablelora.errors, stablelora.quantities,
-stablelora.atomic_files) hold what both sides of a former cycle need."""
+transformers), never to hide a cycle. Leaf modules (stablelora.config.errors, stablelora.probes.quantities,
+stablelora.records.atomic) hold what both sides of a former cycle need."""
 
 from __future__ import annotations
 
@@ -98,9 +98,9 @@ def test_stablelora_has_no_import_cycle():
 
 def test_the_graph_sees_imports_inside_functions():
     graph = import_graph(ROOT / "stablelora")
-    # build_run imports the model loader inside the function (run_setup.py stays light).
-    assert "stablelora.models" in graph["stablelora.run_setup"]
-    assert "stablelora.quantities" in graph["stablelora.gamma"]
+    # build_run imports the model loader inside the function (stablelora/runner/setup.py stays light).
+    assert "stablelora.models" in graph["stablelora.runner.setup"]
+    assert "stablelora.probes.quantities" in graph["stablelora.probes.gamma"]
 
 
 def test_a_cycle_hidden_in_a_function_is_found(tmp_path):

@@ -59,9 +59,10 @@ def test_trainer_logs_what_run_py_records(tmp_path, monkeypatch, one_thread):
     from transformers import Trainer
 
     import stablelora.tasks as tasks
-    from stablelora.records import RunRecorder, read_jsonl
-    from stablelora.run_setup import Distributed, build_run, seed_everything
-    from stablelora.train import train
+    from stablelora.records.recorder import RunRecorder
+    from stablelora.records.rows import read_jsonl
+    from stablelora.runner.setup import Distributed, build_run, seed_everything
+    from stablelora.runner.train import train
 
     cfg = compose_config(SHRINKING)
     batches = []  # the batches train() reads, in its order
@@ -265,8 +266,8 @@ def test_sft_trainer_logs_the_shrink_and_the_probe(tmp_path, one_thread):
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    from stablelora.gamma import FeatureProbe
     from stablelora.optim import find_lora_pairs
+    from stablelora.probes.gamma import FeatureProbe
 
     tokenizer = byte_tokenizer()
     texts = [f"topic {i % 3}: the quick brown fox {i} jumps" for i in range(24)]

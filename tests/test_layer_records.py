@@ -12,8 +12,8 @@ from test_config import compose_config
 from test_gamma import toy_lora, train_steps
 
 from stablelora import create_optimizer, find_lora_pairs
-from stablelora.gamma import FeatureProbe
-from stablelora.layer_records import (
+from stablelora.probes.gamma import FeatureProbe
+from stablelora.records.layers import (
     LAYERS_FILE,
     PARTS_DIR,
     LayerRecords,
@@ -21,7 +21,7 @@ from stablelora.layer_records import (
     read_layer_table,
     split_per_layer,
 )
-from stablelora.records import read_jsonl
+from stablelora.records.rows import read_jsonl
 
 #: Bytes per logged step (a row of metrics.jsonl) of the smoke run's local records, W&B
 #: folder excluded: 4 LoRA layers, measured about 1.4 KB. With the per-layer values back in
@@ -166,7 +166,7 @@ def test_readers_keep_one_row_when_a_merge_was_cut_short(tmp_path):
 def test_recorder_routes_per_layer_keys_to_the_layer_file(tmp_path):
     from omegaconf import OmegaConf
 
-    from stablelora.records import RunRecorder
+    from stablelora.records.recorder import RunRecorder
 
     logger = OmegaConf.create(
         {
@@ -199,7 +199,7 @@ def test_recorder_routes_per_layer_keys_to_the_layer_file(tmp_path):
 def run_with_layers(overrides, run_dir, **kill):
     from test_runner import train_killed_at_batch
 
-    from stablelora.train import train
+    from stablelora.runner.train import train
 
     cfg = compose_config(overrides)
     if kill:
@@ -285,7 +285,8 @@ def test_analysis_reads_the_same_history_from_both_layouts(tmp_path, per_layer_p
     from omegaconf import OmegaConf
 
     from analysis.collect import collect
-    from stablelora.records import RunRecorder, _finite_or_none
+    from stablelora.records.console import _finite_or_none
+    from stablelora.records.recorder import RunRecorder
 
     rows = probe_metrics(steps=3)
     # The earlier layout: every key in metrics.jsonl (non-finite values as null), no width.
@@ -319,7 +320,7 @@ def test_with_gamma_keeps_a_stored_gamma_and_recomputes_the_missing_ones():
     import numpy as np
     import pandas as pd
 
-    from stablelora.layer_records import with_gamma
+    from stablelora.records.layers import with_gamma
 
     frame = pd.DataFrame(
         {

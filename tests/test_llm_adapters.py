@@ -20,7 +20,7 @@ from conftest import compose_config, run_cli
 from tiny import byte_tokenizer
 
 from analysis.tables.llm_adapters import BENCHMARKS
-from stablelora.config_groups import group_option
+from stablelora.config.groups import group_option
 from stablelora.tasks import build_task, check_task_config
 from stablelora.tasks.llm_adapters import (
     COMMONSENSE8,
@@ -311,8 +311,8 @@ def test_a_row_of_the_wrong_type_is_refused_naming_the_file_and_row(
 
 
 def test_configs_compose_and_pass_the_runner_checks(monkeypatch):
-    from stablelora.config_check import check_config
-    from stablelora.errors import ConfigError
+    from stablelora.config.check import check_config
+    from stablelora.config.errors import ConfigError
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     for name in ("commonsense8", "maths7"):

@@ -33,7 +33,7 @@ metadata:
 @pytest.fixture(scope="module")
 def arc_run(tmp_path_factory):
     """A completed smoke run on the ARC-Easy fixture (its adapter and records)."""
-    from stablelora.train import train
+    from stablelora.runner.train import train
 
     run_dir = tmp_path_factory.mktemp("lm_eval") / "run"
     overrides = [f"task.data_dir={ARC_FIXTURE}", "optim.lr=2e-2", "trainer.eval_before=false"]
@@ -144,7 +144,7 @@ def test_a_diverged_run_or_a_damaged_config_is_one_line(tmp_path, capsys):
     import yaml
 
     from stablelora.lm_eval import main
-    from stablelora.records import make_summary
+    from stablelora.records.summary import make_summary
 
     config = {"seed": 0, "model": {"name": "tiny_llama"}, "task": {"name": "bbc_news"},
               "method": {"name": "lora"}}  # fmt: skip
@@ -173,7 +173,7 @@ def test_a_truncated_adapter_names_the_file_and_what_to_do(arc_run, tmp_path):
     import shutil
 
     from stablelora.lm_eval import load_run_model
-    from stablelora.records import RecordsError
+    from stablelora.records.layers import RecordsError
 
     run_dir = tmp_path / "run"
     shutil.copytree(arc_run[0], run_dir)

@@ -1,4 +1,4 @@
-"""The LM head at the used positions only (stablelora/lm_head.py): the same training loss and
+"""The LM head at the used positions only (stablelora/runner/lm_head.py): the same training loss and
 gradients as transformers' full forward, the same loglik scores, on every model family the
 project loads (Llama, Qwen2, GPT-2), and the full forward where a model cannot be split."""
 
@@ -10,7 +10,7 @@ from conftest import SMOKE, compose_config
 from tiny import tiny_llama
 
 from stablelora import apply_lora
-from stablelora.lm_head import CausalLMLoss, split_causal_lm
+from stablelora.runner.lm_head import CausalLMLoss, split_causal_lm
 from stablelora.tasks.scoring import IGNORE_INDEX, loglikelihoods
 
 VOCAB = 300
@@ -112,7 +112,7 @@ def test_loglik_scores_at_continuation_positions_equal_the_full_forward(family):
 
 def test_a_real_training_batch_gives_the_same_loss_and_gradients(one_thread):
     """The smoke run's model and a BBC News batch from the task's own collate."""
-    from stablelora.config_check import plain_config
+    from stablelora.config.check import plain_config
     from stablelora.lora import adapter_arguments
     from stablelora.models import load_model
     from stablelora.tasks import build_task
@@ -156,8 +156,8 @@ def test_models_that_cannot_be_split_use_the_full_forward():
 
 
 def test_an_unknown_head_mode_is_a_config_error():
-    from stablelora.config_check import check_config
-    from stablelora.errors import ConfigError
+    from stablelora.config.check import check_config
+    from stablelora.config.errors import ConfigError
 
     with pytest.raises(ConfigError, match="trainer.lm_head must be one of"):
         check_config(compose_config([*SMOKE, "trainer.lm_head=some"]))

@@ -22,7 +22,8 @@ from stablelora.models import (
     model_record,
     package_file,
 )
-from stablelora.records import model_line, summary_from_wandb, wandb_summary
+from stablelora.records.console import model_line
+from stablelora.records.summary import summary_from_wandb, wandb_summary
 
 PRETRAINED = sorted(
     path.stem

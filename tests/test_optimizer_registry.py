@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import CONF, ROOT
 
-from stablelora.config_groups import group_option, group_options
+from stablelora.config.groups import group_option, group_options
 from stablelora.optim import OPTIMIZERS, create_optimizer, discover_optimizers
 from stablelora.optim.registry import ADAMW_SETTINGS, AdamWSettings, register_optimizer
 from stablelora.optim.riemann import RiemannianAdamW

@@ -24,18 +24,21 @@ from conftest import (
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from stablelora.config import register_resolvers
-from stablelora.job import run_job
-from stablelora.records import RecordsError, RunRecorder, read_jsonl, read_summary
-from stablelora.run_folder import RunFolderError, RunLock
-from stablelora.sweep import (
+from stablelora.config.identity import register_resolvers
+from stablelora.records.layers import RecordsError
+from stablelora.records.recorder import RunRecorder
+from stablelora.records.rows import read_jsonl
+from stablelora.records.summary import read_summary
+from stablelora.runner.folder import RunFolderError, RunLock
+from stablelora.runner.job import run_job
+from stablelora.runner.sweep import (
     SWEEP_LOG_ENV,
     SweepSummary,
     default_num_threads,
     report_to_sweep,
     sweep_summary_line,
 )
-from stablelora.train import RunInterrupted, train
+from stablelora.runner.train import RunInterrupted, train
 
 FAST = SMOKE + ["probe=off", "model.config.num_hidden_layers=1"]
 
@@ -184,7 +187,7 @@ def test_no_readable_checkpoint_says_what_to_do(tmp_path):
 
 
 def test_a_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
-    from stablelora import run_folder
+    from stablelora.runner import folder as run_folder
 
     run_folder.save_checkpoint_file({"state": {"step": 1}}, tmp_path)
 
@@ -230,7 +233,7 @@ def test_full_disk_is_one_line_and_keeps_the_summary_and_checkpoint(tmp_path, mo
 def test_a_write_past_a_limit_names_the_file_and_keeps_the_last_checkpoint(
     tmp_path, monkeypatch, code, words
 ):
-    from stablelora import run_folder
+    from stablelora.runner import folder as run_folder
 
     saved = []
     real_save = run_folder.torch.save
@@ -289,7 +292,7 @@ def test_a_real_file_size_limit_is_one_line_and_the_rerun_completes(tmp_path):
     reason="needs /sys, writable by permission bits (root) yet not writable",
 )
 def test_an_output_root_root_cannot_write_is_a_config_error():
-    from stablelora.hydra_guards import check_output_root
+    from stablelora.config.check import check_output_root
 
     with pytest.raises(ValueError, match=r"^output_root=/sys/x: /sys cannot be written \("):
         check_output_root(Path("/sys/x"))
@@ -372,7 +375,7 @@ def test_throughput_and_optimizer_records_are_logged_under_one_key(uninterrupted
 
 class CountingSGD(torch.optim.SGD):
     """An optimizer the runner cannot know of: SGD that counts its steps and reports them
-    through the records protocol (``stablelora.records.optimizer_summary``)."""
+    through the records protocol (``stablelora.records.summary.optimizer_summary``)."""
 
     def __init__(self, params, lr, layer_names):
         super().__init__(params, lr=lr)
@@ -399,8 +402,8 @@ def test_the_runner_drives_an_optimizer_and_an_adapter_by_their_protocols(tmp_pa
     run once per step, after the optimizer step and before the gradients are zeroed."""
     from peft.tuners.adalora import AdaLoraModel
 
-    from stablelora.layer_records import read_layers
     from stablelora.optim import OPTIMIZERS, register_optimizer
+    from stablelora.records.layers import read_layers
 
     built: list[CountingSGD] = []
 
@@ -597,7 +600,7 @@ def test_a_submitit_sweep_runs_and_a_preempted_job_is_requeued_to_the_same_recor
 
 
 def test_a_checkpoint_without_its_state_is_not_a_checkpoint(tmp_path, capsys):
-    from stablelora import run_folder
+    from stablelora.runner import folder as run_folder
 
     run_folder.save_checkpoint_file({"state": {"step": 3}}, tmp_path)
     run_folder.save_checkpoint_file({"trainable": {}, "steps": 5}, tmp_path)  # a foreign dict
@@ -609,7 +612,7 @@ def test_a_checkpoint_without_its_state_is_not_a_checkpoint(tmp_path, capsys):
 
 
 def test_seed_0_names_its_folder_like_every_other_seed():
-    from stablelora.config import run_dir_name
+    from stablelora.config.identity import run_dir_name
 
     def name(seed):
         return run_dir_name(_root_={"method": "lora", "task": "bbc", "model": "m", "seed": seed})

@@ -21,8 +21,9 @@ from conftest import (
     train_killed_at_batch,
 )
 
-from stablelora.records import read_jsonl, result_table
-from stablelora.train import train
+from stablelora.records.console import result_table
+from stablelora.records.rows import read_jsonl
+from stablelora.runner.train import train
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +76,7 @@ def test_in_process_run_writes_complete_records(smoke_run):
 def test_summary_records_the_loaded_model(smoke_run):
     """``base_model`` describes the model that ran (its own config and parameter counts, not
     the composed config's), and the result table says it in one line."""
-    from stablelora.config_check import plain_config
+    from stablelora.config.check import plain_config
     from stablelora.lora import adapter_arguments, apply_lora
     from stablelora.models import load_model
 
@@ -302,7 +303,7 @@ def test_multirun_records_a_failing_job_and_runs_the_others(tmp_path):
     # A job of 2 in parallel gets half the cores by default (here the completed one).
     import yaml
 
-    from stablelora.sweep import available_cores
+    from stablelora.runner.sweep import available_cores
 
     stored = yaml.safe_load((completed / "config.yaml").read_text())
     assert stored["trainer"]["num_threads"] == max(available_cores() // 2, 1)
@@ -436,7 +437,7 @@ def test_failed_summary_records_the_task_family_kind_and_protocol(tmp_path):
     """A job that fails before training still records what the analysis routes it on."""
     from omegaconf import OmegaConf
 
-    from stablelora.job import _record_failure
+    from stablelora.runner.job import _record_failure
 
     cfg = compose_config([*SMOKE, "task=chatterbot"])
     _record_failure(cfg, tmp_path / "run", "boom")

@@ -17,7 +17,7 @@ import pytest
 import torch
 from tiny import byte_llama, byte_tokenizer
 
-from stablelora.config_groups import group_option
+from stablelora.config.groups import group_option
 from stablelora.tasks import build_task, check_task_config
 from stablelora.tasks.base import MathTask, MultipleChoiceTask, Task
 from stablelora.tasks.data import TaskConfig

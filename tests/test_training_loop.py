@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 from conftest import SMOKE, compose_config
 
-from stablelora.records import read_jsonl
-from stablelora.run_setup import batch_indices
-from stablelora.train import train
+from stablelora.records.rows import read_jsonl
+from stablelora.runner.setup import batch_indices
+from stablelora.runner.train import train
 
 #: Three logged steps, no evaluation and no probe: only the training loss matters here.
 LOSS_ONLY = SMOKE + [
@@ -73,7 +73,7 @@ def test_ties_in_the_best_evaluation_go_to_the_earlier_step(tmp_path):
 
 
 def grouped_order(num_examples=50, seed=3, batch_size=4, pool_batches=4):
-    from stablelora.run_setup import TrainOrder
+    from stablelora.runner.setup import TrainOrder
 
     lengths = [(i * 37) % 23 + 5 for i in range(num_examples)]
     order = TrainOrder(num_examples, seed, batch_size, pool_batches, length_of=lengths.__getitem__)
@@ -121,7 +121,7 @@ def test_length_grouping_cuts_padding_and_is_a_pure_function_of_the_position():
 
 
 def test_no_grouping_is_the_plain_shuffled_stream():
-    from stablelora.run_setup import TrainOrder
+    from stablelora.runner.setup import TrainOrder
 
     for order in (TrainOrder(30, 1, 4), TrainOrder(30, 1, 4, 8, length_of=None)):
         assert order.indices(26, 8) == batch_indices(30, 1, 26, 8)

@@ -20,7 +20,7 @@ from analysis.tables.paired_examples import (
     mdd_factor,
 )
 from analysis.tables.tuned_lr import PICKS_FILE, TIE_RULE, pick_learning_rates
-from stablelora.example_records import ExampleRecords
+from stablelora.records.examples import ExampleRecords
 
 
 def write_examples(run_dir, correct: dict[str, list[bool]], step: int = 10) -> None:

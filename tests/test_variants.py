@@ -10,7 +10,7 @@ from tiny import LR, SHRINK, lora_model, stop_steps, token_batches
 from tiny import train_steps as train
 
 from stablelora import create_optimizer, find_lora_pairs
-from stablelora.train import train as run_training
+from stablelora.runner.train import train as run_training
 
 
 def magnitudes(model):

@@ -15,22 +15,24 @@ Each builder returns the paths it wrote, or ``[]`` when the records lack what it
 ``init_scale``     delta1/delta2 and ||A||_F against step, one curve per scale of A0
 ``lr_sweep``       a tuned study's selection curve: each method's score against lr, the pick
                    ringed
+``gamma_width``    the feature updates' RMS against model width with the fitted exponents
+                   (:mod:`analysis.width_fit`)
 ================== =====================================================================
 
 Curves are means over seeds with the range over seeds (and layers) as a band. A plot is a
 function registered by ``@register_plot`` (:mod:`analysis.plots.drawing`) in any module of
 this package (this package imports them all): :mod:`~analysis.plots.norms`,
-:mod:`~analysis.plots.deltas`, :mod:`~analysis.plots.curves`, :mod:`~analysis.plots.selection`.
+:mod:`~analysis.plots.deltas`, :mod:`~analysis.plots.curves`, :mod:`~analysis.plots.selection`,
+:mod:`~analysis.plots.width`...
 """
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from collections.abc import Iterable
 from pathlib import Path
 
 from analysis.collect import Collection
+from analysis.discovery import discover
 from analysis.plots.drawing import PLOTS, label_colors, register_plot, save_figure
 
 __all__ = ["PLOTS", "build_plots", "label_colors", "register_plot", "save_figure"]
@@ -48,23 +50,13 @@ REPORT_ORDER = (
 )
 
 
-def _discover() -> None:
-    """Import every module of this package (registering its plots), then order :data:`PLOTS`
-    by :data:`REPORT_ORDER`."""
-    for module in pkgutil.iter_modules(__path__):
-        importlib.import_module(f"{__name__}.{module.name}")
-
-    def rank(item):
-        name, draw = item
-        known = REPORT_ORDER.index(name) if name in REPORT_ORDER else len(REPORT_ORDER)
-        return known, draw.__module__, name
-
-    ordered = sorted(PLOTS.items(), key=rank)
-    PLOTS.clear()
-    PLOTS.update(ordered)
+def _rank(name: str, draw) -> tuple:
+    """The report's order: by :data:`REPORT_ORDER`, then by module and name."""
+    known = REPORT_ORDER.index(name) if name in REPORT_ORDER else len(REPORT_ORDER)
+    return known, draw.__module__, name
 
 
-_discover()
+discover(__name__, __path__, PLOTS, _rank)  # every module of this package, then the order
 
 
 def build_plots(

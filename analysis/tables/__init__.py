@@ -43,6 +43,8 @@ every table with its description. Among them:
                           median stop step, ||A|| first -> last, mid-run delta1/delta2
 ``summary``               every (model, task, method) group: runs, status, metrics
 ``runs_not_completed``    every failed, diverged or incomplete run and its error
+``gamma_width``           width exponents of the feature updates (:mod:`analysis.width_fit`),
+                          from a width sweep's ``records.jsonl`` or runs of several widths
 ========================= ================================================================
 
 Runs go to tables by what each recorded (``analysis.collect.TASK_FIELDS``): a run of a task
@@ -64,11 +66,10 @@ The package: :mod:`~analysis.tables.aggregation` (seeds -> cells, orders, run fi
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from collections.abc import Iterable
 
 from analysis.collect import Collection
+from analysis.discovery import discover
 from analysis.tables.aggregation import SEED_MODES, aggregate, check_mode, metric_scale
 from analysis.tables.formatting import Table, cell_text, latex_escape
 from analysis.tables.ordering import METHOD_ORDER, sort_frame
@@ -113,23 +114,15 @@ REPORT_ORDER = (
 )
 
 
-def _discover() -> None:
-    """Import every module of this package (registering its tables), then order
-    :data:`TABLES` by :data:`REPORT_ORDER`."""
-    for module in pkgutil.iter_modules(__path__):
-        importlib.import_module(f"{__name__}.{module.name}")
-
-    def rank(item):
-        module = item[1].__module__.rsplit(".", 1)[-1]
-        known = REPORT_ORDER.index(module) if module in REPORT_ORDER else len(REPORT_ORDER)
-        return known, module, item[1].__code__.co_firstlineno
-
-    ordered = sorted(TABLES.items(), key=rank)
-    TABLES.clear()
-    TABLES.update(ordered)
+def _rank(name: str, build) -> tuple:
+    """The report's order: by :data:`REPORT_ORDER` of the builder's module, then in the order
+    the module defines its tables."""
+    module = build.__module__.rsplit(".", 1)[-1]
+    known = REPORT_ORDER.index(module) if module in REPORT_ORDER else len(REPORT_ORDER)
+    return known, module, build.__code__.co_firstlineno
 
 
-_discover()
+discover(__name__, __path__, TABLES, _rank)  # every module of this package, then the order
 
 
 def build_tables(
@@ -144,6 +137,8 @@ def build_tables(
     tables = []
     for name in names:
         table = TABLES[name](coll, seeds)
-        if table is not None:
+        if isinstance(table, list):  # a builder with a table per source (gamma_width)
+            tables += table
+        elif table is not None:
             tables.append(table)
     return tables

@@ -136,6 +136,27 @@ def setting_runs(coll: Collection, exclude_label: list[str]) -> pd.DataFrame:
     return runs
 
 
+def table_runs(
+    coll: Collection, seeds: str, setting: str | None = None, *, relabel: bool = True
+) -> pd.DataFrame | None:
+    """The runs an accuracy table (Table 1, an ablation) shows, or None when it has nothing to
+    show: the opening every such builder shares. Checks ``seeds``; takes the runs scored by
+    log-likelihood accuracy (:func:`accuracy_runs`), labelled anew without ``setting`` (the
+    config key the table varies, e.g. ``adapter.init_scale``: the labels then name what else
+    differs; ``relabel=False`` keeps the collection's labels); None when there are no such runs,
+    or when ``setting`` is given and the runs lack it or do not take two values of it."""
+    check_mode(seeds)
+    if setting is not None and setting not in coll.runs:
+        return None
+    if relabel:
+        runs = setting_runs(coll, [] if setting is None else [setting])
+    else:
+        runs = accuracy_runs(coll.runs)
+    if runs.empty or (setting is not None and runs[setting].nunique() < 2):
+        return None
+    return runs
+
+
 def setting_column(runs: pd.DataFrame) -> pd.Series:
     """``model`` when one task is present, else ``model · task``."""
     if runs["task"].nunique() <= 1:

@@ -10,11 +10,10 @@ import pandas as pd
 from analysis.collect import Collection
 from analysis.tables.aggregation import (
     aggregate,
-    check_mode,
     display_values,
     not_completed_note,
     protocol_note,
-    setting_runs,
+    table_runs,
 )
 from analysis.tables.formatting import (
     Table,
@@ -29,9 +28,8 @@ from analysis.tables.registry import register_table
 def reviewer_controls(coll: Collection, seeds: str = "mean") -> Table | None:
     """The reviewers' controls beside LoRA and Stable-LoRA: accuracy, the difference from
     each, and when the layers stopped shrinking."""
-    check_mode(seeds)
-    runs = setting_runs(coll, [])
-    if runs.empty:
+    runs = table_runs(coll, seeds)
+    if runs is None:
         return None
     fixed_steps = runs.get("optimizer.stop_rule", pd.Series("", index=runs.index)).astype(str)
     shrinks = pd.to_numeric(runs.get("optimizer.shrink_ratio", 0), errors="coerce") > 0

@@ -10,11 +10,10 @@ import pandas as pd
 from analysis.collect import Collection, format_value
 from analysis.tables.aggregation import (
     aggregate,
-    check_mode,
     display_values,
     not_completed_note,
     protocol_note,
-    setting_runs,
+    table_runs,
 )
 from analysis.tables.formatting import (
     DASH,
@@ -54,11 +53,8 @@ def stability_measures(coll: Collection, runs: pd.DataFrame) -> pd.DataFrame:
 @register_table
 def init_scale(coll: Collection, seeds: str = "mean") -> Table | None:
     """Accuracy by the scale of A0 (``adapter.init_scale``): rows methods, columns scales."""
-    check_mode(seeds)
-    if "adapter.init_scale" not in coll.runs:
-        return None
-    runs = setting_runs(coll, ["adapter.init_scale"])
-    if runs.empty or runs["adapter.init_scale"].nunique() < 2:
+    runs = table_runs(coll, seeds, "adapter.init_scale")
+    if runs is None:
         return None
     runs = display_values(runs)
     cells = aggregate(runs, ["model", "task", "label", "method", "adapter.init_scale"], seeds)
@@ -94,10 +90,10 @@ def init_scale(coll: Collection, seeds: str = "mean") -> Table | None:
 def init_scale_stability(coll: Collection, seeds: str = "mean") -> Table | None:
     """By the scale of A0: the delta1/delta2 ratio at the last probed step and the growth of
     ||A||_F over the run (geometric means over seeds)."""
-    if "adapter.init_scale" not in coll.runs or coll.history.empty:
+    if coll.history.empty:
         return None
-    runs = setting_runs(coll, ["adapter.init_scale"])
-    if runs.empty or runs["adapter.init_scale"].nunique() < 2:
+    runs = table_runs(coll, "mean", "adapter.init_scale")  # geometric means, whatever seeds
+    if runs is None:
         return None
     measures = stability_measures(coll, runs)
     runs = runs.merge(measures, on="run_id")

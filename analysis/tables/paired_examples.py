@@ -54,8 +54,8 @@ from analysis.tables.formatting import Table, num_text
 from analysis.tables.ordering import sort_frame
 from analysis.tables.registry import register_table
 from stablelora.contamination import excluded_ids, read_record
-from stablelora.example_records import EXAMPLES_FILE, read_examples
-from stablelora.layer_records import RecordsError
+from stablelora.records.examples import EXAMPLES_FILE, read_examples
+from stablelora.records.layers import RecordsError
 
 __all__ = ["BOOTSTRAP_SAMPLES", "BOOTSTRAP_SEED", "bootstrap_differences"]
 

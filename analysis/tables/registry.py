@@ -1,7 +1,8 @@
 """Which tables there are: ``@register_table`` registers a builder under its function's name.
 
 A builder takes the collection and the seed protocol (``"mean"`` or ``"best"``) and returns a
-:class:`~analysis.tables.formatting.Table`, or None when the records do not support it. Its
+:class:`~analysis.tables.formatting.Table`, or None when the records do not support it (or a
+list of tables, when the records hold several of its kind: ``gamma_width``'s). Its
 docstring's first sentence is its description in ``python -m analysis.report --help``.
 ``analysis.tables`` imports every module of this package, so adding a table is one decorated
 function in any of them (in a new module too); the report prints them in
@@ -23,7 +24,7 @@ if TYPE_CHECKING:
     from analysis.collect import Collection
     from analysis.tables.formatting import Table
 
-Builder = Callable[["Collection", str], "Table | None"]
+Builder = Callable[["Collection", str], "Table | list[Table] | None"]
 #: Every table builder, by name (in the report's order once ``analysis.tables`` is imported).
 TABLES: dict[str, Builder] = {}
 #: Runs shown by a table of their own: a run field -> the values its tables own.

@@ -13,11 +13,10 @@ from analysis.collect import Collection
 from analysis.tables.aggregation import (
     AVG,
     SCALE,
-    accuracy_runs,
     aggregate,
-    check_mode,
     not_completed_note,
     protocol_note,
+    table_runs,
 )
 from analysis.tables.formatting import (
     DASH,
@@ -151,9 +150,8 @@ def _table1_published(model: str, training: str, method: str, tasks: list[str]) 
 def table1(coll: Collection, seeds: str = "mean") -> Table | None:
     """Table 1: rows (model, method), a column per QA task, the average, the paper's average
     and the difference. The CSV has one row per (model, training, method label)."""
-    check_mode(seeds)
-    runs = accuracy_runs(coll.runs)
-    if runs.empty:
+    runs = table_runs(coll, seeds, relabel=False)
+    if runs is None:
         return None
     cells, tasks = _table1_cells(runs, seeds)
     keys = ["model", "training", "label", "method"]
@@ -216,8 +214,8 @@ def table1_best(coll: Collection, seeds: str = "mean") -> Table | None:
 @register_table
 def table1_avg(coll: Collection, seeds: str = "mean") -> Table | None:
     """Table 1 in the paper's layout: rows models, columns methods, average accuracy (%)."""
-    runs = accuracy_runs(coll.runs)
-    if runs.empty:
+    runs = table_runs(coll, seeds, relabel=False)
+    if runs is None:
         return None
     full, _ = _table1_cells(runs, seeds)
     cells = full[full["task"] == AVG]

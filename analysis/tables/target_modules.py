@@ -8,11 +8,10 @@ from analysis import published
 from analysis.collect import Collection
 from analysis.tables.aggregation import (
     aggregate,
-    check_mode,
     display_values,
     not_completed_note,
     protocol_note,
-    setting_runs,
+    table_runs,
 )
 from analysis.tables.formatting import (
     Table,
@@ -40,11 +39,8 @@ def modules_text(modules: str) -> str:
 @register_table
 def ablation_target_modules(coll: Collection, seeds: str = "mean") -> Table | None:
     """Accuracy by target-module set: rows (model, task, modules), columns methods."""
-    check_mode(seeds)
-    if "adapter.target_modules" not in coll.runs:
-        return None
-    runs = setting_runs(coll, ["adapter.target_modules"])
-    if runs.empty or runs["adapter.target_modules"].nunique() < 2:
+    runs = table_runs(coll, seeds, "adapter.target_modules")
+    if runs is None:
         return None
     order = {m: i for i, m in enumerate(published.ALL_PROJECTIONS)}
     runs = display_values(runs).assign(

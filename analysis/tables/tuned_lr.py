@@ -19,7 +19,9 @@ file and runs each method at its pick, so the selection is never redone by hand.
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import pandas as pd
 
@@ -110,6 +112,15 @@ def picks_record(data: pd.DataFrame) -> dict:
             for _, row in picked.iterrows()
         ],
     }
+
+
+def write_picks(table: Table, out: Path) -> Path:
+    """``out/tuned_lr.json``: the picks of the ``tuned_lr`` table (:func:`picks_record`), the
+    record the final stage of a tuned study reads; ``analysis.report`` writes it beside the
+    report."""
+    path = out / PICKS_FILE
+    path.write_text(json.dumps(picks_record(table.data), indent=2) + "\n")
+    return path
 
 
 def selection_split(runs: pd.DataFrame) -> str | None:

@@ -21,7 +21,7 @@ Split rules (``task.split_rule``; a recorded config without the key ran under ``
   (:func:`clean_splits`). The check then finds no overlap by construction, and says so.
 
 A run writes ``contamination.json`` beside its other records (:func:`write_record`): for each
-(sub)task, the ids (:func:`stablelora.example_records.example_id`, as in ``examples.parquet``)
+(sub)task, the ids (:func:`stablelora.records.examples.example_id`, as in ``examples.parquet``)
 of the eval items that overlap its training data or its validation slice, exactly or as near
 duplicates, and the repeats of an item within the eval split. The analysis scores the *clean
 subset* of an eval split, every item minus :func:`excluded_ids`, beside the full split.
@@ -51,8 +51,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from stablelora.atomic_files import fsync_replace
-from stablelora.example_records import example_id, unique_ids
+from stablelora.records.atomic import fsync_replace
+from stablelora.records.examples import example_id, unique_ids
 
 CONTAMINATION_FILE = "contamination.json"
 VERSION = 1

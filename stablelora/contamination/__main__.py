@@ -100,7 +100,7 @@ def _compose(overrides: Sequence[str]):
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from stablelora.config import register_resolvers
+    from stablelora.config.identity import register_resolvers
 
     register_resolvers()
     conf = Path(__file__).resolve().parents[2] / "conf"

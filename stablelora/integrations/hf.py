@@ -14,12 +14,12 @@ TensorBoard, ..., and ``trainer.state.log_history`` receive the values), in rows
 at the step they describe:
 
 - on every logging step (``logging_steps``), the optimizer's shrink state, under the keys
-  ``run.py`` records (:func:`stablelora.records.optimizer_metrics`):
+  ``run.py`` records (:func:`stablelora.records.summary.optimizer_metrics`):
   ``shrink/num_shrinking``, ``shrink/fraction_shrinking``, plus ``shrink/newly_stopped``
   (layers that stopped since the callback's previous row: this step's stops when logging
   every step) and, once a layer has stopped, ``shrink/median_stop_step``;
 - with ``probe_every=N`` (and/or ``probe_first_steps=K``), on steps 1..K and every multiple of
-  N, the layer means of the feature probe (:class:`stablelora.gamma.FeatureProbe`, the keys
+  N, the layer means of the feature probe (:class:`stablelora.probes.gamma.FeatureProbe`, the keys
   ``run.py`` records): ``feat/delta1``, ``feat/delta2``, ``feat/delta3``, ``feat/dY``,
   ``lora/norm_A``, ``lora/norm_B``, the other ``feat/*`` and their ``gamma/*`` values.
 
@@ -37,10 +37,10 @@ import inspect
 
 from transformers import Trainer, TrainerCallback
 
-from stablelora.gamma import FeatureProbe
 from stablelora.optim.pairs import find_lora_pairs
 from stablelora.optim.stable_lora import shrink_counts
-from stablelora.records import optimizer_metrics
+from stablelora.probes.gamma import FeatureProbe
+from stablelora.records.summary import optimizer_metrics
 
 
 def _inner(optimizer):

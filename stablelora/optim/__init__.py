@@ -20,7 +20,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from stablelora.keyword_options import check_options
+from stablelora.config.keyword_options import check_options
 from stablelora.optim.pairs import LoRAPair, find_lora_pairs
 from stablelora.optim.registry import (
     OPTIMIZERS,

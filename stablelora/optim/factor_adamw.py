@@ -53,9 +53,10 @@ def stack_as(tensors: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
 
 
 # Tall (..., m, r) products on CPU. BLAS kernels are slow for a tall matrix with only r = 8
-# columns (about 3x slower than the same product in the (r, m) layout); viewing the contiguous
-# (m, r) matrix as (m/2, 2r) doubles the column count and runs 2.5-4x faster. The results are
-# the same up to float rounding (the extra terms are exact zeros for finite inputs).
+# columns (slower than the same product in the (r, m) layout); viewing the contiguous (m, r)
+# matrix as (m/2, 2r) doubles the column count and runs faster (measured: results/README.md,
+# "Optimizer step"; benchmarks/optimizer_overhead.py). The results are the same up to float
+# rounding (the extra terms are exact zeros for finite inputs).
 _TALL_MIN_ROWS = 256
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from stablelora.keyword_options import defaults, keyword_options
+from stablelora.config.keyword_options import defaults, keyword_options
 
 Builder = Callable[..., torch.optim.Optimizer]
 

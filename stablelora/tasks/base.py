@@ -16,7 +16,7 @@ from dataclasses import replace
 import torch
 
 from stablelora.contamination import CONTENT, SplitExamples, apply_split_rule
-from stablelora.example_records import example_id, unique_ids
+from stablelora.records.examples import example_id, unique_ids
 from stablelora.tasks.data import (
     EVAL_SHUFFLE_SEED,
     VALIDATION,
@@ -52,7 +52,7 @@ class Task:
 
     Subclasses hold their evaluation examples and implement ``_evaluate``. Those that score
     example by example also leave, after each ``evaluate``, one dict per example in
-    ``last_examples`` (:mod:`stablelora.example_records`: ``eval_set``, ``example_id``,
+    ``last_examples`` (:mod:`stablelora.records.examples`: ``eval_set``, ``example_id``,
     ``gold``, ``pred``, ``correct``...); the runner writes them to ``examples.parquet``.
     """
 

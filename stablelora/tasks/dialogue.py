@@ -49,7 +49,7 @@ from dataclasses import dataclass
 
 import torch
 
-from stablelora.errors import ConfigError
+from stablelora.config.errors import ConfigError
 from stablelora.tasks.base import Task
 from stablelora.tasks.data import EVAL_SHUFFLE_SEED, TaskConfig, sample_indices
 from stablelora.tasks.scoring import (

@@ -86,7 +86,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from stablelora.keyword_options import check_options
+from stablelora.config.keyword_options import check_options
 from stablelora.tasks.base import Task
 from stablelora.tasks.data import EVAL_SHUFFLE_SEED, DataSource, TaskConfig, sample_indices
 from stablelora.tasks.prompts import (

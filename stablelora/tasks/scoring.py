@@ -7,8 +7,8 @@ from collections.abc import Sequence
 
 import torch
 
-from stablelora.lm_head import IGNORE_INDEX, split_causal_lm
-from stablelora.run_folder import check_stop
+from stablelora.runner.folder import check_stop
+from stablelora.runner.lm_head import IGNORE_INDEX, split_causal_lm
 
 
 class PairEncoder:
@@ -121,7 +121,7 @@ def loglikelihoods(
     one sequence, not one each. Sequences are sorted longest first (the first batch shows the
     peak memory, and each batch holds sequences of similar length: little padding) and run
     ``batch_size`` at a time, right-padded, so the sums do not depend on the requests' order.
-    With ``head="used"`` (a model :mod:`stablelora.lm_head` can split, every request with a
+    With ``head="used"`` (a model :mod:`stablelora.runner.lm_head` can split, every request with a
     context and a continuation) each distinct context runs once for all its continuations
     (:func:`_shared_context_loglikelihoods`) and the LM head and log-softmax run only at the
     continuation positions; ``"all"`` (or a model it cannot split) is the plain path above.

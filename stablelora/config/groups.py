@@ -8,7 +8,7 @@ unknown key) and any key an experiment file adds: both would run silently with t
 A group's declared keys are the union over its options (``conf/<group>/*.yaml``, their
 defaults lists followed, and the group's node in ``config.yaml``); the ``adapter`` and
 ``optimizer`` groups are checked against ``apply_lora``'s and the optimizer builders'
-signatures instead (see :func:`stablelora.config_check.check_config`).
+signatures instead (see :func:`stablelora.config.check.check_config`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 import yaml
 
 #: The repository's config directory (Hydra's primary search path for run.py).
-CONF = Path(__file__).resolve().parent.parent / "conf"
+CONF = Path(__file__).resolve().parents[2] / "conf"
 GLOBAL_PACKAGE = "# @package _global_"
 
 

@@ -1,7 +1,7 @@
 """Building a run: the torchrun environment (:class:`Distributed`), the seeded training order
 (:class:`TrainOrder`), and :func:`build_run`, which loads the model, injects LoRA and builds the
 task, optimizer, schedule and probe into the :class:`Run` the training loop
-(:func:`stablelora.train.train`) touches."""
+(:func:`stablelora.runner.train.train`) touches."""
 
 from __future__ import annotations
 
@@ -15,11 +15,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from stablelora.config_check import optimizer_arguments, plain_config
-from stablelora.records import RunRecorder
+from stablelora.config.check import optimizer_arguments, plain_config
+from stablelora.records.recorder import RunRecorder
 
 if TYPE_CHECKING:
-    from stablelora.gamma import FeatureProbe
+    from stablelora.probes.gamma import FeatureProbe
     from stablelora.tasks import Task
 
 
@@ -166,12 +166,12 @@ def build_run(cfg, dist: Distributed, recorder: RunRecorder) -> Run:
     """Load the model, inject LoRA, build the task, optimizer, schedule and probe."""
     # Imported here, not at the top: importing this module stays light (no transformers),
     # and tests replace a loader on its module (stablelora.tasks.build_task).
-    from stablelora.gamma import FeatureProbe
-    from stablelora.lm_head import CausalLMLoss
     from stablelora.lora import adapter_arguments, apply_lora
     from stablelora.models import count_parameters, load_model, model_record
     from stablelora.optim import create_optimizer, find_lora_pairs
     from stablelora.optim.registry import ADAMW_SETTINGS
+    from stablelora.probes.gamma import FeatureProbe
+    from stablelora.runner.lm_head import CausalLMLoss
     from stablelora.tasks import build_task
 
     optim = cfg.optim

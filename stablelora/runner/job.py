@@ -1,7 +1,7 @@
-"""``run_job``: what ``run.py`` calls. It runs :func:`stablelora.train.train` and turns every way
-a run can end into records, one line and an exit code: a config error (exit code 2, no folder
-left behind), a busy or foreign run folder, short or damaged records (left as found), a full
-disk, a stop signal (``interrupted``, resumable), any other error (``failed``, with its
+"""``run_job``: what ``run.py`` calls. It runs :func:`stablelora.runner.train.train` and turns
+every way a run can end into records, one line and an exit code: a config error (exit code 2, no
+folder left behind), a busy or foreign run folder, short or damaged records (left as found), a
+full disk, a stop signal (``interrupted``, resumable), any other error (``failed``, with its
 traceback). A diverged run is a result (exit code 0).
 """
 
@@ -14,19 +14,16 @@ import sys
 import traceback
 from pathlib import Path
 
-from stablelora.config_check import plain_config
-from stablelora.errors import CONFIG_ERROR_EXIT, ConfigError
-from stablelora.records import (
-    RecordsError,
-    make_summary,
-    read_jsonl,
-    result_table,
-    write_json_atomic,
-)
-from stablelora.run_folder import RunFolderError, StopSignals, run_launcher_handler
-from stablelora.sweep import STARTED, report_to_sweep, stop_sweep, sweep_stopped
+from stablelora.config.check import plain_config
+from stablelora.config.errors import CONFIG_ERROR_EXIT, ConfigError
+from stablelora.records.console import result_table
+from stablelora.records.layers import RecordsError
+from stablelora.records.rows import read_jsonl
+from stablelora.records.summary import make_summary, write_json_atomic
+from stablelora.runner.folder import RunFolderError, StopSignals, run_launcher_handler
+from stablelora.runner.sweep import STARTED, report_to_sweep, stop_sweep, sweep_stopped
+from stablelora.runner.train import RunInterrupted, train
 from stablelora.tasks import task_record
-from stablelora.train import RunInterrupted, train
 
 
 def run_job(cfg, run_dir: Path, multirun: bool = False):

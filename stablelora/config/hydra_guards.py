@@ -7,16 +7,14 @@ own copy of the config on a full disk (:func:`guard_hydra_save`)."""
 from __future__ import annotations
 
 import errno
-import os
 import sys
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
 
-from stablelora.config_groups import group_options
-from stablelora.errors import CONFIG_ERROR_EXIT
+from stablelora.config.errors import CONFIG_ERROR_EXIT
+from stablelora.config.groups import CONF, group_options
 
 #: Hydra's flags that take the next argument as their value (not an override).
 _VALUED_FLAGS = (
@@ -51,7 +49,7 @@ def _default_groups(conf_dir: Path) -> tuple[tuple[str, ...], tuple[str, ...]]:
     return tuple(picked), tuple(optional)
 
 
-DEFAULT_GROUPS, OPTIONAL_GROUPS = _default_groups(Path(__file__).resolve().parent.parent / "conf")
+DEFAULT_GROUPS, OPTIONAL_GROUPS = _default_groups(CONF)
 
 
 def check_command_line(args: list[str], conf_dir: Path) -> list[str]:
@@ -136,32 +134,8 @@ def guard_hydra_save() -> None:
 _hydra_save_config: Callable[..., None]
 
 
-def check_output_root(root: Path) -> None:
-    """Raise a one-line ValueError when ``root`` is (inside) a file or cannot be written."""
-    existing = Path(root)
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise ValueError(
-            f"output_root={root}: {existing} is a file, not a directory: set output_root to "
-            "a directory."
-        )
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(
-            f"output_root={root}: {existing} is not writable: set output_root to a writable "
-            "directory."
-        )
-    try:  # root passes os.access everywhere, yet cannot write in /sys or a read-only mount
-        tempfile.TemporaryDirectory(dir=existing, prefix=".stablelora-write-check-").cleanup()
-    except OSError as error:
-        raise ValueError(
-            f"output_root={root}: {existing} cannot be written ({error.strerror}): set "
-            "output_root to a writable directory."
-        ) from None
-
-
 class ConfigCheck(Callback):
-    """Check every run's config (:func:`stablelora.config_check.check_config`) once Hydra has
+    """Check every run's config (:func:`stablelora.config.check.check_config`) once Hydra has
     composed it and before Hydra creates any folder: a single run in ``on_run_start``; every
     job of a multirun in ``on_multirun_start``, each composed as Hydra's basic sweeper will
     compose it. A bad value stops the command with one line (naming the job in a sweep) and
@@ -171,6 +145,8 @@ class ConfigCheck(Callback):
         _check_or_exit(config)
 
     def on_multirun_start(self, config, **kwargs) -> None:
+        from stablelora.config.check import check_output_root
+
         try:
             check_output_root(Path(str(config.output_root)))
         except ValueError as error:
@@ -206,8 +182,8 @@ def sweep_jobs(config) -> list[list[str]]:
 
 
 def _check_or_exit(config, job: str | None = None) -> None:
-    from stablelora.config_check import check_config
-    from stablelora.errors import ConfigError
+    from stablelora.config.check import check_config
+    from stablelora.config.errors import ConfigError
 
     sources = config.hydra.runtime.get("config_sources") or []
     dirs = [Path(s.path) for s in sources if s.schema == "file"] or None

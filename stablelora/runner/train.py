@@ -1,7 +1,7 @@
 """One training run: load, inject LoRA, train with the chosen optimizer, evaluate, record.
 
 ``train(cfg, run_dir)`` is the whole recipe; ``run.py`` only composes the config and calls
-:func:`stablelora.job.run_job`, which turns errors into records. Single process or
+:func:`stablelora.runner.job.run_job`, which turns errors into records. Single process or
 ``torchrun`` (DDP: every rank trains, rank 0 evaluates, logs and writes).
 """
 
@@ -19,17 +19,17 @@ from typing import Any
 
 import torch
 
-from stablelora.config_check import check_config, plain_config
+from stablelora.config.check import check_config, plain_config
 from stablelora.contamination import record_overlap
-from stablelora.layer_records import LayerRecords
-from stablelora.records import (
-    RunRecorder,
+from stablelora.records.layers import LayerRecords
+from stablelora.records.recorder import RunRecorder
+from stablelora.records.summary import (
     make_summary,
     optimizer_metrics,
     optimizer_summary,
     read_summary,
 )
-from stablelora.run_folder import (
+from stablelora.runner.folder import (
     RunLock,
     StopRequested,
     StopSignals,
@@ -39,7 +39,7 @@ from stablelora.run_folder import (
     save_adapter,
     save_checkpoint_file,
 )
-from stablelora.run_setup import Distributed, Run, build_run, seed_everything
+from stablelora.runner.setup import Distributed, Run, build_run, seed_everything
 
 
 class RunInterrupted(Exception):
@@ -105,7 +105,7 @@ def evaluate(run: Run, step: int) -> dict[str, float]:
 
     Raises:
         StopRequested: on every rank, when a stop signal ended the evaluation (it polls
-            :func:`~stablelora.run_folder.check_stop` between batches); nothing is recorded.
+            :func:`~stablelora.runner.folder.check_stop` between batches); nothing is recorded.
     """
     metrics, stop = {}, None
     if run.dist.is_main:
@@ -372,7 +372,7 @@ def better(best: dict, result: dict, task, step: int) -> dict:
 
 
 def summarize(cfg, run: Run, state: dict, final: dict, wall_time: float) -> dict:
-    """The ``summary.json`` of a run (schema: ``stablelora.records.make_summary``)."""
+    """The ``summary.json`` of a run (schema: ``stablelora.records.summary.make_summary``)."""
     from stablelora.tasks import task_record
 
     return make_summary(

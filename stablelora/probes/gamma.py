@@ -72,7 +72,7 @@ Per layer (with ``per_layer=True``):
 
 - ``feat/<layer>/<q>``: the RMS of q for that layer.
 - ``gamma/<layer>/<q>``: ``log(feat/<layer>/<q>) / log(n)``, computed by
-  :func:`stablelora.quantities.gamma_values` (the run records keep only the RMS and n and
+  :func:`stablelora.probes.quantities.gamma_values` (the run records keep only the RMS and n and
   recompute it with the same function).
 - ``lora/<layer>/norm_A``, ``lora/<layer>/norm_B``: ``||A'||_F``, ``||B'||_F`` after the step.
 - ``lora/<layer>/width``: n, the layer's input width (the denominator of its gamma values).
@@ -84,7 +84,7 @@ Cost: nothing when ``enabled=False`` (no hooks, no snapshots). Otherwise a pre-h
 returns at once on non-logging steps, and on logging steps a copy of A, B and of at most
 ``max_tokens`` input rows per layer, a few (r x n) @ (n x T) products and one device-to-host
 transfer for all the numbers. The (m x T) matrices delta1 ... dY are never formed: their
-norms come from r x r Gram matrices (:func:`stablelora.feature_updates.update_rms`), so
+norms come from r x r Gram matrices (:func:`stablelora.probes.feature_updates.update_rms`), so
 memory stays O(r (n + m + T)) per layer even when many wide layers are measured at once.
 """
 
@@ -99,9 +99,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from stablelora.feature_updates import adam_directions, rms, update_rms
 from stablelora.optim.pairs import LoRAPair
-from stablelora.quantities import DECOMPOSITION, QUANTITIES, gamma_values
+from stablelora.probes.feature_updates import adam_directions, rms, update_rms
+from stablelora.probes.quantities import DECOMPOSITION, QUANTITIES, gamma_values
 
 
 @dataclass
@@ -346,7 +346,7 @@ class FeatureProbe:
 
     def _shrink_metrics(self, measured: list[_Layer], optimizer) -> dict[str, float]:
         """The optimizer's per-layer scalars (its ``record_layers()``, see
-        ``stablelora.records.optimizer_summary``) as ``lora/<layer>/<key>``."""
+        ``stablelora.records.summary.optimizer_summary``) as ``lora/<layer>/<key>``."""
         record_layers = getattr(optimizer, "record_layers", None)
         if record_layers is None or not self.per_layer:
             return {}

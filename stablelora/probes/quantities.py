@@ -1,5 +1,5 @@
-"""What the feature probe measures, shared by the probe (:mod:`stablelora.gamma`), the run
-records (:mod:`stablelora.layer_records`) and the analysis: the quantities' names, in the
+"""What the feature probe measures, shared by the probe (:mod:`stablelora.probes.gamma`), the run
+records (:mod:`stablelora.records.layers`) and the analysis: the quantities' names, in the
 probe's order, and the gamma value of a magnitude. Numpy only, no torch."""
 
 from __future__ import annotations

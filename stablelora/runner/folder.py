@@ -19,9 +19,12 @@ from typing import Any, TextIO
 import torch
 import yaml
 
-from stablelora.atomic_files import fsync_folder, writing
-from stablelora.config import computed_config
-from stablelora.records import RecordsError, flatten, read_summary, say
+from stablelora.config.identity import computed_config
+from stablelora.records.atomic import fsync_folder, writing
+from stablelora.records.console import say
+from stablelora.records.layers import RecordsError
+from stablelora.records.rows import flatten
+from stablelora.records.summary import read_summary
 
 #: What ``signal.signal`` takes and returns: a function, SIG_DFL / SIG_IGN, or None.
 SignalHandler = Callable[[int, FrameType | None], Any] | int | None

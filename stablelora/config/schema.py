@@ -1,14 +1,14 @@
 """The declared type and range of every key a run's config shares, whichever options compose it:
 one pydantic model per config group (:class:`RunSchema` for the whole config), checked by
 :func:`check_schema` on the resolved config before any folder or model exists, and printed as
-the options table of ``docs/runner.md`` (``python -m stablelora.config_schema``).
+the options table of ``docs/runner.md`` (``python -m stablelora.config.schema``).
 
 Strict: ``trainer.max_steps=1e3`` (a float), ``seed=true`` (a bool) and ``seed=1.5`` are
 refused, not converted; an integer is accepted where a number is. Keys an option adds of its
 own (a task family's ``subtasks``, a Hub model's ``revision``) are allowed here and checked
-against the keys the group's yaml files declare (:mod:`stablelora.config_groups`); the
+against the keys the group's yaml files declare (:mod:`stablelora.config.groups`); the
 ``adapter`` and ``optimizer`` groups are checked against ``apply_lora``'s and the optimizer
-builders' signatures (:mod:`stablelora.config_check`).
+builders' signatures (:mod:`stablelora.config.check`).
 """
 
 from __future__ import annotations
@@ -134,7 +134,7 @@ class AnalysisSchema(_Group):
 
 class RunSchema(BaseModel):
     """A run's whole config; ``adapter``, ``optimizer`` and ``method`` are checked against the
-    functions that take them (:func:`stablelora.config_check.check_config`)."""
+    functions that take them (:func:`stablelora.config.check.check_config`)."""
 
     model_config = ConfigDict(strict=True, extra="allow")
 
@@ -260,8 +260,8 @@ def _defaults() -> dict[str, str]:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from stablelora.config import register_resolvers
-    from stablelora.config_groups import CONF
+    from stablelora.config.groups import CONF
+    from stablelora.config.identity import register_resolvers
 
     register_resolvers()
     with initialize_config_dir(str(CONF), version_base="1.3"):

@@ -2,7 +2,7 @@
 delta1, delta2, delta3 and dY of a LoRA layer's output change (:func:`feature_update_terms`,
 the reference definition), their RMS without forming them (:func:`update_rms`, what the probe
 measures), and the Adam direction behind gAZ (:func:`adam_directions`). The probe that
-measures them in training, and the definitions: :mod:`stablelora.gamma`."""
+measures them in training, and the definitions: :mod:`stablelora.probes.gamma`."""
 
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from stablelora.records import STATUSES  # the run statuses, counted in this order
+from stablelora.records.summary import STATUSES  # the run statuses, counted in this order
 
 
 def available_cores() -> int:
@@ -116,8 +116,8 @@ class SweepSummary(Callback):
 
     def on_multirun_start(self, config, **kwargs) -> None:
         # Here, not at the top: run.py imports this module before Hydra starts, and
-        # stablelora.run_folder imports torch (seconds that `run.py --help` need not wait).
-        from stablelora.run_folder import STOP_SIGNALS
+        # stablelora.runner.folder imports torch (seconds that `run.py --help` need not wait).
+        from stablelora.runner.folder import STOP_SIGNALS
 
         sweep_dir = Path(config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)

@@ -1,23 +1,24 @@
 """Check a composed config: every error a user can make in it, found before anything loads.
 
-:func:`check_config` raises :class:`~stablelora.errors.ConfigError` with one line saying what
+:func:`check_config` raises :class:`~stablelora.config.errors.ConfigError` with one line saying what
 is wrong and how to fix it; the runner reports it and exits with
-:data:`~stablelora.errors.CONFIG_ERROR_EXIT` (2, a usage error).
+:data:`~stablelora.config.errors.CONFIG_ERROR_EXIT` (2, a usage error).
 """
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 from typing import Any, cast
 
 import torch
 from omegaconf import OmegaConf
 
-from stablelora.config_groups import check_groups
-from stablelora.config_schema import check_schema
-from stablelora.errors import ConfigError
-from stablelora.hydra_guards import check_output_root
-from stablelora.keyword_options import check_options
+from stablelora.config.errors import ConfigError
+from stablelora.config.groups import check_groups
+from stablelora.config.keyword_options import check_options
+from stablelora.config.schema import check_schema
 from stablelora.lora import (
     adapter_arguments,
     check_lora_options,
@@ -28,7 +29,7 @@ from stablelora.models import check_model_config, skeleton
 from stablelora.optim import check_optimizer_options
 from stablelora.tasks import check_chat_template, check_task_config
 
-#: Groups checked against the keys their yaml files declare (stablelora.config_groups); the
+#: Groups checked against the keys their yaml files declare (stablelora.config.groups); the
 #: adapter and optimizer groups are checked against apply_lora's and the builders' signatures.
 DECLARED_GROUPS = ("model", "task", "method", "optim", "trainer", "logger", "probe")
 
@@ -45,7 +46,7 @@ def optimizer_arguments(optimizer_cfg) -> tuple[str, dict]:
 
 
 def check_config(cfg, config_dirs=None) -> None:
-    """Raise :class:`~stablelora.errors.ConfigError` (one line: what is wrong, how to fix it)
+    """Raise :class:`~stablelora.config.errors.ConfigError` (one line: what is wrong, how to fix it)
     for a bad config: a key no yaml of its group declares, a value of the wrong type or range,
     an adapter or optimizer option their functions do not take, an unusable ``output_root``, a
     model or task that cannot be loaded. Loads nothing; ``config_dirs``: the config search path
@@ -105,3 +106,27 @@ def _config_message(message: str) -> str:
             if message.startswith(name):
                 return f"{group}.{message}"
     return message
+
+
+def check_output_root(root: Path) -> None:
+    """Raise a one-line ValueError when ``root`` is (inside) a file or cannot be written."""
+    existing = Path(root)
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(
+            f"output_root={root}: {existing} is a file, not a directory: set output_root to "
+            "a directory."
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(
+            f"output_root={root}: {existing} is not writable: set output_root to a writable "
+            "directory."
+        )
+    try:  # root passes os.access everywhere, yet cannot write in /sys or a read-only mount
+        tempfile.TemporaryDirectory(dir=existing, prefix=".stablelora-write-check-").cleanup()
+    except OSError as error:
+        raise ValueError(
+            f"output_root={root}: {existing} cannot be written ({error.strerror}): set "
+            "output_root to a writable directory."
+        ) from None

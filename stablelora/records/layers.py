@@ -1,10 +1,10 @@
 """Per-layer run records: the probe's per-layer series in one compressed parquet file per run.
 
-The feature probe (:mod:`stablelora.gamma`) returns per-layer keys ``<section>/<layer>/<q>``
+The feature probe (:mod:`stablelora.probes.gamma`) returns per-layer keys ``<section>/<layer>/<q>``
 (``feat/<layer>/delta1``, ``gamma/<layer>/dY``, ``lora/<layer>/norm_A``, ...). Written as JSON
 text in every ``metrics.jsonl`` row they cost about 70 KB per logged step for 60 layers, so
-:class:`~stablelora.records.RunRecorder` splits them off (:func:`split_per_layer`) and hands
-them to a :class:`LayerRecords`, which writes them in a wide table, one row per
+:class:`~stablelora.records.recorder.RunRecorder` splits them off (:func:`split_per_layer`)
+and hands them to a :class:`LayerRecords`, which writes them in a wide table, one row per
 (step, layer):
 
 ====================  ========  ===========================================================
@@ -21,7 +21,7 @@ column                type      content
 
 A key a row did not have is a null; a NaN value stays a NaN. float32 loses nothing: the probe
 computes every per-layer RMS and norm in float32 and steps are integers, and the per-layer
-gamma values are recomputed exactly by :func:`stablelora.quantities.gamma_values`, the very
+gamma values are recomputed exactly by :func:`stablelora.probes.quantities.gamma_values`, the very
 function the probe computes them with (:func:`with_gamma`, :func:`per_layer_metrics`).
 
 Files, crash-safe and append-friendly: rows are buffered in memory; :meth:`LayerRecords.flush`
@@ -46,8 +46,8 @@ from typing import Any
 
 import numpy as np
 
-from stablelora.atomic_files import writing
-from stablelora.quantities import QUANTITIES, gamma_values
+from stablelora.probes.quantities import QUANTITIES, gamma_values
+from stablelora.records.atomic import writing
 
 LAYERS_FILE = "layers.parquet"
 PARTS_DIR = "layers.parts"

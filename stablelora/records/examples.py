@@ -40,8 +40,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from stablelora.atomic_files import fsync_replace, writing
-from stablelora.layer_records import RecordsError
+from stablelora.records.atomic import fsync_replace, writing
+from stablelora.records.layers import RecordsError
 
 EXAMPLES_FILE = "examples.parquet"
 COLUMNS = ("step", "eval_set", "example_id", "gold", "pred", "pred_norm", "correct", "loglik")

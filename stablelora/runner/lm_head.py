@@ -3,10 +3,11 @@ positions in log-likelihood scoring.
 
 A causal LM computes ``logits = head(body(ids))`` at every position, but the training loss
 reads only the positions whose next token carries a label (2 of ~38 tokens of a BBC News
-example, ~17% on ARC-Easy), and a choice's score only its continuation's positions. On
-SmolLM2-135M the head (49,152 x 576) and its log-softmax are about a quarter of a step, so
-running them on the used rows alone saves that much, with the same loss and gradients: the
-rows a position's logits depend on are exactly the ones kept.
+example, a larger share on ARC-Easy), and a choice's score only its continuation's
+positions. On SmolLM2-135M the head (49,152 x 576) and its log-softmax are a large share of a
+step (measured: results/README.md, "Step speed"; ``benchmarks/step_speed.py``), so running them
+on the used rows alone saves most of it, with the same loss and gradients: the rows a
+position's logits depend on are exactly the ones kept.
 
 :func:`split_causal_lm` finds the body and the head of the model families whose logits are
 the plain ``head(last_hidden_state)`` (no soft-capping or scaling, no loss term added by the
