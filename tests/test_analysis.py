@@ -11,31 +11,20 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pandas as pd
 import pytest
 import yaml
-from conftest import check_latex
+from helpers import check_latex, run_cli
 
 from analysis.collect import collect, collect_wandb, wandb_run_records
 from analysis.tables import build_tables
 
-ROOT = Path(__file__).resolve().parent.parent
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled"}
-
-
-def run_python(*args, timeout=600, expect=0):
-    result = subprocess.run(
-        [sys.executable, *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout
-    )
-    assert result.returncode == expect, result.stdout[-2000:] + result.stderr[-4000:]
-    return result
+#: Every command here runs offline with W&B disabled, and must exit 0.
+NO_WANDB_EXIT_0 = dict(wandb_mode="disabled", expect=0)
 
 
 # ---------------------------------------------------------------------------- real records
@@ -65,8 +54,8 @@ def completed_run(sweep_dir: Path, method: str, seed: int) -> Path:
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("analysis")
-    run_python("run.py", "-m", "experiment=table1", "scale=smoke", "method=lora,stable_lora",
-               f"output_root={root}")  # fmt: skip
+    run_cli("run.py", "-m", "experiment=table1", "scale=smoke", "method=lora,stable_lora",
+            f"output_root={root}", **NO_WANDB_EXIT_0)  # fmt: skip
     sweep_dir = root / "sweeps" / "table1_smoke"
     # A run that failed during training (a config error leaves no folder), in a config of its
     # own: rank 0.
@@ -219,7 +208,7 @@ def test_runs_not_completed_lists_every_other_status(sweep):
 @pytest.mark.slow
 def test_report_command_writes_tables_and_plots(sweep, tmp_path):
     out = tmp_path / "report"
-    result = run_python("-m", "analysis.report", str(sweep), "--out", str(out))
+    result = run_cli("-m", "analysis.report", str(sweep), "--out", str(out), **NO_WANDB_EXIT_0)
     assert "### Table 1" in result.stdout and "Runs that did not complete" in result.stdout
     for name in ("table1", "table1_avg", "summary", "shrink_stops", "runs_not_completed"):
         for ext in ("md", "tex", "csv"):
@@ -234,7 +223,7 @@ def test_report_command_writes_tables_and_plots(sweep, tmp_path):
         assert pdf.read_bytes()[:5] == b"%PDF-" and pdf.stat().st_size > 1000, name
     assert (out / "report.md").exists() and (out / "tables" / "runs.csv").exists()
     # Best of seeds by the flag; the default output folder is report/ in the sweep.
-    run_python("-m", "analysis.report", str(sweep), "--seeds", "best", "--no-plots")
+    run_cli("-m", "analysis.report", str(sweep), "--seeds", "best", "--no-plots", **NO_WANDB_EXIT_0)
     best = pd.read_csv(sweep / "report" / "tables" / "table1.csv").set_index("label")
     assert best.loc["stable_lora", "bbc_news"] == 87.5
 
@@ -245,7 +234,7 @@ def test_report_imports_no_torch():
         "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers')]; "
         "assert not bad, bad"
     )
-    run_python("-c", code)
+    run_cli("-c", code, **NO_WANDB_EXIT_0)
 
 
 # ---------------------------------------------------------------------------- W&B

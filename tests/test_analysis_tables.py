@@ -6,107 +6,19 @@ from __future__ import annotations
 import json
 import math
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
-from conftest import check_latex
+from helpers import check_latex, tables_of, write_run
 
 from analysis import published
 from analysis.collect import collect
 from analysis.plots import build_plots
 from analysis.tables import build_tables, latex_escape, select_learning_rate
-from stablelora.optim.stable_lora import shrink_counts
 
 
 # ---------------------------------------------------------------------------- synthetic
-def _set(config: dict, dotted: str, value) -> None:
-    *parents, last = dotted.split(".")
-    for key in parents:
-        config = config.setdefault(key, {})
-    config[last] = value
-
-
-def write_run(
-    root: Path,
-    name: str,
-    *,
-    model="tiny_llama",
-    task="bbc_news",
-    method="lora",
-    seed=0,
-    acc=0.5,
-    status="completed",
-    config=None,
-    final=None,
-    initial=None,
-    metrics=(),
-    main_metric="eval/acc",
-    train_time=10.0,
-    shrink=None,
-    recorded=None,
-) -> Path:
-    """A run directory in the runner's format, with the values given; ``recorded``: summary
-    fields of a newer runner (e.g. ``task_kind``), absent from older records."""
-    run_dir = root / name
-    run_dir.mkdir(parents=True)
-    shrinks = method.startswith("stable")
-    cfg = {
-        "model": {"name": model},
-        "task": {"name": task, "protocol": "loglik"},
-        "method": {"name": method},
-        "adapter": {
-            "name": "lora",
-            "rank": 8,
-            "target_modules": ["q_proj", "v_proj"],
-            "init_scale": 1.0,
-        },
-        "optimizer": {
-            "name": method,
-            "builder": "stable_lora" if shrinks else method,
-            **({"shrink_ratio": 5e-4, "stop_rule": "norm"} if shrinks else {}),
-        },
-        "optim": {"lr": 1e-4},
-        "trainer": {"max_steps": 10},
-        "seed": seed,
-    }
-    for key, value in (config or {}).items():
-        _set(cfg, key, value)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg))
-    final = {main_metric: acc} if final is None else final
-    summary = {
-        "status": status,
-        "error": None if status == "completed" else "boom",
-        "steps": 10,
-        "max_steps": 10,
-        "main_metric": main_metric,
-        "initial": {main_metric: 0.25} if initial is None else initial,
-        "final": final if status == "completed" else {},
-        "best": {},
-        "train_loss_final": 1.0,
-        "wall_time_s": train_time + 1,
-        "train_time_s": train_time,
-        "peak_memory_mb": 1000.0,
-        "method": method,
-        "task": task,
-        "model": model,
-        "seed": seed,
-        "shrink": shrink,
-        # As StableLoRA.record_summary writes them: the counts from the per-layer state.
-        "shrink_layers": shrink_counts(shrink) if shrink else None,
-        **(recorded or {}),
-    }
-    (run_dir / "summary.json").write_text(json.dumps(summary))
-    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
-    return run_dir
-
-
-def tables_of(root: Path, mode="mean") -> dict:
-    return {t.name: t for t in build_tables(collect(root), mode)}
-
-
 def test_table1_published_average_and_difference(tmp_path):
     accuracies = {"lora": [0.60, 0.62, 0.61], "stable_lora": [0.64, 0.66, 0.65]}
     for method, values in accuracies.items():

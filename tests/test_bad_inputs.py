@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import CONF, ROOT, SMOKE, compose_config, run_cli
+from helpers import CONF, ROOT, SMOKE, compose_config, run_cli
 
 from stablelora.config.groups import group_options
 from stablelora.config.hydra_guards import check_command_line

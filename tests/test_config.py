@@ -7,18 +7,15 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import compose_config
+from helpers import CONF, ROOT, compose_config, offline_env
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from stablelora.config.identity import register_resolvers
 
-ROOT = Path(__file__).resolve().parent.parent
-CONF = ROOT / "conf"
 register_resolvers()
 
 
@@ -384,6 +381,7 @@ def test_validation_accepts_every_composed_default():
         ("analysis.primary.alpha=0.7", r"^analysis.primary.alpha must be < 0.5"),
         ("optim.lr=${oc.env:STABLELORA_NOT_SET}", r"^optim.lr cannot be resolved: .*NOT_SET"),
         ("seed=${seed}", r"^seed cannot be resolved: Recursive interpolation detected"),
+        ("model.config.num_attention_heads=5", r"^model.config cannot build tiny_llama: .*hidden"),
     ],
 )
 def test_bad_values_are_one_clear_line(override, message, monkeypatch):
@@ -433,7 +431,6 @@ def test_runner_config_error_is_one_line_exit_2_before_the_model_loads(
 ):
     if "output_root=/dev/null/x" not in overrides:
         overrides = [*overrides, f"output_root={tmp_path}"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     result = subprocess.run(
         [
             sys.executable,
@@ -443,7 +440,7 @@ def test_runner_config_error_is_one_line_exit_2_before_the_model_loads(
             "logger.mode=disabled",
         ],
         cwd=tmp_path,
-        env=env,
+        env=offline_env(),
         capture_output=True,
         text=True,
         timeout=300,

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, SMOKE, compose_config, run_cli
+from helpers import ROOT, SMOKE, compose_config, run_cli
 
 from stablelora.config.groups import group_option
 from stablelora.contamination import (

@@ -15,12 +15,16 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import (
+from helpers import (
     SMOKE,
     Interrupted,
     compose_config,
+    rows_without_timing,
     run_job_signalled_at_batch,
+    tables_of,
     train_killed_at_batch,
+    write_examples,
+    write_run,
 )
 
 from stablelora.records.layers import RecordsError
@@ -209,8 +213,6 @@ def test_a_damaged_examples_file_of_later_evaluations_only_is_dropped_on_resume(
 @pytest.mark.parametrize("damage", ["random bytes", "deleted", "step 0 rows only"])
 def test_the_paired_tables_leave_out_a_run_with_damaged_examples_and_say_so(tmp_path, damage):
     import numpy as np
-    from test_analysis_tables import tables_of, write_run
-    from test_tuned_study import write_examples
 
     from stablelora.records.examples import ExampleRecords
 
@@ -252,8 +254,6 @@ def test_the_paired_tables_leave_out_a_run_with_damaged_examples_and_say_so(tmp_
 
 # ---------------------------------------------------------------------------- divergence
 def test_the_stop_tables_leave_out_diverged_runs_and_say_so(tmp_path):
-    from test_analysis_tables import tables_of, write_run
-
     def stops(step):
         return {f"layer.{i}.v_proj": {"shrinking": False, "stop_step": step} for i in range(2)}
 
@@ -374,14 +374,6 @@ def test_unreadable_config_yaml_is_called_unreadable(tmp_path):
 
 
 # ---------------------------------------------------------------------------- stop in evaluation
-def rows_without_timing(run_dir: Path) -> list[dict]:
-    timing = {"train/steps_per_s", "train/tokens_per_s"}
-    return [
-        {k: v for k, v in row.items() if k not in timing}
-        for row in read_jsonl(run_dir / "metrics.jsonl")
-    ]
-
-
 def signalled_in_evaluation(cfg, run_dir, evaluation_number, monkeypatch) -> int:
     """``run_job`` with SIGTERM sent during the first forward pass of evaluation number
     ``evaluation_number``; returns the exit code and checks that the evaluation stopped
@@ -444,7 +436,7 @@ def evaluated_every_2(tmp_path_factory):
 def test_a_stop_signal_during_evaluation_stops_within_a_batch_and_resumes_it(
     tmp_path, monkeypatch, capsys, evaluated_every_2, evaluation, steps
 ):
-    from conftest import adapter_state
+    from helpers import adapter_state
 
     cfg = compose_config(FAST + EVAL_EVERY_2)
     code = signalled_in_evaluation(cfg, tmp_path, evaluation, monkeypatch)

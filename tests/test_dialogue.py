@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import compose_config
+from helpers import compose_config
 from tiny import byte_llama, byte_tokenizer
 
 from stablelora.config.check import check_config

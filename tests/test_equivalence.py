@@ -8,9 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import yaml
-from conftest import flipped
-from test_analysis_tables import tables_of, write_run
-from test_tuned_study import write_examples
+from helpers import flipped, tables_of, write_examples, write_run
 
 from analysis.collect import collect
 from analysis.report import main as report_main

@@ -8,7 +8,14 @@ import math
 import pandas as pd
 import pytest
 import torch
-from conftest import SMOKE, Interrupted, compose_config, train_killed_at_batch
+from helpers import (
+    SMOKE,
+    Interrupted,
+    ScriptedGenerator,
+    compose_config,
+    task_config,
+    train_killed_at_batch,
+)
 from tiny import byte_llama
 
 from stablelora.config.groups import group_option
@@ -91,8 +98,6 @@ def test_loglik_evaluation_reports_every_example(tok):
 
 
 def test_generate_evaluation_reports_the_extracted_choice(tok):
-    from test_tasks import ScriptedGenerator, task_config
-
     cfg = task_config("arc_easy", protocol="generate", prompt_format="llm_adapters")
     task = build_task({**cfg, "max_new_tokens": 64}, tok, seed=0)
     model = ScriptedGenerator(tok, "\n                the correct answer is answer2.")

@@ -13,15 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import compose_config
+import yaml
+from helpers import CONF, ROOT, check_latex, compose_config, run_cli
 from omegaconf import OmegaConf
 
 from analysis import published
@@ -37,12 +35,9 @@ from experiments.common import main, picked_lrs
 from experiments.reproduce import selection_args
 from stablelora.config.identity import HASH_LENGTH, computed_config, config_hash
 
-ROOT = Path(__file__).resolve().parent.parent
-CONF = ROOT / "conf"
 EXPERIMENTS = list(ARTEFACTS)
 PAPER = [name for name, e in ARTEFACTS.items() if e.scale == "paper"]
 CPU = experiments_at("cpu")
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled"}
 #: Every run each sweep composed before the presets were restructured (issue 23).
 PRESET_RUNS = json.loads((ROOT / "tests" / "fixtures" / "preset_runs.json").read_text())["runs"]
 
@@ -79,9 +74,14 @@ def committed_cpu_jobs(name: str) -> list[list[str]]:
 
 
 def variant_method(variant: str) -> str:
-    return (
-        (CONF / "variant" / f"{variant}.yaml").read_text().split("override /method: ")[1].split()[0]
-    )
+    """The method preset a variant selects: its one ``override /method`` defaults entry."""
+    defaults = yaml.safe_load((CONF / "variant" / f"{variant}.yaml").read_text())["defaults"]
+    (method,) = [
+        entry["override /method"]
+        for entry in defaults
+        if isinstance(entry, dict) and "override /method" in entry
+    ]
+    return method
 
 
 # ---------------------------------------------------------------------------- presets
@@ -388,7 +388,8 @@ def test_a_picks_file_not_of_this_experiment_is_refused_in_one_line(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("python -m experiments tuned_final: "), err
     assert re.search(message, err[0]), err[0]
-    assert not (tmp_path / "sweeps").exists()  # no run started
+    # no run started: the output root holds nothing but the picks file written above
+    assert [p.name for p in tmp_path.iterdir()] == ([] if content is None else [picks.name])
 
 
 def test_tuned_presets_share_the_setting_and_differ_in_split_and_seeds():
@@ -423,10 +424,8 @@ def test_smoke_experiment_end_to_end(name, tmp_path):
     import matplotlib.image
 
     experiment = ARTEFACTS[name]
-    command = [sys.executable, "-m", "experiments", name, "--scale", "smoke", "--output-root",
-               str(tmp_path)]  # fmt: skip
-    result = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True,
-                            timeout=600)  # fmt: skip
+    result = run_cli("-m", "experiments", name, "--scale", "smoke", "--output-root", str(tmp_path),
+                     wandb_mode="disabled")  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     sweep = tmp_path / "sweeps" / f"{folder(name)}_smoke"
     summaries = sorted(sweep.rglob("summary.json"))
@@ -447,10 +446,15 @@ def test_smoke_experiment_end_to_end(name, tmp_path):
             continue
         data = pd.read_csv(report / "tables" / f"{table}.csv")
         assert len(data) >= 1 and data.notna().any(axis=None), table
-        for ext in ("md", "tex"):
-            assert (report / "tables" / f"{table}.{ext}").stat().st_size > 0, (table, ext)
+        # the Markdown table: header, rule and rows of one width; the LaTeX one parses
+        lines = (report / "tables" / f"{table}.md").read_text().splitlines()
+        rows = [line for line in lines if line.startswith("|")]
+        assert len(rows) >= 3 and set(rows[1]) == {"|", ":", "-"}, table
+        cells = [len(re.findall(r"(?<!\\)\|", row)) for row in rows]
+        assert len(set(cells)) == 1 and cells[0] >= 2, table
+        check_latex((report / "tables" / f"{table}.tex").read_text())
     for plot in plots:
-        assert (report / "plots" / f"{plot}.pdf").stat().st_size > 1000, plot
+        assert (report / "plots" / f"{plot}.pdf").read_bytes().startswith(b"%PDF-"), plot
         pixels = matplotlib.image.imread(report / "plots" / f"{plot}.png")
         assert pixels.shape[0] > 100 and pixels.reshape(-1, pixels.shape[-1]).std(0).max() > 0.05
     assert "[analysis.report]" in result.stdout

@@ -10,13 +10,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 import torch
+from helpers import probed_train_steps, toy_lora
 from torch import nn
 
 from stablelora import apply_lora, create_optimizer, find_lora_pairs
 from stablelora.probes.feature_updates import feature_update_terms, rms, update_rms
 from stablelora.probes.gamma import FeatureProbe
 from stablelora.probes.quantities import QUANTITIES, gamma_value, gamma_values
-from stablelora.toy import TOY_TARGET_MODULES, ToyTeacherTask, build_toy_model
+from stablelora.toy import build_toy_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -30,31 +31,6 @@ class OneLayer(nn.Module):
 
     def forward(self, x):
         return self.proj(x)
-
-
-def toy_lora(width=32, depth=2, seed=0):
-    torch.manual_seed(seed)
-    model = apply_lora(
-        build_toy_model(width, depth, seed),
-        rank=4,
-        alpha=8,
-        target_modules=list(TOY_TARGET_MODULES),
-    )
-    return model, ToyTeacherTask(width, depth, seed, num_train=64, num_eval=32)
-
-
-def train_steps(model, task, optimizer, probe, steps, batch_size=8):
-    """The training-loop contract; returns the metrics dict of every step."""
-    out = []
-    for step in range(1, steps + 1):
-        probe.arm(step)
-        start = step * batch_size % task.num_train_examples
-        model(**task.collate(list(range(start, start + batch_size)))).loss.backward()
-        probe.before_update()
-        optimizer.step()
-        out.append(probe.after_update(optimizer))
-        optimizer.zero_grad()
-    return out
 
 
 def forward_pre_hooks(model):
@@ -114,7 +90,7 @@ def test_per_layer_gamma_is_recomputed_bit_for_bit_from_rms_and_width():
     model, task = toy_lora()
     optimizer = create_optimizer(model, method="stable_lora", lr=1e-2, shrink_ratio=0.1)
     probe = FeatureProbe(model, find_lora_pairs(model), first_steps=3)
-    rows = train_steps(model, task, optimizer, probe, 3)
+    rows = probed_train_steps(model, task, optimizer, probe, 3)
     names = [pair.name for pair in find_lora_pairs(model)]
     for metrics in rows:
         rms = np.array([[metrics[f"feat/{n}/{q}"] for q in QUANTITIES] for n in names])
@@ -416,7 +392,7 @@ def test_per_layer_and_aggregate_keys_with_shrink_state():
     assert names == ["blocks.0.fc", "blocks.1.fc"]
     optimizer = create_optimizer(model, "stable_lora", lr=1e-3, shrink_ratio=1e-2)
     probe = FeatureProbe(model, pairs, first_steps=1)
-    (metrics,) = train_steps(model, task, optimizer, probe, steps=1)
+    (metrics,) = probed_train_steps(model, task, optimizer, probe, steps=1)
     for q in QUANTITIES:
         assert f"feat/{q}" in metrics and f"gamma/{q}" in metrics
         for name in names:
@@ -432,7 +408,7 @@ def test_per_layer_and_aggregate_keys_with_shrink_state():
 
     probe.close()
     aggregates_only = FeatureProbe(model, pairs, first_steps=1, per_layer=False)
-    (metrics,) = train_steps(model, task, optimizer, aggregates_only, steps=1)
+    (metrics,) = probed_train_steps(model, task, optimizer, aggregates_only, steps=1)
     assert all(key.count("/") == 1 for key in metrics)
     aggregates_only.close()
 
@@ -441,7 +417,7 @@ def test_stop_step_is_logged_once_a_layer_stops():
     model, task = toy_lora(width=16, depth=1)
     optimizer = create_optimizer(model, "stable_lora", lr=5e-2, shrink_ratio=0.2)
     probe = FeatureProbe(model, find_lora_pairs(model), first_steps=30)
-    history = train_steps(model, task, optimizer, probe, steps=30)
+    history = probed_train_steps(model, task, optimizer, probe, steps=30)
     stopped = [m for m in history if m["lora/blocks.0.fc/shrinking"] == 0.0]
     assert stopped, "the layer should stop shrinking within 30 steps"
     state = optimizer.shrink_state()["blocks.0.fc"]
@@ -463,7 +439,7 @@ def test_a_wrapped_model_is_probed_through_the_pairs_tensors():
     pairs = find_lora_pairs(model)  # names without the wrapper's prefix
     optimizer = create_optimizer(model, "stable_lora", lr=1e-3)
     probe = FeatureProbe(wrapped, pairs, first_steps=1)
-    (metrics,) = train_steps(wrapped, task, optimizer, probe, steps=1)
+    (metrics,) = probed_train_steps(wrapped, task, optimizer, probe, steps=1)
     assert metrics["feat/blocks.1.fc/dY"] > 0 and metrics["lora/blocks.1.fc/shrinking"] == 1.0
     with pytest.raises(ValueError, match="find_lora_pairs"):
         FeatureProbe(toy_lora(width=16)[0], pairs)  # pairs of another model
@@ -566,7 +542,7 @@ def test_toy_task_contract_and_learnability():
     assert task.evaluate(model, batch_size=16, max_examples=10)["n"] == 10
     optimizer = create_optimizer(model, "lora", lr=1e-2)
     probe = FeatureProbe(model, find_lora_pairs(model), enabled=False)
-    train_steps(model, task, optimizer, probe, steps=60, batch_size=16)
+    probed_train_steps(model, task, optimizer, probe, steps=60, batch_size=16)
     assert task.evaluate(model, batch_size=16)["loss"] < 0.7 * before["loss"]
 
 
@@ -595,17 +571,36 @@ def test_width_sweep_smoke_runs_through_the_runner_and_writes_the_exponent_table
     table = result["table"]
     assert set(table["method"]) == {"lora", "stable_lora"}
     assert {"delta1", "delta2", "delta3", "dY", "gAZ"} <= set(table.columns)
-    assert (sweep / "records.jsonl").stat().st_size > 0
-    for name in (
-        "exponents.csv",
-        "exponents.md",
-        "width_fit.png",
-        "width_fit.pdf",
-        "exponents_vs_step.png",
-        "exponents_vs_step.pdf",
-    ):
-        assert (sweep / "report" / name).stat().st_size > 0, name
-    assert "Assumption 1" in (sweep / "report" / "exponents.md").read_text()
+    # records.jsonl: one line per run, its method and width, and the feat/* rows it logged
+    lines = (sweep / "records.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    assert len(records) == 6 and {r["status"] for r in records} == {"completed"}
+    assert len({(r["method"], r["width"]) for r in records}) == 6
+    assert {r["method"] for r in records} == {"lora", "stable_lora"}
+    for record in records:
+        assert record["metrics"], record["run_dir"]
+        assert all(any(k.startswith("feat/") for k in row) for row in record["metrics"])
+    # the report: the fits as returned, the markdown as printed, real PNG and PDF figures
+    import pandas as pd
+
+    from analysis.tables.formatting import CSV_DIGITS
+
+    report = sweep / "report"
+    figures = ["width_fit.png", "width_fit.pdf", "exponents_vs_step.png", "exponents_vs_step.pdf"]
+    assert sorted(p.name for p in result["files"]) == sorted(
+        ["exponents.csv", "exponents.md", *figures]
+    )
+    pd.testing.assert_frame_equal(
+        pd.read_csv(report / "exponents.csv"),
+        result["fits"].reset_index(drop=True),
+        check_dtype=False,
+        rtol=10 ** (1 - CSV_DIGITS),
+    )
+    assert (report / "exponents.md").read_text() == result["markdown"] + "\n"
+    assert "Assumption 1" in result["markdown"]
+    for name in figures:
+        magic = b"\x89PNG\r\n\x1a\n" if name.endswith(".png") else b"%PDF-"
+        assert (report / name).read_bytes().startswith(magic), name
     fits = result["fits"]
     gaz = fits[(fits["quantity"] == "gAZ") & (fits["step"] == 2)]
     # Assumption 1 at step 2: g_A Z grows like n (Adam directions have entries of order one).

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 
 import pytest
-from conftest import SMOKE, compose_config
+from helpers import SMOKE, compose_config
 
 from stablelora.records.rows import read_jsonl
 from stablelora.runner.train import train

@@ -140,7 +140,7 @@ def test_bbc_news_legacy_rule_is_kept_for_recorded_runs(tok):
 def test_no_validation_row_in_any_training_batch(tmp_path, monkeypatch):
     """A real run (two epochs of the training subsample) draws train rows only, and its
     per-example records are the validation examples."""
-    from conftest import SMOKE, compose_config
+    from helpers import SMOKE, compose_config
 
     import stablelora.tasks as tasks
     from stablelora.records.examples import example_id, read_examples, unique_ids
@@ -176,7 +176,7 @@ def test_no_validation_row_in_any_training_batch(tmp_path, monkeypatch):
 
 
 def test_merged_mixture_of_arc_and_bbc_news_scores_validation(tok, tmp_path):
-    from conftest import compose_config
+    from helpers import compose_config
 
     easy, challenge = write_arc(tmp_path / "arc_easy", 200), write_arc(tmp_path / "ac", 150)
     overrides = [

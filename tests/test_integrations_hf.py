@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from conftest import SMOKE, compose_config
+from helpers import SMOKE, compose_config
 from tiny import byte_tokenizer, lora_model, stop_steps, tiny_llama, token_batches
 
 from stablelora import apply_lora, create_optimizer

@@ -8,8 +8,14 @@ import shutil
 from pathlib import Path
 
 import pytest
-from test_config import compose_config
-from test_gamma import toy_lora, train_steps
+from helpers import (
+    Interrupted,
+    compose_config,
+    probed_train_steps,
+    read_wandb_records,
+    toy_lora,
+    train_killed_at_batch,
+)
 
 from stablelora import create_optimizer, find_lora_pairs
 from stablelora.probes.gamma import FeatureProbe
@@ -41,7 +47,7 @@ def probe_metrics(steps: int = 4) -> list[dict[str, float]]:
         model, method="stable_lora", lr=1e-2, shrink_ratio=0.1, stop_rule="steps:2"
     )
     probe = FeatureProbe(model, find_lora_pairs(model), first_steps=steps)
-    return train_steps(model, task, optimizer, probe, steps)
+    return probed_train_steps(model, task, optimizer, probe, steps)
 
 
 def per_layer_only(metrics: dict) -> dict:
@@ -197,8 +203,6 @@ def test_recorder_routes_per_layer_keys_to_the_layer_file(tmp_path):
 
 # ---------------------------------------------------------------------------- the runner
 def run_with_layers(overrides, run_dir, **kill):
-    from test_runner import train_killed_at_batch
-
     from stablelora.runner.train import train
 
     cfg = compose_config(overrides)
@@ -218,7 +222,7 @@ PROBED_8 = [
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
+def uninterrupted_probed_run(tmp_path_factory):
     """The uninterrupted run of :data:`PROBED_8` (read only by the tests that share it)."""
     run_dir = tmp_path_factory.mktemp("uninterrupted")
     run_with_layers(PROBED_8, run_dir)
@@ -227,10 +231,8 @@ def uninterrupted(tmp_path_factory):
 
 @pytest.mark.parametrize("hard_kill", [False, True])
 def test_resumed_run_has_the_layer_records_of_an_uninterrupted_one(
-    tmp_path, monkeypatch, hard_kill, uninterrupted
+    tmp_path, monkeypatch, hard_kill, uninterrupted_probed_run
 ):
-    from test_runner import Interrupted
-
     overrides = PROBED_8
     with monkeypatch.context() as patch:
         if hard_kill:  # a SIGKILL: the buffered rows (step 5) are lost, the flushed part stays
@@ -239,7 +241,7 @@ def test_resumed_run_has_the_layer_records_of_an_uninterrupted_one(
             run_with_layers(overrides, tmp_path / "resumed", batch=6, monkeypatch=monkeypatch)
     assert steps_on_disk(tmp_path / "resumed")[-1] == (4 if hard_kill else 5)
     run_with_layers(overrides, tmp_path / "resumed")
-    first = per_layer_metrics(read_layer_table(uninterrupted))
+    first = per_layer_metrics(read_layer_table(uninterrupted_probed_run))
     second = per_layer_metrics(read_layer_table(tmp_path / "resumed"))
     assert sorted(first) == sorted(second) == list(range(1, 9))
     for step in first:
@@ -249,8 +251,6 @@ def test_resumed_run_has_the_layer_records_of_an_uninterrupted_one(
 
 def test_smoke_run_records_stay_small(tmp_path):
     """Bytes per logged step of the smoke run's records (a regression shows here)."""
-    from test_runner import read_wandb_records
-
     run_with_layers(
         ["experiment=smoke", "logger.mode=offline", "logger.per_layer_every=3"], tmp_path
     )

@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
-from conftest import compose_config, run_cli
-from tiny import byte_tokenizer
+from helpers import ROOT, compose_config, run_cli
 
 from analysis.tables.llm_adapters import BENCHMARKS
 from stablelora.config.groups import group_option
@@ -33,14 +32,8 @@ from stablelora.tasks.llm_adapters import (
 )
 from stablelora.tasks.prompts import alpaca_prompt
 
-ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "fixtures" / "llm_adapters"
 SPACES = " " * 16
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return byte_tokenizer()
 
 
 def config(name: str = "commonsense8", **overrides) -> dict:
@@ -366,5 +359,17 @@ def test_runner_trains_both_benchmarks_and_the_report_has_their_tables(tmp_path)
     ):
         table = tables[name]
         assert set(titles) | {"Avg"} <= set(table.display.columns)
-        assert len(table.data) == 1 and 0.0 <= table.data.loc[0, "avg"] <= 100.0
-        assert (tmp_path / "report" / "tables" / f"{name}.csv").is_file()
+        # the one run's accuracies in %, per dataset and on average, as its summary has them
+        final = next(s["final"] for s in summaries if s["task"] == name)
+        names = COMMONSENSE8 if name == "commonsense8" else MATHS7
+        (row,) = table.data.to_dict("records")
+        assert {d: row[d] for d in names} == {
+            d: pytest.approx(100 * final[f"eval/acc/{d}"]) for d in names
+        }
+        assert row["avg"] == pytest.approx(100 * final["eval/acc"])
+        # the CSV written is that table
+        written = pd.read_csv(tmp_path / "report" / "tables" / f"{name}.csv")
+        assert list(written.columns) == list(table.data.columns) and len(written) == 1
+        assert written.loc[0, ["avg", *names]].tolist() == pytest.approx(
+            [row["avg"], *(row[d] for d in names)]
+        )

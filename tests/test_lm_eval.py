@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from conftest import ROOT, SMOKE, compose_config, run_cli
+from helpers import ROOT, SMOKE, compose_config, run_cli
 
 ARC_FIXTURE = ROOT / "tests" / "fixtures" / "tasks" / "arc_easy"
 #: lm-eval's own arc_easy.yaml, reading the ARC-Easy fixture instead of the Hub.

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import SMOKE, compose_config
+from helpers import SMOKE, compose_config
 from tiny import tiny_llama
 
 from stablelora import apply_lora

@@ -10,9 +10,7 @@ import argparse
 import matplotlib.image
 import numpy as np
 import pytest
-from conftest import flipped
-from test_analysis_tables import tables_of, write_run
-from test_tuned_study import write_examples
+from helpers import flipped, tables_of, write_examples, write_run
 
 from analysis.collect import collect
 from analysis.labels import setting_labels

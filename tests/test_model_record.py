@@ -9,7 +9,7 @@ import importlib.util
 import time
 
 import pytest
-from conftest import CONF, compose_config
+from helpers import CONF, compose_config
 from omegaconf import OmegaConf
 from tiny import TINY_LLAMA, tiny_llama
 

@@ -10,7 +10,7 @@ import re
 
 import pytest
 import torch
-from conftest import CONF, ROOT
+from helpers import CONF, ROOT
 
 from stablelora.config.groups import group_option, group_options
 from stablelora.optim import OPTIMIZERS, create_optimizer, discover_optimizers

@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "results" / "cpu"
 SWEEPS = sorted(p.parent.name for p in RESULTS.glob("*/runs"))
 #: Heavy files that must never be committed with the records.

@@ -11,13 +11,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import (
+from helpers import (
     CONF,
     ROOT,
     SMOKE,
     Interrupted,
     adapter_state,
     compose_config,
+    offline_env,
+    rows_without_timing,
     run_job_signalled_at_batch,
     train_killed_at_batch,
 )
@@ -48,14 +50,6 @@ def run_dirs(overrides, key="hydra.run.dir"):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose("config", overrides=list(overrides), return_hydra_config=True)
         return str(OmegaConf.select(cfg, key))
-
-
-def rows_without_timing(run_dir: Path) -> list[dict]:
-    timing = {"train/steps_per_s", "train/tokens_per_s"}
-    return [
-        {k: v for k, v in row.items() if k not in timing}
-        for row in read_jsonl(run_dir / "metrics.jsonl")
-    ]
 
 
 # ---------------------------------------------------------------------------- folder names
@@ -118,24 +112,28 @@ def test_a_second_process_on_a_run_folder_stops_naming_the_holder(tmp_path, caps
 
 # ---------------------------------------------------------------------------- exactly once
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
+def uninterrupted_fast_run(tmp_path_factory):
+    """The uninterrupted :data:`FAST` run, a checkpoint every 2 steps: (folder, summary), read
+    only by the tests that share it."""
     run_dir = tmp_path_factory.mktemp("uninterrupted")
     summary = train(compose_config(FAST + ["trainer.checkpoint_every=2"]), run_dir)
     return run_dir, summary
 
 
 @pytest.mark.parametrize("batch", [2, 5])  # before the first checkpoint, after step 4's
-def test_resumed_records_hold_every_row_once(tmp_path, monkeypatch, uninterrupted, batch):
+def test_resumed_records_hold_every_row_once(tmp_path, monkeypatch, uninterrupted_fast_run, batch):
     cfg = compose_config(FAST + ["trainer.checkpoint_every=4"])
     with pytest.raises(Interrupted):
         train_killed_at_batch(cfg, tmp_path, batch, monkeypatch)
     summary = train(cfg, tmp_path)
-    assert rows_without_timing(tmp_path) == rows_without_timing(uninterrupted[0])
+    assert rows_without_timing(tmp_path) == rows_without_timing(uninterrupted_fast_run[0])
     assert summary["attempts"] == (2 if batch == 5 else 1)
     assert summary["wall_time_s"] >= summary["train_time_s"] > 0
 
 
-def test_stop_between_final_evaluation_and_summary_logs_once(tmp_path, monkeypatch, uninterrupted):
+def test_stop_between_final_evaluation_and_summary_logs_once(
+    tmp_path, monkeypatch, uninterrupted_fast_run
+):
     cfg = compose_config(FAST + ["trainer.checkpoint_every=2"])
 
     def killed(self, summary):
@@ -146,7 +144,7 @@ def test_stop_between_final_evaluation_and_summary_logs_once(tmp_path, monkeypat
         with pytest.raises(Interrupted):
             train(cfg, tmp_path)
     assert train(cfg, tmp_path)["status"] == "completed"
-    assert rows_without_timing(tmp_path) == rows_without_timing(uninterrupted[0])
+    assert rows_without_timing(tmp_path) == rows_without_timing(uninterrupted_fast_run[0])
 
 
 def test_records_shorter_than_the_checkpoint_stop_with_one_line(tmp_path, monkeypatch):
@@ -163,7 +161,7 @@ def test_records_shorter_than_the_checkpoint_stop_with_one_line(tmp_path, monkey
 
 # ---------------------------------------------------------------------------- checkpoints
 def test_damaged_newest_checkpoint_falls_back_to_the_older(
-    tmp_path, monkeypatch, capsys, uninterrupted
+    tmp_path, monkeypatch, capsys, uninterrupted_fast_run
 ):
     cfg = compose_config(FAST + ["trainer.checkpoint_every=2"])
     with pytest.raises(Interrupted):
@@ -174,9 +172,9 @@ def test_damaged_newest_checkpoint_falls_back_to_the_older(
     assert train(cfg, tmp_path)["status"] == "completed"
     err = capsys.readouterr().err
     assert "checkpoint.pt: " in err and "resuming from checkpoint.prev.pt (step 2)" in err
-    first, second = adapter_state(uninterrupted[0]), adapter_state(tmp_path)
+    first, second = adapter_state(uninterrupted_fast_run[0]), adapter_state(tmp_path)
     assert all(torch.equal(first[name], second[name]) for name in first)
-    assert rows_without_timing(tmp_path) == rows_without_timing(uninterrupted[0])
+    assert rows_without_timing(tmp_path) == rows_without_timing(uninterrupted_fast_run[0])
 
 
 def test_no_readable_checkpoint_says_what_to_do(tmp_path):
@@ -273,7 +271,7 @@ def test_a_real_file_size_limit_is_one_line_and_the_rerun_completes(tmp_path):
         resource.setrlimit(resource.RLIMIT_FSIZE, (40 * 1024, 40 * 1024))
 
     command = [sys.executable, "run.py", *SMOKE, f"output_root={tmp_path}"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    env = offline_env()
     limited = subprocess.run(
         command, cwd=ROOT, env=env, capture_output=True, text=True, preexec_fn=limit
     )
@@ -306,7 +304,7 @@ def train_signalled_at_batch(cfg, run_dir, batch_number, signum, monkeypatch):
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1])
 def test_stop_signal_checkpoints_and_resumes_bit_identically(
-    tmp_path, monkeypatch, capsys, uninterrupted, signum
+    tmp_path, monkeypatch, capsys, uninterrupted_fast_run, signum
 ):
     cfg = compose_config(FAST + ["trainer.checkpoint_every=100"])  # no regular checkpoint
     handler = signal.getsignal(signum)  # SIG_IGN for SIGINT in a background job
@@ -319,9 +317,9 @@ def test_stop_signal_checkpoints_and_resumes_bit_identically(
     assert summary["status"] == "interrupted" and summary["steps"] == 3
     assert signal.getsignal(signum) == handler  # the run put its handler back
     assert train(cfg, tmp_path)["status"] == "completed"
-    first, second = adapter_state(uninterrupted[0]), adapter_state(tmp_path)
+    first, second = adapter_state(uninterrupted_fast_run[0]), adapter_state(tmp_path)
     assert all(torch.equal(first[name], second[name]) for name in first)
-    assert rows_without_timing(tmp_path) == rows_without_timing(uninterrupted[0])
+    assert rows_without_timing(tmp_path) == rows_without_timing(uninterrupted_fast_run[0])
 
 
 def test_interrupted_run_raises_for_the_launcher(tmp_path, monkeypatch):
@@ -361,8 +359,8 @@ def test_diverged_run_keeps_the_non_finite_loss(tmp_path):
     assert not torch.isfinite(torch.tensor(float(runs.loc[0, "train_loss_final"])))
 
 
-def test_throughput_and_optimizer_records_are_logged_under_one_key(uninterrupted):
-    run_dir, summary = uninterrupted
+def test_throughput_and_optimizer_records_are_logged_under_one_key(uninterrupted_fast_run):
+    run_dir, summary = uninterrupted_fast_run
     logged = [row for row in read_jsonl(run_dir / "metrics.jsonl") if "train/loss" in row]
     assert all(row["train/tokens_per_s"] > 0 and row["train/steps_per_s"] > 0 for row in logged)
     assert all(0.0 <= row["shrink/fraction_shrinking"] <= 1.0 for row in logged)
@@ -571,7 +569,7 @@ def test_a_submitit_sweep_runs_and_a_preempted_job_is_requeued_to_the_same_recor
     out = tmp_path / "out"
     command = [sys.executable, "run.py", "-m", "hydra/launcher=submitit_local", *settings,
                "method=lora,stable_lora", f"output_root={out}"]  # fmt: skip
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    env = offline_env()
     sweep = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)  # fmt: skip
     signalled_at = None

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -11,12 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import (
+from helpers import (
     ROOT,
     SMOKE,
     Interrupted,
     adapter_state,
     compose_config,
+    offline_env,
+    read_wandb_records,
     run_cli,
     train_killed_at_batch,
 )
@@ -198,7 +199,7 @@ def test_cli_sigterm_checkpoints_and_exits_with_one_line(tmp_path):
     import signal
     import time
 
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    env = offline_env()
     args = [
         *SMOKE,
         "trainer.max_steps=100000",
@@ -233,7 +234,7 @@ def test_sigterm_to_a_sweep_stops_every_job_and_prints_the_sweep_line(tmp_path, 
     import signal
     import time
 
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    env = offline_env()
     args = [*SMOKE, "trainer.max_steps=100000", "trainer.checkpoint_every=0", "probe=off"]
     if launcher == "joblib":
         args += ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]
@@ -278,25 +279,37 @@ def test_sigterm_to_a_sweep_stops_every_job_and_prints_the_sweep_line(tmp_path, 
 
 
 @pytest.mark.slow
+def test_multirun_config_error_stops_the_sweep_before_any_job(tmp_path):
+    # Every job's config is checked before the first starts: one line naming the bad job,
+    # exit code 2, and no run folder for the good one either.
+    result = run_cli("run.py", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", *SMOKE,
+                     "adapter.rank=4,0", f"output_root={tmp_path}")  # fmt: skip
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "adapter.rank=0" in lines[0], lines
+    assert "adapter.rank must be a positive integer" in lines[0]
+    assert not list(tmp_path.rglob("summary.json")) and not list(tmp_path.rglob("config.yaml"))
+
+
 def test_multirun_records_a_failing_job_and_runs_the_others(tmp_path):
-    # joblib: the local parallel launcher; one job fails its config check, one completes.
-    result = run_cli(
-        "run.py",
-        "-m",
-        "hydra/launcher=joblib",
-        "hydra.launcher.n_jobs=2",
-        *SMOKE,
-        "adapter.rank=4,0",
-        f"output_root={tmp_path}",
-    )
-    assert result.returncode == 1, result.stderr[-3000:]
+    # joblib: the local parallel launcher; one job meets a damaged record (found only when it
+    # runs), one completes.
+    from helpers import compose_config
+
+    from stablelora.config.identity import run_dir_name
+
     sweep = tmp_path / "sweeps" / "smoke"
-    # The config error is one line naming the job and leaves no folder behind.
-    (failed,) = [line for line in result.stderr.splitlines() if "config error" in line]
-    assert "adapter.rank must be a positive integer" in failed
-    (completed,) = [p.parent for p in sweep.glob("*/summary.json")]
+    damaged = sweep / run_dir_name(_root_=compose_config([*SMOKE, "adapter.rank=4"]))
+    damaged.mkdir(parents=True)
+    (damaged / "summary.json").write_text('{"status": 5}')
+    result = run_cli("run.py", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", *SMOKE,
+                     "adapter.rank=4,8", f"output_root={tmp_path}")  # fmt: skip
+    assert result.returncode == 1, result.stderr[-3000:]
+    (failed,) = [line for line in result.stderr.splitlines() if damaged.name in line]
+    assert "summary.json cannot be read (status is 5" in failed
+    assert (damaged / "summary.json").read_text() == '{"status": 5}'  # left as found
+    (completed,) = [p.parent for p in sweep.glob("*/summary.json") if p.parent != damaged]
     assert json.loads((completed / "summary.json").read_text())["status"] == "completed"
-    assert [p.name for p in sweep.iterdir() if p.is_dir()] == [completed.name]
     line = result.stdout.strip().splitlines()[-1]
     assert line.startswith("stablelora sweep: 1 completed, 0 diverged, 1 failed (")
     assert line.endswith("), 0 interrupted")
@@ -350,45 +363,12 @@ def test_ddp_with_two_gloo_processes(tmp_path):
         capture_output=True,
         text=True,
         timeout=600,
-        env={
-            **os.environ,
-            "HF_HUB_OFFLINE": "1",
-            "HF_DATASETS_OFFLINE": "1",
-            "OMP_NUM_THREADS": "1",
-        },
+        env=offline_env(OMP_NUM_THREADS="1"),
     )
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((only_run_dir(tmp_path / "runs") / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["world_size"] == 2
     assert summary["final"]["eval/n"] == 8
-
-
-def read_wandb_records(path: Path) -> list:
-    """Parse an offline ``run-*.wandb`` file: W&B's LevelDB-style log of protobuf records."""
-    import struct
-
-    from wandb.proto import wandb_internal_pb2
-
-    data, block, position = path.read_bytes(), 32768, 7  # 7 bytes of file header
-    assert data[:4] == b":W&B"
-    chunks, pending = [], b""
-    while position + 7 <= len(data):
-        left = block - position % block
-        _crc, length, kind = struct.unpack("<IHB", data[position : position + 7])
-        if left < 7 or (length == 0 and kind == 0):  # block trailer / padding
-            position += left
-            continue
-        chunk = data[position + 7 : position + 7 + length]
-        position += 7 + length
-        pending = chunk if kind in (1, 2) else pending + chunk  # FULL/FIRST, MIDDLE/LAST
-        if kind in (1, 4):
-            chunks.append(pending)
-    records = []
-    for chunk in chunks:
-        record = wandb_internal_pb2.Record()
-        record.ParseFromString(chunk)
-        records.append(record)
-    return records
 
 
 def test_wandb_offline_run_can_be_read_back(tmp_path):

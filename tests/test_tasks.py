@@ -10,11 +10,11 @@ import json
 import math
 import re
 import shutil
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import QA_TASKS, ROOT, TASK_FIXTURES, ScriptedGenerator, ids, task_config
 from tiny import byte_llama, byte_tokenizer
 
 from stablelora.config.groups import group_option
@@ -35,10 +35,7 @@ from stablelora.tasks.prompts import (
 )
 from stablelora.tasks.scoring import generate_greedy, loglikelihoods
 
-ROOT = Path(__file__).resolve().parents[1]
-CONF = ROOT / "conf" / "task"
-FIXTURES = ROOT / "tests" / "fixtures" / "tasks"
-QA_TASKS = ("hellaswag", "siqa", "obqa", "arc_easy", "arc_challenge")
+TASK_CONF = ROOT / "conf" / "task"
 CONTRACT_FIELDS = {
     "name",
     "family",
@@ -57,18 +54,6 @@ CONTRACT_FIELDS = {
 
 
 pytestmark = pytest.mark.usefixtures("hub_offline")  # conftest: no test reaches the Hub
-
-
-def task_config(name: str, **overrides) -> dict:
-    """conf/task/<name>.yaml as a dict, reading its data from the fixtures."""
-    cfg = group_option("task", name)  # with the shared task/_base.yaml
-    if name in QA_TASKS:
-        cfg["data_dir"] = str(FIXTURES / name)
-    return {**cfg, **overrides}
-
-
-def ids(tok, text: str) -> list[int]:
-    return tok(text, add_special_tokens=False).input_ids
 
 
 def by_query(task: MultipleChoiceTask) -> dict[str, MultipleChoiceExample]:
@@ -117,7 +102,7 @@ def test_hellaswag_test_split_without_labels_is_an_error(tok):
 @pytest.mark.parametrize("suffix", [".json", ".parquet"])
 def test_local_json_and_parquet_files_load_like_jsonl(tok, tmp_path, suffix):
     for split in ("train", "test"):
-        rows = [json.loads(line) for line in (FIXTURES / "arc_easy" / f"{split}.jsonl").open()]
+        rows = [json.loads(line) for line in (TASK_FIXTURES / "arc_easy" / f"{split}.jsonl").open()]
         if suffix == ".json":
             (tmp_path / f"{split}.json").write_text(json.dumps(rows))
         else:
@@ -138,7 +123,7 @@ def test_hub_dataset_rows_convert_like_local_rows():
     from stablelora.tasks import arc
     from stablelora.tasks.data import read_local_rows, select_rows
 
-    rows = read_local_rows(FIXTURES / "arc_easy" / "test.jsonl")
+    rows = read_local_rows(TASK_FIXTURES / "arc_easy" / "test.jsonl")
     hub_rows = select_rows(Dataset.from_list(rows), [2, 0])
     assert hub_rows == [rows[2], rows[0]]
     assert [arc.to_example(r) for r in hub_rows] == [
@@ -381,21 +366,6 @@ def test_collate_truncates_prompt_from_the_left_and_moves_trailing_space(tok):
 # ----------------------------------------------------------------------------- generation
 
 
-class ScriptedGenerator(torch.nn.Module):
-    """Answers every prompt with the same text; checks the prompts are left-padded."""
-
-    def __init__(self, tok, answer: str):
-        super().__init__()
-        self.weight = torch.nn.Parameter(torch.zeros(1))
-        self.answer_ids = ids(tok, answer) + [tok.eos_token_id]
-
-    def generate(self, input_ids, attention_mask, generation_config):
-        assert attention_mask[:, -1].all(), "prompts must be left-padded"
-        assert not generation_config.do_sample and generation_config.num_beams == 1
-        new = torch.tensor(self.answer_ids[: generation_config.max_new_tokens])
-        return torch.cat([input_ids, new.expand(input_ids.shape[0], -1)], dim=1)
-
-
 def test_generate_protocol_extracts_answer_labels(tok):
     cfg = task_config(
         "arc_easy", protocol="generate", prompt_format="llm_adapters", max_new_tokens=64
@@ -428,8 +398,8 @@ def test_generate_end_to_end_on_tiny_llama(tok):
 
 
 def test_metamath_gsm8k_from_local_files(tok, tmp_path):
-    shutil.copy(FIXTURES / "metamathqa" / "train.jsonl", tmp_path / "train.jsonl")
-    shutil.copy(FIXTURES / "gsm8k" / "test.jsonl", tmp_path / "test.jsonl")
+    shutil.copy(TASK_FIXTURES / "metamathqa" / "train.jsonl", tmp_path / "train.jsonl")
+    shutil.copy(TASK_FIXTURES / "gsm8k" / "test.jsonl", tmp_path / "test.jsonl")
     task = build_task(task_config("metamath_gsm8k", data_dir=str(tmp_path)), tok, seed=0)
     assert task.num_train_examples == 3 and task.main_metric == "acc"
     assert sorted(ex.gold for ex in task.eval_examples) == [6.5, 36.0, 72.0]
@@ -475,7 +445,7 @@ def test_invalid_configs_raise_one_line(overrides, message):
 
 
 def test_every_config_has_the_contract_fields_and_checks():
-    names = sorted(p.stem for p in CONF.glob("[!_]*.yaml"))  # _base.yaml: the shared fields
+    names = sorted(p.stem for p in TASK_CONF.glob("[!_]*.yaml"))  # _base.yaml: the shared fields
     assert set(QA_TASKS) | {"merged_qa", "metamath_gsm8k", "bbc_news", "arithmetic"} <= set(names)
     for name in names:
         cfg = group_option("task", name)
@@ -489,8 +459,8 @@ def test_every_config_has_the_contract_fields_and_checks():
 def test_merged_qa_composes_trains_on_all_and_reports_each(tok):
     from hydra import compose, initialize_config_dir
 
-    with initialize_config_dir(str(CONF.parent), version_base=None):
-        cfg = compose(overrides=["+task=merged_qa", f"task.data_dir={FIXTURES}"]).task
+    with initialize_config_dir(str(TASK_CONF.parent), version_base=None):
+        cfg = compose(overrides=["+task=merged_qa", f"task.data_dir={TASK_FIXTURES}"]).task
     check_task_config(cfg)
     task = build_task(cfg, tok, seed=0)
     assert task.num_train_examples == 3 + 3 + 3 + 3 + 2 and task.main_metric == "acc"

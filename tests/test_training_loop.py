@@ -4,7 +4,7 @@ and which evaluation counts as the best, on the tiny Llama and the offline BBC N
 from __future__ import annotations
 
 import pytest
-from conftest import SMOKE, compose_config
+from helpers import SMOKE, compose_config
 
 from stablelora.records.rows import read_jsonl
 from stablelora.runner.setup import batch_indices

@@ -8,8 +8,8 @@ import json
 
 import numpy as np
 import pytest
+from helpers import tables_of, write_examples, write_run
 from scipy.stats import binomtest, chi2
-from test_analysis_tables import tables_of, write_run
 
 from analysis.collect import collect
 from analysis.report import main as report_main
@@ -20,20 +20,6 @@ from analysis.tables.paired_examples import (
     mdd_factor,
 )
 from analysis.tables.tuned_lr import PICKS_FILE, TIE_RULE, pick_learning_rates
-from stablelora.records.examples import ExampleRecords
-
-
-def write_examples(run_dir, correct: dict[str, list[bool]], step: int = 10) -> None:
-    """``examples.parquet`` with one evaluation at ``step`` (and a worse one at step 0, which
-    the tests must ignore: only the last evaluation counts)."""
-    records = ExampleRecords(run_dir)
-    for at, flip in ((0, True), (step, False)):
-        rows = [
-            {"eval_set": name, "example_id": f"{name}-{i}", "correct": hit != flip}
-            for name, hits in correct.items()
-            for i, hit in enumerate(hits)
-        ]
-        records.write(at, rows)
 
 
 def discordant(n: int, b: int, c: int, both: int) -> tuple[list[bool], list[bool]]:
@@ -226,7 +212,7 @@ def test_tuned_lr_picks_the_lowest_mean_of_a_loss_like_main_metric(tmp_path):
     assert "sign" not in data
 
 
-def test_lr_sweep_plot_draws_each_methods_selection_curve_with_its_pick(tmp_path):
+def test_lr_sweep_plot_draws_each_methods_selection_curve_with_its_pick(tmp_path, monkeypatch):
     from analysis.plots import build_plots
     from analysis.plots.selection import lr_sweep_points
 
@@ -250,9 +236,35 @@ def test_lr_sweep_plot_draws_each_methods_selection_curve_with_its_pick(tmp_path
     )  # accuracies in %
     assert points.loc[("lora", 1e-4), "std"] == pytest.approx(100 * np.std([0.60, 0.64], ddof=1))
     assert points.index[points["picked"]].tolist() == [("lora", 1e-3), ("loraplus", 1e-4)]
+    from matplotlib.collections import PathCollection
+
+    from analysis.plots import drawing
+
+    drawn, save = [], drawing._save
+
+    def keep_the_figure(plt, fig, *args, **kwargs):
+        drawn.append(fig)
+        return save(plt, fig, *args, **kwargs)
+
+    monkeypatch.setattr(drawing, "_save", keep_the_figure)
     paths = build_plots(collect(tmp_path), tmp_path / "plots", ["lr_sweep"])
     assert [p.name for p in paths] == ["lr_sweep.png", "lr_sweep.pdf"]
-    assert all(p.stat().st_size > 1000 for p in paths)
+    assert paths[0].read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    assert paths[1].read_bytes().startswith(b"%PDF-")
+    # what the figure shows: a curve per method through its mean scores, the pick ringed
+    (fig,) = drawn
+    (ax,) = [ax for ax in fig.axes if ax.has_data()]
+    assert ax.get_xscale() == "log"
+    curves = {
+        bar.get_label(): list(zip(bar.lines[0].get_xdata(), bar.lines[0].get_ydata()))
+        for bar in ax.containers
+    }
+    assert curves == {
+        "lora": [(1e-4, pytest.approx(62.0)), (1e-3, pytest.approx(70.0))],
+        "loraplus": [(1e-4, pytest.approx(80.0)), (1e-3, pytest.approx(50.0))],
+    }
+    rings = [c.get_offsets().tolist() for c in ax.collections if isinstance(c, PathCollection)]
+    assert rings == [[[1e-3, pytest.approx(70.0)]], [[1e-4, pytest.approx(80.0)]]]
     # a sweep at one lr has no selection curve
     one_lr = tmp_path / "one"
     write_run(one_lr, "a", acc=0.5)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
-from conftest import compose_config
+from helpers import compose_config
 from tiny import LR, SHRINK, lora_model, stop_steps, token_batches
 from tiny import train_steps as train
 

@@ -80,7 +80,12 @@ def check_config(cfg, config_dirs=None) -> None:
         check_output_root(Path(plain["output_root"]))
     except ValueError as error:
         raise ConfigError(str(error)) from None
-    model_tree = skeleton(cfg.model)
+    try:
+        model_tree = skeleton(cfg.model)
+    except Exception as error:  # noqa: BLE001 - transformers' own checks of an architecture
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        reason = next((line for line in lines if "Error:" in line), lines[0] if lines else "")
+        raise ConfigError(f"model.config cannot build {cfg.model.name}: {reason}") from None
     if model_tree is not None:
         try:
             check_target_modules(model_tree, adapter["target_modules"])
