@@ -8,6 +8,7 @@ that importing this module costs no more than torch, which ``conftest`` imported
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -76,54 +77,50 @@ class Interrupted(Exception):
     """What :func:`train_killed_at_batch` raises in place of a kill."""
 
 
-def train_killed_at_batch(cfg, run_dir, batch_number, monkeypatch):
-    """Run ``train`` and raise :class:`Interrupted` when it asks for batch ``batch_number``,
-    as a kill would; the patch is undone afterwards so the next ``train`` resumes."""
+@contextlib.contextmanager
+def at_batch(batch_number, action, monkeypatch):
+    """Within the block, every task built calls ``action()`` when the run asks for batch
+    ``batch_number`` (counted over the block), before that batch is collated; the patch is
+    undone afterwards so the next run goes on undisturbed."""
     import stablelora.tasks as tasks
-    from stablelora.runner.train import train
 
     original_build, calls = tasks.build_task, []
 
-    def build_with_kill(*args, **kwargs):
+    def build_with_action(*args, **kwargs):
         task = original_build(*args, **kwargs)
         collate = task.collate
 
-        def collate_then_die(indices):
+        def collate_after_action(indices):
             calls.append(indices)
             if len(calls) == batch_number:
-                raise Interrupted
+                action()
             return collate(indices)
 
-        task.collate = collate_then_die
+        task.collate = collate_after_action
         return task
 
     with monkeypatch.context() as patch:
-        patch.setattr(tasks, "build_task", build_with_kill)
+        patch.setattr(tasks, "build_task", build_with_action)
+        yield
+
+
+def train_killed_at_batch(cfg, run_dir, batch_number, monkeypatch):
+    """Run ``train`` and raise :class:`Interrupted` when it asks for batch ``batch_number``,
+    as a kill would; the patch is undone afterwards so the next ``train`` resumes."""
+    from stablelora.runner.train import train
+
+    def kill():
+        raise Interrupted
+
+    with at_batch(batch_number, kill, monkeypatch):
         train(cfg, run_dir)
 
 
 def run_job_signalled_at_batch(cfg, run_dir, batch_number, signum, monkeypatch):
     """``run_job`` with ``signum`` sent to this process while batch ``batch_number`` is read."""
-    import stablelora.tasks as tasks
     from stablelora.runner.job import run_job
 
-    original_build, calls = tasks.build_task, []
-
-    def build_with_signal(*args, **kwargs):
-        task = original_build(*args, **kwargs)
-        collate = task.collate
-
-        def collate_and_signal(indices):
-            calls.append(indices)
-            if len(calls) == batch_number:
-                os.kill(os.getpid(), signum)
-            return collate(indices)
-
-        task.collate = collate_and_signal
-        return task
-
-    with monkeypatch.context() as patch:
-        patch.setattr(tasks, "build_task", build_with_signal)
+    with at_batch(batch_number, lambda: os.kill(os.getpid(), signum), monkeypatch):
         return run_job(cfg, run_dir)
 
 

@@ -48,6 +48,21 @@ def training_args(tmp_path, **overrides):
     return TrainingArguments(**{**options, **overrides})
 
 
+def batch_trainer(model, optimizer, data, output, callbacks, scheduler=None, **args):
+    """A Trainer reading ``data`` one prepared batch per step, with ``optimizer`` (and
+    ``scheduler``) and :func:`training_args` in ``output`` (``args`` override them)."""
+    from transformers import Trainer
+
+    return Trainer(
+        model=model,
+        args=training_args(output, **args),
+        train_dataset=Batches(data),
+        data_collator=first_item,
+        optimizers=(optimizer, scheduler),
+        callbacks=callbacks,
+    )
+
+
 def callback_rows(log_history, keys):
     """{step: row} of the rows holding any of ``keys``."""
     return {row["step"]: row for row in log_history if any(key in row for key in keys)}
@@ -56,7 +71,6 @@ def callback_rows(log_history, keys):
 def test_trainer_logs_what_run_py_records(tmp_path, monkeypatch, one_thread):
     """Same model, batches, optimizer, schedule and seed as ``train()``: the callback's rows
     equal run.py's records (shrink counts on logging steps, probe means on probe steps)."""
-    from transformers import Trainer
 
     import stablelora.tasks as tasks
     from stablelora.records.recorder import RunRecorder
@@ -87,16 +101,9 @@ def test_trainer_logs_what_run_py_records(tmp_path, monkeypatch, one_thread):
     callback = StableLoRACallback(
         probe_every=cfg.probe.every, probe_first_steps=cfg.probe.first_steps
     )
-    trainer = Trainer(
-        model=run.model,
-        args=training_args(
-            tmp_path, max_steps=cfg.trainer.max_steps, logging_steps=cfg.trainer.log_every
-        ),
-        train_dataset=Batches(batches),
-        data_collator=first_item,
-        optimizers=(run.optimizer, run.scheduler),
-        callbacks=[callback],
-    )
+    trainer = batch_trainer(run.model, run.optimizer, batches, tmp_path, [callback],
+                            run.scheduler, max_steps=cfg.trainer.max_steps,
+                            logging_steps=cfg.trainer.log_every)  # fmt: skip
     trainer.train()
 
     logged = callback_rows(trainer.state.log_history, PROBE_KEYS + SHRINK_KEYS)
@@ -128,20 +135,13 @@ def test_trainer_logs_what_run_py_records(tmp_path, monkeypatch, one_thread):
 
 
 def test_logging_every_step_counts_each_layer_stop_at_its_step(tmp_path, one_thread):
-    from transformers import Trainer
 
     model = lora_model(dtype=torch.float32)
     optimizer = create_optimizer(model, "stable_lora", lr=LR, shrink_ratio=SHRINK)
     steps = 30
     data = [{"input_ids": ids, "labels": ids} for ids in token_batches(steps)]
-    trainer = Trainer(
-        model=model,
-        args=training_args(tmp_path, max_steps=steps, lr_scheduler_type="constant"),
-        train_dataset=Batches(data),
-        data_collator=first_item,
-        optimizers=(optimizer, None),
-        callbacks=[StableLoRACallback()],
-    )
+    trainer = batch_trainer(model, optimizer, data, tmp_path, [StableLoRACallback()],
+                            max_steps=steps, lr_scheduler_type="constant")  # fmt: skip
     trainer.train()
     rows = callback_rows(trainer.state.log_history, SHRINK_KEYS)
     assert sorted(rows) == list(range(1, steps + 1))
@@ -158,7 +158,6 @@ def test_logging_every_step_counts_each_layer_stop_at_its_step(tmp_path, one_thr
 def test_resume_from_a_trainer_checkpoint_keeps_the_shrink_state(tmp_path, one_thread):
     """Trainer checkpoints hold the optimizer's state_dict: a run resumed from one ends with
     the same flags, stop steps and adapter as the run that was never stopped."""
-    from transformers import Trainer
 
     steps, stop_at = 30, 17
     data = [{"input_ids": ids, "labels": ids} for ids in token_batches(steps)]
@@ -166,14 +165,8 @@ def test_resume_from_a_trainer_checkpoint_keeps_the_shrink_state(tmp_path, one_t
     def fit(output, max_steps, resume=None, **args):
         model = lora_model(dtype=torch.float32)
         optimizer = create_optimizer(model, "stable_lora", lr=LR, shrink_ratio=SHRINK)
-        trainer = Trainer(
-            model=model,
-            args=training_args(output, max_steps=max_steps, lr_scheduler_type="constant", **args),
-            train_dataset=Batches(data),
-            data_collator=first_item,
-            optimizers=(optimizer, None),
-            callbacks=[StableLoRACallback()],
-        )
+        trainer = batch_trainer(model, optimizer, data, output, [StableLoRACallback()],
+                                max_steps=max_steps, lr_scheduler_type="constant", **args)  # fmt: skip
         trainer.train(resume_from_checkpoint=resume)
         return model, optimizer, trainer
 
@@ -208,7 +201,6 @@ def test_resume_from_a_lora_checkpoint_is_refused_unless_the_shrink_restarts(
     Trainer (not at the optimizer's step 0), logged, with stop steps on the Trainer's clock.
     ``skipped_steps``: the checkpoint's AdamW counted fewer steps than the Trainer did, as
     after steps a GradScaler skipped; the restart still follows the Trainer's step."""
-    from transformers import Trainer
 
     steps, cut = 30, 15
     data = [{"input_ids": ids, "labels": ids} for ids in token_batches(steps)]
@@ -216,14 +208,9 @@ def test_resume_from_a_lora_checkpoint_is_refused_unless_the_shrink_restarts(
     def trainer_for(output, method, max_steps, **args):
         model = lora_model(dtype=torch.float32)
         optimizer = create_optimizer(model, method, lr=LR, **args.pop("options", {}))
-        trainer = Trainer(
-            model=model,
-            args=training_args(output, max_steps=max_steps, lr_scheduler_type="constant", **args),
-            train_dataset=Batches(data),
-            data_collator=first_item,
-            optimizers=(optimizer, None),
-            callbacks=[StableLoRACallback()] if method == "stable_lora" else [],
-        )
+        callbacks = [StableLoRACallback()] if method == "stable_lora" else []
+        trainer = batch_trainer(model, optimizer, data, output, callbacks, max_steps=max_steps,
+                                lr_scheduler_type="constant", **args)  # fmt: skip
         return trainer, optimizer
 
     lora, _ = trainer_for(tmp_path, "lora", cut, save_strategy="steps", save_steps=cut)
@@ -347,17 +334,10 @@ def test_sft_trainer_logs_the_shrink_and_the_probe(tmp_path, one_thread):
 
 
 def test_an_optimizer_without_a_shrink_and_no_probe_is_a_clear_error(tmp_path):
-    from transformers import Trainer
 
     model = lora_model(dtype=torch.float32)
     data = [{"input_ids": ids, "labels": ids} for ids in token_batches(2)]
-    trainer = Trainer(
-        model=model,
-        args=training_args(tmp_path, max_steps=2),
-        train_dataset=Batches(data),
-        data_collator=first_item,
-        optimizers=(create_optimizer(model, "lora", lr=LR), None),
-        callbacks=[StableLoRACallback()],
-    )
+    optimizer = create_optimizer(model, "lora", lr=LR)
+    trainer = batch_trainer(model, optimizer, data, tmp_path, [StableLoRACallback()], max_steps=2)
     with pytest.raises(ValueError, match="not Stable-LoRA, and probe_every=0"):
         trainer.train()

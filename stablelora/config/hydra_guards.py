@@ -6,7 +6,6 @@ own copy of the config on a full disk (:func:`guard_hydra_save`)."""
 
 from __future__ import annotations
 
-import errno
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -14,7 +13,8 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 
 from stablelora.config.errors import CONFIG_ERROR_EXIT
-from stablelora.config.groups import CONF, group_options
+from stablelora.config.groups import group_options
+from stablelora.records.atomic import FULL_DISK
 
 #: Hydra's flags that take the next argument as their value (not an override).
 _VALUED_FLAGS = (
@@ -49,9 +49,6 @@ def _default_groups(conf_dir: Path) -> tuple[tuple[str, ...], tuple[str, ...]]:
     return tuple(picked), tuple(optional)
 
 
-DEFAULT_GROUPS, OPTIONAL_GROUPS = _default_groups(CONF)
-
-
 def check_command_line(args: list[str], conf_dir: Path) -> list[str]:
     """Check what Hydra only finds with a long error and exit code 1, before it composes:
     an override picking an option a config group does not have (``model=nope``, or a shared
@@ -70,6 +67,7 @@ def check_command_line(args: list[str], conf_dir: Path) -> list[str]:
             continue
         if "=" in arg and not arg.startswith("~"):
             overrides.append(arg)
+    default_groups, optional_groups = _default_groups(Path(conf_dir))
     warnings: list[str] = []
     seen: dict[str, str] = {}
     for override in overrides:
@@ -86,7 +84,7 @@ def check_command_line(args: list[str], conf_dir: Path) -> list[str]:
         if value == "":
             raise ValueError(
                 f"{override} picks no option of conf/{key}/; choose one of {', '.join(options)}"
-                + (f" (or {key}=null)." if key in OPTIONAL_GROUPS else ".")
+                + (f" (or {key}=null)." if key in optional_groups else ".")
             )
         if "(" in value or value == "null":
             continue  # a sweep function (range(), glob()) or no option
@@ -99,7 +97,7 @@ def check_command_line(args: list[str], conf_dir: Path) -> list[str]:
                     + f"; choose one of {', '.join(options)}"
                     + ("." if base else f" (or add conf/{key}/{choice}.yaml).")
                 )
-        if override.startswith("+") and key in DEFAULT_GROUPS:
+        if override.startswith("+") and key in default_groups:
             raise ValueError(
                 f"{override}: conf/config.yaml already picks an option of {key}; override it "
                 f"without the '+': {override.lstrip('+')}"
@@ -108,16 +106,18 @@ def check_command_line(args: list[str], conf_dir: Path) -> list[str]:
 
 
 def save_hydra_config_or_exit(cfg, filename: str, output_dir: Path) -> None:
-    """Hydra's ``_save_config`` (its copy of the config in ``.hydra/``), with a full disk
-    turned into one line instead of a traceback (installed by :func:`guard_hydra_save`)."""
+    """Hydra's ``_save_config`` (its copy of the config in ``.hydra/``), with a full disk (a
+    quota, the file-size limit) turned into one line instead of a traceback (installed by
+    :func:`guard_hydra_save`)."""
     try:
         _hydra_save_config(cfg, filename, output_dir)
     except OSError as error:
-        if error.errno != errno.ENOSPC:
+        if error.errno not in FULL_DISK:
             raise
+        what, fix = FULL_DISK[error.errno]
         sys.exit(
-            f"stablelora: no space left on device ({Path(output_dir) / filename}): free some "
-            "space and rerun the same command."
+            f"stablelora: {what} ({Path(output_dir) / filename} could not be written): {fix} "
+            "and rerun the same command."
         )
 
 
@@ -151,10 +151,10 @@ class ConfigCheck(Callback):
             check_output_root(Path(str(config.output_root)))
         except ValueError as error:
             _exit(str(error))
-        for overrides in sweep_jobs(config):
-            from hydra.core.global_hydra import GlobalHydra
+        from hydra.core.global_hydra import GlobalHydra
 
-            loader = GlobalHydra.instance().config_loader()
+        loader = GlobalHydra.instance().config_loader()
+        for overrides in sweep_jobs(config):
             try:
                 job = loader.load_sweep_config(config, list(overrides))
             except Exception as error:  # noqa: BLE001 - Hydra's composition errors

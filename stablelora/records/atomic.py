@@ -4,10 +4,22 @@ leaves either the old file or the new one. A leaf module, for every writer of ru
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+#: Write errors that leave the records whole (every writer replaces its file atomically, so
+#: the last good checkpoint stays): what each is, and what frees the run to go on.
+FULL_DISK = {
+    errno.ENOSPC: ("no space left on device", "free some space"),
+    errno.EDQUOT: ("disk quota exceeded", "free some space or raise the quota"),
+    errno.EFBIG: (
+        "file too large for this process' file-size limit (ulimit -f) or file system",
+        "raise the limit (ulimit -f unlimited)",
+    ),
+}
 
 
 @contextmanager

@@ -7,7 +7,6 @@ traceback). A diverged run is a result (exit code 0).
 
 from __future__ import annotations
 
-import errno
 import os
 import shutil
 import sys
@@ -16,6 +15,7 @@ from pathlib import Path
 
 from stablelora.config.check import plain_config
 from stablelora.config.errors import CONFIG_ERROR_EXIT, ConfigError
+from stablelora.records.atomic import FULL_DISK
 from stablelora.records.console import result_table
 from stablelora.records.layers import RecordsError
 from stablelora.records.rows import read_jsonl
@@ -85,10 +85,10 @@ def run_job(cfg, run_dir: Path, multirun: bool = False):
     except OSError as error:
         if error.errno not in FULL_DISK:
             return fail(f"{type(error).__name__}: {error}", trace=traceback.format_exc())
+        what, fix = FULL_DISK[error.errno]
         return fail(
-            f"{FULL_DISK[error.errno]} ({error.filename or run_dir} could not be written): "
-            f"{FULL_DISK_FIX[error.errno]} and rerun the same command to resume from the last "
-            "checkpoint."
+            f"{what} ({error.filename or run_dir} could not be written): {fix} and rerun the "
+            "same command to resume from the last checkpoint."
         )
     except Exception as error:
         _record_failure(cfg, run_dir, f"{type(error).__name__}: {error}", traceback.format_exc())
@@ -102,19 +102,6 @@ def run_job(cfg, run_dir: Path, multirun: bool = False):
         print(result_table(summary) + f"\nrecords: {run_dir}")
     return summary
 
-
-#: Write errors that leave the records whole (every writer replaces its file atomically, so
-#: the last good checkpoint stays): what each is, and what frees the run to go on.
-FULL_DISK = {
-    errno.ENOSPC: "no space left on device",
-    errno.EDQUOT: "disk quota exceeded",
-    errno.EFBIG: "file too large for this process' file-size limit (ulimit -f) or file system",
-}
-FULL_DISK_FIX = {
-    errno.ENOSPC: "free some space",
-    errno.EDQUOT: "free some space or raise the quota",
-    errno.EFBIG: "raise the limit (ulimit -f unlimited)",
-}
 
 #: What a run folder holds before its run has recorded anything: Hydra's copy of the config
 #: and its log, the lock and the resolved config.
