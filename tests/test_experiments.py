@@ -85,6 +85,26 @@ def variant_method(variant: str) -> str:
 
 
 # ---------------------------------------------------------------------------- presets
+def test_added_keys_at_their_neutral_value_and_renamed_values_keep_the_hash(monkeypatch):
+    """The migration hooks: a key added later at the value that computes what old runs did,
+    and a value renamed later, hash as the recorded config did; any other value moves it."""
+    from stablelora.config import identity
+
+    recorded = {"seed": 0, "optimizer": {"builder": "old"}, "trainer": {"max_steps": 5}}
+    monkeypatch.setattr(identity, "NEUTRAL_DEFAULTS", {"trainer.new_flag": False})
+    monkeypatch.setattr(identity, "RECORDED_NAMES", {"optimizer.builder": {"new": "old"}})
+    now = {
+        "seed": 0,
+        "optimizer": {"builder": "new"},
+        "trainer": {"max_steps": 5, "new_flag": False},
+    }
+    assert config_hash(now) == config_hash(recorded)
+    assert config_hash({**now, "trainer": {"max_steps": 5, "new_flag": True}}) != config_hash(
+        recorded
+    )
+    assert config_hash({**now, "optimizer": {"builder": "other"}}) != config_hash(recorded)
+
+
 @pytest.mark.parametrize("key", sorted(PRESET_RUNS))
 def test_each_sweep_composes_the_runs_it_always_did(key):
     """A run's folder is the hash of its configuration: the restructured presets must compose

@@ -35,6 +35,13 @@ DISPLAY_KEYS = (
     # plan declared for runs already made must not rename them.
     "analysis",
 )
+#: Keys added after runs were recorded, with the value that computes what runs did before the
+#: key existed: left out of the identity while they hold that value, so that adding a key
+#: never renames the committed runs (``{"trainer.packing": False}``).
+NEUTRAL_DEFAULTS: dict[str, Any] = {"trainer.packing": False}
+#: Values renamed after runs were recorded, mapped back to the recorded name before hashing
+#: (``{"optimizer.builder": {"new_name": "old_name"}}``), so that a rename keeps every folder.
+RECORDED_NAMES: dict[str, dict[str, str]] = {}
 #: The readable prefix of a run folder: ``<method>-<task>-<model>-s<seed>``.
 NAME_PARTS = ("method", "task", "model")
 HASH_LENGTH = 10
@@ -48,13 +55,27 @@ def computed_config(cfg) -> dict:
         cfg = OmegaConf.to_container(OmegaConf.masked_copy(cfg, top), resolve=True)
     computed = json.loads(json.dumps(cfg, default=str))  # a deep copy with plain values
     for key in DISPLAY_KEYS:
-        *parents, leaf = key.split(".")
-        node = computed
-        for parent in parents:
-            node = node.get(parent) if isinstance(node, dict) else None
-        if isinstance(node, dict):
+        node, leaf = _parent(computed, key)
+        if node is not None:
             node.pop(leaf, None)
+    for key, neutral in NEUTRAL_DEFAULTS.items():
+        node, leaf = _parent(computed, key)
+        if node is not None and leaf in node and node[leaf] == neutral:
+            del node[leaf]
+    for key, renames in RECORDED_NAMES.items():
+        node, leaf = _parent(computed, key)
+        if node is not None and isinstance(node.get(leaf), str) and node[leaf] in renames:
+            node[leaf] = renames[node[leaf]]
     return computed
+
+
+def _parent(tree: dict, dotted_key: str) -> tuple[dict | None, str]:
+    """The dict holding ``dotted_key``'s leaf (None where a parent is missing) and the leaf."""
+    *parents, leaf = dotted_key.split(".")
+    node: Any = tree
+    for parent in parents:
+        node = node.get(parent) if isinstance(node, dict) else None
+    return (node if isinstance(node, dict) else None), leaf
 
 
 def config_hash(cfg) -> str:
