@@ -1,7 +1,7 @@
 """Hydra entry point: compose the config and run one job (or a sweep with -m).
 
 python run.py                                   # the embedded default (offline, CPU)
-python run.py experiment=smoke                  # a few-second smoke run
+python run.py experiment=tiny_run               # one run of the tiny Llama, seconds
 python run.py -m method=lora,stable_lora seed=0,1,2
 torchrun --nproc_per_node=2 run.py ...          # one run on 2 processes (DDP)
 """

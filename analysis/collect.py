@@ -48,16 +48,14 @@ from analysis.labels import format_value, label_runs
 from analysis.run_rows import (
     LEGACY_KINDS,
     TASK_FIELDS,
-    read_config,
     run_row,
     shrink_rows,
     task_fields,
     unique_rows,
 )
 from analysis.wandb_runs import collect_wandb, wandb_run_records
-from stablelora.records.layers import RecordsError, read_layer_table
-from stablelora.records.rows import read_jsonl
-from stablelora.records.summary import read_summary
+from stablelora.records.folder import RunFolder
+from stablelora.records.layers import RecordsError
 
 __all__ = [
     "LEGACY_KINDS",
@@ -69,7 +67,6 @@ __all__ = [
     "find_run_dirs",
     "format_value",
     "label_runs",
-    "read_config",
     "scan_run_dirs",
     "task_fields",
     "wandb_run_records",
@@ -160,11 +157,11 @@ def find_run_dirs(root: str | Path) -> list[Path]:
     return scan_run_dirs(root).runs
 
 
-def _read_layers(run_dir: Path, per_layer_probes: bool):
+def _read_layers(folder: RunFolder, per_layer_probes: bool):
     """The run's per-layer rows (a pyarrow table, or None): only the ``lora/`` columns unless
     ``per_layer_probes``."""
     try:
-        return read_layer_table(run_dir, None if per_layer_probes else _is_lora_column)
+        return folder.layers(None if per_layer_probes else _is_lora_column)
     except RecordsError as error:
         warnings.warn(f"{error}; the run's per-layer values are left out.", stacklevel=2)
         return None
@@ -213,16 +210,16 @@ def collect(
             for folder in folders.not_started
         ]
         for run_dir in folders.runs:
-            run_id = str(run_dir)
-            metrics = unique_rows(run_id, read_jsonl(run_dir / "metrics.jsonl")) if history else []
-            layers = _read_layers(run_dir, per_layer_probes) if history else None
+            run_id, folder = str(run_dir), RunFolder(run_dir)
+            metrics = unique_rows(run_id, folder.metrics) if history else []
+            layers = _read_layers(folder, per_layer_probes) if history else None
             try:
-                summary = read_summary(run_dir)
+                summary = folder.summary
             except RecordsError as error:  # the run is kept, as one with no summary
                 warnings.warn(f"{error}; the run is shown as incomplete.", stacklevel=2)
                 summary = {}
             row = run_row(
-                read_config(run_dir),
+                folder.config,
                 summary,
                 run_id=run_id,
                 sweep=str(root),

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 from pandas.api.types import union_categoricals
 
-from analysis.labels import label_runs
+from analysis.labels import current_names, label_runs
 from analysis.run_rows import TASK_FIELDS
 from stablelora.records.layers import with_gamma
 
@@ -156,7 +156,7 @@ def build_collection(records: list[tuple], per_layer_probes: bool) -> Collection
     else:
         history = pd.DataFrame(columns=HISTORY_COLUMNS)
     shrink = pd.DataFrame([r for record in records for r in record[2]], columns=SHRINK_COLUMNS)
-    collection = Collection(runs, history, shrink)
+    collection = Collection(current_names(runs), history, shrink)
     label_runs(collection.runs)
     return collection
 

@@ -1,34 +1,14 @@
 """One run's records -> its row of ``Collection.runs``: the resolved config, the summary, the
 metric rows merged per step, the shrink stops, and the fields the tables route runs on
-(:func:`task_fields`: recorded by the runner, derived for older records)."""
+(:func:`task_fields`: recorded by the runner, derived for older records). The records
+themselves are read by :class:`stablelora.records.folder.RunFolder` (:mod:`analysis.collect`)."""
 
 from __future__ import annotations
 
 import math
 import warnings
-from pathlib import Path
 
 from stablelora.records.rows import flatten
-
-
-def _yaml_loader():
-    import yaml
-
-    return getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-
-
-def read_config(run_dir: Path) -> dict:
-    """The run's resolved ``config.yaml``, else Hydra's ``.hydra/config.yaml`` (written before
-    the job starts, so a job that failed early still has it), else ``{}``."""
-    import yaml
-
-    for path in (run_dir / "config.yaml", run_dir / ".hydra" / "config.yaml"):
-        if path.exists():
-            try:
-                return yaml.load(path.read_text(), Loader=_yaml_loader()) or {}
-            except yaml.YAMLError:
-                continue
-    return {}
 
 
 def unique_rows(run_id: str, metrics: list[dict]) -> list[dict]:

@@ -184,7 +184,7 @@ def ddp(device: str, timeout: float) -> list[Row]:
             "--nproc_per_node=2",
             f"--master_port={_free_port()}",
             "run.py",
-            "experiment=smoke",
+            "experiment=tiny_run",
             "logger.mode=disabled",
             f"trainer.device={device}",
             f"output_root={output}",

@@ -9,7 +9,9 @@ all alike:
 - ``plain, all``: the stream before issue 19, LM head at every position (the baseline);
 - ``plain, used``: LM head and cross-entropy at label positions only (``trainer.lm_head``);
 - ``grouped, all``: length-grouped batches (``trainer.length_grouping``);
-- ``grouped, used``: both (the runner's default).
+- ``grouped, used``: both (the runner's default);
+- ``packed, used`` (with ``--packing``): each batch's examples in one row, no padding
+  (``trainer.packing``; sdpa computes the row's whole masked attention square, counted so).
 
 A step is forward, backward, ``loss.item()`` and the Stable-LoRA step, as in the runner. The
 FLOPs of a step are counted from its batches (frozen weights: forward 2N and input gradients
@@ -22,6 +24,7 @@ eval examples with the head at every position and at the continuations only.
 
     python benchmarks/step_speed.py                                      # SmolLM2, BBC News
     python benchmarks/step_speed.py --tasks bbc_news arc_easy --data-root /data   # + ARC-Easy
+    python benchmarks/step_speed.py --packing                       # + packed batches
 
 Targets (issue 19): training step >= 1.4x on BBC News and >= 1.8x on ARC-Easy, ARC-Easy
 evaluation >= 1.5x.
@@ -71,12 +74,13 @@ def build(model_name: str, task_name: str, data_root: str | None):
     return cfg, model, optimizer, build_task(cfg.task, tokenizer, seed=0)
 
 
-def batches(task, steps: int, batch_size: int, grouped: bool) -> list[dict]:
+def batches(task, steps: int, batch_size: int, grouping: str) -> list[dict]:
     from stablelora.runner.setup import TrainOrder
 
-    pool = POOL_BATCHES if grouped else 0
+    pool = POOL_BATCHES if grouping == "grouped" else 0
     order = TrainOrder(task.num_train_examples, 0, batch_size, pool, length_of=task.train_length)
-    return [task.collate(order.indices(step * batch_size, batch_size)) for step in range(steps)]
+    collate = task.collate_packed if grouping == "packed" else task.collate
+    return [collate(order.indices(step * batch_size, batch_size)) for step in range(steps)]
 
 
 def train_seconds(loss_fn, optimizer, data: list[dict]) -> float:
@@ -125,6 +129,8 @@ def _timed(fn) -> float:
 
 
 def padding_share(data: list[dict]) -> float:
+    if "attention_mask" not in data[0]:  # packed: no padding
+        return 0.0
     real = sum(int(batch["attention_mask"].sum()) for batch in data)
     padded = sum(batch["attention_mask"].numel() for batch in data)
     return 1 - real / padded
@@ -133,17 +139,18 @@ def padding_share(data: list[dict]) -> float:
 def bench_training(task_name, model, optimizer, task, args, rate) -> None:
     from stablelora.runner.lm_head import CausalLMLoss
 
+    variants = VARIANTS + ([("packed", "used")] if args.packing else [])
     data = {
-        grouping: batches(task, args.steps, args.batch_size, grouping == "grouped")
-        for grouping in ("plain", "grouped")
+        grouping: batches(task, args.steps, args.batch_size, grouping)
+        for grouping in dict.fromkeys(grouping for grouping, _ in variants)
     }
     real_tokens = sum(int(batch["attention_mask"].sum()) for batch in data["plain"])
     losses = {head: CausalLMLoss(model, head=head) for head in ("all", "used")}
     model.train()
     train_seconds(losses["used"], optimizer, data["plain"][:1])  # warm-up
-    times: dict[tuple[str, str], list[float]] = {v: [] for v in VARIANTS}
+    times: dict[tuple[str, str], list[float]] = {v: [] for v in variants}
     for _ in range(args.repeats):
-        for grouping, head in VARIANTS:
+        for grouping, head in variants:
             times[(grouping, head)].append(train_seconds(losses[head], optimizer, data[grouping]))
     base = statistics.median(times[VARIANTS[0]])
     print(
@@ -152,7 +159,7 @@ def bench_training(task_name, model, optimizer, task, args, rate) -> None:
     )
     print("| batches, LM head | padding | s/step | real tokens/s | speed-up | matmul rate |")
     print("|---|---|---|---|---|---|")
-    for grouping, head in VARIANTS:
+    for grouping, head in variants:
         seconds = statistics.median(times[(grouping, head)])
         share = step_flops(model, data[grouping], head) / seconds / rate
         print(
@@ -222,6 +229,7 @@ def main() -> None:
     parser.add_argument("--eval-batch-sizes", type=int, nargs="*", default=[32])
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--clock", choices=["cpu", "wall"], default="cpu")
+    parser.add_argument("--packing", action="store_true", help="add packed batches, head used")
     args = parser.parse_args()
     global CLOCK
     CLOCK = time.perf_counter if args.clock == "wall" else time.process_time

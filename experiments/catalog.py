@@ -47,7 +47,9 @@ class Experiment:
     tables: tuple[str, ...]
     plots: tuple[str, ...]
     #: The scale it runs at unless told otherwise: ``paper``, or ``cpu`` for the experiments
-    #: built for this machine (they include ``/scale/cpu`` in their preset).
+    #: built for this machine. The one place that says so: the preset states what is compared,
+    #: ``conf/scale/`` what a scale sets, and ``python -m experiments <name>`` passes
+    #: ``scale=<this>`` (by hand: ``run.py -m experiment=<name> scale=cpu``).
     scale: str = "paper"
     #: (tables, plots) at a scale whose report differs from ``tables``/``plots``. The smoke
     #: scale draws every table and plot of every scale, so CI exercises them all.
@@ -276,13 +278,13 @@ EXPERIMENTS: dict[str, Experiment] = {
 
 
 def experiments_at(scale: str) -> list[str]:
-    """The experiments that have a configuration at ``scale``: every one at the paper's and
-    the smoke scale; at CPU scale those built for it and those with a
-    ``conf/experiment/<name>/cpu.yaml``."""
+    """The experiments that have a configuration at ``scale``: every one at the smoke scale;
+    at another scale those built for it and those with a ``conf/experiment/<name>/<scale>.yaml``
+    (at the paper's scale: every experiment but those built for CPU alone)."""
     return [
         e.name
         for e in EXPERIMENTS.values()
-        if scale in (e.scale, "smoke", "paper") or (PRESETS / e.name / f"{scale}.yaml").exists()
+        if scale in (e.scale, "smoke") or (PRESETS / e.name / f"{scale}.yaml").exists()
     ]
 
 

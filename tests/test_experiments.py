@@ -105,6 +105,36 @@ def test_added_keys_at_their_neutral_value_and_renamed_values_keep_the_hash(monk
     assert config_hash({**now, "optimizer": {"builder": "other"}}) != config_hash(recorded)
 
 
+def test_a_run_recorded_under_the_old_names_keeps_its_folder_and_is_read_by_todays_names(tmp_path):
+    """Renames since the committed runs were recorded (``optim.*`` out of a group of its own,
+    AdamW's builder ``lora`` -> ``adamw``, duplicate variants removed, the CPU scale stated by
+    the catalog alone) keep their folders: a committed LoRA run's recorded config (``builder:
+    lora``) hashes as today's composed config, the runner's folder check takes the folder as
+    today's configuration's (a rerun resumes it) and refuses another optimizer, and the
+    library and the analysis read the old name as the new one."""
+    from analysis.labels import current_names
+    from stablelora.optim import optimizer_options
+    from stablelora.runner.folder import RunFolderError, check_run_folder
+
+    run = ROOT / "results/cpu/cpu_main/runs/lora-bbc_news-smollm2_135m-s0-4f633a0ae1"
+    recorded = OmegaConf.to_container(OmegaConf.load(run / "config.yaml"))
+    assert recorded["optimizer"]["builder"] == "lora" and "packing" not in recorded["trainer"]
+    today = compose_config(["experiment=main", "scale=cpu", "variant=lora", "seed=0"])
+    assert today.optimizer.builder == "adamw"
+    assert config_hash(recorded) == config_hash(today) == run.name[-HASH_LENGTH:]
+    folder = tmp_path / run.name
+    folder.mkdir()
+    (folder / "config.yaml").write_text((run / "config.yaml").read_text())
+    resolved = OmegaConf.to_container(today, resolve=True)
+    check_run_folder(folder, resolved)  # the same configuration: no error
+    other = {**resolved, "optimizer": {"name": "adamw", "builder": "riemann"}}
+    with pytest.raises(RunFolderError, match=r"differs in optimizer\.builder"):
+        check_run_folder(folder, other)
+    assert optimizer_options("lora") == optimizer_options("adamw") == {}
+    runs = pd.DataFrame({"optimizer.builder": ["lora", "adamw", "riemann"]})
+    assert list(current_names(runs)["optimizer.builder"]) == ["adamw", "adamw", "riemann"]
+
+
 @pytest.mark.parametrize("key", sorted(PRESET_RUNS))
 def test_each_sweep_composes_the_runs_it_always_did(key):
     """A run's folder is the hash of its configuration: the restructured presets must compose
@@ -214,27 +244,58 @@ def test_paper_presets_use_the_papers_settings():
     assert set(sweep_params("overhead", "paper")["method"]) == set(published.PAPER_METHODS)
     assert set(sweep_params("init_scale", "paper")["adapter.init_scale"]) == {"0", "0.25", "1", "4"}
     controls = set(sweep_params("reviewer_controls", "paper")["variant"])
-    assert {"control_lora", "control_stable_lora", "control_large_wd_a"} <= controls
-    assert any(c.startswith("control_shrink_steps_") for c in controls)
+    assert {"lora", "stable_lora", "large_wd_a", "large_wd_ab"} <= controls
+    assert any(c.startswith("shrink_steps_") for c in controls)
     # at CPU scale Table 1 keeps the paper's columns on the offline tasks
     cpu = sweep_params("table1", "cpu")
     assert set(cpu["method"]) == set(published.PAPER_METHODS)
     assert cpu["model"] == ["smollm2_135m"] and cpu["probe"] == ["off"]
 
 
-@pytest.mark.parametrize(
-    "variant", sorted(p.stem for p in (CONF / "variant").glob("control_*.yaml"))
+def swept_variants(path: str) -> list[str]:
+    """The variants ``conf/experiment/<path>`` sweeps, as written in the file."""
+    params = yaml.safe_load((CONF / "experiment" / path).read_text())["hydra"]["sweeper"]["params"]
+    return params["variant"].split(",")
+
+
+#: The variants experiment=reviewer_controls sweeps (at the paper's scale and in CI).
+REVIEWER_CONTROLS = sorted(
+    {*swept_variants("reviewer_controls.yaml"), *swept_variants("reviewer_controls/smoke.yaml")}
 )
+
+
+@pytest.mark.parametrize("variant", REVIEWER_CONTROLS)
 def test_reviewer_control_variants(variant):
     cfg = compose_config(["experiment=reviewer_controls", f"variant={variant}"])
     OmegaConf.to_container(cfg, resolve=True)
     assert cfg.method.name == variant_method(variant)
-    if variant.startswith("control_shrink_steps_"):
-        assert cfg.method.name == "shrink_fixed_steps" and cfg.optimizer.shrink_ratio > 0
-        assert cfg.optimizer.stop_rule == f"steps:{variant.removeprefix('control_shrink_steps_')}"
-    if variant.startswith("control_large_wd_"):
-        assert cfg.optimizer.builder == "adamw_large_wd"
-        assert cfg.optimizer.large_wd_on == variant.removeprefix("control_large_wd_").upper()
+    if variant.startswith("shrink_steps_"):  # at the paper's lambda
+        assert cfg.method.name == "shrink_fixed_steps" and cfg.optimizer.shrink_ratio == 5e-4
+        assert cfg.optimizer.stop_rule == f"steps:{variant.removeprefix('shrink_steps_')}"
+    if variant.startswith("large_wd_"):
+        assert cfg.optimizer.builder == "adamw_large_wd" and cfg.optimizer.large_weight_decay == 5
+        assert cfg.optimizer.large_wd_on == variant.removeprefix("large_wd_").upper()
+
+
+def test_no_two_variants_compose_the_same_and_old_names_say_the_new_one():
+    """A variant is a method preset with its options, named for what it sets, whichever
+    experiments sweep it: no two compose the same configuration (they were named per
+    experiment, five repeating another's content), and a name they had before is one line
+    naming today's."""
+    from stablelora.config.groups import RENAMED_OPTIONS
+    from stablelora.config.hydra_guards import check_command_line
+
+    variants = sorted(path.stem for path in (CONF / "variant").glob("*.yaml"))
+    seen: dict[str, str] = {}
+    for variant in variants:
+        composed = json.dumps(computed_config(compose_config([f"variant={variant}"])))
+        assert composed not in seen, f"variant={variant} composes as variant={seen[composed]}"
+        seen[composed] = variant
+    assert set(RENAMED_OPTIONS["variant"].values()) <= set(variants)
+    for old, new in RENAMED_OPTIONS["variant"].items():
+        assert old not in variants
+        with pytest.raises(ValueError, match=f"^variant={old} is now variant={new}\\.$"):
+            check_command_line([f"variant={old}"], CONF)
 
 
 # ---------------------------------------------------------------------------- smoke scale
@@ -253,7 +314,7 @@ def test_smoke_scale_is_ci_sized_and_uses_existing_configs(name):
 def test_every_experiment_has_one_preset_and_no_preset_lacks_an_entry():
     root = CONF / "experiment"
     presets = {p.stem for p in root.glob("*.yaml") if not p.stem.startswith("_")}
-    presets -= {"smoke"}  # the single-run smoke preset of the runner's tests
+    presets -= {"tiny_run"}  # the single tiny run of the runner's tests
     assert presets == set(ARTEFACTS) | set(OWN_COMMAND)
     # a scale's own settings belong to an experiment and name an existing scale
     for path in root.glob("*/*.yaml"):

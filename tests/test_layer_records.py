@@ -213,7 +213,7 @@ def run_with_layers(overrides, run_dir, **kill):
 
 #: 8 steps, every one probed, a checkpoint at step 4.
 PROBED_8 = [
-    "experiment=smoke",
+    "experiment=tiny_run",
     "logger.mode=disabled",
     "trainer.max_steps=8",
     "trainer.checkpoint_every=4",
@@ -252,7 +252,7 @@ def test_resumed_run_has_the_layer_records_of_an_uninterrupted_one(
 def test_smoke_run_records_stay_small(tmp_path):
     """Bytes per logged step of the smoke run's records (a regression shows here)."""
     run_with_layers(
-        ["experiment=smoke", "logger.mode=offline", "logger.per_layer_every=3"], tmp_path
+        ["experiment=tiny_run", "logger.mode=offline", "logger.per_layer_every=3"], tmp_path
     )
     logged_steps = len(read_jsonl(tmp_path / "metrics.jsonl"))
     local = sum(

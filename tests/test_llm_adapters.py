@@ -326,7 +326,7 @@ def test_runner_trains_both_benchmarks_and_the_report_has_their_tables(tmp_path)
     result = run_cli(
         "run.py",
         "-m",
-        "experiment=smoke",
+        "experiment=tiny_run",
         "logger.mode=disabled",
         "task=commonsense8,maths7",
         f"task.data_dir={FIXTURE}",

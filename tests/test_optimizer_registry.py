@@ -1,21 +1,28 @@
 """Every optimizer is registered once with its options, and what the configs and the docs say
 about them agrees with the registry: the options of ``conf/optimizer/*.yaml`` and their
-defaults, AdamW's shared settings in ``conf/optim/``, the options table of docs/library.md."""
+defaults, AdamW's shared settings (``optim:`` in ``conf/config.yaml``), the options table of
+docs/library.md."""
 
 from __future__ import annotations
 
 import ast
 import inspect
 import re
+from dataclasses import replace
 
 import pytest
 import torch
+import yaml
 from helpers import CONF, ROOT
 
 from stablelora.config.groups import group_option, group_options
 from stablelora.optim import OPTIMIZERS, create_optimizer, discover_optimizers
+from stablelora.optim.adamw_settings import ADAMW_DEFAULTS
+from stablelora.optim.lora_rite import RITE_DEFAULTS, LoRARITE
+from stablelora.optim.pairs import LoRAPair
 from stablelora.optim.registry import ADAMW_SETTINGS, AdamWSettings, register_optimizer
 from stablelora.optim.riemann import RiemannianAdamW
+from stablelora.optim.stable_lora import StableLoRA
 
 #: Registered optimizers that no ``conf/optimizer/`` yaml selects, and why.
 NO_YAML = {
@@ -53,11 +60,28 @@ def test_every_registered_optimizer_has_a_yaml():
 
 
 def test_adamw_settings_yaml_holds_create_optimizers_defaults():
-    optim = group_option("optim", "adamw", [CONF])
+    optim = yaml.safe_load((CONF / "config.yaml").read_text())["optim"]
     parameters = inspect.signature(create_optimizer).parameters
     for name in ADAMW_SETTINGS:
         default = parameters[name].default
+        assert default == getattr(ADAMW_DEFAULTS, name), name  # written once: AdamWSettings
         assert optim[name] == (list(default) if isinstance(default, tuple) else default), name
+
+
+@pytest.mark.parametrize("optimizer", [StableLoRA, RiemannianAdamW, LoRARITE])
+def test_every_optimizer_class_takes_adamws_defaults_from_adamw_settings(optimizer):
+    """The classes keep AdamW's keyword arguments (drop-in replacements for torch's AdamW) with
+    the defaults of AdamWSettings; LoRA-RITE's one exception is its reference's weight decay 0."""
+    expected = RITE_DEFAULTS if optimizer is LoRARITE else ADAMW_DEFAULTS
+    assert expected == replace(ADAMW_DEFAULTS, weight_decay=expected.weight_decay)
+    parameters = inspect.signature(optimizer).parameters
+    assert {name: parameters[name].default for name in ADAMW_SETTINGS} == expected.kwargs()
+    # and the optimizer built without them holds those values in its parameter group
+    A, B = torch.nn.Parameter(torch.ones(2, 4)), torch.nn.Parameter(torch.zeros(4, 2))
+    built = optimizer([A, B], [LoRAPair("layer", A, B, 1.0)])
+    group = built.param_groups[0]
+    assert {name: group[name] for name in ADAMW_SETTINGS} == expected.kwargs()
+    assert RITE_DEFAULTS.weight_decay == 0.0 and ADAMW_DEFAULTS.weight_decay == 0.01
 
 
 def test_docs_table_lists_every_optimizer_with_its_defaults():

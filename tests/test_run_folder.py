@@ -54,7 +54,7 @@ def run_dirs(overrides, key="hydra.run.dir"):
 
 # ---------------------------------------------------------------------------- folder names
 def test_run_folder_is_a_function_of_the_resolved_config():
-    smoke = run_dirs(["experiment=smoke", "seed=1"])
+    smoke = run_dirs(["experiment=tiny_run", "seed=1"])
     ablation = run_dirs(["experiment=ablation_stop_rule", "scale=smoke", "seed=1"])
     assert smoke != ablation
     assert run_dirs(["method=lora", "method=stable_lora"]) != run_dirs(
@@ -62,8 +62,8 @@ def test_run_folder_is_a_function_of_the_resolved_config():
     )
     # Where and how a run is shown does not move it; what it computes does.
     display = ["logger.mode=disabled", "trainer.device=cpu", "trainer.progress_bar=true"]
-    assert run_dirs(["experiment=smoke", "seed=1", *display]) == smoke
-    assert run_dirs(["experiment=smoke", "seed=1", "optim.lr=3e-4"]) != smoke
+    assert run_dirs(["experiment=tiny_run", "seed=1", *display]) == smoke
+    assert run_dirs(["experiment=tiny_run", "seed=1", "optim.lr=3e-4"]) != smoke
     name = Path(smoke).name
     assert name.startswith("stable_lora-bbc_news-tiny_llama-s1-")
 

@@ -152,7 +152,7 @@ def test_killed_run_resumes_bit_identically(tmp_path, monkeypatch):
 
 
 def test_resumed_run_continues_the_same_wandb_run(tmp_path, monkeypatch):
-    cfg = compose_config(["experiment=smoke", "logger.mode=offline", "probe=off"])
+    cfg = compose_config(["experiment=tiny_run", "logger.mode=offline", "probe=off"])
     with pytest.raises(Interrupted):
         train_killed_at_batch(cfg, tmp_path, 5, monkeypatch)  # after step 3's checkpoint
     assert train(cfg, tmp_path)["status"] == "completed"
@@ -246,7 +246,7 @@ def test_sigterm_to_a_sweep_stops_every_job_and_prints_the_sweep_line(tmp_path, 
         stderr=subprocess.PIPE,
         text=True,
     )
-    sweep = tmp_path / "sweeps" / "smoke"
+    sweep = tmp_path / "sweeps" / "tiny_run"
     running = 2 if launcher == "joblib" else 1  # the basic launcher runs one job at a time
     deadline = time.time() + 300
     while time.time() < deadline and len(list(sweep.glob("*/metrics.jsonl"))) < running:
@@ -298,7 +298,7 @@ def test_multirun_records_a_failing_job_and_runs_the_others(tmp_path):
 
     from stablelora.config.identity import run_dir_name
 
-    sweep = tmp_path / "sweeps" / "smoke"
+    sweep = tmp_path / "sweeps" / "tiny_run"
     damaged = sweep / run_dir_name(_root_=compose_config([*SMOKE, "adapter.rank=4"]))
     damaged.mkdir(parents=True)
     (damaged / "summary.json").write_text('{"status": 5}')
@@ -372,7 +372,7 @@ def test_ddp_with_two_gloo_processes(tmp_path):
 
 
 def test_wandb_offline_run_can_be_read_back(tmp_path):
-    cfg = compose_config(["experiment=smoke", "logger.mode=offline", "logger.per_layer_every=3"])
+    cfg = compose_config(["experiment=tiny_run", "logger.mode=offline", "logger.per_layer_every=3"])
     train(cfg, tmp_path)
     run_files = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(run_files) == 1

@@ -1,14 +1,16 @@
-"""The runner's training loop in process: gradient accumulation, the data order across epochs
-and which evaluation counts as the best, on the tiny Llama and the offline BBC News task."""
+"""The runner's training loop in process: gradient accumulation, the data order across epochs,
+which evaluation counts as the best, and the loop's state in checkpoints, on the tiny Llama
+and the offline BBC News task."""
 
 from __future__ import annotations
 
 import pytest
-from helpers import SMOKE, compose_config
+import torch
+from helpers import SMOKE, Interrupted, compose_config, rows_without_timing, train_killed_at_batch
 
 from stablelora.records.rows import read_jsonl
 from stablelora.runner.setup import batch_indices
-from stablelora.runner.train import train
+from stablelora.runner.train import LoopState, train
 
 #: Three logged steps, no evaluation and no probe: only the training loss matters here.
 LOSS_ONLY = SMOKE + [
@@ -125,3 +127,56 @@ def test_no_grouping_is_the_plain_shuffled_stream():
 
     for order in (TrainOrder(30, 1, 4), TrainOrder(30, 1, 4, 8, length_of=None)):
         assert order.indices(26, 8) == batch_indices(30, 1, 26, 8)
+
+
+# ---------------------------------------------------------------------------- the loop's state
+#: The keys of a checkpoint's ``state`` since checkpoints exist (the loop kept its state in a
+#: dict with these keys before :class:`LoopState`); ``example_steps`` came last.
+CHECKPOINT_STATE_KEYS = (
+    "step", "initial", "best", "train_time", "wall_time", "attempts", "records",
+    "example_steps", "status", "error", "loss", "eval_pending",
+)  # fmt: skip
+
+
+def test_the_loop_state_is_saved_with_the_keys_checkpoints_always_had():
+    saved = LoopState(step=3, best={"eval/acc": 0.5, "step": 2}, loss=1.5).to_dict()
+    assert tuple(saved) == CHECKPOINT_STATE_KEYS
+    assert LoopState.from_dict(saved) == LoopState(step=3, best=saved["best"], loss=1.5)
+    # A checkpoint from before example_steps: the field keeps its default.
+    older = {k: v for k, v in saved.items() if k != "example_steps"}
+    assert LoopState.from_dict(older).example_steps is None
+
+
+@pytest.mark.parametrize("keys", ["all", "before example_steps"])
+def test_a_checkpoint_whose_state_the_old_loop_wrote_resumes_to_the_same_run(
+    tmp_path, monkeypatch, keys
+):
+    """The checkpoint's ``state`` rewritten as the dict loop wrote it before LoopState (every
+    key literal, values from the checkpoint): the resumed run's rows equal an uninterrupted
+    run's."""
+    overrides = LOSS_ONLY + ["trainer.max_steps=4", "trainer.checkpoint_every=2"]
+    train(compose_config(overrides), tmp_path / "uninterrupted")
+    run_dir, cfg = tmp_path / "resumed", compose_config(overrides)
+    with pytest.raises(Interrupted):
+        train_killed_at_batch(cfg, run_dir, 4, monkeypatch)  # checkpointed at step 2
+    checkpoint = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    state = checkpoint["state"]
+    old = {
+        "step": state["step"],
+        "initial": state["initial"],
+        "best": state["best"],
+        "train_time": state["train_time"],
+        "wall_time": state["wall_time"],
+        "attempts": state["attempts"],
+        "records": state["records"],
+        "status": state["status"],
+        "error": state["error"],
+        "loss": state["loss"],
+        "eval_pending": state["eval_pending"],
+    }
+    if keys == "all":
+        old["example_steps"] = state["example_steps"]
+    torch.save({**checkpoint, "state": old}, run_dir / "checkpoint.pt")
+    summary = train(cfg, run_dir)
+    assert summary["status"] == "completed" and summary["attempts"] == 2
+    assert rows_without_timing(run_dir) == rows_without_timing(tmp_path / "uninterrupted")

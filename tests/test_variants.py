@@ -56,7 +56,7 @@ def test_stable_dora_updates_every_trainable_tensor():
 def test_stable_adalora_trains_50_steps_and_allocates_ranks(tmp_path):
     cfg = compose_config(
         [
-            "experiment=smoke",
+            "experiment=tiny_run",
             "logger.mode=disabled",
             "method=stable_adalora",
             "trainer.max_steps=50",

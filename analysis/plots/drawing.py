@@ -101,7 +101,7 @@ def _pyplot():
 
 def label_colors(labels: Iterable[str]) -> dict[str, str]:
     """A colour per label: the method's own for the first label of each method, then a fixed
-    extra palette (in order) for its other variants, so a sweep always draws the same
+    extra palette (in order) for its other labels, so a sweep always draws the same
     colours and a method looks the same in every figure."""
     colors, extra, seen = {}, iter(EXTRA_COLORS * 10), set()
     for label in labels:

@@ -54,7 +54,8 @@ from analysis.tables.formatting import Table, num_text
 from analysis.tables.ordering import sort_frame
 from analysis.tables.registry import register_table
 from stablelora.contamination import excluded_ids, read_record
-from stablelora.records.examples import EXAMPLES_FILE, read_examples
+from stablelora.records.examples import EXAMPLES_FILE
+from stablelora.records.folder import RunFolder
 from stablelora.records.layers import RecordsError
 
 __all__ = ["BOOTSTRAP_SAMPLES", "BOOTSTRAP_SEED", "bootstrap_differences"]
@@ -94,11 +95,12 @@ def final_examples(run: dict) -> tuple[pd.DataFrame | None, str | None]:
     largest step the file holds: a file cut back, or restored from an earlier copy, may hold
     only the initial evaluation's rows, which are not the trained model's. A file that cannot
     be read, or lacks that step, is warned about, naming it (as the per-layer files are)."""
-    path = Path(run["run_id"]) / EXAMPLES_FILE
+    folder = RunFolder(run["run_id"])
+    path = folder.path / EXAMPLES_FILE
     if not path.exists():
         return None, f"no {EXAMPLES_FILE}"
     try:
-        frame = read_examples(path.parent)
+        frame = folder.examples()
     except RecordsError as error:
         warnings.warn(f"{error}; the run is left out of the paired tables.", stacklevel=2)
         return None, f"{EXAMPLES_FILE} cannot be read"

@@ -57,7 +57,7 @@ def shared_tasks(frame: pd.DataFrame, keys: list[str]) -> tuple[pd.DataFrame, li
 def select_learning_rate(
     runs: pd.DataFrame, metric: str = "score", by: tuple[str, ...] = ("model", "method")
 ) -> tuple[pd.DataFrame, Table]:
-    """Keep, for each ``by`` group (and each variant other than the lr), the ``optim.lr``
+    """Keep, for each ``by`` group (and its other distinguishing settings), the ``optim.lr``
     whose completed runs have the best mean ``metric`` (over tasks and seeds): the highest,
     or the lowest for a loss-like metric (``final/eval/loss``, or ``score`` where the main
     metric is a loss).

@@ -2,7 +2,8 @@
 
 :func:`check_config` raises :class:`~stablelora.config.errors.ConfigError` with one line saying what
 is wrong and how to fix it; the runner reports it and exits with
-:data:`~stablelora.config.errors.CONFIG_ERROR_EXIT` (2, a usage error).
+:data:`~stablelora.config.errors.CONFIG_ERROR_EXIT` (2, a usage error). A config that passes
+comes back as its :class:`~stablelora.config.spec.RunSpec`, what the runner builds the run from.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, cast
 
 import torch
 from omegaconf import OmegaConf
@@ -19,38 +19,32 @@ from stablelora.config.errors import ConfigError
 from stablelora.config.groups import check_groups
 from stablelora.config.keyword_options import check_options
 from stablelora.config.schema import check_schema
-from stablelora.lora import (
-    adapter_arguments,
-    check_lora_options,
-    check_target_modules,
-    lora_options,
-)
+from stablelora.config.spec import RunSpec, optimizer_arguments, plain_config, run_spec
+from stablelora.lora import check_lora_options, check_target_modules, lora_options
 from stablelora.models import check_model_config, skeleton
 from stablelora.optim import check_optimizer_options
 from stablelora.tasks import check_chat_template, check_task_config
+
+__all__ = [  # plain_config, optimizer_arguments: re-exported from stablelora.config.spec
+    "DECLARED_GROUPS",
+    "RunSpec",
+    "check_config",
+    "check_output_root",
+    "optimizer_arguments",
+    "plain_config",
+]
 
 #: Groups checked against the keys their yaml files declare (stablelora.config.groups); the
 #: adapter and optimizer groups are checked against apply_lora's and the builders' signatures.
 DECLARED_GROUPS = ("model", "task", "method", "optim", "trainer", "logger", "probe")
 
 
-def plain_config(cfg: Any) -> dict[str, Any]:
-    """A config node (a ``DictConfig``) as a plain dict, interpolations resolved."""
-    return cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=True))
-
-
-def optimizer_arguments(optimizer_cfg) -> tuple[str, dict]:
-    """(create_optimizer method, its own options) of an ``optimizer`` config node."""
-    options = {k: v for k, v in optimizer_cfg.items() if k not in ("name", "builder")}
-    return optimizer_cfg["builder"], options
-
-
-def check_config(cfg, config_dirs=None) -> None:
-    """Raise :class:`~stablelora.config.errors.ConfigError` (one line: what is wrong, how to fix it)
-    for a bad config: a key no yaml of its group declares, a value of the wrong type or range,
-    an adapter or optimizer option their functions do not take, an unusable ``output_root``, a
-    model or task that cannot be loaded. Loads nothing; ``config_dirs``: the config search path
-    (default: Hydra's, or the repository's ``conf/``)."""
+def check_config(cfg, config_dirs=None) -> RunSpec:
+    """The run's :class:`~stablelora.config.spec.RunSpec`, or :class:`ConfigError` (one line:
+    what is wrong, how to fix it) for a bad config: a key no yaml of its group declares, a value
+    of the wrong type or range, an adapter or optimizer option their functions do not take, an
+    unusable ``output_root``, a model or task that cannot be loaded. Loads nothing;
+    ``config_dirs``: the config search path (default: Hydra's, or the repository's ``conf/``)."""
     if "hydra" in cfg:  # Hydra's own node resolves only inside a running job
         cfg = OmegaConf.masked_copy(cfg, [str(key) for key in cfg if key != "hydra"])
     try:
@@ -65,15 +59,15 @@ def check_config(cfg, config_dirs=None) -> None:
         check_groups(plain, DECLARED_GROUPS, config_dirs)
         adapter_keys = ["name", "kind", *(k for k in lora_options() if k != "adapter")]
         check_options(plain["adapter"], adapter_keys, f"adapter={plain['adapter'].get('name')}")
-        adapter = adapter_arguments(plain["adapter"], trainer["max_steps"])
+        spec = run_spec(plain)
         needs_model = ("init", "target_modules", "modules_to_save", "task_type")
-        check_lora_options(**{k: v for k, v in adapter.items() if k not in needs_model})
-        builder, options = optimizer_arguments(plain["optimizer"])
-        name = plain["optimizer"].get("name")
-        check_optimizer_options(builder, options, f"optimizer={name} (builder {builder!r})")
+        check_lora_options(**{k: v for k, v in spec.adapter.items() if k not in needs_model})
+        builder, name = spec.optimizer, plain["optimizer"].get("name")
+        where = f"optimizer={name} (builder {builder!r})"
+        check_optimizer_options(builder, spec.optimizer_options, where)
         check_model_config(cfg.model)
-        check_task_config(cfg.task)
-        check_chat_template(cfg.task, cfg.model)
+        check_task_config(spec.task)
+        check_chat_template(spec.task, cfg.model)
     except ValueError as error:
         raise ConfigError(_config_message(str(error))) from None
     try:
@@ -88,7 +82,7 @@ def check_config(cfg, config_dirs=None) -> None:
         raise ConfigError(f"model.config cannot build {cfg.model.name}: {reason}") from None
     if model_tree is not None:
         try:
-            check_target_modules(model_tree, adapter["target_modules"])
+            check_target_modules(model_tree, spec.adapter["target_modules"])
         except ValueError as error:
             message = str(error).replace("target_modules", "adapter.target_modules", 1)
             raise ConfigError(message) from None
@@ -96,6 +90,7 @@ def check_config(cfg, config_dirs=None) -> None:
         raise ConfigError(
             "trainer.device=cuda, but no CUDA device is visible: use trainer.device=cpu."
         )
+    return spec
 
 
 def _config_message(message: str) -> str:

@@ -6,7 +6,8 @@ other key and no value of the wrong type (:func:`check_groups`). Loads nothing.
 Hydra rejects ``optim.lrr=1e-4`` but accepts ``+optim.lrr=1e-4`` (its own suggestion for an
 unknown key) and any key an experiment file adds: both would run silently with the defaults.
 A group's declared keys are the union over its options (``conf/<group>/*.yaml``, their
-defaults lists followed, and the group's node in ``config.yaml``); the ``adapter`` and
+defaults lists followed, and the group's node in ``config.yaml``; ``optim`` is such a node
+alone, with no group folder: there is nothing to choose); the ``adapter`` and
 ``optimizer`` groups are checked against ``apply_lora``'s and the optimizer builders'
 signatures instead (see :func:`stablelora.config.check.check_config`).
 """
@@ -22,6 +23,37 @@ import yaml
 #: The repository's config directory (Hydra's primary search path for run.py).
 CONF = Path(__file__).resolve().parents[2] / "conf"
 GLOBAL_PACKAGE = "# @package _global_"
+#: Group options renamed, by group (``{"experiment": {"old": "new"}}``): picking the old name on
+#: the command line is one line naming the new one (:func:`renamed_option`).
+RENAMED_OPTIONS: dict[str, dict[str, str]] = {
+    # the single tiny run; ``smoke`` is the scale (any experiment's sweep at CI size)
+    "experiment": {"smoke": "tiny_run"},
+    # variants were named for the experiment that swept them, five repeating another's
+    # content; each is now named for what it sets (no variant name is part of a run's config)
+    "variant": {
+        "compressed_lora": "lora",
+        "control_lora": "lora",
+        "width_lora": "lora",
+        "width_rslora": "rslora",
+        "width_loraplus": "loraplus",
+        "control_stable_lora": "stable_lora",
+        "compressed_stable_lora": "stable_lora_shrink_5e-3",
+        "width_stable_lora": "stable_lora_shrink_5e-3",
+        "compressed_stable_lora_never": "stable_lora_shrink_5e-3_never",
+        "compressed_stable_lora_init_quarter": "stable_lora_shrink_5e-3_init_quarter",
+        "compressed_stable_lora_init_x4": "stable_lora_shrink_5e-3_init_x4",
+        "compressed_lora_init_quarter": "lora_init_quarter",
+        "compressed_lora_init_x4": "lora_init_x4",
+        "compressed_large_wd_a": "large_wd_a",
+        "control_large_wd_a": "large_wd_a",
+        "compressed_large_wd_ab": "large_wd_ab",
+        "control_large_wd_ab": "large_wd_ab",
+        "control_shrink_steps_2": "shrink_steps_2",
+        "control_shrink_steps_200": "shrink_steps_200",
+        "control_shrink_steps_1000": "shrink_steps_1000",
+        "compressed_shrink_steps": "shrink_5e-3_steps_50",
+    },
+}
 
 
 def config_dirs() -> list[Path]:
@@ -61,6 +93,22 @@ def group_options(conf_dir: Path, group: str) -> list[str]:
         for path in folder.rglob("*.yaml")
         if is_option(path.relative_to(folder))
     )
+
+
+def renamed_option(conf_dir: Path, group: str, option: str) -> str | None:
+    """What ``<group>=<option>`` is called now when ``option`` is a renamed option of
+    ``group`` (:data:`RENAMED_OPTIONS`), as one sentence; None otherwise. Where the old name
+    is an option of another group, the sentence says so (``scale=smoke``)."""
+    new = RENAMED_OPTIONS.get(group, {}).get(option)
+    if new is None:
+        return None
+    elsewhere = [
+        other.name
+        for other in sorted(Path(conf_dir).iterdir())
+        if other.is_dir() and other.name != group and option in group_options(conf_dir, other.name)
+    ]
+    also = "".join(f" ({option} is an option of conf/{g}/: {g}={option})" for g in elsewhere)
+    return f"{group}={option} is now {group}={new}{also}"
 
 
 def _read(path: Path) -> tuple[dict, bool]:
@@ -152,23 +200,25 @@ def _kind(values: list) -> type | None:
     return None
 
 
-def check_keys(node: Mapping, schema: dict, path: str) -> None:
+def check_keys(node: Mapping, schema: dict, path: str, declared_in: str | None = None) -> None:
     """Raise a one-line ValueError for a key ``schema`` does not declare, or a value whose
-    type differs from every declared one (``optim.lr=abc``)."""
+    type differs from every declared one (``optim.lr=abc``). ``declared_in`` says where a new
+    key is declared (default: ``a conf/<group>/ yaml``)."""
     if schema.get("*"):
         return
+    declared_in = declared_in or f"a conf/{path.split('.')[0]}/ yaml"
     for key, value in node.items():
         where = f"{path}.{key}"
         if key not in schema:
             known = ", ".join(sorted(k for k in schema if k != "*"))
             raise ValueError(
                 f"{where} is not a key of {path} (a misspelling?): its keys are {known}; a "
-                f"new key must first be declared in a conf/{path.split('.')[0]}/ yaml."
+                f"new key must first be declared in {declared_in}."
             )
         expected = schema[key]
         if isinstance(expected, dict):
             if isinstance(value, Mapping):
-                check_keys(value, expected, where)
+                check_keys(value, expected, where, declared_in)
             continue
         kind = _kind(expected)
         if value is None or kind is None:
@@ -189,4 +239,7 @@ def check_groups(cfg: Mapping, groups: Iterable[str], dirs: Iterable[Path] | Non
     dirs = tuple(dirs) if dirs is not None else tuple(config_dirs())
     for group in groups:
         if isinstance(cfg.get(group), Mapping):
-            check_keys(cfg[group], declared(group, dirs), group)
+            # a node of config.yaml that is no group (optim: nothing to choose) is declared there
+            is_group = any((root / group).is_dir() for root in dirs)
+            where = None if is_group else "conf/config.yaml"
+            check_keys(cfg[group], declared(group, dirs), group, where)

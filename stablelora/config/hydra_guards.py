@@ -13,7 +13,7 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 
 from stablelora.config.errors import CONFIG_ERROR_EXIT
-from stablelora.config.groups import group_options
+from stablelora.config.groups import group_options, renamed_option
 from stablelora.records.atomic import FULL_DISK
 
 #: Hydra's flags that take the next argument as their value (not an override).
@@ -89,6 +89,9 @@ def check_command_line(args: list[str], conf_dir: Path) -> list[str]:
         if "(" in value or value == "null":
             continue  # a sweep function (range(), glob()) or no option
         for choice in (choice.strip() for choice in value.split(",")):
+            renamed = None if choice in options else renamed_option(Path(conf_dir), key, choice)
+            if renamed:
+                raise ValueError(f"{renamed}.")
             if choice not in options:
                 base = any(part.startswith("_") for part in choice.split("/"))
                 raise ValueError(

@@ -40,8 +40,13 @@ DISPLAY_KEYS = (
 #: never renames the committed runs (``{"trainer.packing": False}``).
 NEUTRAL_DEFAULTS: dict[str, Any] = {"trainer.packing": False}
 #: Values renamed after runs were recorded, mapped back to the recorded name before hashing
-#: (``{"optimizer.builder": {"new_name": "old_name"}}``), so that a rename keeps every folder.
-RECORDED_NAMES: dict[str, dict[str, str]] = {}
+#: (``{"optimizer.builder": {"new_name": "old_name"}}``), so that a rename keeps every folder;
+#: readers of recorded configs map the other way (:func:`current_name`).
+RECORDED_NAMES: dict[str, dict[str, str]] = {
+    # AdamW's builder (conf/optimizer/adamw.yaml) was "lora", also an adapter's and a method's
+    # name; every run recorded before the rename holds "lora".
+    "optimizer.builder": {"adamw": "lora"},
+}
 #: The readable prefix of a run folder: ``<method>-<task>-<model>-s<seed>``.
 NAME_PARTS = ("method", "task", "model")
 HASH_LENGTH = 10
@@ -76,6 +81,17 @@ def _parent(tree: dict, dotted_key: str) -> tuple[dict | None, str]:
     for parent in parents:
         node = node.get(parent) if isinstance(node, dict) else None
     return (node if isinstance(node, dict) else None), leaf
+
+
+def current_name(key: str, value: Any) -> Any:
+    """``value`` of the dotted ``key`` as today's configs name it: a recorded name of
+    :data:`RECORDED_NAMES` becomes its new name (``current_name("optimizer.builder", "lora")``
+    is ``"adamw"``); any other value is returned as it is. What readers of recorded configs
+    use: ``create_optimizer`` and the analysis (``analysis.labels.current_names``)."""
+    for new, old in RECORDED_NAMES.get(key, {}).items():
+        if isinstance(value, str) and value == old:
+            return new
+    return value
 
 
 def config_hash(cfg) -> str:

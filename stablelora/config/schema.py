@@ -43,6 +43,9 @@ class TrainerSchema(_Group):
     lm_head: Literal["used", "all"] = Field(
         description="LM head on the positions a loss or score reads (`used`) or on all"
     )
+    packing: bool = Field(
+        description="train on packed batches (one row, no padding; the same loss)"
+    )
     eval_every: Steps = Field(description="evaluate every N steps; 0: before and after only")
     eval_before: bool = Field(description="evaluate at step 0")
     eval_batch_size: Count = Field(description="sequences per scoring batch")

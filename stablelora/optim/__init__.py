@@ -16,11 +16,14 @@ import importlib
 import pkgutil
 import sys
 from collections.abc import Mapping
+from typing import cast
 
 import torch
 from torch import nn
 
+from stablelora.config.identity import current_name
 from stablelora.config.keyword_options import check_options
+from stablelora.optim.adamw_settings import ADAMW_DEFAULTS
 from stablelora.optim.pairs import LoRAPair, find_lora_pairs
 from stablelora.optim.registry import (
     OPTIMIZERS,
@@ -57,6 +60,8 @@ def discover_optimizers() -> dict[str, RegisteredOptimizer]:
 
 def _registered(method: str) -> RegisteredOptimizer:
     registered = discover_optimizers()
+    # a builder's name before a rename (``lora``: AdamW's), as recorded configs hold it
+    method = current_name("optimizer.builder", method)
     if method not in registered:
         raise ValueError(
             f"Unknown method {method!r}: choose one of {sorted(registered)} "
@@ -86,12 +91,12 @@ def create_optimizer(
     model: nn.Module,
     method: str = "stable_lora",
     *,
-    lr: float = 1e-4,
-    weight_decay: float = 0.01,
-    betas: tuple[float, float] = (0.9, 0.999),
-    eps: float = 1e-8,
-    foreach: bool | None = None,
-    fused: bool | None = None,
+    lr: float = ADAMW_DEFAULTS.lr,
+    weight_decay: float = ADAMW_DEFAULTS.weight_decay,
+    betas: tuple[float, float] = ADAMW_DEFAULTS.betas,
+    eps: float = ADAMW_DEFAULTS.eps,
+    foreach: bool | None = ADAMW_DEFAULTS.foreach,
+    fused: bool | None = ADAMW_DEFAULTS.fused,
     **options,
 ) -> torch.optim.Optimizer:
     """Build the optimizer of a LoRA ``method`` over every trainable parameter of ``model``.
@@ -101,7 +106,7 @@ def create_optimizer(
         method: a registered builder, with its own options (their defaults:
             :func:`optimizer_options`, and ``conf/optimizer/<method>.yaml`` for the runner):
 
-            - ``"lora"``: AdamW; no options.
+            - ``"adamw"``: AdamW; no options (``"lora"``, its name before, is accepted).
             - ``"rslora"``: AdamW; the alpha/sqrt(r) scale comes from
               ``apply_lora(scaling="rslora")``; no options.
             - ``"loraplus"``: AdamW with every B, and every 1-D tensor, at
@@ -141,7 +146,8 @@ def create_optimizer(
             "The model has no trainable LoRA layers: wrap it with stablelora.apply_lora(model, "
             "rank=..., target_modules=[...]) before creating the optimizer."
         )
-    adamw = AdamWSettings(lr, weight_decay, tuple(betas), eps, foreach, fused)
+    pair = cast(tuple[float, float], tuple(betas))  # a list from a config, too
+    adamw = AdamWSettings(lr, weight_decay, pair, eps, foreach, fused)
     return registered.build(model, pairs, adamw, **options)
 
 

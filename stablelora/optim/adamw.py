@@ -1,5 +1,6 @@
-"""Plain AdamW over every trainable parameter: the LoRA baseline (``lora``), and rsLoRA
-(``rslora``), whose alpha/sqrt(r) scale is the adapter's (``apply_lora(scaling="rslora")``)."""
+"""Plain AdamW over every trainable parameter: the LoRA baseline (``adamw``; ``lora`` before it
+was renamed, still accepted), and rsLoRA (``rslora``), whose alpha/sqrt(r) scale is the
+adapter's (``apply_lora(scaling="rslora")``)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 from stablelora.optim.registry import AdamWSettings, register_optimizer, trainable_parameters
 
 
-@register_optimizer("lora")
+@register_optimizer("adamw")
 def _build_adamw(model, pairs, adamw: AdamWSettings):
     return torch.optim.AdamW(trainable_parameters(model), **adamw.kwargs())
 

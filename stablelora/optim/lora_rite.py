@@ -68,12 +68,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
+from stablelora.optim.adamw_settings import ADAMW_DEFAULTS
 from stablelora.optim.factor_adamw import LoRAFactorAdamW, compute_dtype
 from stablelora.optim.lora_rite_layouts import PerLayerFactor, StackedFactor, stack_state
 from stablelora.optim.pairs import LoRAPair
@@ -168,6 +169,14 @@ class _Factor:
         return _trace(self.unmagnified_gram)
 
 
+#: LoRA-RITE's defaults: :data:`~stablelora.optim.adamw_settings.ADAMW_DEFAULTS` but no weight
+#: decay, as the reference (the authors' PyTorch reimplementation, gkevinyen5418/LoRA-RITE:
+#: ``LoRARite(..., weight_decay=0.0)``) and the paper's runs (App. A.1). Only a user who
+#: builds ``LoRARITE`` directly gets it: ``create_optimizer`` and the runner always pass a
+#: weight decay (``optim.weight_decay``, 0.01 for every method).
+RITE_DEFAULTS = replace(ADAMW_DEFAULTS, weight_decay=0.0)
+
+
 class LoRARITE(LoRAFactorAdamW):
     """LoRA-RITE on the LoRA factors, AdamW on everything else (see the module docstring).
 
@@ -206,12 +215,12 @@ class LoRARITE(LoRAFactorAdamW):
         update_capping: float = 0.0,
         apply_escape: bool = False,
         layout: str = "auto",
-        lr: float = 1e-4,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 0.0,
-        foreach: bool | None = None,
-        fused: bool | None = None,
+        lr: float = RITE_DEFAULTS.lr,
+        betas: tuple[float, float] = RITE_DEFAULTS.betas,
+        eps: float = RITE_DEFAULTS.eps,
+        weight_decay: float = RITE_DEFAULTS.weight_decay,
+        foreach: bool | None = RITE_DEFAULTS.foreach,
+        fused: bool | None = RITE_DEFAULTS.fused,
         **adamw_kwargs,
     ):
         for name, value in [

@@ -11,37 +11,27 @@ class's own keyword parameters: each default is written once, in one signature.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, fields
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from stablelora.config.keyword_options import defaults, keyword_options
+from stablelora.optim.adamw_settings import ADAMW_SETTINGS, AdamWSettings
+
+__all__ = [  # AdamWSettings and ADAMW_SETTINGS: re-exported, the builders' argument
+    "ADAMW_SETTINGS",
+    "NOT_OPTIONS",
+    "OPTIMIZERS",
+    "AdamWSettings",
+    "Builder",
+    "RegisteredOptimizer",
+    "register_optimizer",
+    "trainable_parameters",
+]
 
 Builder = Callable[..., torch.optim.Optimizer]
 
-
-@dataclass(frozen=True)
-class AdamWSettings:
-    """AdamW's hyper-parameters, shared by every optimizer (the ``optim`` config group; the
-    defaults are :func:`stablelora.optim.create_optimizer`'s): decoupled weight decay, and
-    ``foreach`` / ``fused`` choose torch's implementation."""
-
-    lr: float
-    weight_decay: float
-    betas: tuple[float, ...]
-    eps: float
-    foreach: bool | None
-    fused: bool | None
-
-    def kwargs(self) -> dict[str, Any]:
-        """As keyword arguments of ``torch.optim.AdamW`` (and of this package's optimizers)."""
-        return {field.name: getattr(self, field.name) for field in fields(self)}
-
-
-#: The names of :class:`AdamWSettings`, as ``create_optimizer`` and the ``optim`` group spell them.
-ADAMW_SETTINGS = tuple(field.name for field in fields(AdamWSettings))
 #: Keyword parameters of an optimizer class that are no method's option: what a builder
 #: passes itself, AdamW's shared settings, and ``layout`` (how the work is laid out on the
 #: hardware, picked per device: see :class:`~stablelora.optim.factor_adamw.LoRAFactorAdamW`).

@@ -48,6 +48,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor
 
+from stablelora.optim.adamw_settings import ADAMW_DEFAULTS
 from stablelora.optim.factor_adamw import (
     LoRAFactorAdamW,
     by_layout,
@@ -311,12 +312,12 @@ class RiemannianAdamW(LoRAFactorAdamW):
         authors_variant: bool = False,
         scaled_gd: bool = False,
         layout: str = "auto",
-        lr: float = 1e-4,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 0.01,
-        foreach: bool | None = None,
-        fused: bool | None = None,
+        lr: float = ADAMW_DEFAULTS.lr,
+        betas: tuple[float, float] = ADAMW_DEFAULTS.betas,
+        eps: float = ADAMW_DEFAULTS.eps,
+        weight_decay: float = ADAMW_DEFAULTS.weight_decay,
+        foreach: bool | None = ADAMW_DEFAULTS.foreach,
+        fused: bool | None = ADAMW_DEFAULTS.fused,
         **adamw_kwargs,
     ):
         if not (isinstance(reg, (int, float)) and math.isfinite(reg) and reg >= 0):

@@ -27,6 +27,7 @@ from typing import Any, TypedDict
 
 import torch
 
+from stablelora.optim.adamw_settings import ADAMW_DEFAULTS
 from stablelora.optim.loraplus import check_loraplus_lr_ratio, loraplus_optimizer
 from stablelora.optim.pairs import LoRAPair
 from stablelora.optim.registry import AdamWSettings, register_optimizer, trainable_parameters
@@ -149,12 +150,12 @@ class StableLoRA(torch.optim.AdamW):
         *,
         shrink_ratio: float = 5e-4,
         stop_rule: str | StopRule = "norm",
-        lr: float = 1e-4,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 0.01,
-        foreach: bool | None = None,
-        fused: bool | None = None,
+        lr: float = ADAMW_DEFAULTS.lr,
+        betas: tuple[float, float] = ADAMW_DEFAULTS.betas,
+        eps: float = ADAMW_DEFAULTS.eps,
+        weight_decay: float = ADAMW_DEFAULTS.weight_decay,
+        foreach: bool | None = ADAMW_DEFAULTS.foreach,
+        fused: bool | None = ADAMW_DEFAULTS.fused,
         **adamw_kwargs,
     ):
         self.shrink_ratio = check_shrink_ratio(shrink_ratio)

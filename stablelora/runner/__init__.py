@@ -2,5 +2,6 @@
 turned into records, one line and an exit code), the training loop
 (:mod:`~stablelora.runner.train`), building a run from its config
 (:mod:`~stablelora.runner.setup`), the run folder: locks, checkpoints, stop signals
-(:mod:`~stablelora.runner.folder`), sweeps (:mod:`~stablelora.runner.sweep`) and where the LM
-head runs (:mod:`~stablelora.runner.lm_head`)."""
+(:mod:`~stablelora.runner.folder`), sweeps (:mod:`~stablelora.runner.sweep`), where the LM
+head runs (:mod:`~stablelora.runner.lm_head`) and the check before packed batches
+(:mod:`~stablelora.runner.packing`)."""

@@ -17,14 +17,13 @@ from types import FrameType
 from typing import Any, TextIO
 
 import torch
-import yaml
 
 from stablelora.config.identity import computed_config
 from stablelora.records.atomic import fsync_folder, writing
 from stablelora.records.console import say
+from stablelora.records.folder import RunFolder
 from stablelora.records.layers import RecordsError
 from stablelora.records.rows import flatten
-from stablelora.records.summary import read_summary
 
 #: What ``signal.signal`` takes and returns: a function, SIG_DFL / SIG_IGN, or None.
 SignalHandler = Callable[[int, FrameType | None], Any] | int | None
@@ -159,25 +158,23 @@ def check_run_folder(run_dir: Path, config: dict) -> None:
     """Stop (one line) when ``run_dir`` already holds a run of another configuration (a
     folder belongs to exactly one resolved configuration, display-only keys aside), or when
     its ``config.yaml`` or ``summary.json`` cannot be read: the folder is left as found."""
+    folder = RunFolder(run_dir)
     try:
-        read_summary(run_dir)
+        _ = folder.summary  # read and checked
     except RecordsError as error:
         raise RunFolderError(
             f"{error}: restore it, or delete it to run this run again (from its last "
             "checkpoint, or from step 0 if it has none)."
         ) from None
-    stored_path = run_dir / "config.yaml"
-    if not stored_path.exists():
-        return
     try:
-        stored = yaml.safe_load(stored_path.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as error:
-        stored = error
-    if not isinstance(stored, dict):
+        stored = folder.stored_config
+    except RecordsError as error:
         raise RunFolderError(
-            f"{stored_path} cannot be read (not a YAML mapping): restore it, or delete it if "
-            "this folder holds this configuration's run (its name is the configuration's hash)."
-        )
+            f"{error}: restore it, or delete it if this folder holds this configuration's run "
+            "(its name is the configuration's hash)."
+        ) from None
+    if stored is None:
+        return
     flat_old, flat_new = flatten(computed_config(stored)), flatten(computed_config(config))
     differing = sorted(
         k for k in flat_old.keys() | flat_new.keys() if flat_old.get(k) != flat_new.get(k)

@@ -12,13 +12,15 @@ import shutil
 import sys
 import traceback
 from pathlib import Path
+from typing import Any
 
-from stablelora.config.check import plain_config
+from stablelora.config.check import check_config
 from stablelora.config.errors import CONFIG_ERROR_EXIT, ConfigError
+from stablelora.config.spec import RunSpec, plain_config
 from stablelora.records.atomic import FULL_DISK
 from stablelora.records.console import result_table
+from stablelora.records.folder import RunFolder
 from stablelora.records.layers import RecordsError
-from stablelora.records.rows import read_jsonl
 from stablelora.records.summary import make_summary, write_json_atomic
 from stablelora.runner.folder import RunFolderError, StopSignals, run_launcher_handler
 from stablelora.runner.sweep import STARTED, report_to_sweep, stop_sweep, sweep_stopped
@@ -35,9 +37,11 @@ def run_job(cfg, run_dir: Path, multirun: bool = False):
     failed job is recorded and the sweep goes on (the sweep summary counts it); in a single
     run the process exits non-zero. A diverged run is a result: exit code 0."""
 
+    spec: RunSpec | None = None  # the checked config, once check_config has returned it
+
     def fail(message: str, record: bool = True, trace: str | None = None, code: int = 1):
         if record:
-            _record_failure(cfg, run_dir, message, trace)
+            _record_failure(spec or cfg, run_dir, message, trace)
         report_to_sweep(run_dir, "failed")
         if multirun:
             print(f"stablelora: {run_dir.name}: {message}", file=sys.stderr)
@@ -61,7 +65,8 @@ def run_job(cfg, run_dir: Path, multirun: bool = False):
         # From here a stop signal (one the sweep passes on too) is kept for the training loop.
         with StopSignals():
             report_to_sweep(run_dir, STARTED)  # the sweep passes a stop signal on to this pid
-            summary = train(cfg, run_dir)
+            spec = check_config(cfg)
+            summary = train(cfg, run_dir, spec)
     except ConfigError as error:  # found before training: nothing is left behind
         _remove_unused(run_dir)
         return fail(f"config error: {error}", record=False, code=CONFIG_ERROR_EXIT)
@@ -91,7 +96,8 @@ def run_job(cfg, run_dir: Path, multirun: bool = False):
             "same command to resume from the last checkpoint."
         )
     except Exception as error:
-        _record_failure(cfg, run_dir, f"{type(error).__name__}: {error}", traceback.format_exc())
+        message, trace = f"{type(error).__name__}: {error}", traceback.format_exc()
+        _record_failure(spec or cfg, run_dir, message, trace)
         report_to_sweep(run_dir, "failed")
         if multirun:
             print(f"stablelora: run {run_dir} failed: {error}", file=sys.stderr)
@@ -118,21 +124,25 @@ def _remove_unused(run_dir: Path) -> None:
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
-def _record_failure(cfg, run_dir: Path, message: str, trace: str | None = None) -> None:
-    """A ``failed`` summary; on a full disk this write may fail too, and then the previous
+def _record_failure(
+    spec: RunSpec | Any, run_dir: Path, message: str, trace: str | None = None
+) -> None:
+    """A ``failed`` summary of the run of ``spec`` (a config that failed before its check
+    returned: that config node); on a full disk this write may fail too, and then the previous
     summary stays (it is replaced atomically)."""
     if int(os.environ.get("RANK", "0")) != 0:
         return
     run_dir = Path(run_dir)
-    steps = [row["step"] for row in read_jsonl(run_dir / "metrics.jsonl")]
-    config = plain_config(cfg)
+    steps = [row["step"] for row in RunFolder(run_dir).metrics]
+    config = spec.config if isinstance(spec, RunSpec) else plain_config(spec)
+    task = spec.task if isinstance(spec, RunSpec) else config.get("task")
     summary = make_summary(
         "failed",
         config,
         error=message,
         traceback=trace,
         steps=max(steps, default=0),
-        **task_record(config.get("task")),
+        **task_record(task),
     )
     try:
         run_dir.mkdir(parents=True, exist_ok=True)

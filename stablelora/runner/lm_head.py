@@ -60,10 +60,12 @@ def split_causal_lm(model: nn.Module) -> CausalLMParts | None:
     return CausalLMParts(body, head)
 
 
-def hidden_states(parts: CausalLMParts, input_ids, attention_mask) -> torch.Tensor:
-    """The body's last hidden states, (batch, seq, d)."""
+def hidden_states(parts: CausalLMParts, input_ids, attention_mask, position_ids=None):
+    """The body's last hidden states, (batch, seq, d); ``position_ids`` only for packed rows
+    (:func:`stablelora.tasks.scoring.collate_packed`)."""
+    extra = {} if position_ids is None else {"position_ids": position_ids}
     return parts.body(
-        input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+        input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra
     ).last_hidden_state
 
 
@@ -75,7 +77,9 @@ class CausalLMLoss(nn.Module):
     cross-entropy run only at the positions whose next token is labelled; otherwise (or for
     batches without ``labels``: toy regression tasks) the model's own forward computes the
     loss. The training loop calls (and DDP wraps) this module instead of the model, so the
-    parameters, hooks and gradients are the model's own.
+    parameters, hooks and gradients are the model's own. A packed batch (``position_ids``, no
+    ``attention_mask``: ``trainer.packing``) runs without a KV cache on both paths, since
+    transformers builds the block-diagonal mask only without one.
     """
 
     def __init__(self, model: nn.Module, head: str = "used"):
@@ -90,10 +94,14 @@ class CausalLMLoss(nn.Module):
         if (
             self.parts is None
             or labels is None
-            or set(batch) - {"input_ids", "attention_mask", "labels"}
+            or set(batch) - {"input_ids", "attention_mask", "labels", "position_ids"}
         ):
+            if "position_ids" in batch:
+                return self.model(**batch, use_cache=False).loss
             return self.model(**batch).loss
-        hidden = hidden_states(self.parts, batch["input_ids"], batch.get("attention_mask"))
+        hidden = hidden_states(
+            self.parts, batch["input_ids"], batch.get("attention_mask"), batch.get("position_ids")
+        )
         targets = labels[:, 1:]
         used = targets != IGNORE_INDEX  # position t predicts token t + 1
         logits = self.parts.head(hidden[:, :-1][used]).float()

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from stablelora.config.check import optimizer_arguments, plain_config
+from stablelora.config.spec import RunSpec, plain_config, run_spec
 from stablelora.records.recorder import RunRecorder
 
 if TYPE_CHECKING:
@@ -158,31 +158,33 @@ class Run:
     probe: FeatureProbe
     recorder: RunRecorder
     autocast: Callable[[], contextlib.AbstractContextManager]
+    #: The config resolved into what was built (:func:`stablelora.config.check.check_config`).
+    spec: RunSpec
     #: What was loaded (``stablelora.models.model_record``): the summary's ``base_model``.
     base_model: dict | None = None
 
 
-def build_run(cfg, dist: Distributed, recorder: RunRecorder) -> Run:
-    """Load the model, inject LoRA, build the task, optimizer, schedule and probe."""
+def build_run(cfg, dist: Distributed, recorder: RunRecorder, spec: RunSpec | None = None) -> Run:
+    """Load the model, inject LoRA, build the task, optimizer, schedule and probe, with the
+    arguments of ``spec`` (what :func:`stablelora.config.check.check_config` returned for
+    ``cfg``; resolved from ``cfg`` when not given)."""
     # Imported here, not at the top: importing this module stays light (no transformers),
     # and tests replace a loader on its module (stablelora.tasks.build_task).
-    from stablelora.lora import adapter_arguments, apply_lora
+    from stablelora.lora import apply_lora
     from stablelora.models import count_parameters, load_model, model_record
     from stablelora.optim import create_optimizer, find_lora_pairs
-    from stablelora.optim.registry import ADAMW_SETTINGS
     from stablelora.probes.gamma import FeatureProbe
     from stablelora.runner.lm_head import CausalLMLoss
     from stablelora.tasks import build_task
 
-    optim = cfg.optim
-    adapter = adapter_arguments(plain_config(cfg.adapter), cfg.trainer.max_steps)
-    builder, options = optimizer_arguments(plain_config(cfg.optimizer))
+    spec = spec if spec is not None else run_spec(plain_config(cfg))
     model, tokenizer = load_model(cfg.model)
     base_model = model_record(model, cfg.model)  # before the adapter: the loaded model's count
-    model = apply_lora(model, **adapter).to(dist.device)
+    model = apply_lora(model, **spec.adapter).to(dist.device)
     base_model["trainable_parameters"] = count_parameters(model, trainable=True)
-    adamw = {name: optim[name] for name in ADAMW_SETTINGS}  # lr, weight_decay, betas, ...
-    optimizer = create_optimizer(model, builder, **adamw, **options)
+    optimizer = create_optimizer(
+        model, spec.optimizer, **spec.adamw.kwargs(), **spec.optimizer_options
+    )
     ddp: torch.nn.Module = CausalLMLoss(model, head=cfg.trainer.lm_head)
     if dist.world_size > 1:
         device_ids = None if dist.device.type == "cpu" else [dist.device]
@@ -201,7 +203,7 @@ def build_run(cfg, dist: Distributed, recorder: RunRecorder) -> Run:
     autocast = functools.partial(
         torch.autocast, dist.device.type, dtype=torch.bfloat16, enabled=use_bf16
     )
-    task = build_task(cfg.task, tokenizer, seed=cfg.seed)
+    task = build_task(spec.task, tokenizer, seed=cfg.seed)
     task.lm_head = cfg.trainer.lm_head
     # Pools are cut in optimizer steps' batches (all micro-batches of all ranks), so the
     # examples of a step do not depend on how grad_accum and the ranks split it.
@@ -221,9 +223,10 @@ def build_run(cfg, dist: Distributed, recorder: RunRecorder) -> Run:
         task,
         order,
         optimizer,
-        build_scheduler(optimizer, optim, cfg.trainer.max_steps),
+        build_scheduler(optimizer, cfg.optim, cfg.trainer.max_steps),
         probe,
         recorder,
         autocast,
+        spec,
         base_model,
     )

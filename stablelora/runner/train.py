@@ -14,12 +14,13 @@ import random
 import resource
 import sys
 import time
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from stablelora.config.check import check_config, plain_config
+from stablelora.config.check import check_config
+from stablelora.config.spec import RunSpec
 from stablelora.contamination import record_overlap
 from stablelora.records.layers import LayerRecords
 from stablelora.records.recorder import RunRecorder
@@ -39,6 +40,7 @@ from stablelora.runner.folder import (
     save_adapter,
     save_checkpoint_file,
 )
+from stablelora.runner.packing import packing_problem
 from stablelora.runner.setup import Distributed, Run, build_run, seed_everything
 
 
@@ -71,9 +73,46 @@ def set_rng_state(state: dict, device) -> None:
 
 
 # ---------------------------------------------------------------------------- the loop
-def train_step(run: Run, step: int) -> tuple[float, int]:
+@dataclass
+class LoopState:
+    """The training loop's state, and a checkpoint's ``state``: saved as the dict of these
+    fields (:meth:`to_dict`, the keys checkpoints have always had) and read back from one
+    (:meth:`from_dict`, which takes older checkpoints' dicts too). The data position follows
+    from ``step``."""
+
+    step: int = 0
+    initial: dict = field(default_factory=dict)  # the evaluation at step 0
+    best: dict = field(default_factory=dict)  # the best evaluation so far, with its step
+    train_time: float = 0.0
+    wall_time: float = 0.0
+    attempts: int = 0
+    records: int = 0  # rows of metrics.jsonl written
+    #: The steps whose per-example rows examples.parquet holds (None in older checkpoints).
+    example_steps: list[int] | None = None
+    status: str = "running"
+    error: str | None = None
+    loss: float | None = None
+    #: The step of an evaluation still to run: the initial one (0), or one a stop signal
+    #: interrupted (run again on resume). The final evaluation follows the last step.
+    eval_pending: int | None = None
+
+    def to_dict(self) -> dict:
+        """The checkpoint's ``state``: a plain dict keyed by the field names."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, state: dict) -> LoopState:
+        """The state a checkpoint's ``state`` dict holds; keys it lacks (an older checkpoint)
+        keep their defaults."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in state.items() if k in names})
+
+
+def train_step(run: Run, step: int, packed: bool = False) -> tuple[float, int]:
     """Forward and backward over the step's micro-batches; return the mean loss (all ranks)
     and the number of input tokens this rank read (counted on the host: no device sync).
+    ``packed``: each micro-batch's examples in one row without padding (``trainer.packing``,
+    the same examples and loss).
 
     The optimizer step is the caller's, so that a non-finite loss can stop the run first.
     """
@@ -85,8 +124,12 @@ def train_step(run: Run, step: int) -> tuple[float, int]:
         # step only, so a resumed run reads exactly the data it would have read.
         position = ((step - 1) * trainer.grad_accum + micro) * dist.world_size + dist.rank
         indices = run.order.indices(position * trainer.batch_size, trainer.batch_size)
-        batch = run.task.collate(indices)
-        tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0
+        if packed:
+            batch = run.task.collate_packed(indices)
+            tokens += batch["input_ids"].numel()
+        else:
+            batch = run.task.collate(indices)
+            tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0
         batch = {k: v.to(dist.device) for k, v in batch.items()}
         is_last = micro == trainer.grad_accum - 1
         # The loop's model is DDP-wrapped under torchrun only; gradients sync on the last
@@ -128,10 +171,11 @@ def evaluate(run: Run, step: int) -> dict[str, float]:
     return metrics
 
 
-def save_checkpoint(run: Run, run_dir: Path, state: dict) -> None:
+def save_checkpoint(run: Run, run_dir: Path, state: LoopState) -> None:
     """Everything a resumed run needs: trainable weights, optimizer (with the shrink flags),
-    scheduler and RNG states, and ``state`` (step, metrics rows written, times); the data
-    position follows from ``state["step"]``. The previous checkpoint is kept."""
+    scheduler and RNG states, and the loop's ``state`` (step, metrics rows written, times;
+    saved as a dict: :meth:`LoopState.to_dict`); the data position follows from
+    ``state.step``. The previous checkpoint is kept."""
     if run.dist.is_main:
         trainable = {n: p.detach() for n, p in run.model.named_parameters() if p.requires_grad}
         payload = {
@@ -139,14 +183,14 @@ def save_checkpoint(run: Run, run_dir: Path, state: dict) -> None:
             "optimizer": run.optimizer.state_dict(),
             "scheduler": run.scheduler.state_dict(),
             "rng": rng_state(run.dist.device),
-            "state": state,
+            "state": state.to_dict(),
         }
         save_checkpoint_file(payload, run_dir)
     run.dist.barrier()
 
 
-def load_checkpoint(run: Run, run_dir: Path) -> dict | None:
-    """Restore the newest readable checkpoint of ``run_dir``; its ``state``, or None."""
+def load_checkpoint(run: Run, run_dir: Path) -> LoopState | None:
+    """Restore the newest readable checkpoint of ``run_dir``; its loop state, or None."""
     checkpoint = load_checkpoint_file(run_dir, map_location=run.dist.device)
     if checkpoint is None:
         return None
@@ -157,12 +201,13 @@ def load_checkpoint(run: Run, run_dir: Path) -> dict | None:
     run.optimizer.load_state_dict(checkpoint["optimizer"])
     run.scheduler.load_state_dict(checkpoint["scheduler"])
     set_rng_state(checkpoint["rng"], run.dist.device)
-    return checkpoint["state"]
+    return LoopState.from_dict(checkpoint["state"])
 
 
-def train(cfg, run_dir: Path) -> dict:
+def train(cfg, run_dir: Path, spec: RunSpec | None = None) -> dict:
     """Run one configured fine-tuning job in ``run_dir`` (resuming it if it has a
-    checkpoint); return its summary.
+    checkpoint); return its summary. ``spec``: what ``check_config(cfg)`` returned (the config
+    is checked here when it is not given).
 
     Raises:
         ConfigError: a bad config (before anything is loaded).
@@ -174,10 +219,10 @@ def train(cfg, run_dir: Path) -> dict:
     """
     from omegaconf import OmegaConf
 
-    check_config(cfg)
+    spec = check_config(cfg) if spec is None else spec
     started, run_dir, trainer = time.time(), Path(run_dir), cfg.trainer
     is_main = int(os.environ.get("RANK", "0")) == 0
-    resolved = plain_config(cfg)
+    resolved = spec.config
     lock = RunLock(run_dir)
     if is_main:
         lock.acquire()
@@ -204,7 +249,7 @@ def train(cfg, run_dir: Path) -> dict:
             (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
         try:
             with StopSignals() as signals:
-                return _train(cfg, run_dir, dist, recorder, started, signals)
+                return training_loop(cfg, spec, run_dir, dist, recorder, started, signals)
         except BaseException:
             recorder.finish(exit_code=1)  # close the W&B run; run_job records the failure
             raise
@@ -212,97 +257,95 @@ def train(cfg, run_dir: Path) -> dict:
         lock.release()
 
 
-def _start(run: Run, run_dir: Path, recorder: RunRecorder) -> dict:
+def _start(run: Run, run_dir: Path, recorder: RunRecorder) -> LoopState:
     """The state to train from: the checkpoint's (records cut back to the rows it had seen)
     or a fresh one (no records kept, old checkpoints dropped, the initial evaluation due)."""
-    state: dict[str, Any] = {
-        "step": 0,
-        "initial": {},
-        "best": {},
-        "train_time": 0.0,
-        "wall_time": 0.0,
-        "attempts": 0,
-        "records": 0,
-        # The steps whose per-example rows examples.parquet holds (None in older checkpoints)
-        "example_steps": None,
-        "status": "running",
-        "error": None,
-        "loss": None,
-        # The step of an evaluation still to run: the initial one (0), or one a stop signal
-        # interrupted (run again on resume). The final evaluation follows the last step.
-        "eval_pending": None,
-    }
     loaded = load_checkpoint(run, run_dir) if run.cfg.trainer.resume else None
     if loaded is not None:
-        state.update(loaded)
-        recorder.keep_rows(state["records"], state["step"], state["example_steps"])
-        print(f"[stablelora] resuming {run_dir} from step {state['step']}")
+        state = loaded
+        recorder.keep_rows(state.records, state.step, state.example_steps)
+        print(f"[stablelora] resuming {run_dir} from step {state.step}")
     else:
+        state = LoopState()
         recorder.keep_rows(0)
         if run.dist.is_main:
             remove_checkpoints(run_dir)
         if run.cfg.trainer.eval_before:
-            state["eval_pending"] = 0
-    state["attempts"] += 1
+            state.eval_pending = 0
+    state.attempts += 1
     return state
 
 
-def _train(
+def packed_batches(run: Run) -> bool:
+    """Whether the loop trains on packed batches: ``trainer.packing`` asked for and the model
+    keeps packed examples apart (:func:`stablelora.runner.packing.packing_problem`); if it
+    does not, one line says so and the run trains on padded batches (the same loss)."""
+    if not run.cfg.trainer.get("packing", False):
+        return False
+    problem = packing_problem(run.model, run.task)
+    if problem is not None and run.dist.is_main:
+        print(f"[stablelora] trainer.packing: {problem}; training on padded batches instead.")
+    return problem is None
+
+
+def training_loop(
     cfg,
+    spec: RunSpec,
     run_dir: Path,
     dist: Distributed,
     recorder: RunRecorder,
     started: float,
     signals: StopSignals,
 ) -> dict:
+    """The training loop of one run: build it, start from its checkpoint or afresh, train
+    ``trainer.max_steps`` steps with the evaluations and checkpoints due, evaluate, and write
+    the summary (and the adapter when it completed); its state is a :class:`LoopState`."""
     from stablelora.lora import step_hooks
 
     trainer = cfg.trainer
-    run = build_run(cfg, dist, recorder)
+    run = build_run(cfg, dist, recorder, spec)
     if dist.is_main:
         record_overlap(run_dir, cfg.task, getattr(run.task, "overlap", {}))
     trainable = [p for p in run.model.parameters() if p.requires_grad]
     after_step = step_hooks(run.model)  # the adapter's own work after an optimizer step
+    packed = packed_batches(run)
     state = _start(run, run_dir, recorder)
-    wall_before = state["wall_time"]
+    wall_before = state.wall_time
 
     def checkpoint() -> None:
         recorder.flush()  # the per-layer rows up to this step, before the checkpoint
-        state.update(
-            records=recorder.rows,
-            example_steps=recorder.examples.steps,
-            wall_time=wall_before + time.time() - started,
-        )
+        state.records = recorder.rows
+        state.example_steps = recorder.examples.steps
+        state.wall_time = wall_before + time.time() - started
         save_checkpoint(run, run_dir, state)
 
     def evaluation(step: int) -> None:
         """The evaluation at ``step`` (0: the initial one). A stop signal ends it at once and
-        leaves it in ``state["eval_pending"]``, so that the checkpoint runs it on resume."""
-        state["eval_pending"] = step
+        leaves it in ``state.eval_pending``, so that the checkpoint runs it on resume."""
+        state.eval_pending = step
         with contextlib.suppress(StopRequested):
             result = evaluate(run, step)
-            state["eval_pending"] = None
+            state.eval_pending = None
             if step == 0:
-                state["initial"] = result
+                state.initial = result
             else:
-                state["best"] = better(state["best"], result, run.task, step)
+                state.best = better(state.best, result, run.task, step)
         run.model.train()
 
-    if state["eval_pending"] is not None:  # the initial one, or one a stop interrupted
-        evaluation(state["eval_pending"])
+    if state.eval_pending is not None:  # the initial one, or one a stop interrupted
+        evaluation(state.eval_pending)
     last_step = trainer.max_steps
-    if state["eval_pending"] is not None:  # stopped during that evaluation: no training
+    if state.eval_pending is not None:  # stopped during that evaluation: no training
         checkpoint()
-        state["status"], last_step = "interrupted", state["step"]
-    progress = Progress(trainer, state["step"], run_dir.name, enabled=dist.is_main)
-    loop_start = time.time() - state["train_time"]
+        state.status, last_step = "interrupted", state.step
+    progress = Progress(trainer, state.step, run_dir.name, enabled=dist.is_main)
+    loop_start = time.time() - state.train_time
     run.model.train()
-    for step in range(state["step"] + 1, last_step + 1):
-        loss, tokens = train_step(run, step)
+    for step in range(state.step + 1, last_step + 1):
+        loss, tokens = train_step(run, step, packed)
         if not math.isfinite(loss):
-            state.update(
-                status="diverged", error=f"loss is {loss} at step {step}", step=step, loss=loss
-            )
+            state.status, state.error = "diverged", f"loss is {loss} at step {step}"
+            state.step, state.loss = step, loss
             recorder.log(step, {"train/loss": loss})
             break
         if cfg.optim.max_grad_norm:
@@ -314,7 +357,7 @@ def _train(
             hook(step)
         run.optimizer.zero_grad(set_to_none=True)
         metrics = run.probe.after_update(run.optimizer)
-        state.update(step=step, loss=loss, train_time=time.time() - loop_start)
+        state.step, state.loss, state.train_time = step, loss, time.time() - loop_start
         progress.count(tokens * dist.world_size)
         if step % trainer.log_every == 0 or step == trainer.max_steps:
             lr = float(run.scheduler.get_last_lr()[0])
@@ -334,31 +377,31 @@ def _train(
         if dist.any(signals.received is not None) and step < trainer.max_steps:
             if not saved:
                 checkpoint()
-            state["status"] = "interrupted"
+            state.status = "interrupted"
             break
     progress.close()
     run.probe.close()
 
     final = {}
-    if state["status"] == "running":
+    if state.status == "running":
         try:
-            final = evaluate(run, state["step"])
+            final = evaluate(run, state.step)
         except StopRequested:  # checkpointed at the last step: a rerun only evaluates
             checkpoint()
-            state["status"] = "interrupted"
+            state.status = "interrupted"
         else:
-            state["status"] = "completed"
-            state["best"] = better(state["best"], final, run.task, state["step"])
+            state.status = "completed"
+            state.best = better(state.best, final, run.task, state.step)
     wall_time = wall_before + time.time() - started
-    summary = summarize(cfg, run, state, final, wall_time)
+    summary = summarize(cfg, run, state, final, wall_time, packed)
     recorder.write_summary(summary)  # before the adapter: a full disk keeps this summary
-    if dist.is_main and state["status"] == "completed":
+    if dist.is_main and state.status == "completed":
         save_adapter(run.model, run_dir)
         remove_checkpoints(run_dir)  # the adapter and the records now hold everything
-    recorder.finish(exit_code=0 if state["status"] in ("completed", "diverged") else 1)
+    recorder.finish(exit_code=0 if state.status in ("completed", "diverged") else 1)
     dist.close()
-    if state["status"] == "interrupted":
-        raise RunInterrupted(signals.received or 0, state["step"])
+    if state.status == "interrupted":
+        raise RunInterrupted(signals.received or 0, state.step)
     return summary
 
 
@@ -371,29 +414,37 @@ def better(best: dict, result: dict, task, step: int) -> dict:
     return best
 
 
-def summarize(cfg, run: Run, state: dict, final: dict, wall_time: float) -> dict:
-    """The ``summary.json`` of a run (schema: ``stablelora.records.summary.make_summary``)."""
+def summarize(
+    cfg, run: Run, state: LoopState, final: dict, wall_time: float, packed: bool = False
+) -> dict:
+    """The ``summary.json`` of a run (schema: ``stablelora.records.summary.make_summary``);
+    a run that asked for ``trainer.packing`` also records ``packed_batches``, whether it
+    trained on packed batches (False: its model failed the check and it trained on padded
+    ones)."""
     from stablelora.tasks import task_record
 
+    extra = optimizer_summary(run.optimizer)
+    if cfg.trainer.get("packing", False):
+        extra["packed_batches"] = packed
     return make_summary(
-        state["status"],
-        plain_config(cfg),
-        error=state["error"],
-        steps=state["step"],
+        state.status,
+        run.spec.config,
+        error=state.error,
+        steps=state.step,
         main_metric=f"eval/{run.task.main_metric}",
-        initial=state["initial"],
+        initial=state.initial,
         final=final,
-        best=state["best"],
-        train_loss_final=state["loss"],
+        best=state.best,
+        train_loss_final=state.loss,
         wall_time_s=wall_time,
-        train_time_s=state["train_time"],
-        attempts=state["attempts"],
+        train_time_s=state.train_time,
+        attempts=state.attempts,
         peak_memory_mb=peak_memory_mb(run.dist.device),
         world_size=run.dist.world_size,
         device=str(run.dist.device),
         base_model=run.base_model,
         **task_record(cfg.task),
-        extra=optimizer_summary(run.optimizer),
+        extra=extra,
     )
 
 

