@@ -65,6 +65,34 @@ def test_normalize_and_matches_find_exact_and_near_copies_only():
     assert matches([half], [base]) == []
 
 
+def test_large_comparisons_are_cached_by_content_and_a_damaged_cache_is_recomputed(
+    tmp_path, monkeypatch
+):
+    import stablelora.contamination as contamination
+
+    monkeypatch.setenv("STABLELORA_CACHE", str(tmp_path))
+    monkeypatch.setattr(contamination, "DISK_CACHE_MIN_CHARS", 1)
+    monkeypatch.setattr(contamination, "_matches_seen", {})
+    base = sentence(1)
+    queries, references = [base.upper(), base.replace(base.split()[-1], "x"), sentence(2)], [base]
+    expected = [(0, 0, True), (1, 0, False)]
+    assert matches(queries, references) == expected
+    (cached,) = (tmp_path / "overlap").glob("*.json")
+    assert json.loads(cached.read_text()) == [list(row) for row in expected]
+    # a new process reads the file; a torn file is computed again and rewritten
+    monkeypatch.setattr(contamination, "_matches_seen", {})
+    cached.write_text("[[0, 0, tr")
+    assert matches(queries, references) == expected
+    assert json.loads(cached.read_text()) == [list(row) for row in expected]
+    # another threshold or another rule version is another comparison, never the cached one
+    assert matches(queries, references, threshold=0.95) == [(0, 0, True)]
+    monkeypatch.setattr(contamination, "MATCH_RULE_VERSION", 2)
+    monkeypatch.setattr(contamination, "_matches_seen", {})
+    cached.write_text(json.dumps([[2, 0, True]]))  # a stale answer of the old rule
+    assert matches(queries, references) == expected
+    assert len(list((tmp_path / "overlap").glob("*.json"))) == 3
+
+
 def test_clean_splits_keeps_every_held_out_item_out_of_training():
     test = [mc(sentence(i)) for i in range(10)] + [mc(sentence(3))]  # a repeat of item 3
     validation = [mc(sentence(i)) for i in range(20, 25)] + [mc(sentence(4))]  # copy of a test item
