@@ -485,25 +485,22 @@ def profile_groups(loop: RunnerLoop, step: int) -> tuple[dict[str, float], float
 
 # ---------------------------------------------------------------------------- main
 def bench_task(task_name: str, args) -> dict:
-    base = overrides(
-        args.model,
-        task_name,
-        max_steps=args.steps * (args.repeats + 2),
-        batch_size=args.batch_size,
-        device=args.device,
-        data_root=args.data_root,
-        probe=False,
-    )
-    with_probe = overrides(
-        args.model,
-        task_name,
-        max_steps=args.steps * (args.repeats + 2),
-        batch_size=args.batch_size,
-        device=args.device,
-        data_root=args.data_root,
-        probe=True,
-    )
-    runs = {"probe off": build(compose(base)), "probe default": build(compose(with_probe))}
+    runs = {
+        name: build(
+            compose(
+                overrides(
+                    args.model,
+                    task_name,
+                    max_steps=args.steps * (args.repeats + 2),
+                    batch_size=args.batch_size,
+                    device=args.device,
+                    data_root=args.data_root,
+                    probe=probe,
+                )
+            )
+        )
+        for name, probe in (("probe off", False), ("probe default", True))
+    }
     run = runs["probe off"]
     device = run.dist.device
     examples = step_examples(run, args.steps)
