@@ -23,9 +23,8 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
-
 from experiments.catalog import sweep_name
+from stablelora.records.folder import CONFIG_FILE, RunFolder
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -43,16 +42,10 @@ def width_records(sweep_dir: Path) -> Path:
     ``feat/*`` step, the input format of :func:`analysis.width_fit.analyze`."""
     path = sweep_dir / "records.jsonl"
     with path.open("w") as out:
-        for config_path in sorted(sweep_dir.glob("*/config.yaml")):
-            run_dir = config_path.parent
-            cfg = yaml.safe_load(config_path.read_text())
-            summary_path = run_dir / "summary.json"
-            summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
-            metrics = [
-                json.loads(line)
-                for line in (run_dir / "metrics.jsonl").read_text().splitlines()
-                if '"feat/' in line
-            ]
+        for config_path in sorted(sweep_dir.glob(f"*/{CONFIG_FILE}")):
+            run = RunFolder(config_path.parent)
+            cfg, summary = run.stored_config, run.summary
+            metrics = [row for row in run.metrics if any(k.startswith("feat/") for k in row)]
             record = {
                 "method": cfg["method"]["name"],
                 "width": cfg["model"]["width"],
@@ -60,7 +53,7 @@ def width_records(sweep_dir: Path) -> Path:
                 "lr_mode": "fixed" if float(cfg["lr_width_exponent"]) == 0 else "scaled",
                 "lr": cfg["optim"]["lr"],
                 "status": summary.get("status", "incomplete"),
-                "run_dir": str(run_dir),
+                "run_dir": str(run.path),
                 "metrics": metrics,
             }
             out.write(json.dumps(record) + "\n")

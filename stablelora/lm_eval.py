@@ -41,9 +41,11 @@ def read_run_config(run_dir: Path, required: tuple[str, ...] = ()):
     import yaml
     from omegaconf import OmegaConf
 
-    path = run_dir / "config.yaml"
+    from stablelora.records.folder import CONFIG_FILE, load_yaml
+
+    path = run_dir / CONFIG_FILE
     try:
-        tree = yaml.safe_load(path.read_text(encoding="utf-8"))
+        tree = load_yaml(path)
     except (OSError, ValueError, yaml.YAMLError) as error:  # ValueError: not UTF-8
         reason = type(error).__name__
         raise RecordsError(f"{path} cannot be read ({reason}): {CONFIG_FIX}") from None

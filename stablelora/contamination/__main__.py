@@ -49,7 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import argparse
     import sys
 
-    import yaml
+    from stablelora.records.folder import CONFIG_FILE, load_yaml
 
     parser = argparse.ArgumentParser(
         prog="python -m stablelora.contamination",
@@ -68,10 +68,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.run:
             for run_dir in args.run:
-                path = run_dir / "config.yaml"
+                path = run_dir / CONFIG_FILE
                 if not path.is_file():
                     raise ValueError(f"{path} does not exist: give a run folder")
-                configs.append((str(run_dir), yaml.safe_load(path.read_text())))
+                configs.append((str(run_dir), load_yaml(path)))
         else:
             configs.append(("config", _compose(args.overrides)))
         for name, cfg in configs:
