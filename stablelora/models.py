@@ -15,6 +15,7 @@ quantization, read from the loaded model and the GGUF's header): the summary's `
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 import struct
@@ -157,16 +158,23 @@ def has_chat_template(model_cfg) -> bool | None:
         return None
 
 
+#: Tokenizers loaded, per name: each call returns a copy (a copy costs about a quarter of a
+#: load), so a sweep's jobs in one process load each tokenizer once and share no state.
+_TOKENIZERS: dict[str, object] = {}
+
+
 def load_tokenizer(name: str):
     """A tokenizer by Hub id or path; ``smollm2`` is SmolLM2's, from the offline package."""
     from transformers import AutoTokenizer
 
     if name == "smollm2":
         name = str(_dequantised_gguf(*SMOLLM2))
-    tokenizer = AutoTokenizer.from_pretrained(name)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
+    if name not in _TOKENIZERS:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        _TOKENIZERS[name] = tokenizer
+    return copy.deepcopy(_TOKENIZERS[name])
 
 
 def load_model(model_cfg):
@@ -206,9 +214,27 @@ def load_model(model_cfg):
     return model, tokenizer
 
 
+#: Skeletons built, per model config (its resolved YAML): the callback's check of every job of
+#: a sweep and each job's own check build one per model. Only read (module names), never changed.
+_SKELETONS: dict[str, torch.nn.Module] = {}
+
+
 def skeleton(model_cfg):
     """The model's module tree on the meta device (no weights), or None if its config is not
-    at hand yet (a GGUF not dequantised yet): for checks that must run before loading."""
+    at hand yet (a GGUF not dequantised yet): for checks that must run before loading. Built
+    once per model config in a process; callers must not change it."""
+    from omegaconf import OmegaConf
+
+    key = OmegaConf.to_yaml(model_cfg, resolve=True)
+    if key not in _SKELETONS:
+        tree = _build_skeleton(model_cfg)
+        if tree is None:  # its config may be at hand later (once dequantised): not kept
+            return None
+        _SKELETONS[key] = tree
+    return _SKELETONS[key]
+
+
+def _build_skeleton(model_cfg):
     if model_cfg.source == "toy":
         from stablelora.toy import build_toy_model
 

@@ -253,3 +253,23 @@ def test_committed_tuned_study_records_name_the_old_rules_overlap():
         record = json.loads(path.read_text())
         assert record["split_rule"] == "legacy"
         assert overlap_count(record["tasks"]["bbc_news"]) == 25
+
+
+def test_the_corpus_is_read_once_per_process_and_again_when_a_file_changes(bbc_copy):
+    from stablelora.tasks.bbc_news import read_corpus, topic_dirs
+
+    base = {**group_option("task", "bbc_news"), "data_dir": str(bbc_copy)}
+    first = task_splits(base, seed=0)["bbc_news"]
+    articles = read_corpus(topic_dirs(bbc_copy))
+    assert read_corpus(topic_dirs(bbc_copy)) is articles  # a sweep's next job reads nothing
+    assert len(articles) == 123 and all(a.eval_by_body == is_eval_body(a.body) for a in articles)
+    # an article rewritten (another size) is read again, and its split follows its new body
+    moved = next(a for a in articles if not a.eval_by_body and a.topic == "sport")
+    new_body = next(
+        sentence(5000 + i, 41) for i in range(1000) if is_eval_body(sentence(5000 + i, 41))
+    )
+    write_article(bbc_copy, "sport", moved.file, moved.headline, new_body)
+    assert read_corpus(topic_dirs(bbc_copy)) is not articles
+    second = task_splits(base, seed=0)["bbc_news"]
+    assert len(second.evals) == len(first.evals) + 1
+    assert normalize(new_body) in {normalize(ex.content) for ex in second.evals}

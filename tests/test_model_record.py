@@ -124,3 +124,34 @@ def test_base_model_goes_through_wandb_and_reads_as_one_line():
         "model: llama, 30 layers, hidden 576, 9 heads (3 KV), vocab 49152; 134.5M parameters, "
         "460.8K trainable; 4-bit Q4_1 GGUF, dequantized to float32"
     )
+
+
+def test_a_skeleton_is_built_once_per_model_config_and_not_kept_while_unbuildable(tmp_path):
+    from stablelora.models import skeleton
+
+    tiny = compose_config(["model=tiny_llama"]).model
+    tree = skeleton(tiny)
+    assert tree is skeleton(compose_config(["model=tiny_llama"]).model)  # the next job's check
+    assert next(tree.parameters()).device.type == "meta"
+    deeper = compose_config(["model=tiny_llama", "model.config.num_hidden_layers=3"]).model
+    assert len(skeleton(deeper).model.layers) == 3 and len(tree.model.layers) == 2
+    # a model whose config is not at hand yet: None, and built once its config is there
+    local = OmegaConf.create({"source": "hub", "path": str(tmp_path / "model"), "name": "local"})
+    assert skeleton(local) is None
+    tiny_llama().save_pretrained(tmp_path / "model")
+    assert len(skeleton(local).model.layers) == len(tiny_llama().model.layers)
+
+
+def test_each_tokenizer_load_is_a_copy_of_one_loaded_once():
+    from stablelora.models import load_tokenizer
+
+    first, second = load_tokenizer("smollm2"), load_tokenizer("smollm2")
+    assert first is not second and first.pad_token == second.pad_token is not None
+    first.padding_side = "left"
+    first.add_special_tokens({"additional_special_tokens": ["<probe>"]})
+    assert second.padding_side != "left" and len(second) < len(first)  # no state is shared
+    third = load_tokenizer("smollm2")
+    assert (
+        len(third) == len(second)
+        and third("Topic: sport")["input_ids"] == second("Topic: sport")["input_ids"]
+    )

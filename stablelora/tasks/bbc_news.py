@@ -21,6 +21,7 @@ another copy of the corpus in the same layout.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from pathlib import Path
 
 from stablelora.contamination import CONTENT, SplitExamples, apply_split_rule, normalize
@@ -87,8 +88,48 @@ def is_eval_file(topic: str, name: str) -> bool:
 
 def is_eval_body(body: str) -> bool:
     """The ``content`` rule: by the normalised body, so every copy of an article goes one way."""
-    digest = hashlib.md5(normalize(body).encode()).hexdigest()
-    return int(digest, 16) % 100 < EVAL_PERCENT
+    return _is_eval_normalized(normalize(body))
+
+
+def _is_eval_normalized(text: str) -> bool:
+    return int(hashlib.md5(text.encode()).hexdigest(), 16) % 100 < EVAL_PERCENT
+
+
+@dataclass(frozen=True)
+class Article:
+    """One file of the corpus, with what both split rules need from it."""
+
+    topic: str  # its topic folder
+    file: str
+    headline: str
+    body: str
+    eval_by_body: bool  # the ``content`` rule's side (:func:`is_eval_body`)
+    body_key: int  # the ``content`` rule's validation key: the normalised body's row hash
+
+
+#: Articles read, per corpus folder and the (name, mtime, size) of its files: the jobs of a
+#: sweep in one process read and hash the 2,225 files once.
+_CORPORA: dict[tuple, tuple[Article, ...]] = {}
+
+
+def read_corpus(dirs: list[Path]) -> tuple[Article, ...]:
+    """Every article of the topic folders ``dirs``, in folder then file-name order."""
+    files = [path for folder in dirs for path in sorted(folder.glob("*.txt"))]
+    stats = [path.stat() for path in files]
+    key = tuple((str(p), s.st_mtime_ns, s.st_size) for p, s in zip(files, stats))
+    if key not in _CORPORA:
+        articles = []
+        for path in files:
+            headline, body = read_article(path)
+            text = normalize(body)
+            eval_side, body_key = _is_eval_normalized(text), row_hash({"body": text})
+            articles.append(
+                Article(path.parent.name, path.name, headline, body, eval_side, body_key)
+            )
+        while len(_CORPORA) >= 4:  # a few corpora at a time (tests make their own copies)
+            del _CORPORA[next(iter(_CORPORA))]
+        _CORPORA[key] = tuple(articles)
+    return _CORPORA[key]
 
 
 def to_example(headline: str, body: str, topic: int, topics: list[str], max_words: int):
@@ -113,15 +154,16 @@ def load_split_examples(cfg: TaskConfig, *, seed: int) -> SplitExamples:
     content = cfg.split_rule == CONTENT
     train: list[MultipleChoiceExample] = []
     tests: list[MultipleChoiceExample] = []
-    for topic, folder in enumerate(dirs):
-        for path in sorted(folder.glob("*.txt")):
-            headline, body = read_article(path)
-            example = to_example(headline, body, topic, topics, max_words)
-            is_eval = is_eval_body(body) if content else is_eval_file(folder.name, path.name)
-            (tests if is_eval else train).append(example)
+    train_keys: list[int] = []  # the content rule's validation key of each train example
+    for article in read_corpus(dirs):
+        topic = topics.index(article.topic)
+        example = to_example(article.headline, article.body, topic, topics, max_words)
+        is_eval = article.eval_by_body if content else is_eval_file(article.topic, article.file)
+        (tests if is_eval else train).append(example)
+        if not is_eval:
+            train_keys.append(article.body_key)
     if content:  # by the body, as the eval part
-        keys = [row_hash({"body": normalize(ex.content)}) for ex in train]
-        held_out = holdout_mask(keys)
+        held_out = holdout_mask(train_keys)
     else:  # by the example's text (headline and snippet)
         held_out = holdout_rows([{"query": ex.query, "gold": ex.gold} for ex in train])
     validation = [ex for ex, held in zip(train, held_out) if held]
