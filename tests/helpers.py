@@ -49,20 +49,82 @@ def offline_env(**changes: str) -> dict[str, str]:
     return {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **changes}
 
 
-def run_cli(*args, cwd=ROOT, timeout=600, wandb_mode="offline", expect=None):
-    """``python *args`` in a subprocess, offline (:func:`offline_env`) with W&B in
-    ``wandb_mode``; with ``expect``, asserts that it exits with that status."""
-    result = subprocess.run(
-        [sys.executable, *args],
-        cwd=cwd,
-        env=offline_env(WANDB_MODE=wandb_mode),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+def run_cli(*args, cwd=ROOT, timeout=600, wandb_mode="offline", expect=None, fresh=False):
+    """``python *args`` (a script, ``-m module`` or ``-c code``) in a process of its own,
+    offline (:func:`offline_env`) with W&B in ``wandb_mode``; with ``expect``, asserts that it
+    exits with that status. The process is forked from a warm interpreter that has imported
+    torch, transformers and the package (:mod:`zygote`), or is a fresh ``python`` with
+    ``fresh`` (a test of what a command imports) or under ``STABLELORA_TESTS_FRESH=1``."""
+    env = offline_env(WANDB_MODE=wandb_mode)
+    if fresh or os.environ.get("STABLELORA_TESTS_FRESH") == "1":
+        result = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True,
+                                text=True, timeout=timeout)  # fmt: skip
+    else:
+        result = _ZYGOTE.run([str(a) for a in args], Path(cwd), env, timeout)
     if expect is not None:
         assert result.returncode == expect, result.stdout[-2000:] + result.stderr[-4000:]
     return result
+
+
+class Zygote:
+    """The client of one :mod:`zygote` process per test process, started on first use."""
+
+    def __init__(self):
+        self.process: subprocess.Popen | None = None
+        self.pending = b""  # read from the zygote, not yet a whole line
+
+    def start(self) -> subprocess.Popen:
+        if self.process is None or self.process.poll() is not None:
+            self.process = subprocess.Popen(
+                [sys.executable, str(TESTS / "zygote.py")], cwd=ROOT, env=offline_env(),
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0,
+            )  # fmt: skip
+            self.pending = b""
+            ready = self.message(timeout=120)
+            assert ready is not None and "ready" in ready, f"the test zygote did not start: {ready}"
+        return self.process
+
+    def message(self, timeout: float) -> dict | None:
+        """The zygote's next message, or None if none came within ``timeout`` seconds."""
+        import select
+        import time
+
+        assert self.process is not None and self.process.stdout is not None
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self.pending:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self.process.stdout], [], [], left)[0]:
+                return None
+            chunk = os.read(self.process.stdout.fileno(), 65536)
+            assert chunk, f"the test zygote exited with {self.process.wait()}"
+            self.pending += chunk
+        line, self.pending = self.pending.split(b"\n", 1)
+        return json.loads(line)
+
+    def run(self, args: list[str], cwd: Path, env: dict, timeout: float):
+        import signal
+        import tempfile
+
+        process = self.start()
+        with tempfile.TemporaryDirectory() as tmp:
+            out, err = Path(tmp) / "stdout", Path(tmp) / "stderr"
+            request = {"argv": args, "cwd": str(cwd), "env": env, "out": str(out), "err": str(err)}
+            process.stdin.write((json.dumps(request) + "\n").encode())  # type: ignore[union-attr]
+            started = self.message(timeout=60)
+            assert started is not None, "the test zygote did not fork"
+            ended = self.message(timeout)
+            if ended is None:  # as subprocess.run: kill it (and what it started), then raise
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(started["pid"], signal.SIGKILL)
+                self.message(timeout=60)
+                raise subprocess.TimeoutExpired([sys.executable, *args], timeout)
+            return subprocess.CompletedProcess(
+                [sys.executable, *args], ended["code"], out.read_text(errors="replace"),
+                err.read_text(errors="replace"),
+            )  # fmt: skip
+
+
+_ZYGOTE = Zygote()
 
 
 # ---------------------------------------------------------------------------- runs and their records

@@ -234,7 +234,7 @@ def test_report_imports_no_torch():
         "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers')]; "
         "assert not bad, bad"
     )
-    run_cli("-c", code, **NO_WANDB_EXIT_0)
+    run_cli("-c", code, fresh=True, **NO_WANDB_EXIT_0)
 
 
 # ---------------------------------------------------------------------------- W&B

@@ -55,3 +55,47 @@ def test_tests_sharing_a_module_fixture_share_an_xdist_group(request):
     # A test with no shared fixture is scheduled on its own.
     assert all(group(n) is None for n in set(run_folder) - uses)
     assert group(request.node.nodeid) is None
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("run.py", "experiment=tiny_run", "adapter.rank=0"),  # a config error: one line, exit 2
+        ("-m", "experiments", "no_such_experiment"),
+        ("-c", "import os, sys; print(sys.argv, os.environ['WANDB_MODE']); sys.exit('bye')", "x"),
+        ("-c", "import sys; sys.path.insert(0, 'conf'); raise KeyError('traceback')"),
+    ],
+)
+def test_a_command_forked_from_the_zygote_runs_as_in_a_fresh_interpreter(args, tmp_path):
+    """helpers.run_cli forks commands from a warm interpreter (tests/zygote.py): the same exit
+    code, standard output and last line of standard error as ``python`` started afresh."""
+    from helpers import run_cli
+
+    args = (*args, f"output_root={tmp_path}") if args[0] == "run.py" else args
+    warm, fresh = (
+        run_cli(*args, wandb_mode="disabled"),
+        run_cli(*args, fresh=True, wandb_mode="disabled"),
+    )
+    assert (warm.returncode, warm.stdout) == (fresh.returncode, fresh.stdout)
+    assert (
+        warm.returncode != 0
+        and warm.stderr.strip().splitlines()[-1] == (fresh.stderr.strip().splitlines()[-1])
+    )
+
+
+def test_a_forked_command_past_its_timeout_is_killed_with_what_it_started():
+    import subprocess
+    import time
+
+    from helpers import run_cli
+
+    code = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); time.sleep(60)"
+    start = time.monotonic()
+    with pytest.raises(subprocess.TimeoutExpired):
+        run_cli("-c", code, timeout=2)
+    assert time.monotonic() - start < 30
+    survivors = subprocess.run(
+        ["pgrep", "-f", "time.sleep\\(60\\)"], capture_output=True, text=True
+    )
+    assert survivors.stdout.strip() == ""
+    assert run_cli("-c", "print('next')", expect=0).stdout == "next\n"  # the zygote serves on
