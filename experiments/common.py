@@ -14,7 +14,9 @@ It runs at a scale (``conf/scale/``): ``paper`` (the paper's models, GPUs),
                                  [--skip-sweep] [hydra overrides...]
 
 runs ``python run.py -m experiment=<name> scale=<scale> output_root=DIR [overrides...]`` and
-then ``python -m analysis.report DIR/sweeps/<sweep_name> --tables ... --plots ...``: the tables
+then ``python -m analysis.report DIR/sweeps/<sweep_name> --tables ... --plots ...``, both in
+this process (:func:`call`; each is printed as the command that does the same alone, and Hydra's
+launcher still decides where the jobs run): the tables
 and plots land in ``DIR/sweeps/<sweep_name>/report/`` (``<name>`` at the paper's scale,
 ``cpu_<name>`` at CPU scale, ``<name>_smoke`` in CI). The default scale is the experiment's
 own (:attr:`Experiment.scale`). Rerunning the same command resumes the sweep (completed runs
@@ -40,6 +42,7 @@ their sweeps after its own, into the same sweep folder, and then the one report 
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import math
@@ -59,6 +62,77 @@ from experiments.catalog import (
     sweep_name,
     sweep_params,
 )
+
+#: ``python -m <module>`` commands that :func:`call` runs in this process, by the module whose
+#: ``main(argv)`` they run: a process of their own would spend seconds importing again what
+#: this one has (the analysis: pandas and matplotlib; a selection stage: this module).
+IN_PROCESS = {
+    "analysis.report": "analysis.report",
+    "analysis.width_fit": "analysis.width_fit",
+    "experiments": "experiments.common",
+}
+
+
+def call(command: list[str], quiet: bool = False, own_process: bool = False) -> int:
+    """Run ``command`` (``[python, run.py | -m module, *args]``) from the repository root and
+    return its exit code, as :func:`subprocess.call` would, in this process: a sweep
+    (``run.py -m ...``: Hydra's multirun, whose launcher decides where the jobs run) and the
+    :data:`IN_PROCESS` modules; anything else in a process of its own. An uncaught error is its
+    traceback and exit code 1, as in a process of its own. ``quiet``: no standard output;
+    ``own_process``: in a process of its own whatever it is (per-process measures: peak memory)."""
+    import contextlib
+    import importlib
+    import os
+    import traceback
+
+    if own_process:
+        return subprocess.call(command, cwd=ROOT, stdout=subprocess.DEVNULL if quiet else None)
+    if command[1:2] == ["run.py"]:
+        run = functools.partial(_run_script, ROOT / "run.py", command[2:])
+    elif command[1:2] == ["-m"] and command[2] in IN_PROCESS:
+        run = functools.partial(importlib.import_module(IN_PROCESS[command[2]]).main, command[3:])
+    else:
+        return subprocess.call(command, cwd=ROOT, stdout=subprocess.DEVNULL if quiet else None)
+    with contextlib.ExitStack() as stack:
+        if quiet:
+            stack.enter_context(contextlib.redirect_stdout(open(os.devnull, "w")))  # noqa: SIM115
+        try:
+            result = run()
+        except SystemExit as stop:  # as the interpreter reports it
+            if stop.code is None or isinstance(stop.code, int):
+                return stop.code or 0
+            print(stop.code, file=sys.stderr, flush=True)
+            return 1
+        except Exception:  # noqa: BLE001 - reported as the process would
+            traceback.print_exc()
+            return 1
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+    return result if isinstance(result, int) else 0
+
+
+def _run_script(script: Path, args: list[str]) -> None:
+    """``python script *args`` in this process, from the repository root: ``run.py``, whose
+    Hydra state is cleared after it, so that the next sweep composes anew."""
+    import os
+    import runpy
+
+    from hydra.core.global_hydra import GlobalHydra
+
+    argv, cwd = sys.argv, os.getcwd()
+    sys.argv = [str(script), *args]
+    os.chdir(ROOT)
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    finally:
+        sys.argv = argv
+        os.chdir(cwd)
+        GlobalHydra.instance().clear()
+
+
+#: A sweep's exit code past this: a stop signal ended it (128 + the signal's number).
+STOPPED_BY_SIGNAL = 128
 
 
 class UsageError(SystemExit):
@@ -396,7 +470,10 @@ def main(argv=None) -> int:
     if not args.skip_sweep and experiment.lr_from and args.lr_selection is None:
         command = selection_command(experiment, args)
         print("[experiments] selection stage: " + " ".join(command), flush=True)
-        if subprocess.call(command, cwd=ROOT) != 0:
+        selected = call(command)
+        if selected > STOPPED_BY_SIGNAL:  # stopped: the final stage does not start either
+            return selected
+        if selected != 0:
             print(f"[experiments] the selection stage {experiment.lr_from} failed; no final "
                   "runs started.", file=sys.stderr)  # fmt: skip
             return 1
@@ -406,13 +483,18 @@ def main(argv=None) -> int:
         except UsageError as error:
             print(error, file=sys.stderr)
             return 2
+        # a sweep per value of process_per: each in a process of its own (peak memory)
+        own = any(EXPERIMENTS[n].process_per for n in (experiment.name, *experiment.parts))
         for command in planned:
             print("[experiments] " + " ".join(command), flush=True)
-            sweep_code |= subprocess.call(command, cwd=ROOT)
+            code = call(command, own_process=own)
+            if code > STOPPED_BY_SIGNAL:  # stopped: no next sweep, no report
+                return code
+            sweep_code |= code
     if not sweep_dir.exists():
         print(f"[experiments] no records in {sweep_dir}: the sweep did not start.", file=sys.stderr)
         return sweep_code or 1
     print("[experiments] " + " ".join(report), flush=True)
-    report_code = subprocess.call(report, cwd=ROOT)
+    report_code = call(report)
     print(f"[experiments] tables and plots: {sweep_dir / 'report'}")
     return sweep_code or report_code

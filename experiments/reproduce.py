@@ -32,12 +32,11 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 from experiments.catalog import EXPERIMENTS, ROOT, experiments_at, plan_options, sweep_name
-from experiments.common import PICKS_FILE
+from experiments.common import PICKS_FILE, call
 
 #: The files of a run folder that are results (small); everything else stays behind.
 RECORD_FILES = (
@@ -191,7 +190,7 @@ def main(argv=None) -> int:
                 *overrides,
             ]
             print("[reproduce] " + " ".join(command), flush=True)
-            code |= subprocess.call(command, cwd=ROOT)
+            code |= call(command)
             copied, kept = copy_records(
                 args.output_root / "sweeps" / sweep, results_dir, prune=args.prune
             )
@@ -209,7 +208,7 @@ def main(argv=None) -> int:
         out = (args.report_out / sweep) if args.report_out else results_dir / "report"
         command = report_command(name, args.scale, results_dir, out)
         print("[reproduce] " + " ".join(command), flush=True)
-        code |= subprocess.call(command, cwd=ROOT)
+        code |= call(command)
     return code
 
 
@@ -231,7 +230,7 @@ def width_sweep(args: argparse.Namespace, results_dir: Path) -> int:
         command = [sys.executable, "-m", "experiments", WIDTH_SWEEP, "--output-root",
                    str(args.output_root)]  # fmt: skip
         print("[reproduce] " + " ".join(command), flush=True)
-        code = subprocess.call(command, cwd=ROOT)
+        code = call(command)
         runs = copy_width_records(args.output_root / "sweeps" / WIDTH_SWEEP, results_dir)
         print(f"[reproduce] {WIDTH_SWEEP}: records of {runs} runs in {results_dir}")
     if not (results_dir / "records.jsonl").exists():
@@ -241,7 +240,7 @@ def width_sweep(args: argparse.Namespace, results_dir: Path) -> int:
     command = width_report_command(results_dir, out)
     print("[reproduce] " + " ".join(command), flush=True)
     # The fit prints its tables; the report's files are what is kept.
-    return code | subprocess.call(command, cwd=ROOT, stdout=subprocess.DEVNULL)
+    return code | call(command, quiet=True)
 
 
 if __name__ == "__main__":

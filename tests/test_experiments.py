@@ -383,6 +383,61 @@ def test_process_per_method_gives_one_sweep_command_per_value(tmp_path):
     assert sweep_commands(no_split, args, ["x"]) == [["x"]]
 
 
+def test_sweeps_and_reports_run_in_the_drivers_process_but_per_process_measures_do_not(
+    tmp_path, monkeypatch
+):
+    """``python -m experiments`` runs a sweep (Hydra's multirun) and the report in its own
+    process, except the sweeps of an experiment with ``process_per`` (peak memory per method);
+    a sweep stopped by a signal (exit code 128 + n) ends it: no next sweep, no report."""
+    import experiments.common as common
+
+    calls = []
+
+    def fake_call(command, quiet=False, own_process=False):
+        calls.append((command[1:3], own_process))
+        if command[1] == "run.py":  # what the sweep would leave: its folder
+            (tmp_path / "sweeps" / f"{command[3].split('=')[1]}_smoke").mkdir(parents=True,
+                                                                             exist_ok=True)  # fmt: skip
+        return 0
+
+    monkeypatch.setattr(common, "call", fake_call)
+    assert main(["overhead", "--scale", "smoke", "--output-root", str(tmp_path)]) == 0
+    assert [own for (script, _), own in calls if script == "run.py"] == [True, True]
+    assert calls[-1] == (["-m", "analysis.report"], False)
+    calls.clear()
+    assert main(["lr_range", "--scale", "smoke", "--output-root", str(tmp_path)]) == 0
+    assert [c for c in calls] == [(["run.py", "-m"], False)] * 2 + [
+        (["-m", "analysis.report"], False)
+    ]
+    # a stop signal ends the first sweep: its code, nothing after it
+    calls.clear()
+    monkeypatch.setattr(common, "call", lambda command, **_: calls.append(command) or 143)
+    assert main(["lr_range", "--scale", "smoke", "--output-root", str(tmp_path)]) == 143
+    assert len(calls) == 1
+
+
+def test_call_runs_the_analysis_and_sweeps_in_process_with_the_codes_of_a_process(tmp_path, capsys):
+    import sys
+
+    from experiments.common import call
+
+    python = sys.executable
+    # a usage error (argparse: exit 2), a failed report (SystemExit with a message: exit 1)
+    assert call([python, "-m", "analysis.report", "--no-such-option"]) == 2
+    assert call([python, "-m", "analysis.report", str(tmp_path)]) == 1
+    assert "analysis.report: no runs under" in capsys.readouterr().err
+    # a config error of a sweep in this process: exit 2, and the next sweep composes anew
+    bad = [python, "run.py", "-m", "experiment=tiny_run", "logger.mode=disabled",
+           "adapter.rank=0", f"output_root={tmp_path}"]  # fmt: skip
+    assert call(bad) == 2
+    assert "adapter.rank must be a positive integer" in capsys.readouterr().err
+    good = [*bad[:5], "trainer.max_steps=2", f"output_root={tmp_path}", "seed=3,4"]
+    assert call(good) == 0
+    assert "stablelora sweep: 2 completed" in capsys.readouterr().out
+    assert len(list((tmp_path / "sweeps" / "tiny_run").glob("*/summary.json"))) == 2
+    assert call([python, "-c", "import sys; sys.exit(5)"]) == 5  # anything else: a process
+
+
 def test_tuned_final_runs_each_method_at_its_pick_and_passes_the_horizon_on(tmp_path):
     from analysis.tables.tuned_lr import PICKS_FILE as ANALYSIS_PICKS_FILE
     from analysis.tables.tuned_lr import PICKS_METRIC as ANALYSIS_PICKS_METRIC
