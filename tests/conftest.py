@@ -104,6 +104,7 @@ def _builds_a_shared_fixture(item) -> bool:
     return False
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own, which reads the groups into the test ids
 def pytest_collection_modifyitems(config, items):
     """Tests marked ``cuda`` skip themselves where no CUDA device is visible. The tests of a
     module that use one of its shared fixtures (a tiny training run, a sweep) join one
