@@ -10,8 +10,6 @@ unmodified.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -19,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from helpers import ROOT
+from helpers import ROOT, run_cli
 
 RESULTS = ROOT / "results" / "cpu"
 SWEEPS = sorted(p.parent.name for p in RESULTS.glob("*/runs"))
@@ -65,22 +63,8 @@ def test_committed_reports_are_rebuilt_byte_for_byte_from_the_committed_records(
     ``--report-only`` rebuilds: a reproduction leaves the clone unmodified (no creation date
     in a PDF, CSV floats rounded to fixed digits, ...), and a hand-edited report, or records
     changed without rebuilding their report, fail here."""
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "experiments.reproduce",
-            "--scale",
-            "cpu",
-            "--report-only",
-            "--report-out",
-            str(tmp_path),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    result = run_cli("-m", "experiments.reproduce", "--scale", "cpu", "--report-only",
+                     "--report-out", str(tmp_path), wandb_mode="disabled")  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     for sweep in [*SWEEPS, "width_sweep"]:
         committed, rebuilt = RESULTS / sweep / "report", tmp_path / sweep
