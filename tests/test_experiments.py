@@ -416,26 +416,31 @@ def test_sweeps_and_reports_run_in_the_drivers_process_but_per_process_measures_
     assert len(calls) == 1
 
 
-def test_call_runs_the_analysis_and_sweeps_in_process_with_the_codes_of_a_process(tmp_path, capsys):
-    import sys
-
-    from experiments.common import call
-
-    python = sys.executable
-    # a usage error (argparse: exit 2), a failed report (SystemExit with a message: exit 1)
-    assert call([python, "-m", "analysis.report", "--no-such-option"]) == 2
-    assert call([python, "-m", "analysis.report", str(tmp_path)]) == 1
-    assert "analysis.report: no runs under" in capsys.readouterr().err
-    # a config error of a sweep in this process: exit 2, and the next sweep composes anew
-    bad = [python, "run.py", "-m", "experiment=tiny_run", "logger.mode=disabled",
-           "adapter.rank=0", f"output_root={tmp_path}"]  # fmt: skip
-    assert call(bad) == 2
-    assert "adapter.rank must be a positive integer" in capsys.readouterr().err
-    good = [*bad[:5], "trainer.max_steps=2", f"output_root={tmp_path}", "seed=3,4"]
-    assert call(good) == 0
-    assert "stablelora sweep: 2 completed" in capsys.readouterr().out
+def test_call_runs_the_analysis_and_sweeps_in_process_with_the_codes_of_a_process(tmp_path):
+    """experiments.common.call, in a process of its own (Hydra configures that process's
+    logging): the exit codes a process would give, and a second sweep composes anew."""
+    script = f"""
+import sys
+from experiments.common import call
+python, out = sys.executable, {str(tmp_path)!r}
+bad = [python, "run.py", "-m", "experiment=tiny_run", "logger.mode=disabled", "adapter.rank=0",
+       "output_root=" + out]
+good = [*bad[:5], "trainer.max_steps=2", "output_root=" + out, "seed=3,4"]
+codes = [
+    call([python, "-m", "analysis.report", "--no-such-option"]),  # argparse: 2
+    call([python, "-m", "analysis.report", out]),  # SystemExit with a message: 1
+    call(bad),  # a config error of a sweep: 2
+    call(good),  # the next sweep in the same process
+    call([python, "-c", "import sys; sys.exit(5)"]),  # anything else: a process of its own
+]
+print("codes", codes)
+"""
+    result = run_cli("-c", script, wandb_mode="disabled", expect=0)
+    assert result.stdout.strip().splitlines()[-1] == "codes [2, 1, 2, 0, 5]"
+    assert "analysis.report: no runs under" in result.stderr
+    assert "adapter.rank must be a positive integer" in result.stderr
+    assert "stablelora sweep: 2 completed" in result.stdout
     assert len(list((tmp_path / "sweeps" / "tiny_run").glob("*/summary.json"))) == 2
-    assert call([python, "-c", "import sys; sys.exit(5)"]) == 5  # anything else: a process
 
 
 def test_tuned_final_runs_each_method_at_its_pick_and_passes_the_horizon_on(tmp_path):
