@@ -85,11 +85,9 @@ def call(command: list[str], quiet: bool = False, own_process: bool = False) -> 
     import os
     import traceback
 
-    if own_process:
-        return subprocess.call(command, cwd=ROOT, stdout=subprocess.DEVNULL if quiet else None)
-    if command[1:2] == ["run.py"]:
+    if not own_process and command[1:2] == ["run.py"]:
         run = functools.partial(_run_script, ROOT / "run.py", command[2:])
-    elif command[1:2] == ["-m"] and command[2] in IN_PROCESS:
+    elif not own_process and command[1:2] == ["-m"] and command[2] in IN_PROCESS:
         run = functools.partial(importlib.import_module(IN_PROCESS[command[2]]).main, command[3:])
     else:
         return subprocess.call(command, cwd=ROOT, stdout=subprocess.DEVNULL if quiet else None)
